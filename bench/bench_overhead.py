@@ -1,0 +1,150 @@
+"""Control-plane overhead: a trainer that exits at once, end to end through the API, minus the
+irreducible steps measured in the same run (boot one sandbox + one SSH exec of the same command).
+
+Prints the median overhead of 20 sequential jobs (target <= 1.0 s) and p50/p95 of 20 concurrent
+jobs, then one JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.backends.compute.sandbox import SandboxBackend
+from service.backends.interfaces import ServerSpec
+from service.client import StackMLClient
+from service.config import Settings, reset_settings
+from service.platform import LocalPlatform
+from service.runtime import ensure_runtime
+from workers import ssh
+
+N = int(os.environ.get("BENCH_JOBS", "20"))
+TRAINER = "import os; open(os.path.join(os.environ['STACKML_MODEL_DIR'], 'm'), 'w').write('1')"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def baseline(settings: Settings, python: Path, pkg_dir: Path) -> float:
+    """Boot one sandbox, run the same trainer once over SSH, delete it."""
+    backend = SandboxBackend(settings.data_dir / "baseline-sandboxes", settings.flavors())
+    flavor = backend.find_flavor(settings.default_flavor)
+    assert flavor is not None
+    pem, pub = ssh.generate_keypair()
+    t0 = time.perf_counter()
+    ref = backend.create_server(
+        ServerSpec(
+            name="bench-baseline", flavor=flavor, image=settings.default_runtime, public_key=pub
+        )
+    )
+    st = backend.get_server(ref.id)
+    target = ssh.SSHTarget(st.host or "", st.port, st.username or "root", pem, st.host_key)
+    conn = ssh.wait_for_ssh(target, 30)
+    conn.run(
+        [
+            "env",
+            f"STACKML_MODEL_DIR=/tmp/bench-{ref.id}",
+            "sh",
+            "-c",
+            f'mkdir -p $STACKML_MODEL_DIR && {python} -c "{TRAINER}"',
+        ],
+        timeout=60,
+    )
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    backend.delete_server(ref.id)
+    return elapsed
+
+
+def run_job(client: StackMLClient, package_uri: str) -> float:
+    t0 = time.perf_counter()
+    job = client.create_job(
+        {"name": "bench", "trainer": {"package_uri": package_uri, "module": "trainer.quick"}}
+    )
+    while True:
+        state = client.get_job(job["id"])["state"]
+        if state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            break
+        time.sleep(0.02)
+    if state != "SUCCEEDED":
+        raise SystemExit(f"job {job['id']} ended {state}: {client.get_job(job['id'])['failure']}")
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    data = Path(tempfile.mkdtemp(prefix="stackml-bench-", dir="/var/tmp"))
+    os.chmod(data, 0o755)
+    os.environ.update(
+        {
+            "STACKML_DATA_DIR": str(data),
+            "STACKML_PORT": str(_port()),
+            "STACKML_RUNTIME_ROOT": os.environ.get(
+                "STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes"
+            ),
+        }
+    )
+    reset_settings()
+    settings = Settings()
+    python = ensure_runtime(settings, settings.default_runtime, echo=print)
+    pkg_dir = data / "pkg"
+    (pkg_dir / "trainer").mkdir(parents=True)
+    (pkg_dir / "trainer" / "__init__.py").write_text("")
+    (pkg_dir / "trainer" / "quick.py").write_text(TRAINER + "\n")
+    try:
+        with LocalPlatform(settings, concurrency=4, quiet=True) as p:
+            client = StackMLClient(p.url)
+            uri = client.stage_package(pkg_dir)["package_uri"]
+            run_job(client, uri)  # warm-up: worker processes, connections, imports
+            base = [baseline(settings, python, pkg_dir) for _ in range(5)]
+            b = statistics.median(base)
+            seq = [run_job(client, uri) for _ in range(N)]
+            with ThreadPoolExecutor(N) as pool:
+                conc = list(pool.map(lambda _: run_job(client, uri), range(N)))
+            time.sleep(3)  # let the last teardowns finish before the platform stops
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    seq_over = [t - b for t in seq]
+    conc_over = [t - b for t in conc]
+    fig = {
+        "baseline_boot_plus_exec_s": round(b, 3),
+        "sequential_jobs": N,
+        "sequential_e2e_median_s": round(statistics.median(seq), 3),
+        "sequential_overhead_median_s": round(statistics.median(seq_over), 3),
+        "concurrent_jobs": N,
+        "concurrent_overhead_p50_s": round(_pct(conc_over, 0.5), 3),
+        "concurrent_overhead_p95_s": round(_pct(conc_over, 0.95), 3),
+        "target_sequential_overhead_s": 1.0,
+    }
+    print(f"baseline (boot + one SSH exec): {b:.3f}s")
+    print(
+        f"sequential: median e2e {fig['sequential_e2e_median_s']}s, median overhead "
+        f"{fig['sequential_overhead_median_s']}s (target <= 1.0s)"
+    )
+    print(
+        f"concurrent ({N}): overhead p50 {fig['concurrent_overhead_p50_s']}s, "
+        f"p95 {fig['concurrent_overhead_p95_s']}s"
+    )
+    print(json.dumps(fig))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""An example stackml trainer: a small Keras regression model on synthetic or CSV data."""

@@ -1,0 +1,388 @@
+"""/v1/jobs: submit, list, read, cancel, delete; logs (by offset or followed), events, metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from sqlalchemy.orm import Session
+
+from service import queue
+from service.api import Context, ctx, json_body
+from service.api.auth import current_project
+from service.api.errors import (
+    JobNotTerminal,
+    JobTerminal,
+    TeardownPending,
+    field_error,
+    fields_failed,
+)
+from service.backends.interfaces import ObjectStore
+from service.backends.storage.local import LocalStore, check_key
+from service.db import jobs as repo
+from service.db.models import Job
+from service.domain.errors import InvalidRequest, NotFound
+from service.domain.spec import JobSpec
+from service.domain.states import JobState, ResourceState
+
+bp = Blueprint("jobs", __name__)
+
+DEFAULT_LIMIT = 50
+LOG_CHUNK = 1 << 20
+MAX_LOG_LIMIT = 8 << 20
+MAX_FOLLOW_SECONDS = 24 * 3600
+DEFAULT_FOLLOW_SECONDS = 3600.0
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+# -- submission ---------------------------------------------------------------------------
+
+
+@bp.post("/v1/jobs")
+def submit() -> tuple[Response, int, dict[str, str]]:
+    c = ctx()
+    project = current_project()
+    spec = JobSpec.model_validate(json_body())
+    spec = _resolve(spec, project, c)
+    with c.session() as s:
+        job = repo.create_job(s, project, spec)
+        data = spec.model_dump(mode="json")
+        if spec.output.model_uri is None:
+            data["output"]["model_uri"] = c.store.uri(f"projects/{project}/models/{job.id}/")
+        job.spec = data
+        job.output = {"model_uri": data["output"]["model_uri"]}
+        s.flush()
+        body = repo.serialize_job(s, job)
+    c.enqueue_quietly(queue.ALLOCATE, job.id)
+    return jsonify(body), 202, {"Location": url_for("jobs.get", job_id=job.id)}
+
+
+def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
+    """Check what the schema cannot (catalogues, the store) and fill defaults; one 422
+    lists every problem."""
+    settings = c.settings
+    problems: list[dict[str, str]] = []
+    runtimes = settings.runtimes()
+    if spec.runtime.key not in runtimes:
+        problems.append(
+            field_error(
+                "runtime", f"unknown runtime {spec.runtime.key!r}; known: {sorted(runtimes)}"
+            )
+        )
+    flavors = {f.name for f in settings.flavors()}
+    res = spec.resources
+    flavor = res.flavor
+    if flavor is None and res.gpus is None:
+        flavor = settings.default_flavor
+    if flavor is not None and flavor not in flavors:
+        problems.append(
+            field_error("resources.flavor", f"unknown flavor {flavor!r}; known: {sorted(flavors)}")
+        )
+    if res.gpus and settings.compute == "sandbox":
+        problems.append(
+            field_error("resources.gpus", "the sandbox compute backend has no GPUs; use a flavor")
+        )
+    model_uri = spec.output.model_uri
+    if model_uri is not None and not model_uri.endswith("/"):
+        model_uri += "/"
+    checks = (
+        ("trainer.package_uri", spec.trainer.package_uri, "object"),
+        ("inputs.data_uri", spec.inputs.data_uri, "prefix"),
+        ("output.model_uri", model_uri, None),
+    )
+    for field, uri, must_exist in checks:
+        if uri is None:
+            continue
+        problem = _check_uri(c.store, project, uri, must_exist)
+        if problem:
+            problems.append(field_error(field, problem))
+    if problems:
+        raise fields_failed(problems)
+    data = spec.model_dump(mode="json")
+    if res.flavor is None and res.gpus is None:
+        data["resources"]["flavor"] = flavor
+    data["output"]["model_uri"] = model_uri
+    return JobSpec.model_validate(data)
+
+
+def _check_uri(store: ObjectStore, project: str, uri: str, must_exist: str | None) -> str | None:
+    try:
+        key = store.key_of(uri)
+    except ValueError:
+        return f"must be a {store.scheme}:// URI on this platform's object store"
+    area = f"projects/{project}/"
+    if not key.startswith(area) or key == area:
+        return f"must be inside this project's area, {store.scheme}://{area}"
+    try:
+        if must_exist == "object" and not _object_exists(store, key):
+            return f"no object {uri} in the store"
+        if must_exist == "prefix" and not _prefix_exists(store, key):
+            return f"nothing stored at {uri}"
+        if must_exist is None and isinstance(store, LocalStore):
+            check_key(key, prefix=True)
+    except ValueError as e:  # the store's own key rules (e.g. empty segments)
+        return str(e)
+    return None
+
+
+def _object_exists(store: ObjectStore, key: str) -> bool:
+    if isinstance(store, LocalStore):
+        return store.exists(key)
+    return any(i.key == key for i in store.list(key))
+
+
+def _prefix_exists(store: ObjectStore, key: str) -> bool:
+    if not key.endswith("/") and _object_exists(store, key):
+        return True
+    under = key if key.endswith("/") else key + "/"
+    return bool(store.list(under))
+
+
+# -- reads --------------------------------------------------------------------------------
+
+
+@bp.get("/v1/jobs")
+def list_() -> Response:
+    c = ctx()
+    project = current_project()
+    states = _states(request.args.getlist("state"))
+    labels = _labels(request.args.getlist("label"))
+    limit = _int_arg("limit", DEFAULT_LIMIT, 1, repo.MAX_LIMIT)
+    marker = request.args.get("marker") or None
+    with c.session() as s:
+        rows, nxt = repo.list_jobs(
+            s, project, states=states, labels=labels, limit=limit, marker=marker
+        )
+        body = {"jobs": [repo.serialize_job(s, j) for j in rows], "next": nxt}
+    return jsonify(body)
+
+
+def _states(values: list[str]) -> list[JobState]:
+    out = []
+    for v in (p.strip() for raw in values for p in raw.split(",")):
+        if not v:
+            continue
+        try:
+            out.append(JobState(v.upper()))
+        except ValueError:
+            raise InvalidRequest(
+                f"unknown state {v!r}",
+                details={"parameter": "state", "allowed": [s.value for s in JobState]},
+            ) from None
+    return out
+
+
+def _labels(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k:
+            raise InvalidRequest(
+                "label filters are written key=value", details={"parameter": "label", "value": v}
+            )
+        out[k] = val
+    return out
+
+
+def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        val = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer", details={"parameter": name}) from None
+    if not lo <= val <= hi:
+        raise InvalidRequest(f"{name} must be between {lo} and {hi}", details={"parameter": name})
+    return val
+
+
+def _float_arg(name: str, default: float, lo: float, hi: float) -> float:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        val = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a number", details={"parameter": name}) from None
+    if not lo < val <= hi:  # also false for NaN
+        raise InvalidRequest(
+            f"{name} must be above {lo} and at most {hi}", details={"parameter": name}
+        )
+    return val
+
+
+def _bool_arg(name: str) -> bool:
+    raw = (request.args.get(name) or "").lower()
+    if raw in TRUE:
+        return True
+    if raw in FALSE:
+        return False
+    raise InvalidRequest(f"{name} must be true or false", details={"parameter": name})
+
+
+@bp.get("/v1/jobs/<job_id>")
+def get(job_id: str) -> Response:
+    c = ctx()
+    with c.session() as s:
+        job = repo.get_job(s, job_id, current_project())
+        return jsonify(repo.serialize_job(s, job))
+
+
+# -- cancel and delete --------------------------------------------------------------------
+
+
+@bp.post("/v1/jobs/<job_id>/cancel")
+def cancel(job_id: str) -> tuple[Response, int]:
+    c = ctx()
+    project = current_project()
+    with c.session() as s:
+        job = repo.get_job(s, job_id, project)
+        needs_worker = _request_cancel(s, job)
+        s.expire(job)
+        body = repo.serialize_job(s, job)
+    if needs_worker:
+        c.enqueue_quietly(queue.CANCEL, job_id)
+    return jsonify(body), 202
+
+
+def _request_cancel(s: Session, job: Job) -> bool:
+    """Move the job towards CANCELLED; True when a worker must tear servers down."""
+    for _ in range(10):  # each lost race means the job moved on: look again
+        s.expire(job)
+        state = JobState(job.state)
+        if state.terminal:
+            raise JobTerminal(
+                f"job {job.id} already finished ({state.value})", details={"state": state.value}
+            )
+        if state is JobState.CANCELLING:
+            return False  # asked before: idempotent
+        if not repo.transition(
+            s, job.id, state, JobState.CANCELLING, "cancel requested", cancel_requested=True
+        ):
+            continue
+        if state is JobState.QUEUED:
+            # nothing was allocated for this attempt: finish at once (via CANCELLING, the
+            # only way the transition table allows); leftover servers are teardown debts
+            repo.transition(
+                s, job.id, JobState.CANCELLING, JobState.CANCELLED, "cancelled before allocation"
+            )
+            return False
+        return True
+    raise InvalidRequest(f"job {job.id} is changing state too fast to cancel; retry")
+
+
+@bp.delete("/v1/jobs/<job_id>")
+def delete(job_id: str) -> tuple[str, int]:
+    c = ctx()
+    with c.session() as s:
+        job = repo.get_job(s, job_id, current_project())
+        state = JobState(job.state)
+        if not state.terminal:
+            raise JobNotTerminal(
+                f"job {job_id} is {state.value}; cancel it first", details={"state": state.value}
+            )
+        pending = [
+            r.name for r in repo.resources(s, job_id) if r.state != ResourceState.DELETED.value
+        ]
+        if pending:
+            raise TeardownPending(
+                f"job {job_id} still has servers being deleted; retry later",
+                details={"resources": pending},
+            )
+        repo.delete_job(s, job_id)
+    return "", 204
+
+
+# -- logs, events, metrics ----------------------------------------------------------------
+
+
+@bp.get("/v1/jobs/<job_id>/logs")
+def logs(job_id: str) -> Response:
+    c = ctx()
+    offset = _int_arg("offset", 0, 0, 1 << 62)
+    follow = _bool_arg("follow")
+    limit = _int_arg("limit", LOG_CHUNK, 1, MAX_LOG_LIMIT)
+    with c.session() as s:
+        job = repo.get_job(s, job_id, current_project())
+        state = job.state
+        if not follow:
+            data, nxt = repo.read_log(s, job_id, offset, limit)
+    headers = {"X-Job-State": state, "Cache-Control": "no-store"}
+    if not follow:
+        headers["X-Next-Offset"] = str(nxt)
+        return Response(data, mimetype="text/plain", headers=headers)
+    timeout = _float_arg("timeout", DEFAULT_FOLLOW_SECONDS, 0, MAX_FOLLOW_SECONDS)
+    gen = _follow(c, job_id, offset, timeout, _follow_interval())
+    headers["X-Accel-Buffering"] = "no"  # proxies must not buffer a followed log
+    return Response(gen, mimetype="text/plain", headers=headers)
+
+
+def _follow_interval() -> float:
+    return float(current_app.config["LOG_FOLLOW_INTERVAL"])
+
+
+def _follow(
+    c: Context, job_id: str, offset: int, timeout: float, interval: float
+) -> Iterator[bytes]:
+    """New log bytes as they are stored, until the job is terminal and all is sent."""
+    deadline = time.monotonic() + timeout
+    pos = offset
+    while True:
+        with c.session() as s:
+            try:
+                # state first, then bytes, in one transaction: whatever was stored before
+                # the job became terminal is in this read
+                state = JobState(repo.get_job(s, job_id).state)
+            except NotFound:
+                return  # deleted while followed
+            data, pos_after = repo.read_log(s, job_id, pos, LOG_CHUNK)
+        if data:
+            pos = pos_after
+            yield data
+            continue
+        if state.terminal or time.monotonic() >= deadline:
+            return
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+@bp.get("/v1/jobs/<job_id>/events")
+def events(job_id: str) -> Response:
+    c = ctx()
+    with c.session() as s:
+        repo.get_job(s, job_id, current_project())
+        rows = repo.events(s, job_id)
+        body = {
+            "events": [
+                {
+                    "at": _iso(e.at),
+                    "kind": e.kind,
+                    "from": e.from_state,
+                    "to": e.to_state,
+                    "message": e.message,
+                }
+                for e in rows
+            ]
+        }
+    return jsonify(body)
+
+
+@bp.get("/v1/jobs/<job_id>/metrics")
+def metrics(job_id: str) -> Response:
+    c = ctx()
+    with c.session() as s:
+        repo.get_job(s, job_id, current_project())
+        body: dict[str, Any] = {"metrics": repo.metrics(s, job_id)}
+    return jsonify(body)
+
+
+def _iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    if dt.tzinfo is None:  # SQLite drops the zone; stored values are UTC
+        return dt.isoformat() + "Z"
+    return dt.isoformat().replace("+00:00", "Z")

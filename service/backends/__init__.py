@@ -1,0 +1,1 @@
+"""Backends: contracts in interfaces.py, implementations chosen by configuration."""

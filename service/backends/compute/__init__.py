@@ -1,0 +1,1 @@
+"""Compute backends: sandbox (local OpenSSH servers) and openstack (Nova)."""

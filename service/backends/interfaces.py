@@ -1,0 +1,154 @@
+"""Contracts of the compute and storage backends; implementations say "see interfaces.py"."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+@dataclass(frozen=True)
+class Flavor:
+    name: str
+    vcpus: int
+    ram_mb: int
+    disk_gb: int = 0
+    gpus: int = 0
+    gpu_type: str | None = None
+    price_per_hour: float = 0.0
+    pids: int = 4096
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What to boot. `name` is unique per server; `tags` let the reaper find it by job."""
+
+    name: str
+    flavor: Flavor
+    image: str  # the runtime key, e.g. "tensorflow-2.21"
+    public_key: str  # OpenSSH "ssh-ed25519 AAAA..." line, the job's own key
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ServerRef:
+    id: str
+    name: str
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+class ServerState(StrEnum):
+    BUILD = "BUILD"
+    ACTIVE = "ACTIVE"
+    ERROR = "ERROR"
+    DELETED = "DELETED"  # gone (or never existed)
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    id: str
+    state: ServerState
+    host: str | None = None  # address the workers reach it on
+    port: int = 22
+    username: str | None = None
+    host_key: str | None = None  # "ssh-ed25519 AAAA..." to pin; None means trust on first use
+    fault: str | None = None
+    created_at: float | None = None  # unix seconds; the reaper's grace period needs an age
+
+
+class ComputeBackend(abc.ABC):
+    """Boots and deletes servers (Nova VMs, or local sandboxes)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def flavors(self) -> list[Flavor]: ...
+
+    @abc.abstractmethod
+    def create_server(self, spec: ServerSpec) -> ServerRef:
+        """Start booting; returns at once (state BUILD or ACTIVE)."""
+
+    @abc.abstractmethod
+    def get_server(self, server_id: str) -> ServerStatus:
+        """Current state; DELETED when the server is gone."""
+
+    @abc.abstractmethod
+    def delete_server(self, server_id: str) -> None:
+        """Idempotent: deleting a server that is gone is not an error."""
+
+    @abc.abstractmethod
+    def list_servers(self, tag: tuple[str, str] | None = None) -> list[ServerRef]:
+        """Servers this backend made (optionally with a tag), for the reaper and leak checks."""
+
+    @abc.abstractmethod
+    def console_log(self, server_id: str, tail_bytes: int = 8192) -> str: ...
+
+    def find_flavor(self, name: str) -> Flavor | None:
+        return next((f for f in self.flavors() if f.name == name), None)
+
+
+class Access(StrEnum):
+    READ = "read"
+    WRITE = "write"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A scoped, time-limited permission on a prefix of the store, used by the VM directly.
+
+    `url_prefix` + object key (relative to `prefix`) + `query` gives a signed URL;
+    `sign(key)` builds it for one object.
+    """
+
+    prefix: str  # store key prefix, e.g. "projects/p1/models/job-x/"
+    access: Access
+    expires_at: int  # unix seconds
+    url_prefix: str  # e.g. "http://127.0.0.1:8080/v1/store/projects/p1/models/job-x/"
+    query: str  # e.g. "temp_url_sig=...&temp_url_expires=...&temp_url_prefix=..."
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str  # md5 hex of the body
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    uri: str
+    objects: tuple[ObjectInfo, ...] = field(default_factory=tuple)
+
+
+class ObjectStore(abc.ABC):
+    """Objects addressed by key; URIs are `<scheme>://<key>`."""
+
+    scheme: str
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> ObjectInfo: ...
+
+    @abc.abstractmethod
+    def put_file(self, key: str, path: str) -> ObjectInfo: ...
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> list[ObjectInfo]: ...
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Idempotent."""
+
+    @abc.abstractmethod
+    def grant(self, prefix: str, access: Access, ttl_seconds: int) -> Grant: ...
+
+    def uri(self, key: str) -> str:
+        return f"{self.scheme}://{key}"
+
+    def key_of(self, uri: str) -> str:
+        scheme, sep, key = uri.partition("://")
+        if not sep or scheme != self.scheme:
+            raise ValueError(f"{uri!r} is not a {self.scheme}:// URI")
+        return key

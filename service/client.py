@@ -1,0 +1,511 @@
+"""The Python REST client of the stackml API (DESIGN.md §6): one method per route, typed errors."""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import io
+import os
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import requests
+
+from service.domain.errors import StackMLError
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+# Names never staged with a trainer package: caches and version-control / tool state.
+EXCLUDED_DIRS = frozenset(
+    {"__pycache__", ".git", ".hg", ".svn", ".venv", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
+)
+EXCLUDED_SUFFIXES = (".pyc", ".pyo")
+
+Json = dict[str, Any]
+
+
+class ClientError(StackMLError):
+    """Root of the errors the client raises."""
+
+    code = "client_error"
+
+
+class APIError(ClientError):
+    """The API answered with an error (its `{"error": {...}}` body, or a bare HTTP status)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, details=details)
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return describe_error(self)
+
+
+class APIUnavailable(ClientError):
+    """Nothing answers at the API's URL (connection refused, DNS, or no answer in time)."""
+
+    code = "api_unavailable"
+
+
+class WaitTimeout(ClientError):
+    """A job did not reach a terminal state before the deadline."""
+
+    code = "wait_timeout"
+
+    def __init__(self, message: str, *, job: Json | None = None) -> None:
+        super().__init__(message, details={"job_id": (job or {}).get("id")})
+        self.job = job
+
+
+def describe_error(err: BaseException) -> str:
+    """One sentence for a user: the code and the message (and the request id to quote)."""
+    if isinstance(err, APIError):
+        extra = f"HTTP {err.status}"
+        if err.request_id:
+            extra += f", request {err.request_id}"
+        message = err.message.rstrip(".") if err.message else "no message"
+        fields = err.details.get("fields") if isinstance(err.details, dict) else None
+        if isinstance(fields, list):  # say which fields, unless the message already does
+            said = [
+                f"{f.get('field')}: {f.get('message')}"
+                for f in fields
+                if isinstance(f, dict) and str(f.get("message")) not in message
+            ]
+            if said:
+                message += " (" + "; ".join(said) + ")"
+        return f"{message} [{err.code}, {extra}]"
+    if isinstance(err, StackMLError):
+        return f"{err.message} [{err.code}]"
+    return str(err)
+
+
+def _labels_param(labels: Mapping[str, str] | Sequence[str] | None) -> list[str]:
+    if not labels:
+        return []
+    if isinstance(labels, Mapping):
+        return [f"{k}={v}" for k, v in labels.items()]
+    return list(labels)
+
+
+def _states_param(state: str | Sequence[str] | None) -> list[str]:
+    if not state:
+        return []
+    return [state] if isinstance(state, str) else list(state)
+
+
+class StackMLClient:
+    """A client of one stackml API. Every request has a timeout; errors are `ClientError`s."""
+
+    def __init__(
+        self, base_url: str | None = None, token: str | None = None, timeout: float = 30
+    ) -> None:
+        self.base_url = (base_url or os.environ.get("STACKML_URL") or DEFAULT_URL).rstrip("/")
+        self.timeout = timeout
+        self.token = token or os.environ.get("STACKML_TOKEN") or None
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "stackml-client/0.1"
+        self.session.headers["Accept"] = "application/json"
+        if self.token:
+            self.session.headers["X-Auth-Token"] = self.token
+
+    def clone(self) -> StackMLClient:
+        """A client of the same API with its own connection pool (one per thread)."""
+        return StackMLClient(self.base_url, token=self.token, timeout=self.timeout)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> StackMLClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        timeout: float | tuple[float, float] | None = None,
+        ok: Sequence[int] = (),
+        **kwargs: Any,
+    ) -> requests.Response:
+        url = self.base_url + path
+        try:
+            resp = self.session.request(method, url, timeout=timeout or self.timeout, **kwargs)
+        except requests.ConnectionError as e:
+            raise APIUnavailable(
+                f"cannot reach the stackml API at {self.base_url} ({_reason(e)}); start it with "
+                "`stackml up`, or point STACKML_URL (or --url) at a running API"
+            ) from e
+        except requests.Timeout as e:
+            raise APIUnavailable(
+                f"the stackml API at {self.base_url} did not answer {method} {path} in time"
+            ) from e
+        except requests.RequestException as e:
+            raise APIUnavailable(f"request to {url} failed: {e}") from e
+        if resp.status_code >= 400 and resp.status_code not in ok:
+            raise _api_error(resp)
+        return resp
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self._request(method, path, **kwargs)
+        if resp.status_code == 204 or not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError as e:
+            raise APIError(
+                resp.status_code,
+                "bad_response",
+                f"the API answered {method} {path} with a body that is not JSON",
+                request_id=resp.headers.get("X-Request-Id"),
+            ) from e
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def create_job(self, spec: Mapping[str, Any]) -> Json:
+        result: Json = self._json("POST", "/v1/jobs", json=dict(spec))
+        return result
+
+    def list_jobs(
+        self,
+        state: str | Sequence[str] | None = None,
+        labels: Mapping[str, str] | Sequence[str] | None = None,
+        limit: int | None = None,
+        marker: str | None = None,
+    ) -> Json:
+        """One page: `{"jobs": [...], "next": marker-or-null}`."""
+        params: list[tuple[str, str]] = [("state", s) for s in _states_param(state)]
+        params += [("label", lbl) for lbl in _labels_param(labels)]
+        if limit is not None:
+            params.append(("limit", str(limit)))
+        if marker:
+            params.append(("marker", marker))
+        result: Json = self._json("GET", "/v1/jobs", params=params)
+        return result
+
+    def iter_jobs(
+        self,
+        state: str | Sequence[str] | None = None,
+        labels: Mapping[str, str] | Sequence[str] | None = None,
+        limit: int | None = None,
+        marker: str | None = None,
+    ) -> Iterator[Json]:
+        """Every job of the listing, following `next` (`limit` is the page size)."""
+        while True:
+            page = self.list_jobs(state=state, labels=labels, limit=limit, marker=marker)
+            yield from page.get("jobs") or []
+            nxt = page.get("next")
+            if not nxt or nxt == marker:
+                return
+            marker = nxt
+
+    def get_job(self, job_id: str) -> Json:
+        result: Json = self._json("GET", f"/v1/jobs/{_seg(job_id)}")
+        return result
+
+    def cancel_job(self, job_id: str) -> Json:
+        result: Json = self._json("POST", f"/v1/jobs/{_seg(job_id)}/cancel")
+        return result or {}
+
+    def delete_job(self, job_id: str) -> None:
+        self._request("DELETE", f"/v1/jobs/{_seg(job_id)}")
+
+    def events(self, job_id: str) -> Json:
+        """The timeline as the API returns it: `{"events": [...]}`."""
+        result: Json = self._json("GET", f"/v1/jobs/{_seg(job_id)}/events")
+        return result
+
+    def metrics(self, job_id: str) -> Json:
+        result: Json = self._json("GET", f"/v1/jobs/{_seg(job_id)}/metrics")
+        return result
+
+    def logs(self, job_id: str, offset: int = 0) -> tuple[bytes, int]:
+        """Stored log bytes from `offset`, and the offset to ask for next."""
+        resp = self._request(
+            "GET",
+            f"/v1/jobs/{_seg(job_id)}/logs",
+            params={"offset": offset},
+            headers={"Accept": "text/plain"},
+        )
+        data = resp.content
+        return data, _next_offset(resp, offset + len(data))
+
+    def follow_logs(
+        self,
+        job_id: str,
+        offset: int = 0,
+        *,
+        read_timeout: float = 30.0,
+        stream_seconds: float = 25.0,
+        reconnect_delay: float = 0.5,
+        max_failures: int = 5,
+    ) -> Iterator[bytes]:
+        """The log as it grows, until the job is terminal and every byte was read.
+
+        Streams `?follow=true`; when the stream ends or drops (read timeout, reset), asks
+        whether the job is terminal and reconnects from the last offset if it is not. Each
+        stream asks the server to end after `stream_seconds` (below `read_timeout`), so a
+        quiet trainer means periodic clean reconnects, not abandoned server-side streams.
+        Gives up with APIUnavailable after `max_failures` consecutive failed connections.
+        """
+        failures = 0
+        while True:
+            got = 0
+            try:
+                resp = self._request(
+                    "GET",
+                    f"/v1/jobs/{_seg(job_id)}/logs",
+                    params={"offset": offset, "follow": "true", "timeout": stream_seconds},
+                    headers={"Accept": "text/plain"},
+                    stream=True,
+                    timeout=(min(self.timeout, 10.0), read_timeout),
+                )
+                failures = 0
+                with resp:
+                    for chunk in resp.iter_content(chunk_size=None):
+                        if chunk:
+                            offset += len(chunk)
+                            got += len(chunk)
+                            yield chunk
+            except APIUnavailable:
+                failures += 1
+                if failures >= max_failures:
+                    raise
+            except (requests.RequestException, OSError):
+                pass  # the stream dropped mid-way: resume from `offset`
+            job = self._get_job_tolerant(job_id)
+            if job is not None and job.get("state") in TERMINAL_STATES:
+                # the stream may have ended before the last bytes were stored; drain them
+                while True:
+                    data, nxt = self.logs(job_id, offset)
+                    if not data:
+                        return
+                    offset = max(nxt, offset + len(data))
+                    yield data
+            if got == 0:
+                time.sleep(reconnect_delay * min(failures + 1, 4))
+
+    def _get_job_tolerant(self, job_id: str) -> Json | None:
+        try:
+            return self.get_job(job_id)
+        except APIUnavailable:
+            return None
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float,
+        on_event: Callable[[Json], None] | None = None,
+        *,
+        interval: float = 0.2,
+        max_interval: float = 1.0,
+    ) -> Json:
+        """Poll until the job is terminal and return it; `on_event` sees each new event once.
+
+        Raises WaitTimeout (carrying the last job seen) when `timeout` seconds pass first.
+        """
+        deadline = time.monotonic() + timeout
+        seen = 0
+        job: Json | None = None
+        while True:
+            if on_event is not None:
+                evs = _items(self.events(job_id), "events")
+                for ev in evs[seen:]:
+                    on_event(ev)
+                seen = max(seen, len(evs))
+            job = self.get_job(job_id)
+            if job.get("state") in TERMINAL_STATES:
+                if on_event is not None:  # events written between the two reads
+                    evs = _items(self.events(job_id), "events")
+                    for ev in evs[seen:]:
+                        on_event(ev)
+                return job
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(
+                    f"job {job_id} is still {job.get('state')} after {timeout:.0f}s", job=job
+                )
+            time.sleep(min(interval, left))
+            interval = min(interval * 1.5, max_interval)
+
+    # -- packages ----------------------------------------------------------------------------------
+
+    def upload_package(self, path: str | os.PathLike[str]) -> Json:
+        """Upload a `.tar.gz` trainer package (streamed, raw application/gzip body)."""
+        p = Path(path)
+        with p.open("rb") as fh:
+            return self._upload(fh, p.name)
+
+    def _upload(self, fh: BinaryIO, filename: str | None = None) -> Json:
+        result: Json = self._json(
+            "POST",
+            "/v1/packages",
+            params={"filename": filename} if filename else None,
+            data=fh,
+            headers={"Content-Type": "application/gzip"},
+            timeout=(min(self.timeout, 10.0), max(self.timeout, 300.0)),
+        )
+        return result
+
+    def stage_package(self, directory: str | os.PathLike[str]) -> Json:
+        """Tar + gzip a trainer directory (deterministically) and upload it."""
+        with tempfile.TemporaryFile(suffix=".tar.gz") as tmp:
+            build_package(directory, tmp)
+            tmp.seek(0)
+            name = Path(directory).resolve().name or "package"
+            return self._upload(tmp, f"{name}.tar.gz")
+
+    # -- health ------------------------------------------------------------------------------------
+
+    def healthz(self) -> Json:
+        result: Json = self._json("GET", "/healthz")
+        return result
+
+    def readyz(self) -> Json:
+        """The readiness report; a 503 "not ready" report is returned, not raised."""
+        resp = self._request("GET", "/readyz", ok=(503,))
+        try:
+            body = resp.json()
+        except ValueError as e:
+            raise APIError(resp.status_code, "bad_response", "readyz is not JSON") from e
+        if resp.status_code == 503 and isinstance(body, dict) and "error" in body:
+            raise _api_error(resp)
+        return body if isinstance(body, dict) else {"status": body}
+
+
+def build_package(directory: str | os.PathLike[str], out: BinaryIO) -> None:
+    """Write a deterministic .tar.gz of `directory`'s content (paths relative to it).
+
+    Sorted entries, zeroed times and owners, normalised modes: the same tree gives the same
+    bytes (and sha256). Caches and VCS directories are left out; symlinks to files are stored
+    as the files they point to.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise ClientError(f"package path {root} is not a directory")
+    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for rel in _package_files(root):
+                src = root / rel
+                info = tarfile.TarInfo(rel.as_posix())
+                info.mtime = 0
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if src.is_dir():
+                    info.type = tarfile.DIRTYPE
+                    info.mode = 0o755
+                    tar.addfile(info)
+                else:
+                    data = src.read_bytes()
+                    info.size = len(data)
+                    info.mode = 0o755 if os.access(src, os.X_OK) else 0o644
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def _package_files(root: Path) -> list[Path]:
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
+        here = Path(dirpath)
+        if here != root:
+            found.append(here.relative_to(root))
+        for name in sorted(filenames):
+            path = here / name
+            if name.endswith(EXCLUDED_SUFFIXES) or not path.is_file():
+                continue
+            found.append(path.relative_to(root))
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def _items(body: Any, key: str) -> list[Json]:
+    if isinstance(body, list):
+        return body
+    if isinstance(body, dict):
+        value = body.get(key)
+        if isinstance(value, list):
+            return value
+    return []
+
+
+def _seg(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+def _next_offset(resp: requests.Response, default: int) -> int:
+    raw = resp.headers.get("X-Next-Offset")
+    try:
+        return int(raw) if raw is not None else default
+    except ValueError:
+        return default
+
+
+def _reason(err: requests.ConnectionError) -> str:
+    text = str(err)
+    if "Connection refused" in text or "Errno 111" in text:
+        return "connection refused"
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "unknown host"
+    return "no connection"
+
+
+def _api_error(resp: requests.Response) -> APIError:
+    request_id = resp.headers.get("X-Request-Id")
+    retry_after: float | None = None
+    if resp.headers.get("Retry-After"):
+        try:
+            retry_after = float(resp.headers["Retry-After"])
+        except ValueError:
+            retry_after = None
+    body: Any = None
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return APIError(
+            resp.status_code,
+            str(err.get("code") or f"http_{resp.status_code}"),
+            str(err.get("message") or resp.reason or ""),
+            err.get("details") if isinstance(err.get("details"), dict) else {},
+            err.get("request_id") or request_id,
+            retry_after=retry_after,
+        )
+    text = _decode(resp.content[:300]).strip()
+    message = f"{resp.request.method} {resp.url} answered {resp.status_code} {resp.reason}"
+    if text and not text.startswith("<"):
+        message += f": {text}"
+    return APIError(
+        resp.status_code,
+        f"http_{resp.status_code}",
+        message,
+        {},
+        request_id,
+        retry_after=retry_after,
+    )
+
+
+def _decode(data: bytes) -> str:
+    return codecs.decode(data, "utf-8", "replace")

@@ -1,0 +1,148 @@
+"""Settings: config/defaults.yaml, then the file named by STACKML_CONFIG, then STACKML_* vars."""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from service.backends.interfaces import Flavor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "config"
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    with path.open() as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data = _load_yaml(CONFIG_DIR / "defaults.yaml")
+        extra = os.environ.get("STACKML_CONFIG")
+        if extra:
+            data.update(_load_yaml(Path(extra)))
+        return {k: v for k, v in data.items() if v != ""}
+
+
+class RuntimeDef(BaseModel):
+    requirements: str
+    image: str
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STACKML_", extra="ignore")
+
+    data_dir: Path = Field(
+        default_factory=lambda: (
+            Path("/var/lib/stackml") if os.geteuid() == 0 else Path.home() / ".local/share/stackml"
+        )
+    )
+    database_url: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    auth: Literal["noauth", "keystone"] = "noauth"
+    compute: Literal["sandbox", "openstack"] = "sandbox"
+    store: Literal["local", "swift"] = "local"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""
+    local_project: str = "local"
+    default_flavor: str = "local.small"
+    default_runtime: str = "tensorflow-2.21"
+    max_package_bytes: int = 256 * 1024 * 1024
+    max_body_bytes: int = 1024 * 1024
+    boot_deadline: float = 60
+    ssh_deadline: float = 30
+    provision_deadline: float = 300
+    command_timeout: float = 60
+    heartbeat_timeout: float = 30
+    grant_ttl: int = 86400
+    poll_min: float = 0.1
+    poll_max: float = 2.0
+    stuck_after: float = 30
+    reconcile_interval: float = 5
+    sandbox_isolation: Literal["auto", "root", "rootless", "none"] = "auto"
+    secret_key: str = ""
+    # Built runtimes (large; shared between data dirs if you like). Empty: <data_dir>/runtimes.
+    runtime_root: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'stackml.db'}"
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def sandbox_dir(self) -> Path:
+        return self.data_dir / "sandboxes"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.runtime_root or self.data_dir / "runtimes"
+
+    def signing_key(self) -> bytes:
+        """The key that signs grants and encrypts SSH keys at rest; made once per data dir."""
+        if self.secret_key:
+            return self.secret_key.encode()
+        path = self.data_dir / "secret.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+            try:
+                os.link(tmp, path)  # first writer wins; others read its key
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return path.read_text().strip().encode()
+
+    def flavors(self) -> list[Flavor]:
+        data = _load_yaml(CONFIG_DIR / "flavors.yaml")
+        return [Flavor(**f) for f in data.get("flavors", [])]
+
+    def runtimes(self) -> dict[str, RuntimeDef]:
+        data = _load_yaml(CONFIG_DIR / "runtimes.yaml")
+        return {k: RuntimeDef(**v) for k, v in (data.get("runtimes") or {}).items()}
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and `stackml up` change the environment)."""
+    get_settings.cache_clear()

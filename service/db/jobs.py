@@ -1,0 +1,358 @@
+"""Job repository: create, read, list, compare-and-set transitions, events, logs, metrics."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import Job, JobEvent, JobLabel, LogChunk, MetricRow, Resource, utcnow
+from service.domain.errors import InvalidRequest, NotFound
+from service.domain.metrics import parse_metric_line
+from service.domain.spec import JobSpec
+from service.domain.states import ACTIVE, TERMINAL, JobState, Phase, ResourceState, can_transition
+
+MAX_LIMIT = 200
+
+
+@dataclass(frozen=True)
+class Failure:
+    phase: Phase
+    reason: str
+    message: str
+
+
+def new_job_id() -> str:
+    return "job-" + secrets.token_hex(8)
+
+
+def create_job(s: Session, project_id: str, spec: JobSpec) -> Job:
+    now = utcnow()
+    job = Job(
+        id=new_job_id(),
+        project_id=project_id,
+        name=spec.name,
+        type=spec.type,
+        state=JobState.QUEUED.value,
+        spec=spec.model_dump(mode="json"),
+        output={},
+        created_at=now,
+        updated_at=now,
+        last_progress_at=now,
+        log_offset=0,
+        poll_interval=0.0,
+        cancel_requested=False,
+    )
+    s.add(job)
+    s.flush()
+    for k, v in spec.labels.items():
+        s.add(JobLabel(job_id=job.id, key=k, value=v))
+    s.add(
+        JobEvent(
+            job_id=job.id,
+            at=now,
+            kind="transition",
+            from_state=None,
+            to_state=JobState.QUEUED.value,
+            message="job submitted",
+        )
+    )
+    return job
+
+
+def get_job(s: Session, job_id: str, project_id: str | None = None) -> Job:
+    """The job, or NotFound; with a project, another project's job is NotFound too."""
+    q = select(Job).where(Job.id == job_id)
+    if project_id is not None:
+        q = q.where(Job.project_id == project_id)
+    job = s.scalars(q).one_or_none()
+    if job is None:
+        raise NotFound(f"job {job_id} not found", details={"job_id": job_id})
+    return job
+
+
+def list_jobs(
+    s: Session,
+    project_id: str | None,
+    *,
+    states: Iterable[JobState] = (),
+    labels: dict[str, str] | None = None,
+    limit: int = 50,
+    marker: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """Newest first; `marker` is the id of the last job of the previous page."""
+    q = select(Job)
+    if project_id is not None:
+        q = q.where(Job.project_id == project_id)
+    state_list = [s_.value for s_ in states]
+    if state_list:
+        q = q.where(Job.state.in_(state_list))
+    for k, v in (labels or {}).items():
+        q = q.where(
+            Job.id.in_(select(JobLabel.job_id).where(JobLabel.key == k, JobLabel.value == v))
+        )
+    if marker:
+        ref = s.scalars(select(Job).where(Job.id == marker)).one_or_none()
+        if ref is None or (project_id is not None and ref.project_id != project_id):
+            raise InvalidRequest(
+                "marker does not name a job of this listing", details={"marker": marker}
+            )
+        q = q.where(
+            or_(
+                Job.created_at < ref.created_at,
+                and_(Job.created_at == ref.created_at, Job.id < ref.id),
+            )
+        )
+    q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    rows = list(s.scalars(q))
+    nxt = rows[limit - 1].id if len(rows) > limit else None
+    return rows[:limit], nxt
+
+
+def transition(
+    s: Session,
+    job_id: str,
+    expected: JobState | Iterable[JobState],
+    to: JobState,
+    message: str = "",
+    *,
+    failure: Failure | None = None,
+    **values: Any,
+) -> bool:
+    """Compare-and-set the job's state; writes one event. False when the job was not in
+    `expected` (another worker moved it first): the caller then does nothing."""
+    exp = [expected] if isinstance(expected, JobState) else list(expected)
+    exp = [e for e in exp if can_transition(e, to)]
+    if not exp:
+        raise ValueError(f"no allowed transition to {to} from {expected}")
+    now = utcnow()
+    vals: dict[str, Any] = {"state": to.value, "updated_at": now, "last_progress_at": now}
+    if to is JobState.RUNNING:
+        vals["started_at"] = now
+    if to in TERMINAL:
+        vals["finished_at"] = now
+    if failure is not None:
+        vals.update(
+            failure_phase=failure.phase.value,
+            failure_reason=failure.reason,
+            failure_message=failure.message,
+        )
+    vals.update(values)
+    for src in exp:
+        res = s.execute(update(Job).where(Job.id == job_id, Job.state == src.value).values(**vals))
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            msg = message or (failure.message if failure else "")
+            s.add(
+                JobEvent(
+                    job_id=job_id,
+                    at=now,
+                    kind="transition",
+                    from_state=src.value,
+                    to_state=to.value,
+                    message=msg,
+                )
+            )
+            s.flush()
+            return True
+    return False
+
+
+def add_event(s: Session, job_id: str, kind: str, message: str) -> None:
+    s.add(JobEvent(job_id=job_id, at=utcnow(), kind=kind, message=message))
+
+
+def touch(s: Session, job_id: str, **values: Any) -> None:
+    """Record progress (the reconciler re-drives jobs whose progress stalls)."""
+    s.execute(update(Job).where(Job.id == job_id).values(last_progress_at=utcnow(), **values))
+
+
+def events(s: Session, job_id: str) -> list[JobEvent]:
+    return list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def append_log(s: Session, job_id: str, offset: int, data: bytes) -> int:
+    """Store log bytes pulled from `offset`; idempotent under redelivery (CAS on log_offset).
+
+    Returns the job's log offset after the call."""
+    if not data:
+        return offset
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.log_offset == offset)
+        .values(log_offset=offset + len(data), last_progress_at=utcnow())
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        cur = s.scalar(select(Job.log_offset).where(Job.id == job_id))
+        return int(cur or 0)
+    s.add(LogChunk(job_id=job_id, offset=offset, data=data))
+    _ingest_metrics(s, job_id, offset, data)
+    return offset + len(data)
+
+
+def _ingest_metrics(s: Session, job_id: str, offset: int, data: bytes) -> None:
+    # a line cut between two pulls is completed with the stored bytes before `offset`;
+    # the last, unterminated piece waits for the next pull
+    prefix = _partial_line_before(s, job_id, offset)
+    pos = offset - len(prefix)
+    for raw in (prefix + data).split(b"\n")[:-1]:
+        line_off = pos
+        pos += len(raw) + 1
+        for p in parse_metric_line(raw.decode("utf-8", "replace")):
+            s.add(
+                MetricRow(
+                    job_id=job_id,
+                    name=p.name,
+                    value=p.value,
+                    step=p.step,
+                    epoch=p.epoch,
+                    log_offset=line_off,
+                    at=utcnow(),
+                )
+            )
+
+
+def _partial_line_before(s: Session, job_id: str, offset: int) -> bytes:
+    """The bytes after the last newline before `offset` (a line cut between two pulls)."""
+    if offset == 0:
+        return b""
+    prev = s.scalars(
+        select(LogChunk)
+        .where(LogChunk.job_id == job_id, LogChunk.offset < offset)
+        .order_by(LogChunk.offset.desc())
+        .limit(1)
+    ).one_or_none()
+    if prev is None:
+        return b""
+    nl = prev.data.rfind(b"\n")
+    return prev.data[nl + 1 :] if nl >= 0 else b""
+
+
+def read_log(s: Session, job_id: str, offset: int = 0, limit: int = 1 << 20) -> tuple[bytes, int]:
+    """Stored log bytes from `offset` (at most `limit`), and the offset after them."""
+    chunks = s.scalars(
+        select(LogChunk)
+        .where(LogChunk.job_id == job_id, LogChunk.offset + func.length(LogChunk.data) > offset)
+        .order_by(LogChunk.offset)
+    )
+    out = bytearray()
+    for c in chunks:
+        skip = max(0, offset - c.offset)
+        out += c.data[skip:]
+        if len(out) >= limit:
+            break
+    data = bytes(out[:limit])
+    return data, offset + len(data)
+
+
+def log_tail(s: Session, job_id: str, lines: int = 20) -> str:
+    job = get_job(s, job_id)
+    start = max(0, job.log_offset - 16384)
+    data, _ = read_log(s, job_id, start)
+    text = data.decode("utf-8", "replace")
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def metrics(s: Session, job_id: str) -> dict[str, list[dict[str, Any]]]:
+    series: dict[str, list[dict[str, Any]]] = {}
+    for m in s.scalars(
+        select(MetricRow)
+        .where(MetricRow.job_id == job_id)
+        .order_by(MetricRow.log_offset, MetricRow.id)
+    ):
+        series.setdefault(m.name, []).append(
+            {"value": m.value, "step": m.step, "epoch": m.epoch, "at": _iso(m.at)}
+        )
+    return series
+
+
+def latest_metrics(s: Session, job_id: str) -> dict[str, float]:
+    return {k: v[-1]["value"] for k, v in metrics(s, job_id).items()}
+
+
+def resources(s: Session, job_id: str) -> list[Resource]:
+    return list(s.scalars(select(Resource).where(Resource.job_id == job_id).order_by(Resource.id)))
+
+
+def debts(s: Session, limit: int = 100) -> list[Resource]:
+    """Resources of terminal jobs that are not yet deleted."""
+    return list(
+        s.scalars(
+            select(Resource)
+            .join(Job, Job.id == Resource.job_id)
+            .where(
+                Job.state.in_([t.value for t in TERMINAL]),
+                Resource.state != ResourceState.DELETED.value,
+            )
+            .order_by(Resource.id)
+            .limit(limit)
+        )
+    )
+
+
+def stalled_jobs(s: Session, before: datetime, limit: int = 100) -> list[Job]:
+    return list(
+        s.scalars(
+            select(Job)
+            .where(Job.state.in_([a.value for a in ACTIVE]), Job.last_progress_at < before)
+            .order_by(Job.last_progress_at)
+            .limit(limit)
+        )
+    )
+
+
+def delete_job(s: Session, job_id: str) -> None:
+    for model in (LogChunk, MetricRow, JobEvent, JobLabel, Resource):
+        s.execute(delete(model).where(model.job_id == job_id))
+    s.execute(delete(Job).where(Job.id == job_id))
+
+
+def _iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    if dt.tzinfo is None:  # SQLite drops the zone; stored values are UTC
+        return dt.isoformat() + "Z"
+    return dt.isoformat().replace("+00:00", "Z")
+
+
+def serialize_job(s: Session, job: Job) -> dict[str, Any]:
+    """The job as GET /v1/jobs/{id} returns it (DESIGN.md §6)."""
+    failure = None
+    if job.failure_reason:
+        failure = {
+            "phase": job.failure_phase,
+            "reason": job.failure_reason,
+            "message": job.failure_message,
+        }
+    return {
+        "id": job.id,
+        "name": job.name,
+        "project_id": job.project_id,
+        "type": job.type,
+        "state": job.state,
+        "failure": failure,
+        "spec": job.spec,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "resources": [
+            {
+                "name": r.name,
+                "server_id": r.server_id,
+                "backend": r.backend,
+                "role": r.role,
+                "flavor": r.flavor,
+                "state": r.state,
+                "created_at": _iso(r.created_at),
+                "deleted_at": _iso(r.deleted_at),
+            }
+            for r in resources(s, job.id)
+        ],
+        "output": job.output or {},
+        "metrics": latest_metrics(s, job.id),
+        "cancel_requested": job.cancel_requested,
+    }

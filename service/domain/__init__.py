@@ -1,0 +1,1 @@
+"""Pure domain logic of stackml: job spec, states, errors, metric protocol (no I/O)."""

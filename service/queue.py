@@ -1,0 +1,44 @@
+"""Enqueue worker tasks by name: the API never imports `workers` (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import functools
+
+from celery import Celery
+
+from service.config import get_settings
+
+# Task names are the contract between the API and the workers.
+ALLOCATE = "stackml.allocate"
+PROVISION = "stackml.provision"
+POLL = "stackml.poll"
+EXPORT = "stackml.export"
+TEARDOWN = "stackml.teardown"
+CANCEL = "stackml.cancel"
+RECONCILE = "stackml.reconcile"
+
+
+@functools.cache
+def _producer(broker_url: str) -> Celery:
+    app = Celery("stackml-producer", broker=broker_url)
+    app.conf.broker_connection_timeout = 5
+    app.conf.task_default_queue = "stackml"
+    app.conf.broker_transport_options = {"socket_timeout": 5, "socket_connect_timeout": 5}
+    return app
+
+
+def enqueue(task: str, job_id: str, countdown: float = 0.0) -> None:
+    """Hand a job's next step to the workers; lost messages are re-driven by the reconciler."""
+    app = _producer(get_settings().redis_url)
+    app.send_task(
+        task,
+        args=[job_id],
+        countdown=countdown or None,
+        retry=True,
+        retry_policy={
+            "max_retries": 3,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 2,
+        },
+    )

@@ -1,0 +1,609 @@
+"""The `stackml` CLI (click's CliRunner) against the real Flask app served over HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from click.testing import CliRunner, Result
+from flask import Flask
+from werkzeug.serving import make_server
+
+from service import demo as demo_mod
+from service.cli import cli
+from service.config import Settings
+from service.db import jobs as repo
+from service.db.session import session_scope
+from service.domain.states import JobState, Phase
+
+TRAINER_LOG = (
+    b"starting\n"
+    b'{"stackml_metric": 1, "epoch": 1, "loss": 0.5, "mae": 0.7}\n'
+    b'{"stackml_metric": 1, "epoch": 2, "loss": 0.25, "mae": 0.4}\n'
+    b"done\n"
+)
+
+
+class DrivingRecorder:
+    """Stands in for service.queue.enqueue; `on_allocate(job_id)` plays the workers."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail = False
+        self.on_allocate: Callable[[str], None] | None = None
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, task: str, job_id: str) -> None:
+        self.calls.append((task, job_id))
+        if task == "stackml.allocate" and self.on_allocate is not None:
+            t = threading.Thread(target=self.on_allocate, args=(job_id,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+
+@pytest.fixture
+def enqueued() -> Iterator[DrivingRecorder]:
+    rec = DrivingRecorder()
+    yield rec
+    for t in rec.threads:
+        t.join(timeout=10)
+
+
+@pytest.fixture
+def api_url(app: Flask) -> Iterator[str]:
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def drive(
+    db_url: str,
+    job_id: str,
+    *,
+    outcome: str = "SUCCEEDED",
+    log: bytes = b"",
+    pause: float = 0.02,
+    settings: Settings | None = None,
+) -> None:
+    """Move a job through its lifecycle the way the workers would."""
+    prev = JobState.QUEUED
+    for state in (JobState.ALLOCATING, JobState.PROVISIONING, JobState.RUNNING):
+        time.sleep(pause)
+        with session_scope(db_url) as s:
+            assert repo.transition(s, job_id, prev, state, f"now {state.value.lower()}")
+        prev = state
+    offset = 0
+    for line in log.splitlines(keepends=True):
+        time.sleep(pause)
+        with session_scope(db_url) as s:
+            offset = repo.append_log(s, job_id, offset, line)
+    with session_scope(db_url) as s:
+        if outcome == "SUCCEEDED":
+            job = repo.get_job(s, job_id)
+            if settings is not None:  # the model lands in the local store
+                key = job.output["model_uri"].removeprefix("local://")
+                (settings.store_dir / key).mkdir(parents=True, exist_ok=True)
+                (settings.store_dir / key / "saved_model.pb").write_bytes(b"pb")
+            repo.transition(s, job_id, prev, JobState.EXPORTING, "trainer exited 0")
+            repo.transition(s, job_id, JobState.EXPORTING, JobState.SUCCEEDED, "model exported")
+        else:
+            failure = repo.Failure(Phase.TRAIN, "trainer_exit_nonzero", "the trainer exited 3")
+            repo.transition(s, job_id, prev, JobState.FAILED, failure=failure)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def run(api_url: str) -> Callable[..., Result]:
+    runner = CliRunner()
+
+    def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+        return runner.invoke(cli, ["--url", api_url, *args], env={"COLUMNS": "200", **(env or {})})
+
+    return invoke
+
+
+@pytest.fixture
+def trainer_dir(tmp_path: Path) -> Path:
+    pkg = tmp_path / "mytrainer"
+    (pkg / "trainer" / "__pycache__").mkdir(parents=True)
+    (pkg / "trainer" / "__init__.py").write_text("")
+    (pkg / "trainer" / "task.py").write_text("print('hi')\n")
+    (pkg / "trainer" / "__pycache__" / "task.cpython-311.pyc").write_bytes(b"junk")
+    return pkg
+
+
+def api_json(api_url: str, path: str) -> Any:
+    resp = requests.get(api_url + path, timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def submit(run: Callable[..., Result], trainer_dir: Path, *extra: str) -> Result:
+    return run(
+        "jobs",
+        "submit",
+        "--package-path",
+        str(trainer_dir),
+        "--module",
+        "trainer.task",
+        "--name",
+        "t1",
+        *extra,
+    )
+
+
+def finished_job(
+    run: Callable[..., Result], trainer_dir: Path, db_url: str, outcome: str = "SUCCEEDED"
+) -> str:
+    res = submit(run, trainer_dir, "-o", "json")
+    assert res.exit_code == 0, res.output
+    job_id = json.loads(res.stdout)["id"]
+    drive(db_url, job_id, log=TRAINER_LOG, pause=0, outcome=outcome)
+    return str(job_id)
+
+
+def assert_one_sentence_error(res: Result, *needles: str) -> None:
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    assert isinstance(res.exception, SystemExit)
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, res.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# -- submit ------------------------------------------------------------------------------------
+
+
+def test_submit_stages_the_package_and_creates_the_job(
+    run: Callable[..., Result], trainer_dir: Path, api_url: str, store: Any
+) -> None:
+    res = submit(
+        run,
+        trainer_dir,
+        "--flavor",
+        "local.medium",
+        "--runtime",
+        "tensorflow-2.21",
+        "--max-runtime",
+        "600",
+        "--label",
+        "team=ml",
+        "--label",
+        "run=a1",
+        "--env",
+        "FOO=bar=baz",
+        "--hp",
+        "epochs=3",
+        "--hp",
+        "learning_rate=0.01",
+        "--hp",
+        "optimizer=adam",
+        "--hp",
+        "shuffle=true",
+        "-o",
+        "json",
+        "--",
+        "--verbose",
+        "--data=x y",
+    )
+    assert res.exit_code == 0, res.output
+    job = json.loads(res.stdout)
+    assert job == api_json(api_url, f"/v1/jobs/{job['id']}")
+    spec = job["spec"]
+    assert spec["name"] == "t1"
+    assert spec["trainer"]["module"] == "trainer.task"
+    assert spec["trainer"]["args"] == ["--verbose", "--data=x y"]
+    assert spec["hyperparameters"] == {
+        "epochs": 3,
+        "learning_rate": 0.01,
+        "optimizer": "adam",
+        "shuffle": True,
+    }
+    assert spec["labels"] == {"team": "ml", "run": "a1"}
+    assert spec["env"] == {"FOO": "bar=baz"}
+    assert spec["resources"]["flavor"] == "local.medium"
+    assert spec["runtime"] == {"framework": "tensorflow", "version": "2.21"}
+    assert spec["max_runtime_seconds"] == 600
+    uri = spec["trainer"]["package_uri"]
+    assert uri.startswith("local://projects/local/staging/") and uri.endswith("/mytrainer.tar.gz")
+    assert store.exists(uri.removeprefix("local://"))
+    assert "staged" in res.stderr
+
+
+def test_submit_defaults_and_table_output(
+    run: Callable[..., Result], trainer_dir: Path, api_url: str
+) -> None:
+    res = run("jobs", "submit", "--package-path", str(trainer_dir), "--module", "trainer.task")
+    assert res.exit_code == 0, res.output
+    assert "submitted job job-" in res.stdout
+    (job,) = api_json(api_url, "/v1/jobs")["jobs"]
+    assert job["name"].startswith("mytrainer-")
+    assert job["spec"]["trainer"]["args"] == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("--label", "nokey", "'nokey' is not label key=VALUE"),
+        ("--label", "bad key=v", "not a valid label key"),
+        ("--env", "1X=y", "not a valid variable"),
+        ("--hp", "=3", "is not hyperparameter=VALUE"),
+        ("--runtime", "pytorch", "is not a runtime"),
+    ],
+)
+def test_submit_bad_input_is_a_usage_error(
+    run: Callable[..., Result],
+    trainer_dir: Path,
+    api_url: str,
+    option: str,
+    value: str,
+    needle: str,
+) -> None:
+    res = submit(run, trainer_dir, option, value)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+    assert "Traceback" not in res.output
+    assert api_json(api_url, "/v1/jobs")["jobs"] == []
+
+
+def test_submit_missing_package_path(run: Callable[..., Result], tmp_path: Path) -> None:
+    res = run("jobs", "submit", "--package-path", str(tmp_path / "nope"), "--module", "m")
+    assert res.exit_code == 2
+    assert "does not exist" in res.output
+
+
+def test_submit_rejected_by_the_api_is_one_sentence(
+    run: Callable[..., Result], trainer_dir: Path
+) -> None:
+    res = submit(run, trainer_dir, "--flavor", "huge.gpu")
+    assert_one_sentence_error(res, "unknown flavor 'huge.gpu'", "validation_failed", "HTTP 422")
+
+
+def test_submit_wait_follows_the_job_to_success(
+    run: Callable[..., Result], trainer_dir: Path, db_url: str, enqueued: DrivingRecorder
+) -> None:
+    enqueued.on_allocate = lambda job_id: drive(db_url, job_id, log=TRAINER_LOG)
+    res = submit(run, trainer_dir, "--wait")
+    assert res.exit_code == 0, res.output
+    out = res.output
+    for expected in (
+        "QUEUED -> ALLOCATING",
+        "RUNNING -> EXPORTING",
+        "EXPORTING -> SUCCEEDED",
+        "| starting",
+        "| done",
+        "metrics epoch 2: loss=0.25 mae=0.4",
+        "SUCCEEDED",
+        "model: local://projects/local/models/",
+    ):
+        assert expected in out, out
+    # the log is streamed in order
+    assert out.index("| starting") < out.index("epoch 1") < out.index("| done")
+
+
+def test_submit_wait_exits_non_zero_when_the_job_fails(
+    run: Callable[..., Result], trainer_dir: Path, db_url: str, enqueued: DrivingRecorder
+) -> None:
+    enqueued.on_allocate = lambda job_id: drive(db_url, job_id, log=b"boom\n", outcome="FAILED")
+    res = submit(run, trainer_dir, "--wait", "-o", "json")
+    assert res.exit_code == 1, res.output
+    assert "FAILED in phase train (trainer_exit_nonzero): the trainer exited 3" in res.output
+    assert json.loads(res.stdout)["state"] == "FAILED"
+    assert "Traceback" not in res.output
+
+
+def test_submit_wait_timeout_is_one_sentence(run: Callable[..., Result], trainer_dir: Path) -> None:
+    res = submit(run, trainer_dir, "--wait", "--timeout", "1")
+    assert_one_sentence_error(res, "is still QUEUED after 1s", "wait_timeout")
+
+
+# -- reads ---------------------------------------------------------------------------------------
+
+
+def test_read_commands_print_the_api_json(
+    run: Callable[..., Result], trainer_dir: Path, db_url: str, api_url: str
+) -> None:
+    job_id = finished_job(run, trainer_dir, db_url)
+    for args, path in (
+        (["jobs", "list"], "/v1/jobs"),
+        (
+            ["jobs", "list", "--state", "succeeded", "--label", "team=none"],
+            "/v1/jobs?state=SUCCEEDED&label=team=none",
+        ),
+        (["jobs", "describe", job_id], f"/v1/jobs/{job_id}"),
+        (["jobs", "events", job_id], f"/v1/jobs/{job_id}/events"),
+        (["jobs", "metrics", job_id], f"/v1/jobs/{job_id}/metrics"),
+    ):
+        res = run(*args, "-o", "json")
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout) == api_json(api_url, path), args
+    res = run("jobs", "logs", job_id, "--output", "json")
+    assert json.loads(res.stdout) == {
+        "job_id": job_id,
+        "offset": 0,
+        "next_offset": len(TRAINER_LOG),
+        "log": TRAINER_LOG.decode(),
+    }
+
+
+def test_list_all_follows_next(run: Callable[..., Result], trainer_dir: Path) -> None:
+    for _ in range(3):
+        assert submit(run, trainer_dir).exit_code == 0
+    page = json.loads(run("jobs", "list", "--limit", "2", "-o", "json").stdout)
+    assert len(page["jobs"]) == 2 and page["next"]
+    every = json.loads(run("jobs", "list", "--limit", "2", "--all", "-o", "json").stdout)
+    assert len(every["jobs"]) == 3 and every["next"] is None
+    table = run("jobs", "list")
+    assert table.exit_code == 0
+    assert table.stdout.count("QUEUED") == 3 and "NAME" in table.stdout
+
+
+def test_tables(run: Callable[..., Result], trainer_dir: Path, db_url: str) -> None:
+    job_id = finished_job(run, trainer_dir, db_url)
+    desc = run("jobs", "describe", job_id)
+    assert desc.exit_code == 0, desc.output
+    for expected in (
+        job_id,
+        "t1",
+        "SUCCEEDED",
+        "python -m trainer.task",
+        "events",
+        "EXPORTING",
+        "latest metrics",
+        "loss",
+        "0.25",
+        "output.model_uri",
+    ):
+        assert expected in desc.stdout, desc.stdout
+    events = run("jobs", "events", job_id)
+    assert events.exit_code == 0 and "PROVISIONING" in events.stdout
+    metrics = run("jobs", "metrics", job_id)
+    assert metrics.exit_code == 0
+    lines = [ln.split() for ln in metrics.stdout.splitlines() if ln.strip()]
+    assert lines[0] == ["EPOCH", "loss", "mae"]
+    assert lines[1:] == [["1", "0.5", "0.7"], ["2", "0.25", "0.4"]]
+
+
+def test_logs(run: Callable[..., Result], trainer_dir: Path, db_url: str) -> None:
+    job_id = finished_job(run, trainer_dir, db_url)
+    assert run("jobs", "logs", job_id).stdout_bytes == TRAINER_LOG
+    assert run("jobs", "logs", job_id, "-f").stdout_bytes == TRAINER_LOG
+    assert run("jobs", "logs", job_id, "--offset", "9").stdout_bytes == TRAINER_LOG[9:]
+    res = run("jobs", "logs", job_id, "-f", "-o", "json")
+    assert res.exit_code == 2
+
+
+def test_logs_follow_streams_a_running_job(
+    run: Callable[..., Result], trainer_dir: Path, db_url: str, enqueued: DrivingRecorder
+) -> None:
+    enqueued.on_allocate = lambda job_id: drive(db_url, job_id, log=TRAINER_LOG, pause=0.05)
+    job_id = json.loads(submit(run, trainer_dir, "-o", "json").stdout)["id"]
+    res = run("jobs", "logs", job_id, "--follow")
+    assert res.exit_code == 0
+    assert res.stdout_bytes == TRAINER_LOG
+
+
+def test_cancel_and_delete(run: Callable[..., Result], trainer_dir: Path, api_url: str) -> None:
+    job_id = json.loads(submit(run, trainer_dir, "-o", "json").stdout)["id"]
+    res = run("jobs", "cancel", job_id)
+    assert res.exit_code == 0 and "cancel requested" in res.stdout
+    again = run("jobs", "cancel", job_id)
+    assert_one_sentence_error(again, "already finished", "job_terminal", "HTTP 409")
+    res = run("jobs", "delete", job_id)
+    assert res.exit_code == 0 and "deleted" in res.stdout
+    assert api_json(api_url, "/v1/jobs")["jobs"] == []
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_api_error_is_one_sentence_without_traceback(run: Callable[..., Result]) -> None:
+    for args in (
+        ["jobs", "describe", "job-nope"],
+        ["jobs", "logs", "job-nope"],
+        ["jobs", "events", "job-nope", "-o", "json"],
+        ["jobs", "delete", "job-nope"],
+    ):
+        res = run(*args)
+        assert_one_sentence_error(
+            res, "job job-nope not found", "not_found", "HTTP 404", "request req-"
+        )
+
+
+def test_connection_refused_is_a_friendly_message() -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    res = CliRunner().invoke(cli, ["jobs", "list"], env={"STACKML_URL": url})
+    assert_one_sentence_error(
+        res,
+        f"cannot reach the stackml API at {url}",
+        "connection refused",
+        "stackml up",
+        "STACKML_URL",
+    )
+
+
+def test_url_comes_from_the_environment(api_url: str) -> None:
+    res = CliRunner().invoke(cli, ["jobs", "list", "-o", "json"], env={"STACKML_URL": api_url})
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"jobs": [], "next": None}
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    res = CliRunner().invoke(cli, ["jobs", "frobnicate"])
+    assert res.exit_code == 2
+
+
+# -- up, runtime build, demo -----------------------------------------------------------------------
+
+
+class FakePlatform:
+    instances: list[FakePlatform] = []
+    url = "http://127.0.0.1:8080"
+    fail_with: BaseException = KeyboardInterrupt()
+
+    def __init__(
+        self, settings: Settings, *, concurrency: int = 4, beat: bool = True, quiet: bool = False
+    ) -> None:
+        self.settings = settings
+        self.concurrency = concurrency
+        self.quiet = quiet
+        self.redis_url = "redis+socket:///tmp/x/redis.socket"
+        self.redis_embedded = True
+        self.started = self.stopped = False
+        FakePlatform.instances.append(self)
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def wait(self) -> None:
+        raise self.fail_with
+
+    def __enter__(self) -> FakePlatform:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def fake_platform(monkeypatch: pytest.MonkeyPatch) -> type[FakePlatform]:
+    import service.platform
+
+    FakePlatform.instances = []
+    FakePlatform.fail_with = KeyboardInterrupt()
+    monkeypatch.setattr(service.platform, "LocalPlatform", FakePlatform)
+    return FakePlatform
+
+
+def test_up_runs_until_ctrl_c(fake_platform: type[FakePlatform]) -> None:
+    res = CliRunner().invoke(cli, ["up", "--port", "8181", "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    (p,) = fake_platform.instances
+    assert p.started and p.stopped
+    assert p.settings.port == 8181 and p.concurrency == 2
+    assert "http://127.0.0.1:8080" in res.output  # the fake's url
+    assert "embedded" in res.output and "stopped" in res.output
+
+
+def test_up_reports_a_dead_worker(fake_platform: type[FakePlatform]) -> None:
+    from service.platform import PlatformError
+
+    fake_platform.fail_with = PlatformError("the worker exited with status 1")
+    res = CliRunner().invoke(cli, ["up"])
+    assert_one_sentence_error(res, "the worker exited with status 1", "platform_error")
+    assert fake_platform.instances[0].stopped
+
+
+def test_runtime_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import service.runtime
+
+    calls: list[str] = []
+
+    def fake_ensure(settings: Settings, key: str, *, echo: Any = None) -> Path:
+        calls.append(key)
+        echo("building")
+        return tmp_path / "bin" / "python"
+
+    monkeypatch.setattr(service.runtime, "ensure_runtime", fake_ensure)
+    res = CliRunner().invoke(cli, ["runtime", "build"])
+    assert res.exit_code == 0, res.output
+    assert calls == ["tensorflow-2.21"]
+    assert f"runtime tensorflow-2.21: {tmp_path / 'bin' / 'python'}" in res.output
+
+
+@pytest.fixture
+def demo_env(
+    monkeypatch: pytest.MonkeyPatch,
+    fake_platform: type[FakePlatform],
+    api_url: str,
+    tmp_path: Path,
+    trainer_dir: Path,
+) -> Path:
+    """The demo against the test API: a fake platform, a fake runtime, a fake predict.py."""
+    import service.runtime
+
+    monkeypatch.setattr(FakePlatform, "url", api_url)
+    monkeypatch.setattr(
+        service.runtime, "ensure_runtime", lambda settings, key, echo=None: Path(sys.executable)
+    )
+    (trainer_dir / "predict.py").write_text(
+        "import json, sys, os\n"
+        "assert os.path.isdir(sys.argv[1]), sys.argv\n"
+        "print(json.dumps({'predictions': [[1.5], [2.5], [3.5]]}))\n"
+    )
+    monkeypatch.setattr(demo_mod, "EXAMPLE_DIR", trainer_dir)
+    return trainer_dir
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_demo_trains_predicts_and_cleans_up(
+    demo_env: Path,
+    settings: Settings,
+    db_url: str,
+    enqueued: DrivingRecorder,
+    api_url: str,
+    keep: bool,
+) -> None:
+    enqueued.on_allocate = lambda job_id: drive(db_url, job_id, log=TRAINER_LOG, settings=settings)
+    lines: list[str] = []
+    code = demo_mod.run_demo(settings, lines.append, keep_data=keep)
+    text = "\n".join(lines)
+    assert code == 0, text
+    assert 'predictions for 3 rows: {"predictions": [[1.5], [2.5], [3.5]]}' in text
+    assert "model: local://projects/local/models/" in text
+    assert f"on disk: {settings.store_dir.resolve()}" in text
+    assert "demo succeeded in" in text
+    jobs = api_json(api_url, "/v1/jobs")["jobs"]
+    assert len(jobs) == (1 if keep else 0)
+    assert FakePlatform.instances[0].stopped
+
+
+def test_demo_reports_a_failed_job(
+    demo_env: Path, settings: Settings, db_url: str, enqueued: DrivingRecorder
+) -> None:
+    enqueued.on_allocate = lambda job_id: drive(db_url, job_id, log=b"oops\n", outcome="FAILED")
+    lines: list[str] = []
+    code = demo_mod.run_demo(settings, lines.append)
+    text = "\n".join(lines)
+    assert code == 1
+    assert "FAILED in phase train (trainer_exit_nonzero): the trainer exited 3" in text
+    assert "demo failed in" in text
+
+
+def test_demo_cancels_a_job_that_outlives_the_deadline(
+    demo_env: Path,
+    settings: Settings,
+    db_url: str,
+    api_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(demo_mod, "JOB_DEADLINE", 0.5)  # nobody drives the job: it stays QUEUED
+    lines: list[str] = []
+    code = demo_mod.run_demo(settings, lines.append)
+    text = "\n".join(lines)
+    assert code == 1
+    assert "is still QUEUED after 0s" in text and "wait_timeout" in text
+    assert "cancelling job job-" in text
+    assert api_json(api_url, "/v1/jobs")["jobs"] == []  # cancelled, then deleted

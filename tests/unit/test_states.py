@@ -1,0 +1,158 @@
+"""The job state machine: the transition table, and the compare-and-set that applies it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from service.db import jobs as repo
+from service.db.models import JobEvent
+from service.db.session import session_scope
+from service.domain.spec import JobSpec
+from service.domain.states import (
+    ACTIVE,
+    ALLOWED,
+    PHASE_OF_STATE,
+    TERMINAL,
+    JobState,
+    Phase,
+    can_transition,
+)
+
+S = JobState
+HAPPY_PATH = [S.QUEUED, S.ALLOCATING, S.PROVISIONING, S.RUNNING, S.EXPORTING, S.SUCCEEDED]
+
+
+def test_sets_partition_the_states():
+    assert TERMINAL == {S.SUCCEEDED, S.CANCELLED, S.FAILED}
+    assert ACTIVE | TERMINAL == set(JobState) and not ACTIVE & TERMINAL
+    assert all(s.terminal for s in TERMINAL) and not any(s.terminal for s in ACTIVE)
+
+
+def test_happy_path_is_allowed():
+    for a, b in zip(HAPPY_PATH, HAPPY_PATH[1:], strict=False):
+        assert can_transition(a, b)
+
+
+def test_terminal_states_are_final():
+    for s in TERMINAL:
+        assert ALLOWED[s] == frozenset()
+
+
+@pytest.mark.parametrize("state", sorted(ACTIVE))
+def test_every_active_state_can_fail(state):
+    assert can_transition(state, S.FAILED)
+
+
+@pytest.mark.parametrize("state", sorted(ACTIVE - {S.CANCELLING}))
+def test_every_active_state_can_be_cancelled(state):
+    assert can_transition(state, S.CANCELLING)
+
+
+def test_cancelling_only_ends():
+    assert ALLOWED[S.CANCELLING] == {S.CANCELLED, S.FAILED}
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (S.QUEUED, S.RUNNING),
+        (S.RUNNING, S.SUCCEEDED),
+        (S.RUNNING, S.QUEUED),
+        (S.SUCCEEDED, S.FAILED),
+        (S.FAILED, S.QUEUED),
+        (S.QUEUED, S.CANCELLED),
+        (S.RUNNING, S.CANCELLED),
+        (S.EXPORTING, S.RUNNING),
+    ],
+)
+def test_forbidden_transitions(a, b):
+    assert not can_transition(a, b)
+
+
+def test_allocation_may_requeue():
+    assert can_transition(S.ALLOCATING, S.QUEUED)
+
+
+def test_every_active_state_has_a_failure_phase():
+    assert set(PHASE_OF_STATE) == set(ACTIVE)
+    assert PHASE_OF_STATE[S.RUNNING] is Phase.TRAIN
+
+
+# -- compare-and-set against the database -------------------------------------------------
+
+
+@pytest.fixture
+def job_id(db_url: str) -> str:
+    spec = JobSpec.model_validate(
+        {"name": "cas", "trainer": {"package_uri": "local://projects/local/p.tgz", "module": "m"}}
+    )
+    with session_scope(db_url) as s:
+        return repo.create_job(s, "local", spec).id
+
+
+def _transitions_to(db_url: str, job_id: str, state: JobState) -> int:
+    with session_scope(db_url) as s:
+        return len(
+            list(
+                s.scalars(
+                    select(JobEvent).where(
+                        JobEvent.job_id == job_id, JobEvent.to_state == state.value
+                    )
+                )
+            )
+        )
+
+
+def test_cas_sequential_loser_changes_nothing(db_url, job_id):
+    with session_scope(db_url) as s:
+        assert repo.transition(s, job_id, S.QUEUED, S.ALLOCATING, "first")
+    with session_scope(db_url) as s:
+        assert not repo.transition(s, job_id, S.QUEUED, S.FAILED, "second")
+        assert repo.get_job(s, job_id).state == S.ALLOCATING
+    assert _transitions_to(db_url, job_id, S.ALLOCATING) == 1
+    assert _transitions_to(db_url, job_id, S.FAILED) == 0
+
+
+def test_cas_concurrent_only_one_wins(db_url, job_id):
+    barrier = threading.Barrier(4)
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        barrier.wait()
+        with session_scope(db_url) as s:
+            won = repo.transition(s, job_id, S.QUEUED, S.ALLOCATING, "race")
+        with lock:
+            results.append(won)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(results) == [False, False, False, True]
+    assert _transitions_to(db_url, job_id, S.ALLOCATING) == 1
+
+
+def test_transition_records_times_and_failure(db_url, job_id):
+    with session_scope(db_url) as s:
+        for a, b in zip(HAPPY_PATH[:3], HAPPY_PATH[1:4], strict=True):
+            assert repo.transition(s, job_id, a, b)
+        assert repo.transition(
+            s,
+            job_id,
+            S.RUNNING,
+            S.FAILED,
+            failure=repo.Failure(Phase.TRAIN, "trainer_exit_nonzero", "exit 3"),
+        )
+        job = repo.get_job(s, job_id)
+        body = repo.serialize_job(s, job)
+    assert body["started_at"] and body["finished_at"]
+    assert body["failure"] == {
+        "phase": "train",
+        "reason": "trainer_exit_nonzero",
+        "message": "exit 3",
+    }

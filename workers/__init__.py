@@ -1,0 +1,1 @@
+"""Celery workers: the job steps, SSH to servers, the reconciler."""

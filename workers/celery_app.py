@@ -1,0 +1,46 @@
+"""The Celery application: Redis broker, shared task options, beat schedule for the reconciler."""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from service.config import get_settings
+
+settings = get_settings()
+
+app = Celery("stackml", broker=settings.redis_url, include=["workers.tasks"])
+app.conf.update(
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    broker_connection_timeout=5,
+    # a message not acked within this time is redelivered: every task is far shorter
+    broker_transport_options={
+        "visibility_timeout": 3600,
+        "socket_timeout": 10,
+        "socket_connect_timeout": 5,
+    },
+    task_default_queue="stackml",
+    beat_schedule={
+        "reconcile": {
+            "task": "stackml.reconcile",
+            "schedule": settings.reconcile_interval,
+            "options": {"expires": max(settings.reconcile_interval * 2, 5)},
+        },
+    },
+)
+
+
+@worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    """Pooled DB connections and SSH transports must not cross a fork."""
+    from service.db.session import dispose_all
+
+    dispose_all()
+    from workers import ssh
+
+    ssh.close_all()

@@ -1,0 +1,105 @@
+"""What every job step needs: settings, backends, the job's SSH key, failing and enqueueing."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy.orm import Session
+
+from service import queue
+from service.backends import registry
+from service.backends.interfaces import ComputeBackend, ObjectStore
+from service.config import Settings, get_settings
+from service.db import jobs as repo
+from service.db.models import Job, Resource
+from service.db.session import session_scope
+from service.domain.errors import BackendError
+from service.domain.states import JobState, Phase
+from workers.ssh import SSHTarget
+
+log = logging.getLogger("stackml.worker")
+
+JOB_DIR = ".stackml/job"
+RUNNER = ".stackml/runner.py"
+
+
+def settings() -> Settings:
+    return get_settings()
+
+
+def compute() -> ComputeBackend:
+    return registry.compute()
+
+
+def store() -> ObjectStore:
+    return registry.store()
+
+
+@contextmanager
+def db() -> Iterator[Session]:
+    with session_scope(settings().db_url) as s:
+        yield s
+
+
+def _fernet() -> Fernet:
+    key = hashlib.sha256(b"stackml-ssh-keys:" + settings().signing_key()).digest()
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
+def encrypt_key(pem: str) -> bytes:
+    return _fernet().encrypt(pem.encode())
+
+
+def decrypt_key(blob: bytes) -> str:
+    try:
+        return _fernet().decrypt(blob).decode()
+    except InvalidToken as e:
+        raise BackendError(
+            "the job's SSH key cannot be decrypted with the configured secret",
+            reason="secret_mismatch",
+        ) from e
+
+
+def ssh_target(job: Job, res: Resource) -> SSHTarget:
+    if job.ssh_key_enc is None or res.host is None:
+        raise BackendError(f"job {job.id} has no reachable server", reason="server_lost")
+    return SSHTarget(
+        host=res.host,
+        port=res.port or 22,
+        username=res.username or "root",
+        private_key_pem=decrypt_key(job.ssh_key_enc),
+        host_key=res.host_key,
+    )
+
+
+def chief(s: Session, job_id: str) -> Resource | None:
+    rows = [r for r in repo.resources(s, job_id) if r.role == "chief"]
+    return rows[-1] if rows else None
+
+
+def next_step(task: str, job_id: str, countdown: float = 0.0) -> None:
+    """Enqueue; a lost message is re-driven by the reconciler, so a broker error only logs."""
+    try:
+        queue.enqueue(task, job_id, countdown)
+    except Exception as e:  # noqa: BLE001 - any broker failure is recoverable by the reconciler
+        log.warning(
+            "could not enqueue %s for %s (the reconciler will re-drive it): %s", task, job_id, e
+        )
+
+
+def fail(job_id: str, phase: Phase, reason: str, message: str) -> bool:
+    """Fail an active job (not one being cancelled) and start its teardown."""
+    expected = [s_ for s_ in JobState if not s_.terminal and s_ is not JobState.CANCELLING]
+    with db() as s:
+        moved = repo.transition(
+            s, job_id, expected, JobState.FAILED, failure=repo.Failure(phase, reason, message)
+        )
+    if moved:
+        log.info("job %s failed in %s: %s: %s", job_id, phase, reason, message)
+    next_step(queue.TEARDOWN, job_id)
+    return moved

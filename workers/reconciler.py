@@ -1,0 +1,102 @@
+"""The reconciler (beat): re-drives stalled jobs, pays teardown debts, reaps orphan servers.
+
+Safe to run twice at once: every re-drive is a compare-and-set on the job's progress stamp,
+so only one reconciler hands a given job on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from service import queue
+from service.db import jobs as repo
+from service.db.models import Job, utcnow
+from service.domain.states import TERMINAL, JobState
+from workers import jobctx
+from workers.jobctx import db, log
+
+NEXT_TASK = {
+    JobState.QUEUED: queue.ALLOCATE,
+    JobState.ALLOCATING: queue.ALLOCATE,
+    JobState.PROVISIONING: queue.PROVISION,
+    JobState.RUNNING: queue.POLL,
+    JobState.EXPORTING: queue.EXPORT,
+    JobState.CANCELLING: queue.CANCEL,
+}
+ORPHAN_GRACE = 120.0  # seconds a server of an unknown job may live (its job row may lag)
+
+
+@dataclass
+class Report:
+    redriven: list[str] = field(default_factory=list)
+    debts: list[str] = field(default_factory=list)
+    reaped: list[str] = field(default_factory=list)
+
+
+def run() -> Report:
+    report = Report()
+    _redrive(report)
+    _pay_debts(report)
+    _reap_orphans(report)
+    return report
+
+
+def _redrive(report: Report) -> None:
+    cfg = jobctx.settings()
+    before = utcnow() - timedelta(seconds=cfg.stuck_after)
+    with db() as s:
+        stalled = [(j.id, j.state, j.last_progress_at) for j in repo.stalled_jobs(s, before)]
+    for job_id, state, stamp in stalled:
+        with db() as s:
+            won = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.last_progress_at == stamp)
+                .values(last_progress_at=utcnow())
+            ).rowcount  # type: ignore[attr-defined]
+            if won:
+                repo.add_event(
+                    s,
+                    job_id,
+                    "reconcile",
+                    f"no progress in {state} for {cfg.stuck_after:.0f}s; re-driven",
+                )
+        if won:
+            jobctx.next_step(NEXT_TASK[JobState(state)], job_id)
+            report.redriven.append(job_id)
+
+
+def _pay_debts(report: Report) -> None:
+    with db() as s:
+        owed = sorted({r.job_id for r in repo.debts(s)})
+    for job_id in owed:
+        jobctx.next_step(queue.TEARDOWN, job_id)
+        report.debts.append(job_id)
+
+
+def _reap_orphans(report: Report) -> None:
+    backend = jobctx.compute()
+    servers = backend.list_servers()
+    if not servers:
+        return
+    with db() as s:
+        states = dict(s.execute(select(Job.id, Job.state)).all())
+    for ref in servers:
+        tags = dict(ref.tags)
+        job_id = tags.get("stackml-job")
+        if job_id is None:
+            continue
+        state = states.get(job_id)
+        if state is not None and JobState(state) not in TERMINAL:
+            continue
+        if state is not None:
+            continue  # a terminal job's servers are teardown debts, paid above
+        status = backend.get_server(ref.id)
+        if status.created_at is not None and time.time() - status.created_at < ORPHAN_GRACE:
+            continue
+        log.warning("reaping orphan server %s (%s) of unknown job %s", ref.id, ref.name, job_id)
+        backend.delete_server(ref.id)
+        report.reaped.append(ref.id)

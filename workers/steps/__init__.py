@@ -1,0 +1,1 @@
+"""One module per job phase; Celery tasks in workers/tasks.py only call into these."""

@@ -1,0 +1,108 @@
+"""Export: the runner pushes STACKML_MODEL_DIR to the store with a write grant; we verify it."""
+
+from __future__ import annotations
+
+import json
+
+from service import queue
+from service.backends.interfaces import Access
+from service.db import jobs as repo
+from service.domain.spec import JobSpec
+from service.domain.states import JobState, Phase
+from workers import jobctx, ssh
+from workers.jobctx import JOB_DIR, RUNNER, db
+from workers.steps.provision import runtime_on_server
+
+
+def model_uri(job_id: str, project_id: str, spec: JobSpec) -> str:
+    return spec.output.model_uri or jobctx.store().uri(f"projects/{project_id}/models/{job_id}/")
+
+
+def run(job_id: str) -> None:
+    cfg = jobctx.settings()
+    store = jobctx.store()
+    with db() as s:
+        job = repo.get_job(s, job_id)
+        if job.state != JobState.EXPORTING:
+            return
+        res = jobctx.chief(s, job_id)
+        if res is None:
+            jobctx.fail(job_id, Phase.EXPORT, "server_lost", "the job has no server record")
+            return
+        target = jobctx.ssh_target(job, res)
+        spec = JobSpec.model_validate(job.spec)
+        uri = model_uri(job_id, job.project_id, spec)
+        backend_name = res.backend
+    prefix = store.key_of(uri)
+    if not prefix.endswith("/"):
+        prefix += "/"
+    grant = store.grant(prefix, Access.WRITE, max(600, int(cfg.provision_deadline) * 2))
+    python = f"{runtime_on_server(backend_name, spec.runtime.key)}/bin/python"
+    try:
+        conn = ssh.connection(target)
+        # the grant goes over stdin: signed URLs stay out of the VM's process list
+        result = conn.run(
+            [python, RUNNER, "export", JOB_DIR],
+            timeout=cfg.provision_deadline,
+            input=json.dumps({"url_prefix": grant.url_prefix, "query": grant.query}).encode(),
+        )
+        manifest = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    except ssh.RemoteCommandError as e:
+        _discard(prefix)
+        jobctx.fail(
+            job_id,
+            Phase.EXPORT,
+            "upload_failed",
+            f"uploading the model failed: {e.stderr_tail.strip() or e}",
+        )
+        return
+    except ssh.SSHError as e:
+        _discard(prefix)
+        jobctx.fail(job_id, Phase.EXPORT, e.reason, f"lost the server during export: {e}")
+        return
+    except (ValueError, IndexError) as e:
+        _discard(prefix)
+        jobctx.fail(job_id, Phase.EXPORT, "upload_failed", f"the runner's answer is garbled: {e}")
+        return
+
+    objects = manifest.get("objects", [])
+    if not objects:
+        jobctx.fail(
+            job_id,
+            Phase.EXPORT,
+            "no_model",
+            "the trainer exited 0 but wrote nothing to STACKML_MODEL_DIR",
+        )
+        return
+    stored = {o.key: o for o in store.list(prefix)}
+    for obj in objects:
+        got = stored.get(prefix + obj["key"])
+        if got is None or got.etag != obj["etag"] or got.size != obj["size"]:
+            _discard(prefix)
+            jobctx.fail(
+                job_id,
+                Phase.EXPORT,
+                "upload_failed",
+                f"{obj['key']} is missing or differs in the store after upload",
+            )
+            return
+    output = {"model_uri": uri, "objects": objects, "size": sum(int(o["size"]) for o in objects)}
+    with db() as s:
+        moved = repo.transition(
+            s,
+            job_id,
+            JobState.EXPORTING,
+            JobState.SUCCEEDED,
+            f"model exported to {uri} ({len(objects)} files)",
+            output=output,
+        )
+    jobctx.next_step(queue.TEARDOWN, job_id)
+    if not moved:
+        jobctx.log.info("job %s left EXPORTING during the upload", job_id)
+
+
+def _discard(prefix: str) -> None:
+    """Nothing half-written stays behind as if it were a model."""
+    store = jobctx.store()
+    for obj in store.list(prefix):
+        store.delete(obj.key)

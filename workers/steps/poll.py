@@ -1,0 +1,135 @@
+"""Poll: pull new log bytes from an offset, store them (with their metrics), watch the runner.
+
+Re-schedules itself with a countdown that starts at poll_min and grows to poll_max while the
+trainer is quiet, until the runner reports an exit code and every log byte is stored.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from service import queue
+from service.backends.interfaces import ServerState
+from service.db import jobs as repo
+from service.domain.spec import JobSpec
+from service.domain.states import JobState, Phase
+from workers import jobctx, ssh
+from workers.jobctx import JOB_DIR, db
+
+MAX_PULL = 1 << 20
+TAIL_LINES = 20
+
+
+def run(job_id: str) -> None:
+    cfg = jobctx.settings()
+    with db() as s:
+        job = repo.get_job(s, job_id)
+        if job.state != JobState.RUNNING or job.cancel_requested:
+            return
+        res = jobctx.chief(s, job_id)
+        if res is None:
+            jobctx.fail(job_id, Phase.TRAIN, "server_lost", "the job has no server record")
+            return
+        target = jobctx.ssh_target(job, res)
+        offset, interval = job.log_offset, job.poll_interval or cfg.poll_min
+        started_at = job.started_at
+        server_id = res.server_id
+        max_runtime = JobSpec.model_validate(job.spec).max_runtime_seconds
+
+    try:
+        conn = ssh.connection(target, timeout=cfg.command_timeout)
+        data = conn.read_file_from(f"{JOB_DIR}/log", offset, MAX_PULL)
+        exit_text = _read_small(conn, f"{JOB_DIR}/exit_code")
+        heartbeat = conn.stat(f"{JOB_DIR}/heartbeat")
+    except ssh.SSHError as e:
+        ssh.drop(target)
+        _unreachable(job_id, server_id, started_at, str(e))
+        return
+
+    with db() as s:
+        repo.append_log(s, job_id, offset, data)
+    more = len(data) == MAX_PULL
+    if exit_text is not None and not more:
+        code = int(exit_text.strip() or "1")
+        if code == 0:
+            with db() as s:
+                moved = repo.transition(
+                    s,
+                    job_id,
+                    JobState.RUNNING,
+                    JobState.EXPORTING,
+                    "trainer exited 0; exporting the model",
+                )
+            if moved:
+                jobctx.next_step(queue.EXPORT, job_id)
+        else:
+            with db() as s:
+                tail = repo.log_tail(s, job_id, TAIL_LINES)
+            jobctx.fail(
+                job_id,
+                Phase.TRAIN,
+                "trainer_exit_nonzero",
+                f"the trainer exited with status {code}; last lines of its log:\n{tail}",
+            )
+        return
+
+    now = time.time()
+    if started_at is not None and now - _epoch(started_at) > max_runtime:
+        jobctx.fail(
+            job_id,
+            Phase.TRAIN,
+            "timeout",
+            f"the job ran longer than max_runtime_seconds={max_runtime}",
+        )
+        return
+    if heartbeat is not None and now - heartbeat.st_mtime > cfg.heartbeat_timeout:
+        jobctx.fail(
+            job_id,
+            Phase.TRAIN,
+            "server_lost",
+            f"the runner's heartbeat stopped {now - heartbeat.st_mtime:.0f}s ago",
+        )
+        return
+
+    interval = cfg.poll_min if data else min(cfg.poll_max, max(interval, cfg.poll_min) * 1.5)
+    with db() as s:
+        repo.touch(s, job_id, poll_interval=interval)
+    jobctx.next_step(queue.POLL, job_id, 0 if more else interval)
+
+
+def _read_small(conn: ssh.SSHConnection, path: str) -> str | None:
+    if conn.stat(path) is None:
+        return None
+    return conn.read_file_from(path, 0, 64).decode()
+
+
+def _epoch(dt: datetime) -> float:
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def _unreachable(
+    job_id: str, server_id: str | None, started_at: datetime | None, error: str
+) -> None:
+    """SSH failed: the server is gone (fail now) or flaky (retry until the heartbeat deadline)."""
+    cfg = jobctx.settings()
+    state = jobctx.compute().get_server(server_id).state if server_id else ServerState.DELETED
+    if state != ServerState.ACTIVE:
+        jobctx.fail(
+            job_id,
+            Phase.TRAIN,
+            "server_lost",
+            f"the server {server_id} is {state.value.lower()} ({error})",
+        )
+        return
+    with db() as s:
+        job = repo.get_job(s, job_id)
+        quiet_for = time.time() - _epoch(job.last_progress_at)
+    if quiet_for > cfg.heartbeat_timeout:
+        jobctx.fail(
+            job_id, Phase.TRAIN, "server_lost", f"no answer over SSH for {quiet_for:.0f}s: {error}"
+        )
+        return
+    jobctx.next_step(queue.POLL, job_id, cfg.poll_max)

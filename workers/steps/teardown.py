@@ -1,0 +1,95 @@
+"""Teardown: delete every server of a finished or cancelled job until the backend confirms."""
+
+from __future__ import annotations
+
+import time
+
+from service.backends.interfaces import ServerState
+from service.db import jobs as repo
+from service.db.models import Resource, utcnow
+from service.domain.errors import BackendError
+from service.domain.states import JobState, ResourceState
+from workers import jobctx, ssh
+from workers.jobctx import db, log
+
+DELETE_DEADLINE = 60.0
+
+
+class TeardownIncomplete(BackendError):
+    """Some server is not confirmed deleted yet; the task retries (and the reconciler too)."""
+
+    reason = "teardown_incomplete"
+
+
+def run(job_id: str) -> None:
+    cfg = jobctx.settings()
+    backend = jobctx.compute()
+    with db() as s:
+        job = repo.get_job(s, job_id)
+        if not (job.state in (JobState.CANCELLING.value,) or JobState(job.state).terminal):
+            return
+        rows = [
+            (r.id, r.server_id, r.name, r.created_at, r.host, r.port)
+            for r in repo.resources(s, job_id)
+            if r.state != ResourceState.DELETED
+        ]
+        if not rows and job.state != JobState.CANCELLING:
+            return  # already paid
+        for r in repo.resources(s, job_id):
+            if r.state != ResourceState.DELETED:
+                r.state = ResourceState.DELETING.value
+    pending = []
+    for res_id, server_id, name, created_at, host, port in rows:
+        if server_id is None:
+            # the boot may still be under way in another task: look the server up by name
+            found = [r for r in backend.list_servers(("stackml-job", job_id)) if r.name == name]
+            if found:
+                server_id = found[0].id
+            elif _age(created_at) < cfg.boot_deadline + 30:
+                pending.append(name)
+                continue
+        if server_id is not None:
+            backend.delete_server(server_id)
+            deadline = time.monotonic() + DELETE_DEADLINE
+            while backend.get_server(server_id).state != ServerState.DELETED:
+                if time.monotonic() > deadline:
+                    pending.append(name)
+                    break
+                time.sleep(0.2)
+            else:
+                _deleted(res_id)
+        else:
+            _deleted(res_id)
+        if host:
+            ssh.drop_host(host, port or 22)
+    if pending:
+        with db() as s:
+            for r in repo.resources(s, job_id):
+                if r.name in pending:
+                    r.delete_attempts += 1
+        raise TeardownIncomplete(f"servers not yet deleted: {', '.join(pending)}")
+    with db() as s:
+        job = repo.get_job(s, job_id)
+        job.ssh_key_enc = None  # the key dies with the servers it opened
+        if repo.transition(
+            s, job_id, JobState.CANCELLING, JobState.CANCELLED, "cancelled; servers deleted"
+        ):
+            log.info("job %s cancelled", job_id)
+        else:
+            repo.add_event(s, job_id, "teardown", "all servers deleted")
+
+
+def _deleted(res_id: int) -> None:
+    with db() as s:
+        r = s.get_one(Resource, res_id)
+        r.state = ResourceState.DELETED.value
+        r.deleted_at = utcnow()
+
+
+def _age(dt: object) -> float:
+    from datetime import UTC, datetime
+
+    assert isinstance(dt, datetime)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - dt).total_seconds()

@@ -1,0 +1,1 @@
+"""Code shipped to the VM over SSH (stdlib only): the detached runner."""
