@@ -196,14 +196,14 @@ def up(host: str | None, port: int | None, workers: int) -> None:
 
 @cli.command()
 @click.option(
-    "--keep-data", is_flag=True, help="Keep the demo job and its model (else deleted at the end)."
+    "--clean", is_flag=True, help="Delete the demo job and its model at the end (default: keep)."
 )
-def demo(keep_data: bool) -> None:
+def demo(clean: bool) -> None:
     """Train the example Keras model on the local platform and predict with it."""
     from service.config import get_settings
     from service.demo import run_demo
 
-    code = run_demo(get_settings(), click.echo, keep_data=keep_data)
+    code = run_demo(get_settings(), click.echo, clean=clean)
     sys.exit(code)
 
 
@@ -857,3 +857,7 @@ def _num(value: Any) -> str:
 
 
 __all__ = ["APIError", "cli", "failure_sentence", "main", "watch_job"]
+
+
+if __name__ == "__main__":
+    main()

@@ -30,7 +30,7 @@ TEARDOWN_DEADLINE = 60.0
 PREDICT_TIMEOUT = 120.0
 
 
-def run_demo(settings: Settings, echo: Callable[[str], None], *, keep_data: bool = False) -> int:
+def run_demo(settings: Settings, echo: Callable[[str], None], *, clean: bool = False) -> int:
     """Run the whole loop once; 0 when the model trained and answered predictions."""
     from service.cli import watch_job
     from service.platform import LocalPlatform
@@ -57,7 +57,7 @@ def run_demo(settings: Settings, echo: Callable[[str], None], *, keep_data: bool
             finally:
                 if job is not None:
                     job = _await_teardown(client, job, echo)
-                    if not keep_data:
+                    if clean:
                         _cleanup(settings, client, job, echo)
         echo("stopping the platform...")
     echo(f"demo {'succeeded' if code == 0 else 'failed'} in {time.monotonic() - started:.1f}s")
@@ -182,4 +182,4 @@ def _cleanup(
     path = local_path(settings, str((job.get("output") or {}).get("model_uri") or ""))
     if path is not None and path != settings.store_dir.resolve() and path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
-    echo(f"deleted job {job['id']} and its model (--keep-data keeps them)")
+    echo(f"deleted job {job['id']} and its model")

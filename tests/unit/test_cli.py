@@ -557,18 +557,18 @@ def demo_env(
     return trainer_dir
 
 
-@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("clean", [False, True])
 def test_demo_trains_predicts_and_cleans_up(
     demo_env: Path,
     settings: Settings,
     db_url: str,
     enqueued: DrivingRecorder,
     api_url: str,
-    keep: bool,
+    clean: bool,
 ) -> None:
     enqueued.on_allocate = lambda job_id: drive(db_url, job_id, log=TRAINER_LOG, settings=settings)
     lines: list[str] = []
-    code = demo_mod.run_demo(settings, lines.append, keep_data=keep)
+    code = demo_mod.run_demo(settings, lines.append, clean=clean)
     text = "\n".join(lines)
     assert code == 0, text
     assert 'predictions for 3 rows: {"predictions": [[1.5], [2.5], [3.5]]}' in text
@@ -576,7 +576,7 @@ def test_demo_trains_predicts_and_cleans_up(
     assert f"on disk: {settings.store_dir.resolve()}" in text
     assert "demo succeeded in" in text
     jobs = api_json(api_url, "/v1/jobs")["jobs"]
-    assert len(jobs) == (1 if keep else 0)
+    assert len(jobs) == (0 if clean else 1)
     assert FakePlatform.instances[0].stopped
 
 
