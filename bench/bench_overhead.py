@@ -74,6 +74,19 @@ def baseline(settings: Settings, python: Path, pkg_dir: Path) -> float:
     return elapsed
 
 
+def phases(client: StackMLClient, job_id: str) -> dict[str, float]:
+    """Seconds spent in each state, from the job's timeline."""
+    from datetime import datetime
+
+    ev = [e for e in client.events(job_id)["events"] if e["kind"] == "transition"]
+    out: dict[str, float] = {}
+    for a, b in zip(ev, ev[1:], strict=False):
+        t0 = datetime.fromisoformat(a["at"].replace("Z", "+00:00"))
+        t1 = datetime.fromisoformat(b["at"].replace("Z", "+00:00"))
+        out[a["to"]] = (t1 - t0).total_seconds()
+    return out
+
+
 def run_job(client: StackMLClient, package_uri: str) -> float:
     t0 = time.perf_counter()
     job = client.create_job(
@@ -86,7 +99,11 @@ def run_job(client: StackMLClient, package_uri: str) -> float:
         time.sleep(0.02)
     if state != "SUCCEEDED":
         raise SystemExit(f"job {job['id']} ended {state}: {client.get_job(job['id'])['failure']}")
+    LAST_IDS.append(job["id"])
     return time.perf_counter() - t0
+
+
+LAST_IDS: list[str] = []
 
 
 def main() -> int:
@@ -116,8 +133,10 @@ def main() -> int:
             base = [baseline(settings, python, pkg_dir) for _ in range(5)]
             b = statistics.median(base)
             seq = [run_job(client, uri) for _ in range(N)]
+            seq_phases = [phases(client, j) for j in LAST_IDS[-N:]]
             with ThreadPoolExecutor(N) as pool:
                 conc = list(pool.map(lambda _: run_job(client, uri), range(N)))
+            conc_phases = [phases(client, j) for j in LAST_IDS[-N:]]
             time.sleep(3)  # let the last teardowns finish before the platform stops
     finally:
         shutil.rmtree(data, ignore_errors=True)
@@ -142,6 +161,13 @@ def main() -> int:
         f"concurrent ({N}): overhead p50 {fig['concurrent_overhead_p50_s']}s, "
         f"p95 {fig['concurrent_overhead_p95_s']}s"
     )
+    for label, rows in (("sequential", seq_phases), ("concurrent", conc_phases)):
+        med = {
+            k: round(statistics.median(r.get(k, 0.0) for r in rows), 3)
+            for k in ("QUEUED", "ALLOCATING", "PROVISIONING", "RUNNING", "EXPORTING")
+        }
+        print(f"{label}: median seconds per state {med}")
+        fig[f"{label}_state_medians_s"] = med  # type: ignore[assignment]
     print(json.dumps(fig))
     return 0
 

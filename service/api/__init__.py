@@ -82,19 +82,6 @@ def json_body() -> dict[str, Any]:
     return obj
 
 
-def _default_store(settings: Settings) -> ObjectStore:
-    if settings.store == "local":
-        # built here rather than by registry.store(), which reads the global settings
-        from service.backends.storage.local import LocalStore
-
-        return LocalStore(
-            settings.store_dir, base_url=settings.base_url, signing_key=settings.signing_key()
-        )
-    from service.backends import registry
-
-    return registry.store(settings)
-
-
 def create_app(
     settings: Settings | None = None,
     *,
@@ -105,6 +92,7 @@ def create_app(
     inject a recorder. `store` defaults to the configured object store."""
     from service.api import auth, errors, health, jobs, openapi, packages
     from service.api import store as store_api
+    from service.backends import registry
 
     settings = settings or get_settings()
     if enqueue is None:
@@ -119,7 +107,7 @@ def create_app(
     app.url_map.strict_slashes = False
     app.extensions[auth.EXTENSION] = auth.make_authenticator(settings)
     app.extensions[EXTENSION] = Context(
-        settings=settings, store=store or _default_store(settings), enqueue=enqueue
+        settings=settings, store=store or registry.store(settings), enqueue=enqueue
     )
     errors.install(app)
     for bp in (health.bp, jobs.bp, packages.bp, store_api.bp, openapi.bp):
