@@ -52,7 +52,9 @@ def submit() -> tuple[Response, int, dict[str, str]]:
         job = repo.create_job(s, project, spec)
         data = spec.model_dump(mode="json")
         if spec.output.model_uri is None:
-            data["output"]["model_uri"] = c.store.uri(f"projects/{project}/models/{job.id}/")
+            data["output"]["model_uri"] = c.store.uri(
+                f"{c.store.project_prefix(project)}models/{job.id}/"
+            )
         job.spec = data
         job.output = {"model_uri": data["output"]["model_uri"]}
         s.flush()
@@ -114,7 +116,7 @@ def _check_uri(store: ObjectStore, project: str, uri: str, must_exist: str | Non
         key = store.key_of(uri)
     except ValueError:
         return f"must be a {store.scheme}:// URI on this platform's object store"
-    area = f"projects/{project}/"
+    area = store.project_prefix(project)
     if not key.startswith(area) or key == area:
         return f"must be inside this project's area, {store.scheme}://{area}"
     try:

@@ -67,7 +67,7 @@ def upload() -> tuple[Response, int]:
         if size == 0:
             raise InvalidPackage("the package is empty")
         verify_tarball(Path(tmp.name), max_unpacked=limit * MAX_EXPANSION)
-        key = f"projects/{project}/staging/{sha256[:16]}/{_filename(filename)}"
+        key = f"{c.store.project_prefix(project)}staging/{sha256[:16]}/{_filename(filename)}"
         c.store.put_file(key, tmp.name)
     return jsonify({"package_uri": c.store.uri(key), "sha256": sha256, "size": size}), 201
 

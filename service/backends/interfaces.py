@@ -28,6 +28,7 @@ class ServerSpec:
     image: str  # the runtime key, e.g. "tensorflow-2.21"
     public_key: str  # OpenSSH "ssh-ed25519 AAAA..." line, the job's own key
     tags: tuple[tuple[str, str], ...] = ()
+    availability_zone: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,10 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     def grant(self, prefix: str, access: Access, ttl_seconds: int) -> Grant: ...
+
+    def project_prefix(self, project_id: str) -> str:
+        """The key prefix that holds everything of one project (its staging area, models)."""
+        return f"projects/{project_id}/"
 
     def uri(self, key: str) -> str:
         return f"{self.scheme}://{key}"

@@ -97,6 +97,18 @@ class AllocationFailed(BackendError):
     reason = "allocation_failed"
 
 
+class NoValidHost(AllocationFailed):
+    """The scheduler found no host for the flavor (Nova: ERROR with a "No valid host" fault)."""
+
+    reason = "no_valid_host"
+
+
+class QuotaExceeded(BackendError):
+    """The cloud refused for quota (Nova 403): the job waits in QUEUED and retries later."""
+
+    reason = "quota_exceeded"
+
+
 class DeadlineExceeded(BackendError):
     """A bounded wait ran out of time."""
 

@@ -15,7 +15,8 @@ from workers.steps.provision import runtime_on_server
 
 
 def model_uri(job_id: str, project_id: str, spec: JobSpec) -> str:
-    return spec.output.model_uri or jobctx.store().uri(f"projects/{project_id}/models/{job_id}/")
+    store = jobctx.store()
+    return spec.output.model_uri or store.uri(f"{store.project_prefix(project_id)}models/{job_id}/")
 
 
 def run(job_id: str) -> None:
