@@ -54,6 +54,7 @@ class ServerStatus:
     username: str | None = None
     host_key: str | None = None  # "ssh-ed25519 AAAA..." to pin; None means trust on first use
     fault: str | None = None
+    fault_reason: str | None = None  # a failure slug when classifiable, e.g. "no_valid_host"
     created_at: float | None = None  # unix seconds; the reaper's grace period needs an age
 
 
@@ -106,6 +107,8 @@ class Grant:
     expires_at: int  # unix seconds
     url_prefix: str  # e.g. "http://127.0.0.1:8080/v1/store/projects/p1/models/job-x/"
     query: str  # e.g. "temp_url_sig=...&temp_url_expires=...&temp_url_prefix=..."
+    # files larger than this go up as Static Large Objects in segments of this size (0: never)
+    segment_bytes: int = 0
 
 
 @dataclass(frozen=True)
