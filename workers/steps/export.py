@@ -45,7 +45,13 @@ def run(job_id: str) -> None:
         result = conn.run(
             [python, RUNNER, "export", JOB_DIR],
             timeout=cfg.provision_deadline,
-            input=json.dumps({"url_prefix": grant.url_prefix, "query": grant.query}).encode(),
+            input=json.dumps(
+                {
+                    "url_prefix": grant.url_prefix,
+                    "query": grant.query,
+                    "segment_bytes": grant.segment_bytes,
+                }
+            ).encode(),
         )
         manifest = json.loads(result.stdout.decode().strip().splitlines()[-1])
     except ssh.RemoteCommandError as e:
