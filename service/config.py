@@ -76,6 +76,15 @@ class Settings(BaseSettings):
     reconcile_interval: float = 5
     sandbox_isolation: Literal["auto", "root", "rootless", "none"] = "auto"
     secret_key: str = ""
+    # Allocation: other flavors to try, in order, when a flavor finds no valid host, and the
+    # availability zones to try for each ([] = the cloud's default zone).
+    flavor_fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    availability_zones: list[str] = Field(default_factory=list)
+    # A quota refusal puts the job back in QUEUED; it retries after a backoff in this range.
+    quota_backoff_min: float = 5.0
+    quota_backoff_max: float = 300.0
+    # At most this many servers at once on this platform (0: no cap); the rest wait in QUEUED.
+    max_servers: int = 0
     # Built runtimes (large; shared between data dirs if you like). Empty: <data_dir>/runtimes.
     runtime_root: Path | None = None
 

@@ -35,10 +35,14 @@ class Report:
     redriven: list[str] = field(default_factory=list)
     debts: list[str] = field(default_factory=list)
     reaped: list[str] = field(default_factory=list)
+    admitted: list[str] = field(default_factory=list)
 
 
 def run() -> Report:
+    from workers.admission import admit_waiting
+
     report = Report()
+    report.admitted = admit_waiting()
     _redrive(report)
     _pay_debts(report)
     _reap_orphans(report)
@@ -49,7 +53,11 @@ def _redrive(report: Report) -> None:
     cfg = jobctx.settings()
     before = utcnow() - timedelta(seconds=cfg.stuck_after)
     with db() as s:
-        stalled = [(j.id, j.state, j.last_progress_at) for j in repo.stalled_jobs(s, before)]
+        stalled = [
+            (j.id, j.state, j.last_progress_at)
+            for j in repo.stalled_jobs(s, before)
+            if not (j.state == JobState.QUEUED and (j.queue_reason or "").startswith("waiting"))
+        ]
     for job_id, state, stamp in stalled:
         with db() as s:
             won = s.execute(

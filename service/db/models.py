@@ -55,6 +55,11 @@ class Job(Base):
     ssh_key_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     ssh_public_key: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    # why a QUEUED job waits (capacity, quota, backoff), and not before when it retries
+    queue_reason: Mapped[str | None] = mapped_column(Text)
+    not_before: Mapped[datetime | None]
+    # index into the allocation plan (flavor x availability zone) being tried
+    alloc_attempt: Mapped[int] = mapped_column(default=0, server_default="0")
 
     __table_args__ = (Index("ix_jobs_project_created", "project_id", "created_at", "id"),)
 

@@ -1,41 +1,107 @@
-"""Allocate: boot the job's server, record it before and after, wait (bounded) until ACTIVE."""
+"""Allocate: admit the job, boot its server, and follow the boot until ACTIVE.
+
+Each run is short: it creates the server (recorded before the call), looks at it once and,
+while it builds, hands itself back with a countdown. A flavor that finds no valid host or
+builds past `boot_deadline` is deleted and the next (flavor, zone) of the plan is tried; a
+quota refusal puts the job back in QUEUED with a backoff instead of failing it.
+"""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
 
 from service import queue
-from service.backends.interfaces import ServerSpec, ServerState
+from service.backends.interfaces import ComputeBackend, ServerSpec, ServerState, ServerStatus
 from service.db import jobs as repo
-from service.db.models import Resource, utcnow
-from service.domain.errors import BackendError
+from service.db.models import Job, Resource, utcnow
+from service.domain.errors import BackendError, QuotaExceeded
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, Phase, ResourceState
-from workers import jobctx, ssh
+from workers import admission, jobctx, ssh
 from workers.jobctx import db, log
+
+BUILD_RECHECK = 0.5
+CAPACITY_WAIT = admission.CAPACITY_WAIT
+DELETE_CONFIRM = 30.0
+
+
+def plan(spec: JobSpec) -> list[tuple[str, str | None]]:
+    """The (flavor, availability zone) pairs to try, in order."""
+    cfg = jobctx.settings()
+    first = spec.resources.flavor or cfg.default_flavor
+    flavors = [first, *[f for f in cfg.flavor_fallbacks.get(first, []) if f != first]]
+    zones: list[str | None] = list(cfg.availability_zones) or [None]
+    return [(f, z) for f in flavors for z in zones]
 
 
 def run(job_id: str) -> None:
+    with db() as s:
+        job = repo.get_job(s, job_id)
+        state = JobState(job.state)
+    if state is JobState.QUEUED:
+        if not _admit(job_id):
+            return
+    elif state is not JobState.ALLOCATING:
+        return
+    _advance(job_id)
+
+
+def _admit(job_id: str) -> bool:
+    """QUEUED -> ALLOCATING when the job's backoff is over and a server slot is free."""
+    cfg = jobctx.settings()
+    with db() as s:
+        job = s.scalars(select(Job).where(Job.id == job_id).with_for_update()).one()
+        if job.state != JobState.QUEUED:
+            return job.state == JobState.ALLOCATING
+        if job.not_before is not None and _aware(job.not_before) > datetime.now(UTC):
+            wait = (_aware(job.not_before) - datetime.now(UTC)).total_seconds()
+            repo.touch(s, job_id)
+            jobctx.next_step(queue.ALLOCATE, job_id, wait)
+            return False
+        if cfg.max_servers:
+            admission.lock(s)
+            if admission.servers_in_use(s) >= cfg.max_servers:
+                # no re-enqueue: a freed server admits the oldest waiting job (admission.py)
+                if not (job.queue_reason or "").startswith(CAPACITY_WAIT):
+                    job.queue_reason = f"{CAPACITY_WAIT}: all {cfg.max_servers} servers in use"
+                    repo.add_event(s, job_id, "waiting", job.queue_reason)
+                repo.touch(s, job_id)
+                return False
+        spec = JobSpec.model_validate(job.spec)
+        flavor, zone = plan(spec)[min(job.alloc_attempt, len(plan(spec)) - 1)]
+        where = f" in zone {zone}" if zone else ""
+        return repo.transition(
+            s,
+            job_id,
+            JobState.QUEUED,
+            JobState.ALLOCATING,
+            f"booting one {flavor} server{where}",
+            queue_reason=None,
+            not_before=None,
+        )
+
+
+def _advance(job_id: str) -> None:
+    """One look at the current attempt: create, wait, accept, or move to the next attempt."""
     cfg = jobctx.settings()
     backend = jobctx.compute()
     with db() as s:
         job = repo.get_job(s, job_id)
-        if job.state == JobState.QUEUED:
-            spec = JobSpec.model_validate(job.spec)
-            flavor_name = spec.resources.flavor or cfg.default_flavor
-            if not repo.transition(
-                s, job_id, JobState.QUEUED, JobState.ALLOCATING, f"booting one {flavor_name} server"
-            ):
-                return
-        elif job.state != JobState.ALLOCATING:
+        if job.state != JobState.ALLOCATING:
             return
         spec = JobSpec.model_validate(job.spec)
-        flavor_name = spec.resources.flavor or cfg.default_flavor
+        steps = plan(spec)
+        attempt = job.alloc_attempt
+        flavor_name, zone = steps[min(attempt, len(steps) - 1)]
         if job.ssh_key_enc is None:
             pem, pub = ssh.generate_keypair()
             job.ssh_key_enc = jobctx.encrypt_key(pem)
             job.ssh_public_key = pub
-        res = jobctx.chief(s, job_id)
+        name = f"stackml-{job_id}-chief-{attempt}"
+        res = s.scalars(select(Resource).where(Resource.name == name)).one_or_none()
         if res is None:
             # recorded before the boot: a crash after it leaves a row the reconciler pays for
             res = Resource(
@@ -43,34 +109,34 @@ def run(job_id: str) -> None:
                 project_id=job.project_id,
                 backend=backend.name,
                 role="chief",
-                name=f"stackml-{job_id}-chief",
+                name=name,
                 flavor=flavor_name,
                 state=ResourceState.BOOTING.value,
             )
             s.add(res)
             s.flush()
-        res_id, res_name, server_id = res.id, res.name, res.server_id
-        public_key = job.ssh_public_key or ""
-        project_id = job.project_id
+        res_id, server_id, created = res.id, res.server_id, _aware(res.created_at)
+        public_key, project_id = job.ssh_public_key or "", job.project_id
 
-    flavor = backend.find_flavor(flavor_name)
-    if flavor is None:
-        jobctx.fail(
-            job_id,
-            Phase.ALLOCATE,
-            "unknown_flavor",
-            f"flavor {flavor_name!r} is not offered by the {backend.name} backend",
-        )
-        return
     if server_id is None:
-        existing = [r for r in backend.list_servers(("stackml-job", job_id)) if r.name == res_name]
+        flavor = backend.find_flavor(flavor_name)
+        if flavor is None:
+            _forget(res_id)
+            jobctx.fail(
+                job_id,
+                Phase.ALLOCATE,
+                "unknown_flavor",
+                f"flavor {flavor_name!r} is not offered by the {backend.name} backend",
+            )
+            return
+        existing = [r for r in backend.list_servers(("stackml-job", job_id)) if r.name == name]
         try:
             ref = (
                 existing[0]
                 if existing
                 else backend.create_server(
                     ServerSpec(
-                        name=res_name,
+                        name=name,
                         flavor=flavor,
                         image=spec.runtime.key,
                         public_key=public_key,
@@ -79,10 +145,16 @@ def run(job_id: str) -> None:
                             ("stackml-role", "chief"),
                             ("stackml-project", project_id),
                         ),
+                        availability_zone=zone,
                     )
                 )
             )
+        except QuotaExceeded as e:
+            _forget(res_id)
+            _back_to_queue(job_id, str(e))
+            return
         except BackendError as e:
+            _forget(res_id)
             jobctx.fail(job_id, Phase.ALLOCATE, e.reason, f"could not boot the server: {e}")
             return
         server_id = ref.id
@@ -90,25 +162,88 @@ def run(job_id: str) -> None:
             s.get_one(Resource, res_id).server_id = server_id
             repo.touch(s, job_id)
 
-    deadline = time.monotonic() + cfg.boot_deadline
     status = backend.get_server(server_id)
-    while status.state == ServerState.BUILD and time.monotonic() < deadline:
-        time.sleep(0.2)
-        status = backend.get_server(server_id)
-    if status.state != ServerState.ACTIVE:
-        reason = {ServerState.BUILD: "timeout", ServerState.ERROR: "boot_failed"}.get(
-            status.state, "server_lost"
-        )
+    if status.state is ServerState.ACTIVE:
+        _accept(job_id, res_id, server_id, status)
+        return
+    if status.state is ServerState.BUILD:
+        age = (datetime.now(UTC) - created).total_seconds()
+        if age <= cfg.boot_deadline:
+            with db() as s:
+                repo.touch(s, job_id)
+            jobctx.next_step(queue.ALLOCATE, job_id, BUILD_RECHECK)
+            return
+        why, reason = f"still building after {cfg.boot_deadline:.0f}s", "timeout"
+    elif status.state is ServerState.ERROR and status.fault_reason == "no_valid_host":
+        why, reason = f"no valid host: {status.fault}", "no_valid_host"
+    elif status.state is ServerState.ERROR:
+        _discard(backend, res_id, server_id)
         jobctx.fail(
-            job_id,
-            Phase.ALLOCATE,
-            reason,
-            f"server {server_id} is {status.state.value}"
-            + (f": {status.fault}" if status.fault else "")
-            + (f" after {cfg.boot_deadline:.0f}s" if reason == "timeout" else ""),
+            job_id, Phase.ALLOCATE, "boot_failed", f"server {server_id} failed: {status.fault}"
         )
         return
+    else:
+        _discard(backend, res_id, server_id)
+        jobctx.fail(
+            job_id, Phase.ALLOCATE, "server_lost", f"server {server_id} vanished while booting"
+        )
+        return
+    _discard(backend, res_id, server_id)
+    _next_attempt(job_id, attempt, len(steps), flavor_name, zone, why, reason)
 
+
+def _next_attempt(
+    job_id: str, attempt: int, total: int, flavor: str, zone: str | None, why: str, reason: str
+) -> None:
+    where = f" in zone {zone}" if zone else ""
+    if attempt + 1 >= total:
+        tried = f" (tried {total} flavor/zone choices)" if total > 1 else ""
+        jobctx.fail(job_id, Phase.ALLOCATE, reason, f"{flavor}{where}: {why}{tried}")
+        return
+    with db() as s:
+        job = repo.get_job(s, job_id)
+        if job.state != JobState.ALLOCATING or job.alloc_attempt != attempt:
+            return
+        job.alloc_attempt = attempt + 1
+        nxt = plan(JobSpec.model_validate(job.spec))[attempt + 1]
+        repo.add_event(
+            s,
+            job_id,
+            "retry",
+            f"{flavor}{where}: {why}; trying {nxt[0]}" + (f" in zone {nxt[1]}" if nxt[1] else ""),
+        )
+        repo.touch(s, job_id)
+    jobctx.next_step(queue.ALLOCATE, job_id)
+
+
+def _back_to_queue(job_id: str, message: str) -> None:
+    """Quota refusals are the cloud saying 'later': wait in QUEUED with a growing backoff."""
+    cfg = jobctx.settings()
+    with db() as s:
+        waits = sum(
+            1
+            for e in repo.events(s, job_id)
+            if e.kind == "transition"
+            and e.from_state == JobState.ALLOCATING
+            and e.to_state == JobState.QUEUED
+        )
+        backoff = min(cfg.quota_backoff_max, cfg.quota_backoff_min * 2**waits)
+        reason = f"quota exceeded: {message}; retrying in {backoff:.0f}s"
+        moved = repo.transition(
+            s,
+            job_id,
+            JobState.ALLOCATING,
+            JobState.QUEUED,
+            reason,
+            queue_reason=reason,
+            not_before=utcnow() + timedelta(seconds=backoff),
+        )
+    if moved:
+        log.info("job %s back in QUEUED: %s", job_id, reason)
+        jobctx.next_step(queue.ALLOCATE, job_id, backoff)
+
+
+def _accept(job_id: str, res_id: int, server_id: str, status: ServerStatus) -> None:
     with db() as s:
         res = s.get_one(Resource, res_id)
         res.state = ResourceState.ACTIVE.value
@@ -128,3 +263,31 @@ def run(job_id: str) -> None:
         # cancelled or failed while booting: the server must not outlive the job
         log.info("job %s left ALLOCATING while its server booted; tearing down", job_id)
         jobctx.next_step(queue.TEARDOWN, job_id)
+
+
+def _forget(res_id: int) -> None:
+    """A resource row whose server was never created."""
+    with db() as s:
+        r = s.get_one(Resource, res_id)
+        r.state, r.deleted_at = ResourceState.DELETED.value, utcnow()
+
+
+def _discard(backend: ComputeBackend, res_id: int, server_id: str) -> None:
+    """Delete a failed attempt's server; unconfirmed deletions are paid by the teardown."""
+    with db() as s:
+        s.get_one(Resource, res_id).state = ResourceState.DELETING.value
+    try:
+        backend.delete_server(server_id)
+    except BackendError as e:
+        log.warning("deleting failed server %s: %s (teardown retries)", server_id, e)
+        return
+    deadline = time.monotonic() + DELETE_CONFIRM
+    while backend.get_server(server_id).state is not ServerState.DELETED:
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+    _forget(res_id)
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)

@@ -68,6 +68,10 @@ def run(job_id: str) -> None:
                 if r.name in pending:
                     r.delete_attempts += 1
         raise TeardownIncomplete(f"servers not yet deleted: {', '.join(pending)}")
+    if rows:
+        from workers.admission import admit_waiting
+
+        admit_waiting()
     with db() as s:
         job = repo.get_job(s, job_id)
         job.ssh_key_enc = None  # the key dies with the servers it opened
