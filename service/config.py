@@ -39,8 +39,10 @@ class _YamlSource(PydanticBaseSettingsSource):
 
 
 class RuntimeDef(BaseModel):
-    requirements: str
-    image: str
+    requirements: str  # the local (sandbox) runtime's pip requirements
+    image: str  # the Glance image that carries it at /opt/stackml/runtimes/<key>
+    # what a VM installs when its image lacks the runtime (slow path); default: requirements
+    vm_requirements: str | None = None
 
 
 class Settings(BaseSettings):
@@ -85,6 +87,8 @@ class Settings(BaseSettings):
     quota_backoff_max: float = 300.0
     # At most this many servers at once on this platform (0: no cap); the rest wait in QUEUED.
     max_servers: int = 0
+    # The package index a VM installs its runtime from when its image lacks it ("" = pip's).
+    runtime_index_url: str = ""
     # Built runtimes (large; shared between data dirs if you like). Empty: <data_dir>/runtimes.
     runtime_root: Path | None = None
 

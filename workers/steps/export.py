@@ -11,7 +11,7 @@ from service.domain.spec import JobSpec
 from service.domain.states import JobState, Phase
 from workers import jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
-from workers.steps.provision import runtime_on_server
+from workers.steps.provision import PYTHON
 
 
 def model_uri(job_id: str, project_id: str, spec: JobSpec) -> str:
@@ -33,17 +33,15 @@ def run(job_id: str) -> None:
         target = jobctx.ssh_target(job, res)
         spec = JobSpec.model_validate(job.spec)
         uri = model_uri(job_id, job.project_id, spec)
-        backend_name = res.backend
     prefix = store.key_of(uri)
     if not prefix.endswith("/"):
         prefix += "/"
     grant = store.grant(prefix, Access.WRITE, max(600, int(cfg.provision_deadline) * 2))
-    python = f"{runtime_on_server(backend_name, spec.runtime.key)}/bin/python"
     try:
         conn = ssh.connection(target)
         # the grant goes over stdin: signed URLs stay out of the VM's process list
         result = conn.run(
-            [python, RUNNER, "export", JOB_DIR],
+            [PYTHON, RUNNER, "export", JOB_DIR],
             timeout=cfg.provision_deadline,
             input=json.dumps(
                 {

@@ -19,23 +19,58 @@ RUNNER_SRC = Path(__file__).resolve().parents[1] / "vm" / "runner.py"
 OPENSTACK_RUNTIMES = "/opt/stackml/runtimes"
 
 
+PYTHON = ".stackml/python"  # a link to the runtime's python, made at provision time
+SLOW_PATH_RUNTIMES = ".stackml/runtimes"
+
+
 def runtime_on_server(backend_name: str, key: str) -> str:
-    """The runtime's root directory as the server sees it."""
+    """Where the runtime is expected on the server: the local build for sandboxes, the image's
+    /opt/stackml/runtimes/<key> on a cloud."""
     cfg = jobctx.settings()
     if backend_name == "sandbox":
         return str(ensure_runtime(cfg, key).parent.parent)
     return f"{OPENSTACK_RUNTIMES}/{key}"
 
 
-def job_document(job_id: str) -> tuple[dict[str, object], str]:
-    """job.json for the runner (with signed URLs to read the inputs) and the runtime root."""
+def ensure_runtime_on_server(conn: ssh.SSHConnection, job_id: str, runtime: str, key: str) -> str:
+    """The image's runtime when it carries one (fast path); otherwise install it from the
+    configured index into the job's home (slow path, bounded by provision_deadline)."""
+    cfg = jobctx.settings()
+    probe = conn.run(
+        ["test", "-x", f"{runtime}/bin/python"], timeout=cfg.command_timeout, check=False
+    )
+    if probe.returncode == 0:
+        return runtime
+    home = conn.run(["pwd"], timeout=cfg.command_timeout).text.strip()
+    target = f"{home}/{SLOW_PATH_RUNTIMES}/{key}"
+    with db() as s:
+        repo.add_event(
+            s,
+            job_id,
+            "provision",
+            f"the image has no {key} runtime at {runtime}; installing it (slow path)",
+        )
+        repo.touch(s, job_id)
+    rdef = cfg.runtimes()[key]
+    from service.config import REPO_ROOT
+
+    reqs = (REPO_ROOT / (rdef.vm_requirements or rdef.requirements)).read_bytes()
+    conn.put_bytes(reqs, f"{SLOW_PATH_RUNTIMES}/{key}.txt", 0o644)
+    conn.run(["python3", "-m", "venv", target], timeout=cfg.command_timeout)
+    pip = [f"{target}/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    if cfg.runtime_index_url:
+        pip += ["--index-url", cfg.runtime_index_url]
+    conn.run([*pip, "-r", f"{SLOW_PATH_RUNTIMES}/{key}.txt"], timeout=cfg.provision_deadline)
+    return target
+
+
+def job_document(job_id: str, runtime: str) -> dict[str, object]:
+    """job.json for the runner, with signed URLs to read the package and the inputs."""
     cfg = jobctx.settings()
     store = jobctx.store()
     with db() as s:
         job = repo.get_job(s, job_id)
-        res = jobctx.chief(s, job_id)
         project_id = job.project_id
-        backend_name = res.backend if res else cfg.compute
     spec = JobSpec.model_validate(job.spec)
     pkg_key = store.key_of(spec.trainer.package_uri)
     pkg_grant = store.grant(pkg_key, Access.READ, cfg.grant_ttl)
@@ -48,7 +83,6 @@ def job_document(job_id: str) -> tuple[dict[str, object], str]:
             inputs.append(
                 {"name": rel, "url": sign(grant.url_prefix, grant.query, obj.key[len(data_key) :])}
             )
-    runtime = runtime_on_server(backend_name, spec.runtime.key)
     doc: dict[str, object] = {
         "job_id": job_id,
         "project_id": project_id,
@@ -59,7 +93,7 @@ def job_document(job_id: str) -> tuple[dict[str, object], str]:
         "package_url": sign(pkg_grant.url_prefix, pkg_grant.query, ""),
         "inputs": inputs,
     }
-    return doc, runtime
+    return doc
 
 
 def sign(url_prefix: str, query: str, rel: str) -> str:
@@ -78,11 +112,8 @@ def run(job_id: str) -> None:
         if res is None:
             raise BackendError(f"job {job_id} is provisioning without a server")
         target = jobctx.ssh_target(job, res)
-    try:
-        doc, runtime = job_document(job_id)
-    except BackendError as e:
-        jobctx.fail(job_id, Phase.PROVISION, e.reason, f"cannot stage the job: {e}")
-        return
+        backend_name = res.backend
+    spec = JobSpec.model_validate(job.spec)
     try:
         conn = ssh.wait_for_ssh(target, cfg.ssh_deadline)
     except ssh.SSHError as e:
@@ -93,17 +124,21 @@ def run(job_id: str) -> None:
             f"the server did not answer SSH within {cfg.ssh_deadline:.0f}s: {e}",
         )
         return
-    python = f"{runtime}/bin/python"
     try:
-        conn.run(["mkdir", "-p", JOB_DIR], timeout=cfg.command_timeout)
+        conn.run(["mkdir", "-p", JOB_DIR, SLOW_PATH_RUNTIMES], timeout=cfg.command_timeout)
         conn.put_bytes(RUNNER_SRC.read_bytes(), RUNNER, 0o644)
+        runtime = ensure_runtime_on_server(
+            conn, job_id, runtime_on_server(backend_name, spec.runtime.key), spec.runtime.key
+        )
+        conn.run(["ln", "-sfn", f"{runtime}/bin/python", PYTHON], timeout=cfg.command_timeout)
+        doc = job_document(job_id, runtime)
         conn.put_bytes(json.dumps(doc).encode(), f"{JOB_DIR}/job.json", 0o600)
-        conn.run([python, RUNNER, "prepare", JOB_DIR], timeout=cfg.provision_deadline)
+        conn.run([PYTHON, RUNNER, "prepare", JOB_DIR], timeout=cfg.provision_deadline)
         with db() as s:
             repo.touch(s, job_id)
             if repo.get_job(s, job_id).state != JobState.PROVISIONING:
                 return  # cancelled meanwhile: do not start the trainer
-        conn.run([python, RUNNER, "start", JOB_DIR], timeout=cfg.command_timeout)
+        conn.run([PYTHON, RUNNER, "start", JOB_DIR], timeout=cfg.command_timeout)
     except ssh.RemoteCommandError as e:
         jobctx.fail(
             job_id,
@@ -114,6 +149,9 @@ def run(job_id: str) -> None:
         return
     except ssh.SSHError as e:
         jobctx.fail(job_id, Phase.PROVISION, e.reason, f"lost the server while preparing: {e}")
+        return
+    except BackendError as e:
+        jobctx.fail(job_id, Phase.PROVISION, e.reason, f"cannot stage the job: {e}")
         return
     with db() as s:
         moved = repo.transition(

@@ -1,0 +1,92 @@
+"""Keystone's and Swift's own virtualenvs: built once with uv under a lock, reused by every run.
+
+Each service pins many libraries of its own, so each gets a venv apart from the project's.
+A venv is complete when its `.complete` marker names the same requirements it was built for.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from devcloud import DevCloudError
+
+KEYSTONE_REQUIREMENTS = ("keystone==30.0.0", "gunicorn")
+SWIFT_REQUIREMENTS = ("swift==2.38.3",)
+BUILD_TIMEOUT = 900
+
+
+def base_python() -> Path:
+    """The interpreter the service venvs are made from: the project's own base Python."""
+    base = Path(getattr(sys, "_base_executable", "") or sys.executable)
+    return base if base.exists() else Path(sys.executable)
+
+
+def venv_path(root: Path, name: str, requirements: tuple[str, ...]) -> Path:
+    digest = hashlib.sha256(
+        "\n".join((*requirements, str(base_python().resolve()))).encode()
+    ).hexdigest()
+    return root / f"{name}-{digest[:12]}"
+
+
+def ensure_venv(
+    root: Path,
+    name: str,
+    requirements: tuple[str, ...],
+    *,
+    echo: Callable[[str], None] | None = None,
+) -> Path:
+    """The venv's directory, building it first if needed (once per machine, under a lock)."""
+    target = venv_path(root, name, requirements)
+    if (target / ".complete").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / ".complete").exists():
+            return target
+        started = time.monotonic()
+        if echo:
+            echo(f"building the {name} virtualenv in {target} (once; later runs reuse it)")
+        shutil.rmtree(target, ignore_errors=True)  # a build that died half-way
+        env = {**os.environ, "UV_NO_PROGRESS": "1"}
+        env.pop("VIRTUAL_ENV", None)
+        _run([_uv(), "venv", "--quiet", "--python", str(base_python()), str(target)], env)
+        _run(
+            [_uv(), "pip", "install", "--quiet", "--python", str(target / "bin" / "python")]
+            + list(requirements),
+            env,
+        )
+        (target / ".complete").write_text("\n".join(requirements) + "\n")
+        if echo:
+            echo(f"{name} virtualenv built in {time.monotonic() - started:.1f}s")
+    return target
+
+
+def _uv() -> str:
+    from uv import find_uv_bin
+
+    return find_uv_bin()
+
+
+def _run(argv: list[str], env: dict[str, str]) -> None:
+    try:
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        raise DevCloudError(
+            f"building a devcloud virtualenv timed out after {BUILD_TIMEOUT}s "
+            f"({' '.join(argv[:3])}); check the network to the package index and retry"
+        ) from e
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise DevCloudError(
+            f"building a devcloud virtualenv failed ({' '.join(argv[:3])}): {tail}\n"
+            "fix the cause above and run `stackml devcloud up` again"
+        )
