@@ -19,7 +19,7 @@ from pathlib import Path
 from devcloud import DevCloudError
 
 KEYSTONE_REQUIREMENTS = ("keystone==30.0.0", "gunicorn")
-SWIFT_REQUIREMENTS = ("swift==2.38.3",)
+SWIFT_REQUIREMENTS = ("swift==2.38.3", "keystonemiddleware==13.0.1")
 BUILD_TIMEOUT = 900
 
 

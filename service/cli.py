@@ -859,5 +859,14 @@ def _num(value: Any) -> str:
 __all__ = ["APIError", "cli", "failure_sentence", "main", "watch_job"]
 
 
+def _add_devcloud() -> None:
+    from devcloud.cli import devcloud as devcloud_group
+
+    cli.add_command(devcloud_group)
+
+
+_add_devcloud()
+
+
 if __name__ == "__main__":
     main()

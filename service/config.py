@@ -87,6 +87,23 @@ class Settings(BaseSettings):
     quota_backoff_max: float = 300.0
     # At most this many servers at once on this platform (0: no cap); the rest wait in QUEUED.
     max_servers: int = 0
+    # compute: openstack (credentials: clouds.yaml + OS_CLOUD, or name the cloud here)
+    openstack_cloud: str = ""
+    openstack_network: str = "private"
+    openstack_floating_network: str = ""  # "" = reach servers on their fixed address
+    openstack_security_group: str = "stackml-ssh"
+    openstack_ssh_cidr: str = "0.0.0.0/0"  # where the workers connect from
+    openstack_ssh_user: str = "stackml"
+    # cloud GPU names (PCI alias / resource class / trait) -> stackml gpu_type
+    openstack_gpu_aliases: dict[str, str] = Field(default_factory=dict)
+    openstack_prices: dict[str, float] = Field(default_factory=dict)  # flavor -> price per hour
+    openstack_call_timeout: float = 30
+    # store: swift (the account of openstack_cloud's project; containers per stackml project)
+    swift_segment_bytes: int = 1 << 30  # files above this go up as Static Large Objects
+    swift_container_prefix: str = "stackml-"
+    swift_timeout: float = 60.0
+    # A server whose job the database does not know is reaped after this many seconds.
+    orphan_grace: float = 120.0
     # The package index a VM installs its runtime from when its image lacks it ("" = pip's).
     runtime_index_url: str = ""
     # Built runtimes (large; shared between data dirs if you like). Empty: <data_dir>/runtimes.

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 WORKER_READY_DEADLINE = 60.0
 STOP_GRACE = 20.0
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
 
 
 class PlatformError(StackMLError):
@@ -58,6 +60,12 @@ class LocalPlatform:
         self._server_thread: threading.Thread | None = None
         self._worker: subprocess.Popen[bytes] | None = None
         self._stopped = threading.Event()
+        # the worker is supervised: a worker that dies (a crash, a broker outage that kombu
+        # does not survive) is restarted, at most MAX_RESTARTS times per RESTART_WINDOW
+        self._lock = threading.RLock()
+        self._restarts: list[float] = []
+        self._failure: str | None = None
+        self._monitor: threading.Thread | None = None
         self._saved_env: dict[str, str | None] = {}
         self.log_dir = settings.data_dir / "logs"
 
@@ -104,6 +112,10 @@ class LocalPlatform:
         upgrade(s.db_url)
         self._start_api()
         self._start_worker()
+        self._monitor = threading.Thread(
+            target=self._supervise, name="stackml-supervisor", daemon=True
+        )
+        self._monitor.start()
 
     def _set_env(self, name: str, value: str) -> None:
         if name not in self._saved_env:
@@ -204,19 +216,82 @@ class LocalPlatform:
         finally:
             probe.close()
 
-    # -- run / stop --------------------------------------------------------------------------
-
-    def wait(self) -> None:
-        """Block until stop() is called or the worker dies (then raise PlatformError)."""
+    def _supervise(self) -> None:
         while not self._stopped.wait(0.5):
-            if self._worker is not None and self._worker.poll() is not None:
-                raise PlatformError(f"the worker exited with status {self._worker.returncode}")
+            with self._lock:
+                proc = self._worker
+                if proc is None or proc.poll() is None or self._stopped.is_set():
+                    continue
+                now = time.monotonic()
+                self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW]
+                if len(self._restarts) >= MAX_RESTARTS:
+                    self._failure = (
+                        f"the worker exited with status {proc.returncode} "
+                        f"{MAX_RESTARTS} times within {RESTART_WINDOW:.0f}s"
+                    )
+                    self._worker = None
+                    continue
+                log.warning("the worker exited with status %s; restarting it", proc.returncode)
+                self._restarts.append(now)
+                with contextlib.suppress(ProcessLookupError):  # its pool, if any is left
+                    os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    self._start_worker()
+                except PlatformError as e:
+                    self._failure = f"the worker could not be restarted: {e}"
+                    self._worker = None
 
-    def stop(self) -> None:
-        self._stopped.set()
+    def kill_worker(self) -> None:
+        """SIGKILL the worker and its pool at once (what a crashed host does); the supervisor
+        leaves it down until restart_worker()."""
+        with self._lock:
+            self._kill_worker()
+
+    def _kill_worker(self) -> None:
+        if self._worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._worker.pid, signal.SIGKILL)
+            self._worker.wait(timeout=10)
+            self._worker = None
+
+    def restart_worker(self, env: dict[str, str] | None = None) -> None:
+        """Start a (new) worker, optionally with extra environment (e.g. chaos pauses)."""
+        with self._lock:
+            self._restart_worker(env)
+
+    def _restart_worker(self, env: dict[str, str] | None) -> None:
         if self._worker is not None:
             _stop_group(self._worker, STOP_GRACE)
             self._worker = None
+        saved = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})
+        try:
+            self._start_worker()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self._worker.pid if self._worker is not None else None
+
+    # -- run / stop --------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until stop() is called or the worker cannot be kept up (PlatformError)."""
+        while not self._stopped.wait(0.5):
+            if self._failure is not None:
+                raise PlatformError(self._failure)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            if self._worker is not None:
+                _stop_group(self._worker, STOP_GRACE)
+                self._worker = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -8,9 +8,11 @@ import redis
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
+from service.domain.errors import TransientBackendError
+
 log = logging.getLogger(__name__)
 
-TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError)
+TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError, TransientBackendError)
 
 
 class JobTask(Task):

@@ -27,7 +27,6 @@ NEXT_TASK = {
     JobState.EXPORTING: queue.EXPORT,
     JobState.CANCELLING: queue.CANCEL,
 }
-ORPHAN_GRACE = 120.0  # seconds a server of an unknown job may live (its job row may lag)
 
 
 @dataclass
@@ -103,7 +102,8 @@ def _reap_orphans(report: Report) -> None:
         if state is not None:
             continue  # a terminal job's servers are teardown debts, paid above
         status = backend.get_server(ref.id)
-        if status.created_at is not None and time.time() - status.created_at < ORPHAN_GRACE:
+        grace = jobctx.settings().orphan_grace
+        if status.created_at is not None and time.time() - status.created_at < grace:
             continue
         log.warning("reaping orphan server %s (%s) of unknown job %s", ref.id, ref.name, job_id)
         backend.delete_server(ref.id)

@@ -90,7 +90,7 @@ def create_app(
 ) -> Flask:
     """The API app. `enqueue(task_name, job_id)` defaults to service.queue.enqueue; tests
     inject a recorder. `store` defaults to the configured object store."""
-    from service.api import auth, errors, health, jobs, openapi, packages
+    from service.api import auth, errors, flavors, health, jobs, openapi, packages
     from service.api import store as store_api
     from service.backends import registry
 
@@ -110,7 +110,7 @@ def create_app(
         settings=settings, store=store or registry.store(settings), enqueue=enqueue
     )
     errors.install(app)
-    for bp in (health.bp, jobs.bp, packages.bp, store_api.bp, openapi.bp):
+    for bp in (health.bp, jobs.bp, packages.bp, store_api.bp, flavors.bp, openapi.bp):
         app.register_blueprint(bp)
     return app
 

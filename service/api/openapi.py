@@ -108,6 +108,20 @@ class Package(BaseModel):
     size: int
 
 
+class Flavor(BaseModel):
+    name: str
+    vcpus: int
+    ram_mb: int
+    disk_gb: int
+    gpus: int = Field(description="GPUs passed through to (or virtualised for) each server.")
+    gpu_type: str | None = Field(description="e.g. A100; null for CPU-only flavors.")
+    price_per_hour: float = Field(description="The configured price, for usage reports.")
+
+
+class FlavorList(BaseModel):
+    flavors: list[Flavor] = Field(description="Sorted by gpus, then price, then name.")
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
@@ -120,6 +134,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     EventList,
     Metrics,
     Package,
+    FlavorList,
     Health,
     Error,
 )
@@ -409,6 +424,27 @@ def _paths() -> dict[str, Any]:
                     },
                 },
                 "responses": _responses({"201": _json(Package, "Stored.")}, "413", "415", "422"),
+            }
+        },
+        "/v1/flavors": {
+            "get": {
+                "summary": "What the compute backend offers, with GPU count/type and price.",
+                "operationId": "listFlavors",
+                "parameters": [
+                    _param(
+                        "gpus",
+                        "query",
+                        {"type": "integer", "minimum": 0, "maximum": 1024},
+                        "Only flavors with exactly this many GPUs.",
+                    ),
+                    _param(
+                        "gpu_type",
+                        "query",
+                        {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"},
+                        "Only flavors with this GPU type (case-insensitive).",
+                    ),
+                ],
+                "responses": _responses({"200": _json(FlavorList, "The flavors.")}, "400", "503"),
             }
         },
         "/v1/store/{key}": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -147,6 +148,22 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     def grant(self, prefix: str, access: Access, ttl_seconds: int) -> Grant: ...
+
+    def put_manifest(
+        self, key: str, segments: Sequence[ObjectInfo], expected_etag: str | None = None
+    ) -> ObjectInfo:
+        """Join segment objects already in the store into one object at `key` (Swift: an SLO
+        manifest, which a TempURL cannot create); a segment mismatch is a StoreError."""
+        from service.domain.errors import StoreError
+
+        raise StoreError(f"the {self.scheme} store does not join segments", reason="upload_failed")
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix` (segments included); returns how many."""
+        infos = self.list(prefix)
+        for info in infos:
+            self.delete(info.key)
+        return len(infos)
 
     def project_prefix(self, project_id: str) -> str:
         """The key prefix that holds everything of one project (its staging area, models)."""

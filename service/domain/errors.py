@@ -89,6 +89,18 @@ class BackendError(StackMLError):
             self.reason = reason
 
 
+class TransientBackendError(BackendError):
+    """A backend call failed in a way worth retrying (an API error, no answer in time)."""
+
+    reason = "backend_unavailable"
+
+
+class CloudError(TransientBackendError):
+    """The cloud did not do what was asked (an API error or no answer); worth a retry."""
+
+    reason = "cloud_error"
+
+
 class ServerNotFound(BackendError):
     reason = "server_lost"
 

@@ -17,10 +17,10 @@ from service import queue
 from service.backends.interfaces import ComputeBackend, ServerSpec, ServerState, ServerStatus
 from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
-from service.domain.errors import BackendError, QuotaExceeded
+from service.domain.errors import BackendError, QuotaExceeded, TransientBackendError
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, Phase, ResourceState
-from workers import admission, jobctx, ssh
+from workers import admission, chaos, jobctx, ssh
 from workers.jobctx import db, log
 
 BUILD_RECHECK = 0.5
@@ -92,6 +92,7 @@ def _advance(job_id: str) -> None:
         job = repo.get_job(s, job_id)
         if job.state != JobState.ALLOCATING:
             return
+        chaos.pause("allocate")
         spec = JobSpec.model_validate(job.spec)
         steps = plan(spec)
         attempt = job.alloc_attempt
@@ -153,6 +154,8 @@ def _advance(job_id: str) -> None:
             _forget(res_id)
             _back_to_queue(job_id, str(e))
             return
+        except TransientBackendError:
+            raise  # the task retries with backoff; the row stays for the next try
         except BackendError as e:
             _forget(res_id)
             jobctx.fail(job_id, Phase.ALLOCATE, e.reason, f"could not boot the server: {e}")
@@ -163,11 +166,18 @@ def _advance(job_id: str) -> None:
             repo.touch(s, job_id)
 
     status = backend.get_server(server_id)
+    age = (datetime.now(UTC) - created).total_seconds()
     if status.state is ServerState.ACTIVE:
+        if status.host_key is None and backend.name != "sandbox" and age <= cfg.boot_deadline:
+            # cloud-init prints the host key on the console shortly after ACTIVE: wait for it
+            # rather than trusting the first key that answers
+            with db() as s:
+                repo.touch(s, job_id)
+            jobctx.next_step(queue.ALLOCATE, job_id, BUILD_RECHECK)
+            return
         _accept(job_id, res_id, server_id, status)
         return
     if status.state is ServerState.BUILD:
-        age = (datetime.now(UTC) - created).total_seconds()
         if age <= cfg.boot_deadline:
             with db() as s:
                 repo.touch(s, job_id)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 from service import queue
-from service.backends.interfaces import Access
+from service.backends.interfaces import Access, ObjectInfo
 from service.db import jobs as repo
+from service.domain.errors import StoreError
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, Phase
-from workers import jobctx, ssh
+from workers import chaos, jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
 from workers.steps.provision import PYTHON
 
@@ -26,6 +27,7 @@ def run(job_id: str) -> None:
         job = repo.get_job(s, job_id)
         if job.state != JobState.EXPORTING:
             return
+        chaos.pause("export")
         res = jobctx.chief(s, job_id)
         if res is None:
             jobctx.fail(job_id, Phase.EXPORT, "server_lost", "the job has no server record")
@@ -79,6 +81,24 @@ def run(job_id: str) -> None:
             "the trainer exited 0 but wrote nothing to STACKML_MODEL_DIR",
         )
         return
+    try:
+        for obj in objects:
+            if obj.get("segments"):
+                store.put_manifest(
+                    prefix + obj["key"],
+                    [
+                        ObjectInfo(prefix + s["key"], int(s["size"]), str(s["etag"]))
+                        for s in obj["segments"]
+                    ],
+                    expected_etag=obj["etag"],
+                )
+    except (StoreError, ValueError, KeyError, TypeError) as e:
+        _discard(prefix)
+        jobctx.fail(
+            job_id, Phase.EXPORT, "upload_failed", f"the model's large files did not verify: {e}"
+        )
+        return
+    objects = [{"key": o["key"], "size": o["size"], "etag": o["etag"]} for o in objects]
     stored = {o.key: o for o in store.list(prefix)}
     for obj in objects:
         got = stored.get(prefix + obj["key"])
@@ -108,6 +128,4 @@ def run(job_id: str) -> None:
 
 def _discard(prefix: str) -> None:
     """Nothing half-written stays behind as if it were a model."""
-    store = jobctx.store()
-    for obj in store.list(prefix):
-        store.delete(obj.key)
+    jobctx.store().delete_prefix(prefix)

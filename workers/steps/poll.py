@@ -14,7 +14,7 @@ from service.backends.interfaces import ServerState
 from service.db import jobs as repo
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, Phase
-from workers import jobctx, ssh
+from workers import chaos, jobctx, ssh
 from workers.jobctx import JOB_DIR, db
 
 MAX_PULL = 1 << 20
@@ -27,6 +27,7 @@ def run(job_id: str) -> None:
         job = repo.get_job(s, job_id)
         if job.state != JobState.RUNNING or job.cancel_requested:
             return
+        chaos.pause("poll")
         res = jobctx.chief(s, job_id)
         if res is None:
             jobctx.fail(job_id, Phase.TRAIN, "server_lost", "the job has no server record")

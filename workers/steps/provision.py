@@ -12,7 +12,7 @@ from service.domain.errors import BackendError
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, Phase
 from service.runtime import ensure_runtime
-from workers import jobctx, ssh
+from workers import chaos, jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
 
 RUNNER_SRC = Path(__file__).resolve().parents[1] / "vm" / "runner.py"
@@ -108,6 +108,7 @@ def run(job_id: str) -> None:
         job = repo.get_job(s, job_id)
         if job.state != JobState.PROVISIONING:
             return
+        chaos.pause("provision")
         res = jobctx.chief(s, job_id)
         if res is None:
             raise BackendError(f"job {job_id} is provisioning without a server")

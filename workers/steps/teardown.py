@@ -9,7 +9,7 @@ from service.db import jobs as repo
 from service.db.models import Resource, utcnow
 from service.domain.errors import BackendError
 from service.domain.states import JobState, ResourceState
-from workers import jobctx, ssh
+from workers import chaos, jobctx, ssh
 from workers.jobctx import db, log
 
 DELETE_DEADLINE = 60.0
@@ -35,6 +35,7 @@ def run(job_id: str) -> None:
         ]
         if not rows and job.state != JobState.CANCELLING:
             return  # already paid
+        chaos.pause("teardown")
         for r in repo.resources(s, job_id):
             if r.state != ResourceState.DELETED:
                 r.state = ResourceState.DELETING.value

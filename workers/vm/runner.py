@@ -55,11 +55,6 @@ def _emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def _signed_url(grant: dict, rel: str) -> str:
-    quoted = urllib.parse.quote(rel)
-    return f"{grant['url_prefix']}{quoted}?{grant['query']}"
-
-
 def _http(method: str, url: str, data=None, headers=None):
     last: Exception | None = None
     for attempt in range(RETRIES):
@@ -250,41 +245,175 @@ def _write_atomic(path: str, text: str) -> None:
 # -- export ----------------------------------------------------------------------------------
 
 
+EXPORT_THREADS = 4
+SEGMENTS_DIR = ".stackml-segments"  # SLO segments go here, inside the granted prefix
+MAX_SEGMENTS = 1000  # Swift's default max_manifest_segments
+SEND_BLOCK = 1 << 20
+
+
 def export(job_dir: str) -> dict:
+    """Upload model/ with the write grant on stdin; every object is verified by its ETag.
+
+    Files larger than the grant's `segment_bytes` (when > 0) go up as segments under
+    `<prefix>.stackml-segments/<file>/<n>`; such an object is reported with its `segments`
+    and the SLO ETag (MD5 of the segment MD5s, concatenated), which is what Swift lists once
+    the worker has PUT the manifest -- a TempURL cannot create an SLO manifest itself.
+    """
     grant = json.loads(sys.stdin.read())
     model_dir = os.path.join(job_dir, "model")
-    objects = []
-    for root, dirs, files in os.walk(model_dir):
+    seg_bytes = int(grant.get("segment_bytes") or 0)
+    files = []
+    for root, dirs, names in os.walk(model_dir):
         dirs.sort()
-        for name in sorted(files):
+        for name in sorted(names):
             path = os.path.join(root, name)
             if os.path.islink(path):
                 continue
-            rel = os.path.relpath(path, model_dir)
+            files.append((os.path.relpath(path, model_dir), path, os.path.getsize(path)))
+    # (object key, local path, offset, length); a segmented file is several of these
+    parts: list[tuple[str, str, int, int]] = []
+    layout: list[tuple[str, int, list[tuple[str, int]] | None]] = []
+    for rel, path, size in files:
+        if seg_bytes > 0 and size > seg_bytes:
+            step = max(seg_bytes, -(-size // MAX_SEGMENTS))
+            seg_list: list[tuple[str, int]] = []
+            for n, offset in enumerate(range(0, size, step)):
+                key = f"{SEGMENTS_DIR}/{rel}/{n:08d}"
+                length = min(step, size - offset)
+                parts.append((key, path, offset, length))
+                seg_list.append((key, length))
+            layout.append((rel, size, seg_list))
+        else:
+            parts.append((rel, path, 0, size))
+            layout.append((rel, size, None))
+    uploader = _Uploader(grant["url_prefix"], grant["query"])
+    md5_of: dict[str, str] = {}
+    if parts:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # biggest first, so that one large file does not finish alone at the end
+        order = sorted(parts, key=lambda p: -p[3])
+        with ThreadPoolExecutor(max_workers=min(EXPORT_THREADS, len(order))) as pool:
+            results = pool.map(lambda p: (p[0], uploader.put(*p)), order)
+            md5_of = dict(results)
+        uploader.close()
+    objects = []
+    for rel, size, segs in layout:
+        if segs is None:
+            objects.append({"key": rel, "size": size, "etag": md5_of[rel]})
+            continue
+        seg_md5s = [md5_of[k] for k, _ in segs]
+        etag = hashlib.md5("".join(seg_md5s).encode(), usedforsecurity=False).hexdigest()
+        objects.append(
+            {
+                "key": rel,
+                "size": size,
+                "etag": etag,
+                "segments": [
+                    {"key": k, "size": n, "etag": m}
+                    for (k, n), m in zip(segs, seg_md5s, strict=True)
+                ],
+            }
+        )
+    return {"ok": True, "objects": objects}
+
+
+class _Uploader:
+    """PUTs byte ranges of local files to signed URLs over kept-alive connections (one per
+    thread), hashing what it sends and checking it against the ETag the store answers."""
+
+    def __init__(self, url_prefix: str, query: str) -> None:
+        u = urllib.parse.urlsplit(url_prefix)
+        self._https = u.scheme == "https"
+        self._host = u.hostname or "127.0.0.1"
+        self._port = u.port
+        self._base = u.path
+        self._query = query
+        self._local = threading.local()
+        self._all: list = []
+        self._lock = threading.Lock()
+
+    def _conn(self):
+        import http.client
+
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=HTTP_TIMEOUT, blocksize=SEND_BLOCK)
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+
+    def put(self, key: str, path: str, offset: int, length: int) -> str:
+        import http.client
+
+        target = f"{self._base}{urllib.parse.quote(key)}?{self._query}"
+        last: Exception | str | None = None
+        for attempt in range(RETRIES):
             md5 = hashlib.md5(usedforsecurity=False)
-            with open(path, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    md5.update(chunk)
-            size = os.path.getsize(path)
-            with (
-                open(path, "rb") as fh,
-                _http(
-                    "PUT",
-                    _signed_url(grant, rel),
-                    data=fh,
-                    headers={
-                        "Content-Length": str(size),
-                        "Content-Type": "application/octet-stream",
-                    },
-                ) as resp,
-            ):
-                etag = (resp.headers.get("Etag") or "").strip('"')
+            conn = self._conn()
+            try:
+                conn.putrequest("PUT", target, skip_accept_encoding=True)
+                conn.putheader("Content-Length", str(length))
+                conn.putheader("Content-Type", "application/octet-stream")
+                conn.endheaders()
+                try:
+                    with open(path, "rb") as fh:
+                        fh.seek(offset)
+                        left = length
+                        while left > 0:
+                            chunk = fh.read(min(SEND_BLOCK, left))
+                            if not chunk:
+                                raise RunnerError(f"{path} shrank while it was uploaded")
+                            md5.update(chunk)
+                            conn.send(chunk)
+                            left -= len(chunk)
+                except OSError as send_err:
+                    # the store may have refused early (expired or out-of-prefix grant): read why
+                    try:
+                        resp = conn.getresponse()
+                    except (OSError, http.client.HTTPException):
+                        raise send_err from None
+                    resp.read()
+                    if resp.status < 500:
+                        raise RunnerError(
+                            f"PUT {key} answered {resp.status} {resp.reason}"
+                        ) from send_err
+                    raise
+                resp = conn.getresponse()
+                resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                self._drop()
+                last = e
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            if resp.getheader("Connection", "").lower() == "close":
+                self._drop()
+            if resp.status >= 500:
+                last = f"{resp.status} {resp.reason}"
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            if resp.status not in (200, 201):
+                raise RunnerError(f"PUT {key} answered {resp.status} {resp.reason}")
+            etag = (resp.getheader("Etag") or "").strip('"')
             if etag and etag != md5.hexdigest():
                 raise RunnerError(
-                    f"upload of {rel} was corrupted: etag {etag} != md5 {md5.hexdigest()}"
+                    f"upload of {key} was corrupted: etag {etag} != md5 {md5.hexdigest()}"
                 )
-            objects.append({"key": rel, "size": size, "etag": md5.hexdigest()})
-    return {"ok": True, "objects": objects}
+            return md5.hexdigest()
+        raise RunnerError(f"PUT {key} failed after {RETRIES} tries: {last}")
 
 
 def kill(job_dir: str) -> dict:

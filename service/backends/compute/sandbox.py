@@ -34,6 +34,16 @@ Isolation (`isolation=`):
 - `none`: a plain sshd in its own session, no namespaces, no limits (debugging only: processes
   that detach with setsid survive a delete).
 
+Two options exist for the Nova emulator (devcloud/emulator), whose sandboxes must look like
+servers booted from a stackml image; both need `root` isolation:
+- `login_user="stackml"`: every sandbox logs in as that one user (created once, shared) instead
+  of its slot user; its passwd home is where the sandbox's `home/` is bind-mounted. Sandboxes of
+  one login user share a uid, so they are isolated by their namespaces and cgroups only (one job
+  could read another's home through the host path): fine for an emulator, not for tenants.
+- `mounts=f(spec) -> [(host dir, path inside)]`: directories bind-mounted read-only in the
+  sandbox's mount namespace (e.g. a built runtime at /opt/stackml/runtimes/<key>). The mount
+  points are created (empty, 0755) on the host, since a mount namespace shares the filesystem.
+
 Any process can get/list/delete any sandbox from the records; `leak_report(root)` lists what a
 deleted sandbox could have left behind (processes, cgroups, dirs, slots).
 """
@@ -56,7 +66,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -89,14 +99,18 @@ KILL_TIMEOUT = 10.0
 BUILD_GRACE = 60.0  # a BUILD record older than boot timeout + this has lost its creator
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
-# PID 1 of the sandbox namespace: join the cgroups, give the slot user its home, exec sshd.
+# PID 1 of the sandbox namespace: bind the read-only extra mounts, join the cgroups, give the
+# login user its home, exec sshd. Arguments: cfg home homedir host N (src dst)*N cgroup.procs...
 _NS_INIT = """set -e
-cfg=$1 home=$2 host=$3; shift 3
+cfg=$1 home=$2 homedir=$3 host=$4 n=$5; shift 5
+while [ "$n" -gt 0 ]; do mount --bind -o ro "$1" "$2"; shift 2; n=$((n - 1)); done
 for f in "$@"; do echo 0 >"$f"; done
-mount --bind "$home" {slot_home}
+mount --bind "$home" "$homedir"
 echo "$host" >/proc/sys/kernel/hostname
 exec {sshd} -D -e -f "$cfg"
 """
+LOGIN_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+Mounts = Callable[[ServerSpec], Sequence[tuple[str | Path, str]]]
 
 
 class SandboxError(BackendError):
@@ -513,6 +527,8 @@ class SandboxBackend(ComputeBackend):
         isolation: str = "auto",
         *,
         boot_timeout: float = BOOT_TIMEOUT,
+        login_user: str | None = None,
+        mounts: Mounts | None = None,
     ) -> None:
         self.root = Path(os.path.realpath(root))
         self._flavors = list(flavors)
@@ -523,8 +539,14 @@ class SandboxBackend(ComputeBackend):
             raise ValueError(f"unknown sandbox isolation {isolation!r}")
         if isolation == "root" and not is_root:
             raise SandboxError("sandbox isolation 'root' needs root; use 'rootless' or 'auto'")
+        if (login_user or mounts) and isolation != "root":
+            raise SandboxError("login_user and mounts need sandbox isolation 'root'")
+        if login_user is not None and not LOGIN_USER_RE.fullmatch(login_user):
+            raise ValueError(f"invalid login user name {login_user!r}")
         self.isolation = isolation
         self.boot_timeout = boot_timeout
+        self.login_user = login_user
+        self._mounts = mounts
         self._tag = _root_tag(self.root)
         self._slots = _Slots(RUN_DIR / "slots" if is_root else self.root / ".slots")
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -653,11 +675,13 @@ class SandboxBackend(ComputeBackend):
             home = d / "home"
             home.mkdir(mode=0o700)
             if is_root_mode:
-                user = _ensure_user(f"{USER_PREFIX}{slot}")
+                user = _ensure_user(self.login_user or f"{USER_PREFIX}{slot}")
                 os.chown(home, user.pw_uid, user.pw_gid)
                 os.chmod(home, 0o700)
+                Path(user.pw_dir).mkdir(mode=0o755, parents=True, exist_ok=True)
             else:
                 user = pwd.getpwuid(os.geteuid())
+            mounts = self._resolve_mounts(spec)
 
             private, host_key = _host_keypair()
             fd = os.open(d / "ssh_host_ed25519_key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -682,6 +706,7 @@ class SandboxBackend(ComputeBackend):
                 "user": user.pw_name,
                 "home": str(home) if is_root_mode else user.pw_dir,
                 "host_key": host_key,
+                "mounts": [list(m) for m in mounts],
                 "cgroups": cgroups,
                 "created_at": time.time(),
                 "boot_timeout": self.boot_timeout,
@@ -692,7 +717,7 @@ class SandboxBackend(ComputeBackend):
             }
             _write(d / "server.json", json.dumps(rec, indent=1))
 
-            proc = self._spawn(d, spec, cgroups)
+            proc = self._spawn(d, spec, cgroups, user.pw_dir, mounts)
             with self._procs_lock:
                 self._procs[sid] = proc
             sshd_pid = self._wait_listening(d, proc, started)
@@ -783,17 +808,40 @@ class SandboxBackend(ComputeBackend):
         ]
         return "\n".join(lines) + "\n"
 
-    def _spawn(self, d: Path, spec: ServerSpec, cgroups: list[str]) -> subprocess.Popen[bytes]:
+    def _resolve_mounts(self, spec: ServerSpec) -> list[tuple[str, str]]:
+        """The spec's read-only mounts as (real host dir, normalized target), targets made."""
+        if self._mounts is None:
+            return []
+        resolved = []
+        for src, dst in self._mounts(spec):
+            real = os.path.realpath(src)
+            target = os.path.normpath(dst)
+            if not os.path.isdir(real):
+                raise SandboxError(f"mount source {src} is not a directory")
+            if not target.startswith("/") or target == "/" or "\n" in target:
+                raise SandboxError(f"mount target {dst!r} must be an absolute path below /")
+            os.makedirs(target, mode=0o755, exist_ok=True)
+            resolved.append((real, target))
+        return resolved
+
+    def _spawn(
+        self,
+        d: Path,
+        spec: ServerSpec,
+        cgroups: list[str],
+        homedir: str,
+        mounts: list[tuple[str, str]],
+    ) -> subprocess.Popen[bytes]:
         cfg = str(d / "sshd_config")
         sshd = [SSHD, "-D", "-e", "-f", cfg]
         if self.isolation == "root":
-            init = _NS_INIT.format(slot_home=SLOT_HOME, sshd=SSHD)
+            init = _NS_INIT.format(sshd=SSHD)
             procs = [f"{cg}/cgroup.procs" for cg in cgroups]
             argv = [
                 UNSHARE, "--pid", "--mount", "--mount-proc", "--uts", "--ipc", "--fork",
                 "--kill-child", "--",
-                "/bin/sh", "-c", init, "sandbox-init", cfg, str(d / "home"),
-                _hostname(spec.name), *procs,
+                "/bin/sh", "-c", init, "sandbox-init", cfg, str(d / "home"), homedir,
+                _hostname(spec.name), str(len(mounts)), *(p for m in mounts for p in m), *procs,
             ]  # fmt: skip
         elif self.isolation == "rootless":
             argv = [

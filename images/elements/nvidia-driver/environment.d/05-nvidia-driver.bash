@@ -1,0 +1,10 @@
+# shellcheck shell=bash
+# Sorts before debian-minimal's 10-debian-minimal.bash: the CUDA repository needs contrib.
+export DIB_DEBIAN_COMPONENTS=${DIB_DEBIAN_COMPONENTS:-main,contrib,non-free-firmware}
+export DIB_NVIDIA_DRIVER_BRANCH=${DIB_NVIDIA_DRIVER_BRANCH:-580}
+export DIB_NVIDIA_KERNEL_MODULES=${DIB_NVIDIA_KERNEL_MODULES:-open}
+export DIB_NVIDIA_DRIVER_PACKAGES=${DIB_NVIDIA_DRIVER_PACKAGES:-}
+export DIB_NVIDIA_CUDA_VERSION=${DIB_NVIDIA_CUDA_VERSION-12.8}
+export DIB_NVIDIA_REPO=${DIB_NVIDIA_REPO:-https://developer.download.nvidia.com/compute/cuda/repos}
+export DIB_NVIDIA_REPO_KEY=${DIB_NVIDIA_REPO_KEY:-3bf863cc.pub}
+export DIB_NVIDIA_REPO_KEY_FINGERPRINT=${DIB_NVIDIA_REPO_KEY_FINGERPRINT:-EB693B3035CD5710E231E123A4B469963BF863CC}

@@ -1,0 +1,225 @@
+"""The fault-injection suite's platform: real API, worker, Redis, PostgreSQL and sandboxes, with
+short deadlines so that faults resolve in seconds, and a figure sheet printed at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.client import StackMLClient
+from service.config import Settings, reset_settings
+from service.platform import LocalPlatform
+from service.runtime import ensure_runtime
+from tests.pgutil import temp_database
+
+RUNTIME_ROOT = Path(os.environ.get("STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes"))
+REDIS_URL = os.environ.get("STACKML_TEST_REDIS_CHAOS", "redis://127.0.0.1:6379/10")
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+FIGURES: dict[str, Any] = {"faults": [], "load": {}}
+
+STEADY = """
+    import json, os, sys, time
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    for i in range(n):
+        print(f"line {i} of {os.environ['STACKML_JOB_ID']}", flush=True)
+        time.sleep(0.1)
+    print(json.dumps({"stackml_metric": 1, "step": n, "loss": 0.1}), flush=True)
+    with open(os.path.join(os.environ["STACKML_MODEL_DIR"], "model.bin"), "wb") as fh:
+        fh.write(os.urandom(4096))
+"""
+QUICK = """
+    import os
+    print("run", os.environ["STACKML_JOB_ID"], flush=True)
+    open(os.path.join(os.environ["STACKML_MODEL_DIR"], "m"), "w").write("1")
+"""
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def chaos_settings() -> Iterator[Settings]:
+    data = Path(f"/var/tmp/stackml-chaos-{os.getpid()}")
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True, mode=0o755)
+    with temp_database("chaos") as db_url:
+        env = {
+            "STACKML_DATA_DIR": str(data),
+            "STACKML_DATABASE_URL": db_url,
+            "STACKML_REDIS_URL": REDIS_URL,
+            "STACKML_PORT": str(_port()),
+            "STACKML_RUNTIME_ROOT": str(RUNTIME_ROOT),
+            "STACKML_HEARTBEAT_TIMEOUT": "5",
+            "STACKML_STUCK_AFTER": "3",
+            "STACKML_RECONCILE_INTERVAL": "1",
+            "STACKML_ORPHAN_GRACE": "2",
+            "STACKML_COMMAND_TIMEOUT": "5",
+            "STACKML_SSH_DEADLINE": "10",
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        reset_settings()
+        try:
+            yield Settings()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            reset_settings()
+            if not os.environ.get("STACKML_KEEP_TEST_DATA"):
+                shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def chaos_platform(chaos_settings: Settings) -> Iterator[LocalPlatform]:
+    import redis
+
+    ensure_runtime(chaos_settings, chaos_settings.default_runtime, echo=print)
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    p = LocalPlatform(chaos_settings, concurrency=4, quiet=True)
+    p.start()
+    try:
+        yield p
+    finally:
+        try:
+            wait_no_servers(chaos_settings, 60)
+        finally:
+            p.stop()
+            assert_no_leaks(chaos_settings)
+
+
+@pytest.fixture(scope="session")
+def client(chaos_platform: LocalPlatform) -> StackMLClient:
+    return StackMLClient(chaos_platform.url, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def package(client: StackMLClient, tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("chaos-pkg")
+    (root / "trainer").mkdir()
+    (root / "trainer" / "__init__.py").write_text("")
+    (root / "trainer" / "steady.py").write_text(textwrap.dedent(STEADY))
+    (root / "trainer" / "quick.py").write_text(textwrap.dedent(QUICK))
+    return str(client.stage_package(root)["package_uri"])
+
+
+def submit(
+    client: StackMLClient, package: str, module: str, *args: str, **extra: Any
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": f"chaos-{module}",
+        "trainer": {"package_uri": package, "module": f"trainer.{module}", "args": list(args)},
+    }
+    spec.update(extra)
+    return client.create_job(spec)
+
+
+def wait_until(
+    client: StackMLClient, job_id: str, pred: Any, timeout: float = 90, what: str = ""
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            job = client.get_job(job_id)
+            if pred(job):
+                return job
+        except Exception as e:  # noqa: BLE001 - the API may be briefly down during a fault
+            job = {"state": f"unreachable: {e}"}
+        assert time.monotonic() < deadline, (
+            f"{job_id}: {what} not reached in {timeout}s: {job.get('state')} {job.get('failure')}"
+        )
+        time.sleep(0.1)
+
+
+def wait_state(
+    client: StackMLClient, job_id: str, states: set[str], timeout: float = 90
+) -> dict[str, Any]:
+    return wait_until(client, job_id, lambda j: j["state"] in states, timeout, str(states))
+
+
+def wait_clean(client: StackMLClient, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    """Terminal, and every server confirmed deleted."""
+    return wait_until(
+        client,
+        job_id,
+        lambda j: j["state"] in TERMINAL and all(r["state"] == "deleted" for r in j["resources"]),
+        timeout,
+        "terminal with every server deleted",
+    )
+
+
+def steady_lines(client: StackMLClient, job_id: str) -> list[str]:
+    data, _ = client.logs(job_id)
+    return [ln for ln in data.decode().splitlines() if ln.startswith("line ")]
+
+
+def assert_complete_log(client: StackMLClient, job_id: str, n: int) -> None:
+    """Every line the trainer wrote is there, once and in order (nothing lost, not run twice)."""
+    assert steady_lines(client, job_id) == [f"line {i} of {job_id}" for i in range(n)]
+
+
+def record_fault(name: str, job: dict[str, Any], seconds: float) -> None:
+    FIGURES["faults"].append(
+        {
+            "fault": name,
+            "state": job["state"],
+            "reason": (job.get("failure") or {}).get("reason"),
+            "fault_to_final_s": round(seconds, 2),
+        }
+    )
+
+
+def wait_no_servers(settings: Settings, timeout: float) -> None:
+    from service.backends.compute.sandbox import SandboxBackend
+
+    backend = SandboxBackend(settings.sandbox_dir, settings.flavors())
+    deadline = time.monotonic() + timeout
+    while backend.list_servers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def assert_no_leaks(settings: Settings) -> None:
+    from service.backends.compute.sandbox import leak_report
+
+    assert not leak_report(settings.sandbox_dir), leak_report(settings.sandbox_dir)
+    left = subprocess.run(
+        ["pgrep", "-af", str(settings.sandbox_dir)], capture_output=True, text=True
+    ).stdout.strip()
+    assert not left, left
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    faults = FIGURES["faults"]
+    if not faults and not FIGURES["load"]:
+        return
+    tr = terminalreporter
+    tr.section("chaos figures")
+    for f in faults:
+        tr.write_line(
+            f"  {f['fault']:<40} -> {f['state']:<10} {f['reason'] or '':<22} "
+            f"{f['fault_to_final_s']:>6.2f}s"
+        )
+    if faults:
+        times = [f["fault_to_final_s"] for f in faults]
+        tr.write_line(
+            f"  faults injected: {len(faults)}, fault->final p50 "
+            f"{statistics.median(times):.2f}s, max {max(times):.2f}s"
+        )
+    if FIGURES["load"]:
+        tr.write_line(f"  load: {json.dumps(FIGURES['load'])}")

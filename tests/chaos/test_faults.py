@@ -1,0 +1,178 @@
+"""Infrastructure and server faults mid-job: Redis and PostgreSQL restarts, a sandbox killed or
+frozen, a job row deleted by hand. Each ends in the right state, loses no log line and leaks
+no server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from service.client import StackMLClient
+from service.config import Settings
+from service.platform import LocalPlatform
+from tests.chaos.conftest import (
+    assert_complete_log,
+    record_fault,
+    steady_lines,
+    submit,
+    wait_clean,
+    wait_state,
+    wait_until,
+)
+from tests.pgutil import ADMIN_URL
+
+N_LINES = 40
+
+
+def _server_record(settings: Settings, job: dict) -> dict:
+    server_id = [r for r in job["resources"] if r["server_id"]][-1]["server_id"]
+    return json.loads((settings.sandbox_dir / server_id / "server.json").read_text())
+
+
+def _restart_redis() -> None:
+    subprocess.run(
+        ["redis-cli", "-h", "127.0.0.1", "shutdown", "nosave"], capture_output=True, timeout=30
+    )
+    time.sleep(1.0)
+    Path("/var/lib/redis").mkdir(parents=True, exist_ok=True)
+    Path("/var/log/redis").mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "-::1",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            "/var/lib/redis",
+            "--logfile",
+            "/var/log/redis/ci.log",
+        ],
+        check=True,
+        timeout=30,
+    )
+    deadline = time.monotonic() + 20
+    while (
+        subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "ping"], capture_output=True, timeout=5
+        ).returncode
+        != 0
+    ):
+        assert time.monotonic() < deadline, "Redis did not come back"
+        time.sleep(0.2)
+
+
+def _restart_postgres() -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            psycopg.connect(
+                ADMIN_URL.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=3
+            ).close()
+            return
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, "PostgreSQL did not come back"
+            time.sleep(0.3)
+
+
+@pytest.mark.parametrize("service", ["redis", "postgres"])
+def test_broker_or_database_restart_mid_job_loses_nothing(
+    chaos_platform: LocalPlatform, client: StackMLClient, package: str, service: str
+) -> None:
+    job = submit(client, package, "steady", str(N_LINES))
+    wait_until(
+        client,
+        job["id"],
+        lambda j: j["state"] == "RUNNING" and len(steady_lines(client, j["id"])) >= 5,
+        60,
+        "running with some log",
+    )
+    (_restart_redis if service == "redis" else _restart_postgres)()
+    t0 = time.monotonic()
+    done = wait_clean(client, job["id"], timeout=120)
+    record_fault(f"{service} restart while RUNNING", done, time.monotonic() - t0)
+    assert done["state"] == "SUCCEEDED", done["failure"]
+    assert_complete_log(client, job["id"], N_LINES)
+
+
+def test_sandbox_killed_mid_training_fails_with_server_lost(
+    chaos_platform: LocalPlatform, chaos_settings: Settings, client: StackMLClient, package: str
+) -> None:
+    job = submit(client, package, "steady", "600")
+    running = wait_until(
+        client,
+        job["id"],
+        lambda j: j["state"] == "RUNNING" and len(steady_lines(client, j["id"])) >= 5,
+        60,
+        "running",
+    )
+    before = steady_lines(client, job["id"])
+    os.kill(int(_server_record(chaos_settings, running)["sshd_pid"]), signal.SIGKILL)
+    t0 = time.monotonic()
+    done = wait_clean(client, job["id"], timeout=60)
+    record_fault("sandbox killed while RUNNING", done, time.monotonic() - t0)
+    assert (done["state"], done["failure"]["reason"]) == ("FAILED", "server_lost")
+    assert steady_lines(client, job["id"])[: len(before)] == before
+
+
+def test_frozen_sandbox_fails_with_server_lost_within_the_heartbeat_deadline(
+    chaos_platform: LocalPlatform, chaos_settings: Settings, client: StackMLClient, package: str
+) -> None:
+    job = submit(client, package, "steady", "600")
+    running = wait_until(
+        client,
+        job["id"],
+        lambda j: j["state"] == "RUNNING" and len(steady_lines(client, j["id"])) >= 5,
+        60,
+        "running",
+    )
+    rec = _server_record(chaos_settings, running)
+    unified = [c for c in rec["cgroups"] if "/unified/" in c]
+    assert unified, f"no cgroup v2 group to freeze: {rec['cgroups']}"
+    Path(unified[0], "cgroup.freeze").write_text("1")  # SSH now hangs: nothing answers
+    t0 = time.monotonic()
+    done = wait_clean(client, job["id"], timeout=90)
+    record_fault("sandbox frozen (cgroup freezer)", done, time.monotonic() - t0)
+    assert (done["state"], done["failure"]["reason"]) == ("FAILED", "server_lost")
+    assert time.monotonic() - t0 < 60
+
+
+def test_job_row_deleted_by_hand_the_reaper_still_removes_its_server(
+    chaos_platform: LocalPlatform, chaos_settings: Settings, client: StackMLClient, package: str
+) -> None:
+    from service.backends.compute.sandbox import SandboxBackend
+
+    job = submit(client, package, "steady", "600")
+    running = wait_state(client, job["id"], {"RUNNING"})
+    server_id = _server_record(chaos_settings, running)["id"]
+    url = chaos_settings.db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM jobs WHERE id = %s", (job["id"],))
+    t0 = time.monotonic()
+    backend = SandboxBackend(chaos_settings.sandbox_dir, chaos_settings.flavors())
+    deadline = time.monotonic() + 60
+    while any(r.id == server_id for r in backend.list_servers()):
+        assert time.monotonic() < deadline, "the orphan server was not reaped"
+        time.sleep(0.2)
+    record_fault("job row deleted by hand", {"state": "reaped"}, time.monotonic() - t0)
