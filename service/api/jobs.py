@@ -20,11 +20,12 @@ from service.api.errors import (
     field_error,
     fields_failed,
 )
-from service.backends.interfaces import ObjectStore
+from service.backends import registry
+from service.backends.interfaces import ObjectStore, gpu_candidates
 from service.backends.storage.local import LocalStore, check_key
 from service.db import jobs as repo
 from service.db.models import Job
-from service.domain.errors import InvalidRequest, NotFound
+from service.domain.errors import BackendError, InvalidRequest, NotFound, ServiceUnavailable
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, ResourceState
 
@@ -75,7 +76,11 @@ def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
                 "runtime", f"unknown runtime {spec.runtime.key!r}; known: {sorted(runtimes)}"
             )
         )
-    flavors = {f.name for f in settings.flavors()}
+    try:
+        offered = registry.compute(settings).flavors()
+    except BackendError as e:
+        raise ServiceUnavailable(f"the compute backend cannot list its flavors: {e}") from e
+    flavors = {f.name for f in offered}
     res = spec.resources
     flavor = res.flavor
     if flavor is None and res.gpus is None:
@@ -84,9 +89,13 @@ def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
         problems.append(
             field_error("resources.flavor", f"unknown flavor {flavor!r}; known: {sorted(flavors)}")
         )
-    if res.gpus and settings.compute == "sandbox":
+    if res.gpus and not gpu_candidates(offered, res.gpus, res.gpu_type):
+        kind = f" {res.gpu_type}" if res.gpu_type else ""
         problems.append(
-            field_error("resources.gpus", "the sandbox compute backend has no GPUs; use a flavor")
+            field_error(
+                "resources.gpus",
+                f"no flavor of the {settings.compute} backend offers {res.gpus}{kind} GPU(s)",
+            )
         )
     model_uri = spec.output.model_uri
     if model_uri is not None and not model_uri.endswith("/"):

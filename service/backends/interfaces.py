@@ -20,6 +20,16 @@ class Flavor:
     pids: int = 4096
 
 
+def gpu_candidates(flavors: Sequence[Flavor], gpus: int, gpu_type: str | None) -> list[Flavor]:
+    """Flavors with at least `gpus` GPUs (of `gpu_type` when given), best fit first."""
+    fits = [
+        f
+        for f in flavors
+        if f.gpus >= gpus and (gpu_type is None or (f.gpu_type or "").lower() == gpu_type.lower())
+    ]
+    return sorted(fits, key=lambda f: (f.gpus, f.price_per_hour, f.vcpus, f.ram_mb, f.name))
+
+
 @dataclass(frozen=True)
 class ServerSpec:
     """What to boot. `name` is unique per server; `tags` let the reaper find it by job."""

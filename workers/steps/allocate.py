@@ -14,7 +14,13 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 
 from service import queue
-from service.backends.interfaces import ComputeBackend, ServerSpec, ServerState, ServerStatus
+from service.backends.interfaces import (
+    ComputeBackend,
+    ServerSpec,
+    ServerState,
+    ServerStatus,
+    gpu_candidates,
+)
 from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
 from service.domain.errors import BackendError, QuotaExceeded, TransientBackendError
@@ -29,10 +35,23 @@ DELETE_CONFIRM = 30.0
 
 
 def plan(spec: JobSpec) -> list[tuple[str, str | None]]:
-    """The (flavor, availability zone) pairs to try, in order."""
+    """The (flavor, availability zone) pairs to try, in order: the job's flavor (or the
+    best-fitting GPU flavors) then the configured fallbacks, in every configured zone."""
     cfg = jobctx.settings()
-    first = spec.resources.flavor or cfg.default_flavor
-    flavors = [first, *[f for f in cfg.flavor_fallbacks.get(first, []) if f != first]]
+    res = spec.resources
+    if res.gpus:
+        firsts = [
+            f.name for f in gpu_candidates(jobctx.compute().flavors(), res.gpus, res.gpu_type)
+        ]
+    else:
+        firsts = [res.flavor or cfg.default_flavor]
+    flavors: list[str] = []
+    for first in firsts:
+        for f in [first, *cfg.flavor_fallbacks.get(first, [])]:
+            if f not in flavors:
+                flavors.append(f)
+    if not flavors:
+        flavors = [cfg.default_flavor]
     zones: list[str | None] = list(cfg.availability_zones) or [None]
     return [(f, z) for f in flavors for z in zones]
 
