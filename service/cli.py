@@ -198,12 +198,19 @@ def up(host: str | None, port: int | None, workers: int) -> None:
 @click.option(
     "--clean", is_flag=True, help="Delete the demo job and its model at the end (default: keep)."
 )
-def demo(clean: bool) -> None:
+@click.option(
+    "--cloud",
+    metavar="NAME",
+    help="Run the job on an OpenStack cloud (Nova + Swift): `devcloud` is the one "
+    "`stackml devcloud up` runs, any other name a clouds.yaml entry.",
+)
+def demo(clean: bool, cloud: str | None) -> None:
     """Train the example Keras model on the local platform and predict with it."""
     from service.config import get_settings
-    from service.demo import run_demo
+    from service.demo import cloud_settings, run_demo
 
-    code = run_demo(get_settings(), click.echo, clean=clean)
+    settings = cloud_settings(cloud) if cloud else get_settings()
+    code = run_demo(settings, click.echo, clean=clean)
     sys.exit(code)
 
 

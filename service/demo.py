@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,8 @@ from service.client import (
     StackMLClient,
     describe_error,
 )
-from service.config import REPO_ROOT, Settings
+from service.config import REPO_ROOT, Settings, get_settings, reset_settings
+from service.domain.errors import StackMLError, StoreError
 
 EXAMPLE_DIR = REPO_ROOT / "examples" / "keras_regression"
 JOB_NAME = "demo-keras-regression"
@@ -41,7 +44,8 @@ def run_demo(settings: Settings, echo: Callable[[str], None], *, clean: bool = F
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     python = ensure_runtime(settings, settings.default_runtime, echo=echo)
     echo(f"runtime {settings.default_runtime}: {python}")
-    echo(f"starting the local platform (data in {settings.data_dir})...")
+    where = f"{settings.compute} compute, {settings.store} store"
+    echo(f"starting the local platform ({where}; data in {settings.data_dir})...")
     with LocalPlatform(settings, quiet=True) as platform:
         redis = "embedded Redis" if platform.redis_embedded else platform.redis_url
         echo(f"platform up in {time.monotonic() - started:.1f}s: API {platform.url}, {redis}")
@@ -98,9 +102,13 @@ def _report(
     echo(f"model: {model_uri}")
     model_dir = local_path(settings, model_uri)
     if model_dir is None:
-        echo("the model is not in a local store: skipping the prediction")
-        return 0
-    echo(f"on disk: {model_dir}")
+        try:
+            model_dir = fetch_model(settings, job, echo)
+        except (StackMLError, OSError) as e:
+            echo(f"the model could not be fetched and verified: {e}")
+            return 1
+    else:
+        echo(f"on disk: {model_dir}")
     predict = EXAMPLE_DIR / "predict.py"
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
     try:
@@ -121,6 +129,65 @@ def _report(
         return 1
     echo(f"predictions for 3 rows: {proc.stdout.strip()}")
     return 0
+
+
+def fetch_model(settings: Settings, job: Json, echo: Callable[[str], None]) -> Path:
+    """Download the job's model from its store (Swift) and check every object's size, and its
+    MD5 where the etag is one (a Static Large Object's etag is the MD5 of its segments')."""
+    from service.backends import registry
+
+    store = registry.store(settings)
+    output = job.get("output") or {}
+    prefix = store.key_of(str(output.get("model_uri")))
+    target = Path(tempfile.mkdtemp(prefix="stackml-demo-model-"))
+    checked = 0
+    for obj in output.get("objects") or []:
+        data = store.get(prefix + obj["key"])
+        if len(data) != int(obj["size"]):
+            raise StoreError(
+                f"{obj['key']}: {len(data)} bytes in the store, {obj['size']} exported"
+            )
+        if len(data) <= store_segment_bytes(settings):
+            if hashlib.md5(data, usedforsecurity=False).hexdigest() != obj["etag"]:
+                raise StoreError(f"{obj['key']}: its MD5 differs from the exported etag")
+            checked += 1
+        path = target / obj["key"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    n = len(output.get("objects") or [])
+    echo(
+        f"fetched {n} objects from {output.get('model_uri')} into {target}: sizes verified, "
+        f"MD5 verified for {checked}"
+    )
+    return target
+
+
+def store_segment_bytes(settings: Settings) -> int:
+    return settings.swift_segment_bytes if settings.store == "swift" else 1 << 62
+
+
+def cloud_settings(cloud: str) -> Settings:
+    """Settings for running the demo on an OpenStack cloud: `devcloud` is the one that
+    `stackml devcloud up` runs; any other name is a clouds.yaml entry."""
+    env = {"STACKML_COMPUTE": "openstack", "STACKML_STORE": "swift"}
+    if cloud == "devcloud":
+        from devcloud.cloud import DevCloud
+
+        dc = DevCloud()
+        if not dc.is_up():
+            raise ClientError(
+                f"the devcloud in {dc.state_dir} is not up: run `stackml devcloud up` first"
+            )
+        env.update(
+            OS_CLIENT_CONFIG_FILE=str(dc.clouds_yaml),
+            STACKML_OPENSTACK_CLOUD="devcloud-stackml",
+            STACKML_DEFAULT_FLAVOR=os.environ.get("STACKML_DEFAULT_FLAVOR", "m1.small"),
+        )
+    else:
+        env["STACKML_OPENSTACK_CLOUD"] = cloud
+    os.environ.update(env)
+    reset_settings()
+    return get_settings()
 
 
 def local_path(settings: Settings, uri: str) -> Path | None:

@@ -118,8 +118,12 @@ class Faults:
 
     def _call(self, method: str, body: dict[str, Any] | None = None) -> requests.Response:
         return requests.request(
-            method, f"{self.cloud.emulator_url}/compute/_stackml/faults", json=body,
-            headers={"X-Auth-Token": self.conn.session.get_token()}, timeout=10)
+            method,
+            f"{self.cloud.emulator_url}/compute/_stackml/faults",
+            json=body,
+            headers={"X-Auth-Token": self.conn.session.get_token()},
+            timeout=10,
+        )
 
     def inject(self, kind: str, **fault: Any) -> None:
         r = self._call("POST", {"kind": kind, **fault})
@@ -148,8 +152,12 @@ def _wait(client: StackMLClient, job_id: str, pred: Any, timeout: float = 120) -
 
 
 def _done(client: StackMLClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    return _wait(client, job_id, lambda j: j["state"] in TERMINAL and all(
-        r["state"] == "deleted" for r in j["resources"]), timeout)
+    return _wait(
+        client,
+        job_id,
+        lambda j: j["state"] in TERMINAL and all(r["state"] == "deleted" for r in j["resources"]),
+        timeout,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -175,8 +183,9 @@ def no_leaks(cloud_platform: tuple[LocalPlatform, DevCloud]) -> Iterator[None]:
 def test_job_runs_on_the_openstack_path_and_its_model_lands_in_swift(
     client: StackMLClient, package: str, cloud_platform: tuple[LocalPlatform, DevCloud]
 ) -> None:
-    job = client.create_job({"name": "cloud-ok", "trainer": {"package_uri": package,
-                                                             "module": "trainer.ok"}})
+    job = client.create_job(
+        {"name": "cloud-ok", "trainer": {"package_uri": package, "module": "trainer.ok"}}
+    )
     done = _done(client, job["id"])
     assert done["state"] == "SUCCEEDED", done["failure"]
     uri = done["output"]["model_uri"]
@@ -199,9 +208,13 @@ def test_example_tensorflow_job_on_the_openstack_path(
     client: StackMLClient, cloud_platform: tuple[LocalPlatform, DevCloud]
 ) -> None:
     pkg = client.stage_package(REPO_ROOT / "examples" / "keras_regression")
-    job = client.create_job({"name": "cloud-keras", "hyperparameters": {"epochs": 2},
-                             "trainer": {"package_uri": pkg["package_uri"],
-                                         "module": "trainer.task"}})
+    job = client.create_job(
+        {
+            "name": "cloud-keras",
+            "hyperparameters": {"epochs": 2},
+            "trainer": {"package_uri": pkg["package_uri"], "module": "trainer.task"},
+        }
+    )
     done = _done(client, job["id"], timeout=600)
     assert done["state"] == "SUCCEEDED", done["failure"]
     assert "saved_model.pb" in {o["key"] for o in done["output"]["objects"]}
@@ -211,8 +224,9 @@ def test_no_valid_host_retries_the_next_flavor(
     client: StackMLClient, package: str, faults: Faults
 ) -> None:
     faults.inject("no_valid_host", match={"flavor": "m1.small"}, count=10)
-    job = client.create_job({"name": "cloud-nvh", "trainer": {"package_uri": package,
-                                                              "module": "trainer.ok"}})
+    job = client.create_job(
+        {"name": "cloud-nvh", "trainer": {"package_uri": package, "module": "trainer.ok"}}
+    )
     done = _done(client, job["id"])
     assert done["state"] == "SUCCEEDED", done["failure"]
     assert [r["flavor"] for r in done["resources"]] == ["m1.small", "m1.medium"]
@@ -224,11 +238,15 @@ def test_no_valid_host_everywhere_fails_in_allocate_with_novas_fault(
     client: StackMLClient, package: str, faults: Faults
 ) -> None:
     faults.inject("no_valid_host", count=10)
-    job = client.create_job({"name": "cloud-nvh-all", "trainer": {"package_uri": package,
-                                                                  "module": "trainer.ok"}})
+    job = client.create_job(
+        {"name": "cloud-nvh-all", "trainer": {"package_uri": package, "module": "trainer.ok"}}
+    )
     done = _done(client, job["id"])
     assert (done["state"], done["failure"]["phase"], done["failure"]["reason"]) == (
-        "FAILED", "allocate", "no_valid_host")
+        "FAILED",
+        "allocate",
+        "no_valid_host",
+    )
     assert "No valid host was found" in done["failure"]["message"]
 
 
@@ -236,12 +254,16 @@ def test_quota_exceeded_waits_in_queued_then_runs(
     client: StackMLClient, package: str, faults: Faults
 ) -> None:
     faults.inject("quota_exceeded", count=1)
-    job = client.create_job({"name": "cloud-quota", "trainer": {"package_uri": package,
-                                                                "module": "trainer.ok"}})
+    job = client.create_job(
+        {"name": "cloud-quota", "trainer": {"package_uri": package, "module": "trainer.ok"}}
+    )
     done = _done(client, job["id"])
     assert done["state"] == "SUCCEEDED", done["failure"]
-    back = [e for e in client.events(job["id"])["events"]
-            if e["from"] == "ALLOCATING" and e["to"] == "QUEUED"]
+    back = [
+        e
+        for e in client.events(job["id"])["events"]
+        if e["from"] == "ALLOCATING" and e["to"] == "QUEUED"
+    ]
     assert back and "Quota exceeded" in back[0]["message"]
 
 
@@ -249,8 +271,9 @@ def test_server_stuck_in_build_is_deleted_and_the_next_flavor_tried(
     client: StackMLClient, package: str, faults: Faults
 ) -> None:
     faults.inject("slow_build", match={"flavor": "m1.small"}, seconds=60, count=1)
-    job = client.create_job({"name": "cloud-slow", "trainer": {"package_uri": package,
-                                                               "module": "trainer.ok"}})
+    job = client.create_job(
+        {"name": "cloud-slow", "trainer": {"package_uri": package, "module": "trainer.ok"}}
+    )
     done = _done(client, job["id"])
     assert done["state"] == "SUCCEEDED", done["failure"]
     assert [r["flavor"] for r in done["resources"]] == ["m1.small", "m1.medium"]
@@ -259,8 +282,9 @@ def test_server_stuck_in_build_is_deleted_and_the_next_flavor_tried(
 def test_server_that_vanishes_fails_the_job_with_server_lost(
     client: StackMLClient, package: str, faults: Faults
 ) -> None:
-    job = client.create_job({"name": "cloud-vanish", "trainer": {"package_uri": package,
-                                                                 "module": "trainer.sleep"}})
+    job = client.create_job(
+        {"name": "cloud-vanish", "trainer": {"package_uri": package, "module": "trainer.sleep"}}
+    )
     running = _wait(client, job["id"], lambda j: j["state"] == "RUNNING", 60)
     faults.inject("vanish", match={"name_regex": running["resources"][-1]["name"]}, count=1)
     done = _done(client, job["id"], timeout=90)
@@ -271,30 +295,39 @@ def test_delete_that_fails_twice_is_retried_until_it_succeeds(
     client: StackMLClient, package: str, faults: Faults
 ) -> None:
     faults.inject("delete_fails", count=2)
-    job = client.create_job({"name": "cloud-delfail", "trainer": {"package_uri": package,
-                                                                  "module": "trainer.ok"}})
+    job = client.create_job(
+        {"name": "cloud-delfail", "trainer": {"package_uri": package, "module": "trainer.ok"}}
+    )
     done = _done(client, job["id"], timeout=120)
     assert done["state"] == "SUCCEEDED", done["failure"]
 
 
 def test_gpu_job_is_placed_on_a_gpu_flavor(client: StackMLClient, package: str) -> None:
-    job = client.create_job({"name": "cloud-gpu", "resources": {"gpus": 1, "gpu_type": "a100"},
-                             "trainer": {"package_uri": package, "module": "trainer.ok"}})
+    job = client.create_job(
+        {
+            "name": "cloud-gpu",
+            "resources": {"gpus": 1, "gpu_type": "a100"},
+            "trainer": {"package_uri": package, "module": "trainer.ok"},
+        }
+    )
     done = _done(client, job["id"])
     assert done["state"] == "SUCCEEDED", done["failure"]
     assert done["resources"][0]["flavor"] == "g1.a100x1"
     with pytest.raises(Exception) as err:
-        client.create_job({"name": "cloud-gpu8", "resources": {"gpus": 8},
-                           "trainer": {"package_uri": package, "module": "trainer.ok"}})
+        client.create_job(
+            {
+                "name": "cloud-gpu8",
+                "resources": {"gpus": 8},
+                "trainer": {"package_uri": package, "module": "trainer.ok"},
+            }
+        )
     assert getattr(err.value, "status", None) == 422
 
 
 def test_flavors_endpoint_lists_the_clouds_gpu_flavors(
-    cloud_platform: tuple[LocalPlatform, DevCloud]
+    cloud_platform: tuple[LocalPlatform, DevCloud],
 ) -> None:
     flavors = requests.get(f"{cloud_platform[0].url}/v1/flavors", timeout=10).json()["flavors"]
     by_name = {f["name"]: f for f in flavors}
     assert by_name["g1.a100x2"]["gpus"] == 2 and by_name["g1.a100x2"]["gpu_type"] == "a100"
     assert by_name["m1.small"]["gpus"] == 0
-
-
