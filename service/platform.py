@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from service.config import Settings, reset_settings
 from service.db.migrate import upgrade
@@ -210,36 +211,45 @@ class LocalPlatform:
                         f"the worker exited at start with status {self._worker.returncode}; "
                         f"see {self.log_dir / 'worker.log'}"
                     )
-                if probe.control.ping(timeout=0.5):
-                    return
+                try:
+                    if probe.control.ping(timeout=0.5):
+                        return
+                except (OSError, KombuOperationalError, redis.RedisError):
+                    time.sleep(0.5)  # the broker is not answering (yet): keep waiting
             raise PlatformError(f"the worker did not answer within {WORKER_READY_DEADLINE:.0f}s")
         finally:
             probe.close()
 
     def _supervise(self) -> None:
         while not self._stopped.wait(0.5):
-            with self._lock:
-                proc = self._worker
-                if proc is None or proc.poll() is None or self._stopped.is_set():
-                    continue
-                now = time.monotonic()
-                self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW]
-                if len(self._restarts) >= MAX_RESTARTS:
-                    self._failure = (
-                        f"the worker exited with status {proc.returncode} "
-                        f"{MAX_RESTARTS} times within {RESTART_WINDOW:.0f}s"
-                    )
-                    self._worker = None
-                    continue
-                log.warning("the worker exited with status %s; restarting it", proc.returncode)
-                self._restarts.append(now)
-                with contextlib.suppress(ProcessLookupError):  # its pool, if any is left
-                    os.killpg(proc.pid, signal.SIGKILL)
-                try:
-                    self._start_worker()
-                except PlatformError as e:
-                    self._failure = f"the worker could not be restarted: {e}"
-                    self._worker = None
+            try:
+                self._check_worker()
+            except Exception:
+                log.exception("supervising the worker failed; trying again")
+
+    def _check_worker(self) -> None:
+        with self._lock:
+            proc = self._worker
+            if proc is None or proc.poll() is None or self._stopped.is_set():
+                return
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW]
+            if len(self._restarts) >= MAX_RESTARTS:
+                self._failure = (
+                    f"the worker exited with status {proc.returncode} "
+                    f"{MAX_RESTARTS} times within {RESTART_WINDOW:.0f}s"
+                )
+                self._worker = None
+                return
+            log.warning("the worker exited with status %s; restarting it", proc.returncode)
+            self._restarts.append(now)
+            with contextlib.suppress(ProcessLookupError):  # its pool, if any is left
+                os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                self._start_worker()
+            except PlatformError as e:
+                self._failure = f"the worker could not be restarted: {e}"
+                self._worker = None
 
     def kill_worker(self) -> None:
         """SIGKILL the worker and its pool at once (what a crashed host does); the supervisor
