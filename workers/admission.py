@@ -1,73 +1,135 @@
-"""Admission: when servers free up, hand the oldest jobs waiting for capacity to allocate."""
+"""Admission: which QUEUED jobs may start, fairly across projects, within their projects' quotas
+and the platform's server cap; moves the chosen ones to ALLOCATING and says why the rest wait.
+
+Every decision is taken under one lock (`lock`) from one fair order over the whole queue
+(service/quota_policy.py), and applies all of it at once: the chosen jobs move QUEUED ->
+ALLOCATING in that order, so racing workers can neither exceed a quota nor start a job ahead of
+one before it. It runs in the allocate step of any queued job (workers/steps/allocate.py
+`_admit`), in the reconciler every interval, and after every teardown (`admit_waiting`).
+
+Who advances a job admitted on someone else's turn: a parked job (QUEUED with a "waiting ..."
+reason) has no allocate step in flight, so admission enqueues one; any other queued job (fresh
+from submission, or back from a backoff) has its own step coming, which finds it ALLOCATING.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import func, or_, select, text
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import queue
-from service.db.models import Job, Resource
-from service.domain.states import JobState, ResourceState
+from service.backends.interfaces import Flavor
+from service.db import jobs as repo
+from service.db import quotas
+from service.db.models import Job
+from service.domain.errors import BackendError
+from service.domain.states import JobState
+from service.quota_policy import CAPACITY_WAIT, QUOTA_WAIT, Decision, decide
 from workers import jobctx
-from workers.jobctx import db
+from workers.jobctx import db, log
 
-CAPACITY_WAIT = "waiting for capacity"
-HOLDS_SERVER = (
-    JobState.ALLOCATING,
-    JobState.PROVISIONING,
-    JobState.RUNNING,
-    JobState.EXPORTING,
-    JobState.CANCELLING,
-)
-_LOCK_KEY = 0x57AC  # one admission at a time across workers (PostgreSQL advisory lock)
+HOLDS_SERVER = quotas.HOLDS_SERVER
+WAITING = "waiting"  # every reason admission writes starts with it (the reconciler skips these)
+__all__ = ["CAPACITY_WAIT", "HOLDS_SERVER", "QUOTA_WAIT", "admit", "admit_waiting", "lock"]
+
+Describe = Callable[[Job], str]
 
 
 def lock(s: Session) -> None:
     """Serialise admissions for the rest of this transaction."""
-    if s.get_bind().dialect.name == "postgresql":
-        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+    quotas.lock(s)
 
 
-def servers_in_use(s: Session) -> int:
-    """Jobs that hold (or are getting, or still owe the deletion of) a server."""
-    owing = select(Resource.job_id).where(Resource.state != ResourceState.DELETED.value)
-    return int(
-        s.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(or_(Job.state.in_([st.value for st in HOLDS_SERVER]), Job.id.in_(owing)))
-        )
-        or 0
+def flavors() -> Mapping[str, Flavor]:
+    try:
+        return quotas.flavor_table(jobctx.settings())
+    except BackendError as e:  # GPU counts unknown for a moment: count servers and jobs only
+        log.warning("admission without the flavor catalogue: %s", e)
+        return {}
+
+
+def decision(s: Session) -> tuple[Decision, quotas.AdmissionView]:
+    """The admission decision over the whole queue; call under `lock`."""
+    cfg = jobctx.settings()
+    view = quotas.admission_view(s, cfg, flavors())
+    return (
+        decide(
+            [r.queued for r in view.queue],
+            view.in_use,
+            lambda p: view.limits.get(p) or quotas.defaults(cfg),
+            last_admitted=view.last_admitted,
+            capacity=cfg.max_servers or None,
+            servers_in_use=quotas.servers_in_use(view.in_use),
+        ),
+        view,
     )
 
 
+@dataclass
+class Admitted:
+    """What one admission pass did: `admitted` moved to ALLOCATING (in fair order), of which
+    `enqueue` need an allocate step (after the commit); `waiting` says why the others wait."""
+
+    admitted: list[str] = field(default_factory=list)
+    enqueue: list[str] = field(default_factory=list)
+    waiting: dict[str, str] = field(default_factory=dict)
+
+
+def admit(s: Session, describe: Describe) -> Admitted:
+    """Take the decision and apply it: admit the chosen jobs, refresh parked jobs' reasons.
+    Call under `lock`; `describe(job)` is the admission event's message."""
+    d, view = decision(s)
+    current = {r.queued.job_id: r.reason for r in view.queue}
+    out = Admitted(waiting=dict(d.waiting))
+    if d.admit:
+        jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(d.admit)))}
+        for job_id in d.admit:
+            job = jobs[job_id]
+            parked = (current.get(job_id) or "").startswith(WAITING)
+            if repo.transition(
+                s,
+                job_id,
+                JobState.QUEUED,
+                JobState.ALLOCATING,
+                describe(job),
+                queue_reason=None,
+                not_before=None,
+            ):
+                quotas.record_admission(s, job.project_id)
+                out.admitted.append(job_id)
+                if parked:
+                    out.enqueue.append(job_id)
+    # only parked jobs: a fresh one is parked by its own step, which is on its way
+    changed = [
+        j
+        for j, why in d.waiting.items()
+        if (current.get(j) or "").startswith(WAITING) and current.get(j) != why
+    ]
+    if changed:
+        for job in s.scalars(select(Job).where(Job.id.in_(changed))):
+            if job.state == JobState.QUEUED:
+                park(s, job, d.waiting[job.id])
+    return out
+
+
+def park(s: Session, job: Job, reason: str) -> None:
+    """Keep `job` QUEUED with `reason`; the timeline gets an event when the reason changes."""
+    if job.queue_reason != reason:
+        job.queue_reason = reason
+        repo.add_event(s, job.id, "waiting", reason)
+    repo.touch(s, job.id)
+
+
 def admit_waiting() -> list[str]:
-    """Enqueue allocate for as many capacity-waiting jobs as there are free server slots."""
-    cap = jobctx.settings().max_servers
-    if not cap:
-        return []
+    """Admit what the queue now allows (servers freed, quotas raised); the jobs admitted."""
+    from workers.steps.allocate import booting_message
+
     with db() as s:
-        in_use = (
-            s.scalar(
-                select(func.count())
-                .select_from(Resource)
-                .where(Resource.state != ResourceState.DELETED.value)
-            )
-            or 0
-        )
-        free = cap - in_use
-        if free <= 0:
-            return []
-        ids = list(
-            s.scalars(
-                select(Job.id)
-                .where(
-                    Job.state == JobState.QUEUED.value, Job.queue_reason.startswith(CAPACITY_WAIT)
-                )
-                .order_by(Job.created_at, Job.id)
-                .limit(free)
-            )
-        )
-    for job_id in ids:
+        lock(s)
+        done = admit(s, booting_message)
+    for job_id in done.enqueue:
         jobctx.next_step(queue.ALLOCATE, job_id)
-    return ids
+    return done.admitted

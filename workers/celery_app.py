@@ -24,7 +24,7 @@ app.conf.update(
         "socket_timeout": 10,
         "socket_connect_timeout": 5,
     },
-    task_default_queue="stackml",
+    task_default_queue=settings.queue,
     beat_schedule={
         "reconcile": {
             "task": "stackml.reconcile",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,13 +55,76 @@ def ctx() -> Context:
     return ext
 
 
+# Hostile-input bounds of JSON bodies (see docs/security.md): a deeper or bigger document is
+# a 400, never a RecursionError or an unserialisable value deep inside the app.
+MAX_JSON_DEPTH = 32
+MAX_JSON_INT = 2**63 - 1
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _parse_int(text: str) -> int:
+    value = int(text) if len(text) <= 20 else None  # long digit strings cost quadratic time
+    if value is None or abs(value) > MAX_JSON_INT:
+        raise ValueError(f"the integer {text[:24]} is out of range (64-bit signed)")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:24]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise ValueError(f"duplicate key {k[:64]!r} in an object")
+        seen.add(k)
+    return dict(pairs)
+
+
+def _check_tree(obj: Any) -> None:
+    """Iteratively (no recursion): nesting depth, and strings that are valid Unicode (a lone
+    surrogate escape such as \\ud800 cannot be stored or printed)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            _check_str(node)
+            continue
+        if not isinstance(node, dict | list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(
+                f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep",
+                details={"max_depth": MAX_JSON_DEPTH},
+            )
+        if isinstance(node, dict):
+            for k, v in node.items():
+                _check_str(k)
+                stack.append((v, depth + 1))
+        else:
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _check_str(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(
+            "the JSON body holds a string that is not valid Unicode (a lone surrogate escape)"
+        ) from e
+
+
 def json_body() -> dict[str, Any]:
-    """The request's JSON object: 415 for another content type, 400 when malformed,
-    413 past MAX_CONTENT_LENGTH."""
+    """The request's JSON object: 415 for another content type, 413 past MAX_CONTENT_LENGTH,
+    400 when malformed (bad UTF-8, NaN/Infinity, duplicate keys, out-of-range numbers, nesting
+    deeper than MAX_JSON_DEPTH, lone surrogates)."""
     from service.api.errors import UnsupportedMediaType
 
     if not request.is_json:
@@ -70,13 +134,25 @@ def json_body() -> dict[str, Any]:
         )
     raw = request.get_data(cache=False)
     try:
-        obj = json.loads(raw, parse_constant=_reject_constant)
+        obj = json.loads(
+            raw,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            object_pairs_hook=_unique_keys,
+        )
     except json.JSONDecodeError as e:
         raise InvalidRequest(
             f"malformed JSON body: {e.msg}", details={"line": e.lineno, "column": e.colno}
         ) from e
-    except ValueError as e:  # undecodable bytes, NaN/Infinity
+    except RecursionError as e:
+        raise InvalidRequest(
+            f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep",
+            details={"max_depth": MAX_JSON_DEPTH},
+        ) from e
+    except ValueError as e:  # undecodable bytes, NaN/Infinity, duplicates, huge numbers
         raise InvalidRequest(f"malformed JSON body: {e}") from e
+    _check_tree(obj)
     if not isinstance(obj, dict):
         raise InvalidRequest("the body must be a JSON object")
     return obj
@@ -90,7 +166,7 @@ def create_app(
 ) -> Flask:
     """The API app. `enqueue(task_name, job_id)` defaults to service.queue.enqueue; tests
     inject a recorder. `store` defaults to the configured object store."""
-    from service.api import auth, errors, flavors, health, jobs, openapi, packages
+    from service.api import auth, errors, flavors, health, jobs, openapi, packages, quotas, usage
     from service.api import store as store_api
     from service.backends import registry
 
@@ -105,12 +181,22 @@ def create_app(
     app.config["LOG_FOLLOW_INTERVAL"] = 0.2
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.strict_slashes = False
-    app.extensions[auth.EXTENSION] = auth.make_authenticator(settings)
+    authenticator = auth.make_authenticator(settings)  # refuses a bad configuration first
     app.extensions[EXTENSION] = Context(
         settings=settings, store=store or registry.store(settings), enqueue=enqueue
     )
     errors.install(app)
-    for bp in (health.bp, jobs.bp, packages.bp, store_api.bp, flavors.bp, openapi.bp):
+    auth.install(app, authenticator)
+    for bp in (
+        health.bp,
+        jobs.bp,
+        packages.bp,
+        store_api.bp,
+        flavors.bp,
+        openapi.bp,
+        quotas.bp,
+        usage.bp,
+    ):
         app.register_blueprint(bp)
     return app
 

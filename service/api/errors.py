@@ -7,7 +7,7 @@ import logging
 import uuid
 from typing import Any
 
-from flask import Flask, g, jsonify
+from flask import Flask, g, jsonify, request
 from flask.wrappers import Response
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
@@ -153,8 +153,14 @@ def render(
 def _stackml_error(e: StackMLError) -> Response:
     if e.status >= 500:
         log.error("request %s failed: %s: %s", request_id(), e.code, e.message)
+    headers = getattr(e, "headers", None)  # e.g. WWW-Authenticate on a 401
     return render(
-        e.status, e.code, e.message, e.details, retry_after=getattr(e, "retry_after", None)
+        e.status,
+        e.code,
+        e.message,
+        e.details,
+        retry_after=getattr(e, "retry_after", None),
+        headers=headers if isinstance(headers, dict) else None,
     )
 
 
@@ -169,10 +175,17 @@ def _http_error(e: HTTPException) -> Response | HTTPException:
             headers[k] = v
     retry = getattr(e, "retry_after", None)
     retry_after = int(retry) if isinstance(retry, int | float) else None
+    message = e.description or e.name
+    details: dict[str, Any] = {}
+    if code == 413:
+        limit = request.max_content_length
+        message = "the request body is too large" + (f" (limit: {limit} bytes)" if limit else "")
+        details = {"max_bytes": limit} if limit else {}
     return render(
         code,
         HTTP_CODES.get(code, f"http_{code}"),
-        e.description or e.name,
+        message,
+        details,
         retry_after=retry_after,
         headers=headers,
     )

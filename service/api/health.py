@@ -10,6 +10,7 @@ from flask import Blueprint, Response, jsonify
 from sqlalchemy import select
 
 from service.api import Context, ctx
+from service.api.auth import public
 from service.api.errors import NotReady
 from service.db.models import Job
 
@@ -19,11 +20,13 @@ BROKER_TIMEOUT = 1.0
 
 
 @bp.get("/healthz")
+@public
 def healthz() -> Response:
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@public
 def readyz() -> Response:
     c = ctx()
     checks: dict[str, Callable[[Context], None]] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from service import queue
 from service.api import Context, ctx, json_body
-from service.api.auth import current_project
+from service.api.auth import all_projects_arg, current_project, job_scope, list_scope
 from service.api.errors import (
     JobNotTerminal,
     JobTerminal,
@@ -24,9 +25,10 @@ from service.backends import registry
 from service.backends.interfaces import ObjectStore, gpu_candidates
 from service.backends.storage.local import LocalStore, check_key
 from service.db import jobs as repo
+from service.db import quotas
 from service.db.models import Job
 from service.domain.errors import BackendError, InvalidRequest, NotFound, ServiceUnavailable
-from service.domain.spec import JobSpec
+from service.domain.spec import NAME_RE, JobSpec
 from service.domain.states import JobState, ResourceState
 
 bp = Blueprint("jobs", __name__)
@@ -38,6 +40,11 @@ MAX_FOLLOW_SECONDS = 24 * 3600
 DEFAULT_FOLLOW_SECONDS = 3600.0
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
+# ids stackml hands out (job-<hex>), with room to spare; anything else names no job
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+LABEL_KEY_RE = re.compile(NAME_RE)
+MAX_LABEL_VALUE = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # -- submission ---------------------------------------------------------------------------
@@ -97,6 +104,10 @@ def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
                 f"no flavor of the {settings.compute} backend offers {res.gpus}{kind} GPU(s)",
             )
         )
+    with c.session() as s:
+        why = quotas.never_fits(s, settings, project, spec, offered)
+    if why:
+        problems.append(field_error("resources", why))
     model_uri = spec.output.model_uri
     if model_uri is not None and not model_uri.endswith("/"):
         model_uri += "/"
@@ -159,11 +170,15 @@ def _prefix_exists(store: ObjectStore, key: str) -> bool:
 @bp.get("/v1/jobs")
 def list_() -> Response:
     c = ctx()
-    project = current_project()
+    project = list_scope(all_projects_arg())
     states = _states(request.args.getlist("state"))
     labels = _labels(request.args.getlist("label"))
     limit = _int_arg("limit", DEFAULT_LIMIT, 1, repo.MAX_LIMIT)
     marker = request.args.get("marker") or None
+    if marker is not None and not JOB_ID_RE.match(marker):
+        raise InvalidRequest(
+            "marker must be the `next` of a previous page", details={"parameter": "marker"}
+        )
     with c.session() as s:
         rows, nxt = repo.list_jobs(
             s, project, states=states, labels=labels, limit=limit, marker=marker
@@ -193,7 +208,14 @@ def _labels(values: list[str]) -> dict[str, str]:
         k, sep, val = v.partition("=")
         if not sep or not k:
             raise InvalidRequest(
-                "label filters are written key=value", details={"parameter": "label", "value": v}
+                "label filters are written key=value",
+                details={"parameter": "label", "value": v[:300]},
+            )
+        if not LABEL_KEY_RE.match(k) or len(val) > MAX_LABEL_VALUE or _CONTROL.search(val):
+            raise InvalidRequest(
+                f"a label filter is key=value with a label name (letters, digits, '.', '_', '-') "
+                f"and a value of at most {MAX_LABEL_VALUE} printable characters",
+                details={"parameter": "label"},
             )
         out[k] = val
     return out
@@ -240,8 +262,16 @@ def _bool_arg(name: str) -> bool:
 def get(job_id: str) -> Response:
     c = ctx()
     with c.session() as s:
-        job = repo.get_job(s, job_id, current_project())
+        job = _job(s, job_id)
         return jsonify(repo.serialize_job(s, job))
+
+
+def _job(s: Session, job_id: str) -> Job:
+    """The job if the caller may see it; another project's job is NotFound (never 403), as is
+    an id that cannot be one."""
+    if not JOB_ID_RE.match(job_id):
+        raise NotFound("no such job", details={"job_id": job_id[:64]})
+    return repo.get_job(s, job_id, job_scope())
 
 
 # -- cancel and delete --------------------------------------------------------------------
@@ -250,9 +280,8 @@ def get(job_id: str) -> Response:
 @bp.post("/v1/jobs/<job_id>/cancel")
 def cancel(job_id: str) -> tuple[Response, int]:
     c = ctx()
-    project = current_project()
     with c.session() as s:
-        job = repo.get_job(s, job_id, project)
+        job = _job(s, job_id)
         needs_worker = _request_cancel(s, job)
         s.expire(job)
         body = repo.serialize_job(s, job)
@@ -291,7 +320,7 @@ def _request_cancel(s: Session, job: Job) -> bool:
 def delete(job_id: str) -> tuple[str, int]:
     c = ctx()
     with c.session() as s:
-        job = repo.get_job(s, job_id, current_project())
+        job = _job(s, job_id)
         state = JobState(job.state)
         if not state.terminal:
             raise JobNotTerminal(
@@ -319,7 +348,7 @@ def logs(job_id: str) -> Response:
     follow = _bool_arg("follow")
     limit = _int_arg("limit", LOG_CHUNK, 1, MAX_LOG_LIMIT)
     with c.session() as s:
-        job = repo.get_job(s, job_id, current_project())
+        job = _job(s, job_id)
         state = job.state
         if not follow:
             data, nxt = repo.read_log(s, job_id, offset, limit)
@@ -365,7 +394,7 @@ def _follow(
 def events(job_id: str) -> Response:
     c = ctx()
     with c.session() as s:
-        repo.get_job(s, job_id, current_project())
+        _job(s, job_id)
         rows = repo.events(s, job_id)
         body = {
             "events": [
@@ -386,7 +415,7 @@ def events(job_id: str) -> Response:
 def metrics(job_id: str) -> Response:
     c = ctx()
     with c.session() as s:
-        repo.get_job(s, job_id, current_project())
+        _job(s, job_id)
         body: dict[str, Any] = {"metrics": repo.metrics(s, job_id)}
     return jsonify(body)
 

@@ -11,6 +11,8 @@ from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from service.api.auth import public
+from service.api.quotas import QuotaUpdate
 from service.domain.spec import JobSpec
 from service.domain.states import JobState
 
@@ -55,6 +57,12 @@ class JobResource(BaseModel):
     deleted_at: str | None
 
 
+class Metered(BaseModel):
+    vm_seconds: float
+    gpu_hours: float
+    cost: float
+
+
 class Job(BaseModel):
     id: str
     name: str
@@ -70,6 +78,10 @@ class Job(BaseModel):
     output: dict[str, Any] = Field(description="model_uri, and what export recorded.")
     metrics: dict[str, float] = Field(description="The latest value of each metric.")
     cancel_requested: bool
+    queue_reason: str | None = Field(
+        default=None, description="Why a QUEUED job waits (capacity, quota, backoff)."
+    )
+    usage: Metered = Field(description="VM-seconds, GPU-hours and cost of its servers so far.")
 
 
 class JobList(BaseModel):
@@ -127,6 +139,51 @@ class Health(BaseModel):
     checks: dict[str, str] = Field(default_factory=dict)
 
 
+class QuotaValues(BaseModel):
+    jobs: int = Field(description="Jobs holding (or getting) servers at once.")
+    servers: int = Field(description="Servers (VMs) at once.")
+    gpus: int = Field(description="GPUs of those servers.")
+
+
+class QuotaOverrides(BaseModel):
+    jobs: int | None
+    servers: int | None
+    gpus: int | None
+
+
+class Quota(BaseModel):
+    project_id: str
+    limits: QuotaValues = Field(description="The overrides over the configured defaults.")
+    in_use: QuotaValues
+    queued: int = Field(description="Jobs waiting in QUEUED.")
+    defaults: QuotaValues
+    overrides: QuotaOverrides = Field(description="null: the default applies.")
+
+
+class UsageTotals(Metered):
+    jobs: int
+
+
+class ProjectUsage(UsageTotals):
+    project_id: str
+
+
+class JobUsage(Metered):
+    id: str
+    name: str
+    project_id: str
+    state: str
+
+
+class UsageReport(BaseModel):
+    project_id: str | None = Field(description="null with all_projects=true.")
+    since: str
+    until: str
+    totals: UsageTotals
+    projects: list[ProjectUsage]
+    jobs: list[JobUsage]
+
+
 MODELS: tuple[type[BaseModel], ...] = (
     JobSpec,
     Job,
@@ -136,6 +193,9 @@ MODELS: tuple[type[BaseModel], ...] = (
     Package,
     FlavorList,
     Health,
+    Quota,
+    QuotaUpdate,
+    UsageReport,
     Error,
 )
 
@@ -160,8 +220,11 @@ def _request_id_header() -> dict[str, Any]:
 
 ERROR_TEXT = {
     "400": "Malformed request (bad JSON, bad query parameter).",
-    "401": "Not authenticated, or a bad/expired signature.",
+    "401": "No token, or a token Keystone does not accept (invalid, expired, revoked); for "
+    "/v1/store, a bad or expired signature.",
+    "403": "The caller's roles do not allow this (reader writing, all_projects without admin).",
     "404": "No such resource in the caller's project.",
+    "405": "The route does not take this method.",
     "409": "The resource's state does not allow this.",
     "411": "Length required.",
     "413": "The body is too large.",
@@ -169,17 +232,23 @@ ERROR_TEXT = {
     "422": "Semantically invalid: `details.fields` lists each wrong field.",
     "429": "Too many requests; see Retry-After.",
     "500": "Internal error; quote the request id.",
-    "503": "Unavailable; see Retry-After.",
+    "503": "Unavailable (database, backend, or Keystone cannot validate tokens); see Retry-After.",
 }
+SHARED = {"401": "Unauthorized", "503": "Unavailable"}
 
 
-def _responses(ok: dict[str, Any], *errors: str) -> dict[str, Any]:
+def _responses(ok: dict[str, Any], *errors: str, auth: bool = True) -> dict[str, Any]:
+    """`ok` plus the listed errors and 500; with `auth`, 401, 403 and 503 too (every
+    protected operation can answer them)."""
     out = dict(ok)
-    for code in (*errors, "500"):
-        ref = "#/components/responses/Unavailable" if code == "503" else None
+    codes = set(errors) | {"500"}
+    if auth:
+        codes |= {"401", "403", "503"}
+    for code in sorted(codes):
+        shared = SHARED.get(code)
         out[code] = (
-            {"$ref": ref}
-            if ref
+            {"$ref": f"#/components/responses/{shared}"}
+            if shared
             else {
                 "description": ERROR_TEXT[code],
                 "headers": _request_id_header(),
@@ -201,7 +270,23 @@ def _param(
     }
 
 
+def _any_case(words: list[str]) -> str:
+    """A JSON Schema (ECMA 262) pattern matching `words` in any letter case, or nothing."""
+    alts = ["".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in w) for w in words]
+    return "^(" + "|".join(alts) + ")?$"
+
+
+# how the API reads a boolean query parameter: these words in any case; empty is false
+BOOL_WORDS = ["true", "false", "1", "0", "yes", "no", "on", "off"]
+BOOL = {"type": "string", "pattern": _any_case(BOOL_WORDS), "default": "false"}
 JOB_ID = _param("job_id", "path", {"type": "string"}, "The job id.")
+PROJECT = _param("project", "path", {"type": "string"}, "A project id.")
+ALL_PROJECTS = _param(
+    "all_projects",
+    "query",
+    BOOL,
+    "true: every project's rows (admin only; 403 otherwise).",
+)
 SIGNED = [
     _param("key", "path", {"type": "string"}, "The object key (may contain '/')."),
     _param(
@@ -220,6 +305,7 @@ OCTETS = {
         "schema": {"type": "string", "contentMediaType": "application/octet-stream"}
     }
 }
+JSON_BODY = "400", "413", "415", "422"
 
 
 def _paths() -> dict[str, Any]:
@@ -230,7 +316,7 @@ def _paths() -> dict[str, Any]:
                 "summary": "The process is alive.",
                 "operationId": "healthz",
                 "security": [],
-                "responses": _responses({"200": _json(Health, "Alive.")}),
+                "responses": _responses({"200": _json(Health, "Alive.")}, auth=False),
             }
         },
         "/readyz": {
@@ -238,7 +324,7 @@ def _paths() -> dict[str, Any]:
                 "summary": "Database, broker and object store are usable.",
                 "operationId": "readyz",
                 "security": [],
-                "responses": _responses({"200": _json(Health, "Ready.")}, "503"),
+                "responses": _responses({"200": _json(Health, "Ready.")}, "503", auth=False),
             }
         },
         "/v1/openapi.json": {
@@ -253,30 +339,25 @@ def _paths() -> dict[str, Any]:
                             "headers": _request_id_header(),
                             "content": {"application/json": {"schema": {"type": "object"}}},
                         }
-                    }
+                    },
+                    auth=False,
                 ),
             }
         },
         "/v1/jobs": {
             "post": {
-                "summary": "Submit a job.",
+                "summary": "Submit a job (member).",
                 "operationId": "submitJob",
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref(JobSpec)}},
                 },
                 "responses": _responses(
-                    {"202": _json(Job, "Accepted; the job is QUEUED.")},
-                    "400",
-                    "413",
-                    "415",
-                    "422",
-                    "429",
-                    "503",
+                    {"202": _json(Job, "Accepted; the job is QUEUED.")}, *JSON_BODY, "429"
                 ),
             },
             "get": {
-                "summary": "List the project's jobs, newest first.",
+                "summary": "List the project's jobs, newest first (reader).",
                 "operationId": "listJobs",
                 "parameters": [
                     _param(
@@ -288,7 +369,7 @@ def _paths() -> dict[str, Any]:
                     _param(
                         "label",
                         "query",
-                        {"type": "array", "items": {"type": "string"}},
+                        {"type": "array", "items": {"type": "string", "pattern": "^[^=]+=.*$"}},
                         "key=value; repeat to require several.",
                     ),
                     _param(
@@ -300,6 +381,7 @@ def _paths() -> dict[str, Any]:
                     _param(
                         "marker", "query", {"type": "string"}, "The `next` of the previous page."
                     ),
+                    ALL_PROJECTS,
                 ],
                 "responses": _responses({"200": _json(JobList, "A page of jobs.")}, "400"),
             },
@@ -307,12 +389,12 @@ def _paths() -> dict[str, Any]:
         "/v1/jobs/{job_id}": {
             "parameters": [JOB_ID],
             "get": {
-                "summary": "One job.",
+                "summary": "One job (reader).",
                 "operationId": "getJob",
                 "responses": _responses({"200": _json(Job, "The job.")}, "404"),
             },
             "delete": {
-                "summary": "Forget a finished job whose servers are all deleted.",
+                "summary": "Forget a finished job whose servers are all deleted (member).",
                 "operationId": "deleteJob",
                 "responses": _responses({"204": {"description": "Deleted."}}, "404", "409"),
             },
@@ -320,17 +402,17 @@ def _paths() -> dict[str, Any]:
         "/v1/jobs/{job_id}/cancel": {
             "parameters": [JOB_ID],
             "post": {
-                "summary": "Cancel a job (idempotent while it is cancelling).",
+                "summary": "Cancel a job (member; idempotent while it is cancelling).",
                 "operationId": "cancelJob",
                 "responses": _responses(
-                    {"202": _json(Job, "Cancelling or cancelled.")}, "404", "409"
+                    {"202": _json(Job, "Cancelling or cancelled.")}, "400", "404", "409"
                 ),
             },
         },
         "/v1/jobs/{job_id}/logs": {
             "parameters": [JOB_ID],
             "get": {
-                "summary": "The trainer's log from a byte offset.",
+                "summary": "The trainer's log from a byte offset (reader).",
                 "operationId": "jobLogs",
                 "parameters": [
                     _param(
@@ -342,19 +424,19 @@ def _paths() -> dict[str, Any]:
                     _param(
                         "limit",
                         "query",
-                        {"type": "integer", "minimum": 1},
+                        {"type": "integer", "minimum": 1, "maximum": 8 << 20},
                         "Most bytes to return (not with follow).",
                     ),
-                    _param(
-                        "follow",
-                        "query",
-                        {"type": "boolean", "default": False},
-                        "Stream new bytes until the job ends.",
-                    ),
+                    _param("follow", "query", BOOL, "true: stream new bytes until the job ends."),
                     _param(
                         "timeout",
                         "query",
-                        {"type": "number", "default": 3600},
+                        {
+                            "type": "number",
+                            "exclusiveMinimum": 0,
+                            "maximum": 86400,
+                            "default": 3600,
+                        },
                         "Longest a followed stream stays open, in seconds.",
                     ),
                 ],
@@ -379,7 +461,7 @@ def _paths() -> dict[str, Any]:
         "/v1/jobs/{job_id}/events": {
             "parameters": [JOB_ID],
             "get": {
-                "summary": "The job's timeline.",
+                "summary": "The job's timeline (reader).",
                 "operationId": "jobEvents",
                 "responses": _responses({"200": _json(EventList, "Oldest first.")}, "404"),
             },
@@ -387,14 +469,15 @@ def _paths() -> dict[str, Any]:
         "/v1/jobs/{job_id}/metrics": {
             "parameters": [JOB_ID],
             "get": {
-                "summary": "Metric series parsed from the trainer's metric lines.",
+                "summary": "Metric series parsed from the trainer's metric lines (reader).",
                 "operationId": "jobMetrics",
                 "responses": _responses({"200": _json(Metrics, "Series by name.")}, "404"),
             },
         },
         "/v1/packages": {
             "post": {
-                "summary": "Stage a trainer package (.tar.gz) in the project's staging area.",
+                "summary": "Stage a trainer package (.tar.gz) in the project's staging area "
+                "(member).",
                 "operationId": "uploadPackage",
                 "parameters": [
                     _param(
@@ -423,12 +506,13 @@ def _paths() -> dict[str, Any]:
                         },
                     },
                 },
-                "responses": _responses({"201": _json(Package, "Stored.")}, "413", "415", "422"),
+                "responses": _responses({"201": _json(Package, "Stored.")}, *JSON_BODY),
             }
         },
         "/v1/flavors": {
             "get": {
-                "summary": "What the compute backend offers, with GPU count/type and price.",
+                "summary": "What the compute backend offers, with GPU count/type and price "
+                "(reader).",
                 "operationId": "listFlavors",
                 "parameters": [
                     _param(
@@ -444,7 +528,65 @@ def _paths() -> dict[str, Any]:
                         "Only flavors with this GPU type (case-insensitive).",
                     ),
                 ],
-                "responses": _responses({"200": _json(FlavorList, "The flavors.")}, "400", "503"),
+                "responses": _responses({"200": _json(FlavorList, "The flavors.")}, "400"),
+            }
+        },
+        "/v1/quotas": {
+            "get": {
+                "summary": "The caller's project's limits and use (reader); admins may name "
+                "another project.",
+                "operationId": "getOwnQuota",
+                "parameters": [
+                    _param("project", "query", {"type": "string"}, "Another project (admin).")
+                ],
+                "responses": _responses({"200": _json(Quota, "The quota.")}, "400"),
+            }
+        },
+        "/v1/quotas/{project}": {
+            "parameters": [PROJECT],
+            "get": {
+                "summary": "A project's limits and use (its members; admins: any).",
+                "operationId": "getQuota",
+                "responses": _responses({"200": _json(Quota, "The quota.")}, "400"),
+            },
+            "put": {
+                "summary": "Override a project's limits (admin); null drops an override.",
+                "operationId": "setQuota",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref(QuotaUpdate)}},
+                },
+                "responses": _responses({"200": _json(Quota, "The new quota.")}, *JSON_BODY),
+            },
+            "delete": {
+                "summary": "Drop a project's overrides: back to the defaults (admin).",
+                "operationId": "resetQuota",
+                "responses": _responses({"204": {"description": "Reset."}}, "400"),
+            },
+        },
+        "/v1/usage": {
+            "get": {
+                "summary": "VM-seconds, GPU-hours and cost in a window: in total, per project "
+                "and per job (reader; admins: any project, or all).",
+                "operationId": "getUsage",
+                "parameters": [
+                    _param(
+                        "since",
+                        "query",
+                        {"type": "string"},
+                        "Start, ISO 8601 (a date or a date-time; UTC when no zone is given). "
+                        "Default: 30 days before until.",
+                    ),
+                    _param(
+                        "until",
+                        "query",
+                        {"type": "string"},
+                        "End, ISO 8601. Default: now.",
+                    ),
+                    _param("project", "query", {"type": "string"}, "Another project (admin)."),
+                    ALL_PROJECTS,
+                ],
+                "responses": _responses({"200": _json(UsageReport, "The report.")}, "400"),
             }
         },
         "/v1/store/{key}": {
@@ -463,13 +605,16 @@ def _paths() -> dict[str, Any]:
                     },
                     "401",
                     "404",
+                    auth=False,
                 ),
             },
             "head": {
                 "summary": "An object's size and md5 (a read or write grant).",
                 "operationId": "headObject",
                 "security": [],
-                "responses": _responses({"200": {"description": "Exists."}}, "401", "404"),
+                "responses": _responses(
+                    {"200": {"description": "Exists."}}, "401", "404", auth=False
+                ),
             },
             "put": {
                 "summary": "Write an object with a signed URL (a write grant).",
@@ -485,10 +630,12 @@ def _paths() -> dict[str, Any]:
                     },
                     "400",
                     "401",
+                    "404",
                     "409",
                     "411",
                     "413",
                     "422",
+                    auth=False,
                 ),
             },
         },
@@ -528,9 +675,30 @@ def _document() -> dict[str, Any]:
                         "Retry-After": {"schema": {"type": "integer"}},
                     },
                     "content": {"application/json": {"schema": _ref(Error)}},
+                },
+                "Unauthorized": {
+                    "description": ERROR_TEXT["401"],
+                    "headers": {
+                        **_request_id_header(),
+                        "WWW-Authenticate": {
+                            "description": 'With keystone auth: Keystone uri="<identity URL>".',
+                            "schema": {"type": "string"},
+                        },
+                    },
+                    "content": {"application/json": {"schema": _ref(Error)}},
+                },
+            },
+            "securitySchemes": {
+                "keystone": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-Auth-Token",
+                    "description": "A Keystone token scoped to the project (auth=keystone); "
+                    "ignored with auth=noauth.",
                 }
             },
         },
+        "security": [{"keystone": []}],
     }
 
 
@@ -540,5 +708,6 @@ def document() -> dict[str, Any]:
 
 
 @bp.get("/v1/openapi.json")
+@public
 def openapi() -> Response:
     return jsonify(_document())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from service.backends.interfaces import Flavor
 from service.db.models import Job, JobEvent, JobLabel, LogChunk, MetricRow, Resource, utcnow
 from service.domain.errors import InvalidRequest, NotFound
 from service.domain.metrics import parse_metric_line
@@ -319,8 +320,14 @@ def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat().replace("+00:00", "Z")
 
 
-def serialize_job(s: Session, job: Job) -> dict[str, Any]:
-    """The job as GET /v1/jobs/{id} returns it (DESIGN.md §6)."""
+def serialize_job(
+    s: Session, job: Job, *, flavors: Mapping[str, Flavor] | None = None
+) -> dict[str, Any]:
+    """The job as GET /v1/jobs/{id} returns it (DESIGN.md §6); `usage` prices its servers'
+    time with `flavors` (default: the configured catalogue, service.db.quotas.flavor_table)."""
+    from service.db import quotas
+
+    servers = resources(s, job.id)
     failure = None
     if job.failure_reason:
         failure = {
@@ -350,9 +357,11 @@ def serialize_job(s: Session, job: Job) -> dict[str, Any]:
                 "created_at": _iso(r.created_at),
                 "deleted_at": _iso(r.deleted_at),
             }
-            for r in resources(s, job.id)
+            for r in servers
         ],
         "output": job.output or {},
         "metrics": latest_metrics(s, job.id),
         "cancel_requested": job.cancel_requested,
+        "queue_reason": job.queue_reason,
+        "usage": quotas.job_usage(servers, flavors).as_dict(),
     }

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: jobs, their events, resources (servers), log chunks and metrics."""
+"""SQLAlchemy 2 models: jobs, their events, resources (servers), log chunks, metrics, quotas."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -131,3 +132,26 @@ class MetricRow(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (UniqueConstraint("job_id", "log_offset", "name"),)
+
+
+class ProjectQuota(Base):
+    """A project's quota overrides; a NULL limit (or no row) means the configured default."""
+
+    __tablename__ = "quotas"
+
+    project_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    jobs: Mapped[int | None]
+    servers: Mapped[int | None]
+    gpus: Mapped[int | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+
+class FairShare(Base):
+    """When admission last started a job of each project: round-robin goes to the project
+    served longest ago."""
+
+    __tablename__ = "fair_share"
+
+    project_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_admitted_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    admitted: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import textwrap
@@ -18,9 +17,10 @@ from typing import Any
 import pytest
 
 from service.client import StackMLClient
-from service.config import Settings, reset_settings
+from service.config import Settings
 from service.platform import LocalPlatform
 from service.runtime import ensure_runtime
+from tests.envutil import environ, free_port
 from tests.pgutil import temp_database
 
 RUNTIME_ROOT = Path(os.environ.get("STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes"))
@@ -45,12 +45,6 @@ QUICK = """
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def chaos_settings() -> Iterator[Settings]:
     data = Path(f"/var/tmp/stackml-chaos-{os.getpid()}")
@@ -61,7 +55,8 @@ def chaos_settings() -> Iterator[Settings]:
             "STACKML_DATA_DIR": str(data),
             "STACKML_DATABASE_URL": db_url,
             "STACKML_REDIS_URL": REDIS_URL,
-            "STACKML_PORT": str(_port()),
+            "STACKML_QUEUE": f"stackml-chaos-{os.getpid()}",
+            "STACKML_PORT": str(free_port()),
             "STACKML_RUNTIME_ROOT": str(RUNTIME_ROOT),
             "STACKML_HEARTBEAT_TIMEOUT": "5",
             "STACKML_STUCK_AFTER": "3",
@@ -70,28 +65,18 @@ def chaos_settings() -> Iterator[Settings]:
             "STACKML_COMMAND_TIMEOUT": "5",
             "STACKML_SSH_DEADLINE": "10",
         }
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        reset_settings()
         try:
-            yield Settings()
+            with environ(env):
+                yield Settings()
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            reset_settings()
             if not os.environ.get("STACKML_KEEP_TEST_DATA"):
                 shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def chaos_platform(chaos_settings: Settings) -> Iterator[LocalPlatform]:
-    import redis
 
     ensure_runtime(chaos_settings, chaos_settings.default_runtime, echo=print)
-    redis.Redis.from_url(REDIS_URL).flushdb()
     p = LocalPlatform(chaos_settings, concurrency=4, quiet=True)
     p.start()
     try:

@@ -16,11 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
-import redis
 import requests
 
 from service.client import StackMLClient
-from tests.chaos.conftest import FIGURES, QUICK, RUNTIME_ROOT, _port, assert_no_leaks
+from tests.chaos.conftest import FIGURES, QUICK, RUNTIME_ROOT, assert_no_leaks
+from tests.envutil import free_port
 from tests.pgutil import temp_database
 
 JOBS = int(os.environ.get("STACKML_LOAD_JOBS", "500"))
@@ -45,8 +45,7 @@ def test_burst_of_jobs_completes_with_none_lost_or_run_twice(tmp_path: Path) -> 
     data = Path(f"/var/tmp/stackml-load-{os.getpid()}")
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(mode=0o755)
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    port = _port()
+    port = free_port()
     with temp_database("load") as db_url:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STACKML_")}
         env.update(
@@ -54,6 +53,7 @@ def test_burst_of_jobs_completes_with_none_lost_or_run_twice(tmp_path: Path) -> 
                 "STACKML_DATA_DIR": str(data),
                 "STACKML_DATABASE_URL": db_url,
                 "STACKML_REDIS_URL": REDIS_URL,
+                "STACKML_QUEUE": f"stackml-load-{os.getpid()}",
                 "STACKML_PORT": str(port),
                 "STACKML_RUNTIME_ROOT": str(RUNTIME_ROOT),
                 "STACKML_MAX_SERVERS": str(CAP),

@@ -7,22 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
+import shutil
 import textwrap
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 import requests
 
 from devcloud.cloud import DevCloud
 from service.client import StackMLClient
-from service.config import REPO_ROOT, Settings, reset_settings
+from service.config import REPO_ROOT, Settings
 from service.platform import LocalPlatform
 from tests.cloud.conftest import RUNTIME_ROOT, scratch_dir
+from tests.envutil import environ, free_port
 from tests.pgutil import temp_database
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
@@ -46,22 +45,16 @@ TRAINERS = {
 }
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def cloud_platform(devcloud_emulator: DevCloud) -> Iterator[tuple[LocalPlatform, DevCloud]]:
     data = scratch_dir("cloud-platform")
-    redis.Redis.from_url(REDIS_URL).flushdb()
     with temp_database("cloud") as db_url:
         env = {
             "STACKML_DATA_DIR": str(data),
             "STACKML_DATABASE_URL": db_url,
             "STACKML_REDIS_URL": REDIS_URL,
-            "STACKML_PORT": str(_port()),
+            "STACKML_QUEUE": f"stackml-cloud-{os.getpid()}",
+            "STACKML_PORT": str(free_port()),
             "STACKML_RUNTIME_ROOT": str(RUNTIME_ROOT),
             "STACKML_COMPUTE": "openstack",
             "STACKML_STORE": "swift",
@@ -76,22 +69,11 @@ def cloud_platform(devcloud_emulator: DevCloud) -> Iterator[tuple[LocalPlatform,
             "STACKML_RECONCILE_INTERVAL": "2",
             "STACKML_SWIFT_SEGMENT_BYTES": str(1024 * 1024),
         }
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        reset_settings()
-        p = LocalPlatform(Settings(), concurrency=4, quiet=True)
         try:
-            p.start()
-            yield p, devcloud_emulator
+            with environ(env), LocalPlatform(Settings(), concurrency=4, quiet=True) as p:
+                yield p, devcloud_emulator
         finally:
-            p.stop()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            reset_settings()
-            subprocess.run(["rm", "-rf", str(data)], check=False)
+            shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

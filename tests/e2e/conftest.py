@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import textwrap
 import time
@@ -16,21 +15,16 @@ from typing import Any
 import pytest
 
 from service.client import StackMLClient
-from service.config import Settings, reset_settings
+from service.config import Settings
 from service.platform import LocalPlatform
 from service.runtime import ensure_runtime
+from tests.envutil import environ, free_port
 from tests.pgutil import temp_database
 
 # shared between runs on one machine: building the TensorFlow runtime downloads ~270 MB once
 RUNTIME_ROOT = Path(os.environ.get("STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes"))
 REDIS_URL = os.environ.get("STACKML_TEST_REDIS", "redis://127.0.0.1:6379/7")
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -48,24 +42,17 @@ def e2e_settings() -> Iterator[Settings]:
             "STACKML_DATA_DIR": str(data_dir),
             "STACKML_DATABASE_URL": db_url,
             "STACKML_REDIS_URL": REDIS_URL,
-            "STACKML_PORT": str(_free_port()),
+            "STACKML_QUEUE": f"stackml-e2e-{os.getpid()}",
+            "STACKML_PORT": str(free_port()),
             "STACKML_RUNTIME_ROOT": str(RUNTIME_ROOT),
             "STACKML_HEARTBEAT_TIMEOUT": "6",
             "STACKML_STUCK_AFTER": "15",
             "STACKML_RECONCILE_INTERVAL": "2",
         }
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        reset_settings()
         try:
-            yield Settings()
+            with environ(env):
+                yield Settings()
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            reset_settings()
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
@@ -76,9 +63,7 @@ def runtime_python(e2e_settings: Settings) -> Path:
 
 @pytest.fixture(scope="session")
 def platform(e2e_settings: Settings, runtime_python: Path) -> Iterator[LocalPlatform]:
-    import redis
 
-    redis.Redis.from_url(REDIS_URL).flushdb()
     p = LocalPlatform(e2e_settings, concurrency=4, quiet=True)
     p.start()
     try:

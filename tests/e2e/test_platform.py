@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from service.config import Settings, reset_settings
+from service.config import Settings
 from service.platform import LocalPlatform
 from tests.e2e.conftest import RUNTIME_ROOT
+from tests.envutil import environ, free_port
 
 STACKML = [sys.executable, "-m", "service.cli"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -42,9 +36,10 @@ def _env(data_dir: Path, **extra: str) -> dict[str, str]:
     env.update(
         {
             "STACKML_DATA_DIR": str(data_dir),
-            "STACKML_PORT": str(_port()),
+            "STACKML_PORT": str(free_port()),
             "STACKML_RUNTIME_ROOT": str(RUNTIME_ROOT),
             "STACKML_REDIS_URL": "redis://127.0.0.1:6379/9",
+            "STACKML_QUEUE": f"stackml-platform-{os.getpid()}",
         },
         **extra,
     )
@@ -110,28 +105,14 @@ def test_up_serves_until_ctrl_c_and_stops_with_no_orphans(data_dir: Path) -> Non
 
 
 def test_embedded_redis_when_none_answers(data_dir: Path) -> None:
-    saved = {
-        k: os.environ.get(k) for k in ("STACKML_DATA_DIR", "STACKML_REDIS_URL", "STACKML_PORT")
+    env = {
+        "STACKML_DATA_DIR": str(data_dir),
+        "STACKML_PORT": str(free_port()),
+        "STACKML_REDIS_URL": "redis://127.0.0.1:1/0",
     }
-    os.environ.update(
-        {
-            "STACKML_DATA_DIR": str(data_dir),
-            "STACKML_PORT": str(_port()),
-            "STACKML_REDIS_URL": "redis://127.0.0.1:1/0",
-        }
-    )
-    reset_settings()
-    try:
-        with LocalPlatform(Settings(), concurrency=1, beat=False, quiet=True) as p:
-            assert p.redis_embedded
-            assert p.redis_url.startswith("redis+socket://")
-            ready = requests.get(f"{p.url}/readyz", timeout=10)
-            assert ready.status_code == 200, ready.text
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reset_settings()
+    with environ(env), LocalPlatform(Settings(), concurrency=1, beat=False, quiet=True) as p:
+        assert p.redis_embedded
+        assert p.redis_url.startswith("redis+socket://")
+        ready = requests.get(f"{p.url}/readyz", timeout=10)
+        assert ready.status_code == 200, ready.text
     assert _leftovers(data_dir) == ""

@@ -12,7 +12,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import update
 
 from service import queue
@@ -26,6 +25,7 @@ from service.domain.states import JobState
 from tests.pgutil import temp_database
 
 REDIS_URL = os.environ.get("STACKML_TEST_REDIS_WORKER", "redis://127.0.0.1:6379/8")
+QUEUE = f"stackml-worker-{os.getpid()}"  # apart from any other run sharing this Redis
 SPEC = JobSpec.model_validate(
     {"name": "w", "trainer": {"package_uri": "local://p/x.tar.gz", "module": "trainer.task"}}
 )
@@ -33,7 +33,6 @@ SPEC = JobSpec.model_validate(
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen]]:
-    redis.Redis.from_url(REDIS_URL, socket_timeout=5).flushdb()
     data = tmp_path_factory.mktemp("worker-data")
     with temp_database("worker") as url:
         upgrade(url)
@@ -41,12 +40,14 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subp
             **os.environ,
             "STACKML_DATABASE_URL": url,
             "STACKML_REDIS_URL": REDIS_URL,
+            "STACKML_QUEUE": QUEUE,
             "STACKML_DATA_DIR": str(data),
             "STACKML_RECONCILE_INTERVAL": "1",
             "STACKML_STUCK_AFTER": "2",
         }
-        saved = {k: os.environ.get(k) for k in ("STACKML_REDIS_URL", "STACKML_DATABASE_URL")}
+        saved = {k: os.environ.get(k) for k in ("STACKML_REDIS_URL", "STACKML_QUEUE")}
         os.environ["STACKML_REDIS_URL"] = REDIS_URL
+        os.environ["STACKML_QUEUE"] = QUEUE
         reset_settings()
         queue._producer.cache_clear()
         proc = subprocess.Popen(

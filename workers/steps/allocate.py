@@ -8,14 +8,18 @@ quota refusal puts the job back in QUEUED with a backoff instead of failing it.
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import time
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from service import queue
 from service.backends.interfaces import (
     ComputeBackend,
+    Flavor,
     ServerSpec,
     ServerState,
     ServerStatus,
@@ -30,6 +34,7 @@ from workers import admission, chaos, jobctx, ssh
 from workers.jobctx import db, log
 
 BUILD_RECHECK = 0.5
+CREATING = "creating:"  # a resource's server_id while one allocate run boots it
 CAPACITY_WAIT = admission.CAPACITY_WAIT
 DELETE_CONFIRM = 30.0
 
@@ -69,9 +74,13 @@ def run(job_id: str) -> None:
 
 
 def _admit(job_id: str) -> bool:
-    """QUEUED -> ALLOCATING when the job's backoff is over and a server slot is free."""
-    cfg = jobctx.settings()
+    """QUEUED -> ALLOCATING when the job's backoff is over and admission chooses it: within
+    its project's quota, the platform's server cap, and its fair turn (workers/admission.py).
+
+    True when the job is ALLOCATING (admitted now, or on another job's turn while this step
+    was on its way); False when it stays QUEUED, with its reason."""
     with db() as s:
+        admission.lock(s)  # first: every admission decision is taken under it, in one order
         job = s.scalars(select(Job).where(Job.id == job_id).with_for_update()).one()
         if job.state != JobState.QUEUED:
             return job.state == JobState.ALLOCATING
@@ -80,27 +89,23 @@ def _admit(job_id: str) -> bool:
             repo.touch(s, job_id)
             jobctx.next_step(queue.ALLOCATE, job_id, wait)
             return False
-        if cfg.max_servers:
-            admission.lock(s)
-            if admission.servers_in_use(s) >= cfg.max_servers:
-                # no re-enqueue: a freed server admits the oldest waiting job (admission.py)
-                if not (job.queue_reason or "").startswith(CAPACITY_WAIT):
-                    job.queue_reason = f"{CAPACITY_WAIT}: all {cfg.max_servers} servers in use"
-                    repo.add_event(s, job_id, "waiting", job.queue_reason)
-                repo.touch(s, job_id)
-                return False
-        spec = JobSpec.model_validate(job.spec)
-        flavor, zone = plan(spec)[min(job.alloc_attempt, len(plan(spec)) - 1)]
-        where = f" in zone {zone}" if zone else ""
-        return repo.transition(
-            s,
-            job_id,
-            JobState.QUEUED,
-            JobState.ALLOCATING,
-            f"booting one {flavor} server{where}",
-            queue_reason=None,
-            not_before=None,
-        )
+        done = admission.admit(s, booting_message)
+        admitted = job_id in done.admitted
+        if not admitted:
+            # no re-enqueue: admission admits it when its turn comes (admission.py)
+            why = done.waiting.get(job_id) or f"{admission.WAITING} for its turn"
+            admission.park(s, job, why)
+    for other in done.enqueue:
+        jobctx.next_step(queue.ALLOCATE, other)
+    return admitted
+
+
+def booting_message(job: Job) -> str:
+    """The admission event: what the first allocation attempt boots."""
+    steps = plan(JobSpec.model_validate(job.spec))
+    flavor, zone = steps[min(job.alloc_attempt, len(steps) - 1)]
+    where = f" in zone {zone}" if zone else ""
+    return f"booting one {flavor} server{where}"
 
 
 def _advance(job_id: str) -> None:
@@ -116,28 +121,64 @@ def _advance(job_id: str) -> None:
         steps = plan(spec)
         attempt = job.alloc_attempt
         flavor_name, zone = steps[min(attempt, len(steps) - 1)]
+        project_id = job.project_id
         if job.ssh_key_enc is None:
+            # compare-and-set: two allocate runs of one job must agree on one key
             pem, pub = ssh.generate_keypair()
-            job.ssh_key_enc = jobctx.encrypt_key(pem)
-            job.ssh_public_key = pub
-        name = f"stackml-{job_id}-chief-{attempt}"
-        res = s.scalars(select(Resource).where(Resource.name == name)).one_or_none()
-        if res is None:
-            # recorded before the boot: a crash after it leaves a row the reconciler pays for
-            res = Resource(
-                job_id=job_id,
-                project_id=job.project_id,
-                backend=backend.name,
-                role="chief",
-                name=name,
-                flavor=flavor_name,
-                state=ResourceState.BOOTING.value,
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.ssh_key_enc.is_(None))
+                .values(ssh_key_enc=jobctx.encrypt_key(pem), ssh_public_key=pub)
             )
-            s.add(res)
-            s.flush()
+    name = f"stackml-{job_id}-chief-{attempt}"
+    with contextlib.suppress(IntegrityError):  # another run recorded it first: use theirs
+        with db() as s:
+            if s.scalars(select(Resource.id).where(Resource.name == name)).first() is None:
+                # recorded before the boot: a crash after it leaves a row the reconciler pays
+                s.add(
+                    Resource(
+                        job_id=job_id,
+                        project_id=project_id,
+                        backend=backend.name,
+                        role="chief",
+                        name=name,
+                        flavor=flavor_name,
+                        state=ResourceState.BOOTING.value,
+                    )
+                )
+    with db() as s:
+        res = s.scalars(select(Resource).where(Resource.name == name)).one()
         res_id, server_id, created = res.id, res.server_id, _aware(res.created_at)
-        public_key, project_id = job.ssh_public_key or "", job.project_id
-
+        public_key = repo.get_job(s, job_id).ssh_public_key or ""
+        if server_id is None:
+            # claim the creation: only the run that wins this compare-and-set boots a server
+            token = f"{CREATING}{secrets.token_hex(4)}"
+            won = s.execute(
+                update(Resource)
+                .where(Resource.id == res_id, Resource.server_id.is_(None))
+                .values(server_id=token)
+            ).rowcount  # type: ignore[attr-defined]
+            if not won:
+                server_id = CREATING
+    if server_id is not None and server_id.startswith(CREATING):
+        # another run is creating this server (or died doing it: adopt it by name later)
+        found = [r for r in backend.list_servers(("stackml-job", job_id)) if r.name == name]
+        if found:
+            server_id = found[0].id
+            with db() as s:
+                s.get_one(Resource, res_id).server_id = server_id
+        else:
+            with db() as s:
+                if (datetime.now(UTC) - created).total_seconds() > cfg.boot_deadline:
+                    # the run that claimed it died before creating anything: claim again
+                    s.execute(
+                        update(Resource)
+                        .where(Resource.id == res_id, Resource.server_id.startswith(CREATING))
+                        .values(server_id=None)
+                    )
+                repo.touch(s, job_id)
+            jobctx.next_step(queue.ALLOCATE, job_id, BUILD_RECHECK)
+            return
     if server_id is None:
         flavor = backend.find_flavor(flavor_name)
         if flavor is None:
@@ -150,6 +191,11 @@ def _advance(job_id: str) -> None:
             )
             return
         existing = [r for r in backend.list_servers(("stackml-job", job_id)) if r.name == name]
+        refusal = None if existing else _cloud_quota_refuses(backend, flavor)
+        if refusal is not None:
+            _drop(res_id)  # no server was made: the retry starts with a fresh row and clock
+            _back_to_queue(job_id, refusal)
+            return
         try:
             ref = (
                 existing[0]
@@ -170,7 +216,7 @@ def _advance(job_id: str) -> None:
                 )
             )
         except QuotaExceeded as e:
-            _forget(res_id)
+            _drop(res_id)  # no server was made: the retry starts with a fresh row and clock
             _back_to_queue(job_id, str(e))
             return
         except TransientBackendError:
@@ -219,6 +265,31 @@ def _advance(job_id: str) -> None:
         return
     _discard(backend, res_id, server_id)
     _next_attempt(job_id, attempt, len(steps), flavor_name, zone, why, reason)
+
+
+def _cloud_quota_refuses(backend: ComputeBackend, flavor: Flavor) -> str | None:
+    """Why the project's own cloud quota (Nova's absolute limits) has no room for one more
+    server of `flavor`, or None; backends without limits (the sandbox) never refuse. A cloud
+    that cannot say is not a refusal: the boot itself then answers."""
+    limits_of = getattr(backend, "limits", None)
+    if not callable(limits_of):
+        return None
+    try:
+        lim = limits_of()
+    except BackendError as e:
+        log.warning("could not read the cloud's limits (booting anyway): %s", e)
+        return None
+    if lim.fits(flavor, 1):
+        return None
+    parts = []
+    for what, limit, used, more in (
+        ("instances", lim.max_instances, lim.instances_used, 1),
+        ("cores", lim.max_cores, lim.cores_used, flavor.vcpus),
+        ("RAM MB", lim.max_ram_mb, lim.ram_used_mb, flavor.ram_mb),
+    ):
+        if limit >= 0 and used + more > limit:
+            parts.append(f"{what} {used} of {limit} used, {flavor.name} needs {more}")
+    return f"the cloud project's limits leave no room ({'; '.join(parts)})"
 
 
 def _next_attempt(
@@ -299,6 +370,18 @@ def _forget(res_id: int) -> None:
     with db() as s:
         r = s.get_one(Resource, res_id)
         r.state, r.deleted_at = ResourceState.DELETED.value, utcnow()
+
+
+def _drop(res_id: int) -> None:
+    """Remove the row of a server that was never asked for (unclaimed, or claimed by this
+    run, which then decided not to boot it)."""
+    with db() as s:
+        s.execute(
+            delete(Resource).where(
+                Resource.id == res_id,
+                or_(Resource.server_id.is_(None), Resource.server_id.startswith(CREATING)),
+            )
+        )
 
 
 def _discard(backend: ComputeBackend, res_id: int, server_id: str) -> None:

@@ -1,0 +1,368 @@
+"""Quota repository: per-project limits and overrides, what projects hold, the admission queue,
+fair-share bookkeeping, and metered usage (VM-seconds, GPU-hours, cost) of jobs and projects."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import or_, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.backends.interfaces import Flavor
+from service.config import CONFIG_DIR, Settings, get_settings
+from service.db.models import FairShare, Job, ProjectQuota, Resource, utcnow
+from service.domain.errors import BackendError
+from service.domain.states import JobState, ResourceState
+from service.quota_policy import (
+    KEYS,
+    Demand,
+    Interval,
+    Limits,
+    Metered,
+    Queued,
+    Usage,
+    demand,
+    meter,
+    priority_of,
+)
+from service.quota_policy import (
+    never_fits as policy_never_fits,
+)
+
+# jobs that hold (or are getting) servers: what "concurrent jobs" counts
+HOLDS_SERVER = (
+    JobState.ALLOCATING,
+    JobState.PROVISIONING,
+    JobState.RUNNING,
+    JobState.EXPORTING,
+    JobState.CANCELLING,
+)
+_HOLDING = [st.value for st in HOLDS_SERVER]
+_LOCK_KEY = 0x57AC  # one admission decision at a time across workers (PostgreSQL advisory lock)
+
+
+# -- limits -------------------------------------------------------------------------------
+
+
+def defaults(settings: Settings) -> Limits:
+    d = settings.quota_defaults
+    return Limits(jobs=d.jobs, servers=d.servers, gpus=d.gpus)
+
+
+def overrides(s: Session, project: str) -> dict[str, int | None]:
+    row = s.get(ProjectQuota, project)
+    return {k: (getattr(row, k) if row is not None else None) for k in KEYS}
+
+
+def limits_of(s: Session, settings: Settings, projects: Iterable[str]) -> dict[str, Limits]:
+    """Each project's limits: its overrides over the configured defaults."""
+    base = defaults(settings)
+    wanted = sorted(set(projects))
+    out = {p: base for p in wanted}
+    if not wanted:
+        return out
+    for row in s.scalars(select(ProjectQuota).where(ProjectQuota.project_id.in_(wanted))):
+        out[row.project_id] = Limits(
+            jobs=base.jobs if row.jobs is None else row.jobs,
+            servers=base.servers if row.servers is None else row.servers,
+            gpus=base.gpus if row.gpus is None else row.gpus,
+        )
+    return out
+
+
+def limits_for(s: Session, settings: Settings, project: str) -> Limits:
+    return limits_of(s, settings, [project])[project]
+
+
+def set_overrides(s: Session, project: str, values: Mapping[str, int | None]) -> None:
+    """Set (an int) or clear (None) some of the project's overrides; others are kept."""
+    unknown = set(values) - set(KEYS)
+    if unknown:
+        raise ValueError(f"unknown quota keys: {sorted(unknown)}")
+    row = s.get(ProjectQuota, project, with_for_update=True)
+    merged = {k: values[k] if k in values else (getattr(row, k) if row else None) for k in KEYS}
+    if all(v is None for v in merged.values()):
+        if row is not None:
+            s.delete(row)  # nothing overridden: back to the defaults
+            s.flush()
+        return
+    if row is None:
+        try:
+            with s.begin_nested():  # two admins creating the row at once: the loser updates
+                s.add(ProjectQuota(project_id=project, **merged, updated_at=utcnow()))
+            return
+        except IntegrityError:
+            row = s.get_one(ProjectQuota, project, with_for_update=True, populate_existing=True)
+    for k in KEYS:
+        if k in values:
+            setattr(row, k, values[k])
+    row.updated_at = utcnow()
+    s.flush()
+
+
+def clear_overrides(s: Session, project: str) -> None:
+    row = s.get(ProjectQuota, project)
+    if row is not None:
+        s.delete(row)
+        s.flush()
+
+
+# -- flavors (GPU counts and prices) ------------------------------------------------------
+
+
+_CONFIG_FLAVORS: dict[float, dict[str, Flavor]] = {}
+CLOUD_RETRY = 30.0  # after the cloud failed to list flavors, use the price table this long
+_cloud_quiet_until = [0.0]
+
+
+def _config_flavors(cfg: Settings) -> dict[str, Flavor]:
+    """config/flavors.yaml, read again only when it changes (serialising jobs reads it)."""
+    mtime = (CONFIG_DIR / "flavors.yaml").stat().st_mtime
+    table = _CONFIG_FLAVORS.get(mtime)
+    if table is None:
+        table = {f.name: f for f in cfg.flavors()}
+        _CONFIG_FLAVORS.clear()
+        _CONFIG_FLAVORS[mtime] = table
+    return dict(table)
+
+
+def flavor_table(settings: Settings | None = None) -> dict[str, Flavor]:
+    """Flavors by name, for GPU counts and prices: the compute backend's catalogue (the
+    openstack one is cached by the backend; its prices come from `openstack_prices`), or the
+    configured price table when the cloud does not answer."""
+    cfg = settings or get_settings()
+    if cfg.compute == "openstack":
+        from service.backends import registry
+
+        if time.monotonic() >= _cloud_quiet_until[0]:
+            try:
+                return {f.name: f for f in registry.compute(cfg).flavors()}
+            except BackendError:
+                # listing jobs must not wait on a cloud that is down, once per job
+                _cloud_quiet_until[0] = time.monotonic() + CLOUD_RETRY
+        return {
+            n: Flavor(name=n, vcpus=0, ram_mb=0, price_per_hour=float(p))
+            for n, p in cfg.openstack_prices.items()
+        }
+    return _config_flavors(cfg)
+
+
+# -- what projects hold -------------------------------------------------------------------
+
+
+def job_demand(
+    spec: Mapping[str, Any], flavors: Mapping[str, Flavor], default_flavor: str | None
+) -> Demand:
+    return demand(spec.get("resources") or {}, flavors, default_flavor)
+
+
+def in_use(
+    s: Session,
+    flavors: Mapping[str, Flavor],
+    default_flavor: str | None,
+    projects: Iterable[str] | None = None,
+) -> dict[str, Usage]:
+    """Per project: jobs holding or getting servers, and the servers and GPUs they hold
+    (what they need, by their spec), plus servers that finished jobs have not yet given back."""
+    wanted = None if projects is None else sorted(set(projects))
+    q = select(Job.project_id, Job.spec).where(Job.state.in_(_HOLDING))
+    owing = (
+        select(Resource.project_id, Resource.flavor)
+        .join(Job, Job.id == Resource.job_id)
+        .where(Resource.state != ResourceState.DELETED.value, Job.state.not_in(_HOLDING))
+    )
+    if wanted is not None:
+        q = q.where(Job.project_id.in_(wanted))
+        owing = owing.where(Resource.project_id.in_(wanted))
+    out: dict[str, Usage] = {p: Usage() for p in wanted or ()}
+    for project, spec in s.execute(q):
+        out[project] = out.get(project, Usage()).plus(job_demand(spec, flavors, default_flavor))
+    for project, flavor in s.execute(owing):
+        f = flavors.get(flavor)
+        out[project] = out.get(project, Usage()).plus(
+            Demand(servers=1, gpus=f.gpus if f else 0), jobs=0
+        )
+    return out
+
+
+def servers_in_use(usage: Mapping[str, Usage]) -> int:
+    return sum(u.servers for u in usage.values())
+
+
+# -- the admission queue ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    queued: Queued
+    reason: str | None  # why it waits now (None: fresh, its allocate step on the way)
+
+
+@dataclass(frozen=True)
+class AdmissionView:
+    """Everything one admission decision reads, in one transaction."""
+
+    queue: list[QueueRow]
+    in_use: dict[str, Usage]
+    limits: dict[str, Limits]
+    last_admitted: dict[str, datetime]
+
+
+def lock(s: Session) -> None:
+    """Serialise admission decisions for the rest of this transaction: a PostgreSQL advisory
+    lock; on SQLite, taking the database's write lock now (a write that changes nothing)."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+    elif dialect == "sqlite":
+        s.execute(text("UPDATE fair_share SET admitted = admitted WHERE 1 = 0"))
+
+
+def admission_view(
+    s: Session, settings: Settings, flavors: Mapping[str, Flavor], now: datetime | None = None
+) -> AdmissionView:
+    now = now or utcnow()
+    rows = s.execute(
+        select(
+            Job.id, Job.project_id, Job.created_at, Job.spec, Job.queue_reason, Job.not_before
+        ).where(Job.state == JobState.QUEUED.value)
+    ).all()
+    queue: list[QueueRow] = []
+    for job_id, project, created, spec, reason, not_before in rows:
+        if not_before is not None and _aware(not_before) > _aware(now):
+            continue  # backing off: its own allocate step comes back when the time is up
+        q = Queued(
+            job_id=job_id,
+            project_id=project,
+            created_at=_aware(created),
+            demand=job_demand(spec, flavors, settings.default_flavor),
+            priority=priority_of(spec.get("labels")),
+        )
+        queue.append(QueueRow(q, reason))
+    usage = in_use(s, flavors, settings.default_flavor)
+    projects = {r.queued.project_id for r in queue} | set(usage)
+    return AdmissionView(
+        queue=queue,
+        in_use=usage,
+        limits=limits_of(s, settings, projects),
+        last_admitted=last_admitted(s),
+    )
+
+
+def last_admitted(s: Session) -> dict[str, datetime]:
+    rows = s.execute(select(FairShare.project_id, FairShare.last_admitted_at))
+    return {p: _aware(at) for p, at in rows}
+
+
+def record_admission(s: Session, project: str) -> None:
+    """The project was served now: round-robin moves it to the back."""
+    row = s.get(FairShare, project)
+    if row is None:
+        s.add(FairShare(project_id=project, last_admitted_at=utcnow(), admitted=1))
+    else:
+        row.last_admitted_at = utcnow()
+        row.admitted += 1
+    s.flush()
+
+
+def never_fits(
+    s: Session, settings: Settings, project: str, spec: Any, flavors: Iterable[Flavor]
+) -> str | None:
+    """Why `spec` can never run in `project` under its quota (submission answers 422)."""
+    why = policy_never_fits(
+        limits_for(s, settings, project), spec, list(flavors), settings.default_flavor
+    )
+    return None if why is None else f"{why} (project {project})"
+
+
+# -- usage and cost -----------------------------------------------------------------------
+
+
+def _interval(r: Resource, flavors: Mapping[str, Flavor]) -> Interval | None:
+    if r.active_at is None:
+        return None  # never reached ACTIVE: nothing to bill
+    # a server not yet deleted is billed up to now (a row reused by a retry may carry an
+    # older deleted_at); a deleted one up to its deletion
+    end: datetime | None = None
+    if r.state == ResourceState.DELETED.value:
+        end = r.deleted_at or r.active_at
+    f = flavors.get(r.flavor)
+    return Interval(
+        start=_aware(r.active_at),
+        end=_aware(end) if end is not None else None,
+        gpus=f.gpus if f else 0,
+        price_per_hour=f.price_per_hour if f else 0.0,
+    )
+
+
+def job_usage(
+    resources: Sequence[Resource],
+    flavors: Mapping[str, Flavor] | None = None,
+    now: datetime | None = None,
+) -> Metered:
+    """A job's whole usage so far (its servers' time from ACTIVE until deleted, or now)."""
+    if not any(r.active_at is not None for r in resources):
+        return Metered()  # never ran: no need for the flavor catalogue
+    table = flavor_table() if flavors is None else flavors
+    intervals = [iv for r in resources if (iv := _interval(r, table)) is not None]
+    return meter(intervals, now or utcnow())
+
+
+@dataclass
+class UsageRow:
+    job_id: str
+    name: str
+    project_id: str
+    state: str
+    metered: Metered = field(default_factory=Metered)
+
+
+def usage_report(
+    s: Session,
+    flavors: Mapping[str, Flavor],
+    since: datetime,
+    until: datetime,
+    project: str | None,
+    now: datetime | None = None,
+) -> list[UsageRow]:
+    """Per job, the usage inside [since, until) of every server that was up in that window
+    (`project` None: every project), oldest job first."""
+    now = now or utcnow()
+    q = (
+        select(Resource, Job.name, Job.state, Job.created_at)
+        .join(Job, Job.id == Resource.job_id)
+        .where(
+            Resource.active_at.is_not(None),
+            Resource.active_at < until,
+            or_(
+                Resource.state != ResourceState.DELETED.value,
+                Resource.deleted_at.is_(None),
+                Resource.deleted_at > since,
+            ),
+        )
+        .order_by(Job.created_at, Job.id, Resource.id)
+    )
+    if project is not None:
+        q = q.where(Resource.project_id == project)
+    rows: dict[str, UsageRow] = {}
+    for res, name, state, _created in s.execute(q):
+        iv = _interval(res, flavors)
+        if iv is None:
+            continue
+        m = meter([iv], now, since, until)
+        if m.vm_seconds <= 0:
+            continue
+        row = rows.get(res.job_id)
+        if row is None:
+            row = rows[res.job_id] = UsageRow(res.job_id, name, res.project_id, state)
+        row.metered = row.metered + m
+    return list(rows.values())
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
