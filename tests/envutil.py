@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from service.config import reset_settings
 
@@ -31,3 +32,17 @@ def environ(values: dict[str, str]) -> Iterator[None]:
             else:
                 os.environ[k] = v
         reset_settings()
+
+
+def reap_sandboxes(root: Path) -> int:
+    """Delete every sandbox left under `root` (after a failed test: the failure is already
+    reported; this keeps the machine clean for the next run). Returns how many."""
+    from service.backends.compute.sandbox import SandboxBackend
+
+    if not root.is_dir():
+        return 0
+    backend = SandboxBackend(root, [])
+    servers = backend.list_servers()
+    for ref in servers:
+        backend.delete_server(ref.id)
+    return len(servers)

@@ -627,6 +627,7 @@ def wait_for_ssh(
 # --------------------------------------------------------------------------- the cache
 
 
+RECONNECT_WINDOW = 5.0
 _CacheKey = tuple[str, int, str, str, str]
 _cache: dict[_CacheKey, SSHConnection] = {}
 _cache_lock = threading.Lock()
@@ -664,7 +665,9 @@ def _remember(conn: SSHConnection) -> None:
 
 
 def connection(target: SSHTarget, timeout: float = 30.0) -> SSHConnection:
-    """A live connection to `target`, reused across calls in this process (one connect if none)."""
+    """A live connection to `target`, reused across calls in this process. A new connect is
+    retried for a few seconds (RECONNECT_WINDOW): a loaded sshd may drop a handshake or refuse a
+    key once, which must not fail a job that was running fine."""
     _check_pid()
     key = _key(target)
     with _cache_lock:
@@ -675,8 +678,9 @@ def connection(target: SSHTarget, timeout: float = 30.0) -> SSHConnection:
         _cache.pop(key, None)
     if conn is not None:
         conn.close()
-    conn = SSHConnection.open(target, timeout=timeout)
-    _remember(conn)
+    window = min(timeout, RECONNECT_WINDOW)
+    conn = wait_for_ssh(target, window, attempt_timeout=timeout)
+    conn.timeout = timeout
     return conn
 
 

@@ -20,7 +20,7 @@ from service.client import StackMLClient
 from service.config import Settings
 from service.platform import LocalPlatform
 from service.runtime import ensure_runtime
-from tests.envutil import environ, free_port
+from tests.envutil import environ, free_port, reap_sandboxes
 from tests.pgutil import temp_database
 
 RUNTIME_ROOT = Path(os.environ.get("STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes"))
@@ -86,7 +86,10 @@ def chaos_platform(chaos_settings: Settings) -> Iterator[LocalPlatform]:
             wait_no_servers(chaos_settings, 60)
         finally:
             p.stop()
-            assert_no_leaks(chaos_settings)
+            try:
+                assert_no_leaks(chaos_settings)
+            finally:
+                reap_sandboxes(chaos_settings.sandbox_dir)
 
 
 @pytest.fixture(scope="session")

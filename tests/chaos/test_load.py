@@ -20,7 +20,7 @@ import requests
 
 from service.client import StackMLClient
 from tests.chaos.conftest import FIGURES, QUICK, RUNTIME_ROOT, assert_no_leaks
-from tests.envutil import free_port
+from tests.envutil import free_port, reap_sandboxes
 from tests.pgutil import temp_database
 
 JOBS = int(os.environ.get("STACKML_LOAD_JOBS", "500"))
@@ -169,5 +169,8 @@ def test_burst_of_jobs_completes_with_none_lost_or_run_twice(tmp_path: Path) -> 
                     up.wait(60)
                 except subprocess.TimeoutExpired:
                     os.killpg(up.pid, signal.SIGKILL)
-        assert_no_leaks(Settings(data_dir=data))
-    shutil.rmtree(data, ignore_errors=True)
+        try:
+            assert_no_leaks(Settings(data_dir=data))
+        finally:
+            reap_sandboxes(data / "sandboxes")
+            shutil.rmtree(data, ignore_errors=True)

@@ -313,3 +313,50 @@ def test_flavors_endpoint_lists_the_clouds_gpu_flavors(
     by_name = {f["name"]: f for f in flavors}
     assert by_name["g1.a100x2"]["gpus"] == 2 and by_name["g1.a100x2"]["gpu_type"] == "a100"
     assert by_name["m1.small"]["gpus"] == 0
+
+
+def test_swift_answering_503_during_export_fails_the_upload_and_keeps_nothing(
+    client: StackMLClient, package: str, cloud_platform: tuple[LocalPlatform, DevCloud]
+) -> None:
+    """The object servers go away while the runner uploads: the proxy answers 503, the runner
+    retries, then the job fails in export with `upload_failed`; no half-written model stays."""
+    from devcloud import venvs
+    from devcloud.process import Service, http_answers
+    from service.backends import registry
+
+    platform, cloud = cloud_platform
+    objects = Service("swift-object", cloud.run_dir)
+    platform.restart_worker({"STACKML_CHAOS_PAUSE": "export:3"})
+    try:
+        job = client.create_job(
+            {"name": "cloud-503", "trainer": {"package_uri": package, "module": "trainer.ok"}}
+        )
+        _wait(client, job["id"], lambda j: j["state"] == "EXPORTING", 60)
+        assert objects.stop()  # every object request through the proxy now answers 503
+        done = _done(client, job["id"], timeout=120)
+    finally:
+        venv = venvs.ensure_venv(cloud.venv_root, "swift", venvs.SWIFT_REQUIREMENTS)
+        swift_dir = cloud.state_dir / "swift"
+        objects.start(
+            [
+                str(venv / "bin" / "python"),
+                str(venv / "bin" / "swift-object-server"),
+                str(swift_dir / "etc" / "object-server.conf"),
+                "-v",
+            ],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=swift_dir,
+        )
+        url = f"http://127.0.0.1:{cloud.ports.swift_object}/healthcheck"
+        objects.wait_ready(lambda: http_answers(url), 30)
+        platform.restart_worker()
+    assert (done["state"], done["failure"]["phase"], done["failure"]["reason"]) == (
+        "FAILED",
+        "export",
+        "upload_failed",
+    )
+    assert "503" in done["failure"]["message"]
+    store = registry.store()
+    assert store.list(store.key_of(done["output"]["model_uri"])) == []
+    data, _ = client.logs(job["id"])
+    assert f"hello from {job['id']}" in data.decode()  # the log written before the fault stays

@@ -18,7 +18,7 @@ from service.client import StackMLClient
 from service.config import Settings
 from service.platform import LocalPlatform
 from service.runtime import ensure_runtime
-from tests.envutil import environ, free_port
+from tests.envutil import environ, free_port, reap_sandboxes
 from tests.pgutil import temp_database
 
 # shared between runs on one machine: building the TensorFlow runtime downloads ~270 MB once
@@ -73,7 +73,10 @@ def platform(e2e_settings: Settings, runtime_python: Path) -> Iterator[LocalPlat
             _wait_no_servers(e2e_settings, 60)
         finally:
             p.stop()
-            _assert_no_leaks(e2e_settings)
+            try:
+                _assert_no_leaks(e2e_settings)
+            finally:
+                reap_sandboxes(e2e_settings.sandbox_dir)
 
 
 def _wait_no_servers(settings: Settings, timeout: float) -> None:
