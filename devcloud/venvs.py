@@ -10,13 +10,13 @@ import fcntl
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from devcloud import DevCloudError
+from service.runtime import run_build_step, uv_bin
 
 KEYSTONE_REQUIREMENTS = ("keystone==30.0.0", "gunicorn")
 SWIFT_REQUIREMENTS = ("swift==2.38.3", "keystonemiddleware==13.0.1")
@@ -58,9 +58,9 @@ def ensure_venv(
         shutil.rmtree(target, ignore_errors=True)  # a build that died half-way
         env = {**os.environ, "UV_NO_PROGRESS": "1"}
         env.pop("VIRTUAL_ENV", None)
-        _run([_uv(), "venv", "--quiet", "--python", str(base_python()), str(target)], env)
+        _run([uv_bin(), "venv", "--quiet", "--python", str(base_python()), str(target)], env)
         _run(
-            [_uv(), "pip", "install", "--quiet", "--python", str(target / "bin" / "python")]
+            [uv_bin(), "pip", "install", "--quiet", "--python", str(target / "bin" / "python")]
             + list(requirements),
             env,
         )
@@ -70,23 +70,12 @@ def ensure_venv(
     return target
 
 
-def _uv() -> str:
-    from uv import find_uv_bin
-
-    return find_uv_bin()
-
-
 def _run(argv: list[str], env: dict[str, str]) -> None:
-    try:
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        raise DevCloudError(
-            f"building a devcloud virtualenv timed out after {BUILD_TIMEOUT}s "
-            f"({' '.join(argv[:3])}); check the network to the package index and retry"
-        ) from e
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip()[-2000:]
-        raise DevCloudError(
-            f"building a devcloud virtualenv failed ({' '.join(argv[:3])}): {tail}\n"
-            "fix the cause above and run `stackml devcloud up` again"
-        )
+    run_build_step(
+        argv,
+        env,
+        error=DevCloudError,
+        what="building a devcloud virtualenv",
+        hint="; check the network to the package index, then run `stackml devcloud up` again",
+        timeout=BUILD_TIMEOUT,
+    )

@@ -83,11 +83,12 @@ def ensure_runtime(
         env.pop("VIRTUAL_ENV", None)
         req = _requirements(settings, key)
         _run(
-            [_uv(), "venv", "--quiet", "--relocatable", "--python", str(BASE_PYTHON), str(tmp)], env
+            [uv_bin(), "venv", "--quiet", "--relocatable", "--python", str(BASE_PYTHON), str(tmp)],
+            env,
         )
         _run(
             [
-                _uv(),
+                uv_bin(),
                 "pip",
                 "install",
                 "--quiet",
@@ -107,17 +108,32 @@ def ensure_runtime(
     return python
 
 
-def _uv() -> str:
+def uv_bin() -> str:
+    """The uv executable that ships in the project's virtualenv (the `uv` wheel)."""
     from uv import find_uv_bin
 
     return find_uv_bin()
 
 
-def _run(argv: list[str], env: dict[str, str]) -> None:
+def run_build_step(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    error: type[Exception],
+    what: str,
+    hint: str = "",
+    timeout: float = BUILD_TIMEOUT,
+) -> None:
+    """Run one step of a virtualenv build; `error` says which build failed, and how."""
+    step = " ".join(argv[:3])
     try:
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        raise RuntimeBuildError(f"runtime build step timed out: {' '.join(argv[:3])}") from e
+        raise error(f"{what} timed out after {timeout:.0f}s ({step}){hint}") from e
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip()[-2000:]
-        raise RuntimeBuildError(f"runtime build step failed ({' '.join(argv[:3])}): {tail}")
+        raise error(f"{what} failed ({step}): {tail}{hint}")
+
+
+def _run(argv: list[str], env: dict[str, str]) -> None:
+    run_build_step(argv, env, error=RuntimeBuildError, what="building the runtime")
