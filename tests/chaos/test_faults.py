@@ -116,9 +116,8 @@ def test_broker_or_database_restart_mid_job_loses_nothing(
     assert_complete_log(client, job["id"], N_LINES)
 
 
-def test_sandbox_killed_mid_training_fails_with_server_lost(
-    chaos_platform: LocalPlatform, chaos_settings: Settings, client: StackMLClient, package: str
-) -> None:
+def _running_steady(client: StackMLClient, package: str) -> tuple[dict, dict]:
+    """A long steady job, once it runs and has written a few log lines."""
     job = submit(client, package, "steady", "600")
     running = wait_until(
         client,
@@ -127,6 +126,13 @@ def test_sandbox_killed_mid_training_fails_with_server_lost(
         60,
         "running",
     )
+    return job, running
+
+
+def test_sandbox_killed_mid_training_fails_with_server_lost(
+    chaos_platform: LocalPlatform, chaos_settings: Settings, client: StackMLClient, package: str
+) -> None:
+    job, running = _running_steady(client, package)
     before = steady_lines(client, job["id"])
     os.kill(int(_server_record(chaos_settings, running)["sshd_pid"]), signal.SIGKILL)
     t0 = time.monotonic()
@@ -139,14 +145,7 @@ def test_sandbox_killed_mid_training_fails_with_server_lost(
 def test_frozen_sandbox_fails_with_server_lost_within_the_heartbeat_deadline(
     chaos_platform: LocalPlatform, chaos_settings: Settings, client: StackMLClient, package: str
 ) -> None:
-    job = submit(client, package, "steady", "600")
-    running = wait_until(
-        client,
-        job["id"],
-        lambda j: j["state"] == "RUNNING" and len(steady_lines(client, j["id"])) >= 5,
-        60,
-        "running",
-    )
+    job, running = _running_steady(client, package)
     rec = _server_record(chaos_settings, running)
     unified = [c for c in rec["cgroups"] if "/unified/" in c]
     assert unified, f"no cgroup v2 group to freeze: {rec['cgroups']}"

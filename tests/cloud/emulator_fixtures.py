@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +230,15 @@ def wait_status(conn: Any, server_id: str, statuses: set[str], timeout: float = 
             return s
         assert time.monotonic() < deadline, f"server {server_id} stayed {s.status}"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running_emulator(*args: str) -> Iterator[EmulatorProcess]:
+    """A started emulator (with the runtime built), torn down and checked afterwards."""
+    ensure_runtime()
+    emu = EmulatorProcess(new_base(), args=args)
+    emu.start()
+    try:
+        yield emu
+    finally:
+        emu.teardown()

@@ -22,6 +22,7 @@ from tests.cloud.emulator_fixtures import (
     EmulatorProcess,
     ensure_runtime,
     new_base,
+    running_emulator,
     sdk_connection,
     wait_status,
 )
@@ -32,13 +33,8 @@ NO_VALID_HOST = "No valid host was found. There are not enough hosts available."
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[EmulatorProcess]:
-    ensure_runtime()
-    emu = EmulatorProcess(new_base(), args=("--quota", "instances=10,cores=40,ram=262144"))
-    emu.start()
-    try:
+    with running_emulator("--quota", "instances=10,cores=40,ram=262144") as emu:
         yield emu
-    finally:
-        emu.teardown()
 
 
 @pytest.fixture

@@ -24,8 +24,7 @@ from tests.cloud.emulator_fixtures import (
     IMAGE,
     RUNTIME_KEY,
     EmulatorProcess,
-    ensure_runtime,
-    new_base,
+    running_emulator,
     sdk_connection,
 )
 from workers import ssh
@@ -36,13 +35,8 @@ TAGS = (("stackml-job", "j-1"), ("stackml-role", "chief"), ("stackml-project", "
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[EmulatorProcess]:
-    ensure_runtime()
-    emu = EmulatorProcess(new_base())
-    emu.start()
-    try:
+    with running_emulator() as emu:
         yield emu
-    finally:
-        emu.teardown()
 
 
 @pytest.fixture
