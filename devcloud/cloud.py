@@ -322,7 +322,20 @@ class DevCloud:
             "--runtime-root",
             str(self.runtime_root),
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            # the emulator validates tokens with its own login, as Nova's authtoken does
+            "STACKML_EMULATOR_SERVICE_AUTH": json.dumps(
+                {
+                    "username": "admin",
+                    "password": self.admin_password,
+                    "project_name": "admin",
+                    "user_domain_name": "Default",
+                    "project_domain_name": "Default",
+                }
+            ),
+        }
         svc.start(argv, env=env, cwd=Path(__file__).resolve().parents[1])
         svc.wait_ready(
             lambda: http_answers(f"{self.emulator_url}/compute/v2.1"), EMULATOR_READY_DEADLINE

@@ -163,7 +163,9 @@ class UserDef:
 
 PROJECTS = ("service", "demo", "alt-demo")
 USERS = (
-    UserDef("stackml", "service", ("admin", "service")),  # stackml's service user (trusts)
+    # stackml's service user: the trustee of users' trusts; ResellerAdmin lets its API reach
+    # each project's own Swift account (per-project tenancy, service/trusts.py)
+    UserDef("stackml", "service", ("admin", "service", "ResellerAdmin")),
     UserDef("swift", "service", ("service",)),  # Swift's authtoken validates tokens with it
     UserDef("demo", "demo", ("member",)),
     UserDef("demo-reader", "demo", ("reader",)),
@@ -271,7 +273,10 @@ def configure(
                 {"name": name, "domain_id": domain},
                 {"name": name, "domain_id": domain, "description": "stackml devcloud"},
             )
-        roles = {r: ks.role_id(r) for r in ("reader", "member", "admin", "service")}
+        ks.ensure("roles", {"name": "ResellerAdmin"}, {"name": "ResellerAdmin"})
+        roles = {
+            r: ks.role_id(r) for r in ("reader", "member", "admin", "service", "ResellerAdmin")
+        }
         for u in USERS:
             user_id = ks.ensure(
                 "users",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -95,6 +96,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _service_auth() -> dict[str, str] | None:
+    """STACKML_EMULATOR_SERVICE_AUTH: JSON {username, password, project_name, ...}, the login
+    the emulator validates tokens with (in the environment: a password never goes in argv)."""
+    raw = os.environ.get("STACKML_EMULATOR_SERVICE_AUTH")
+    if not raw:
+        return None
+    try:
+        auth = json.loads(raw)
+    except ValueError as e:
+        raise SystemExit(f"STACKML_EMULATOR_SERVICE_AUTH is not JSON: {e}") from e
+    if not isinstance(auth, dict):
+        raise SystemExit("STACKML_EMULATOR_SERVICE_AUTH must be a JSON object")
+    missing = [k for k in ("username", "password", "project_name") if not auth.get(k)]
+    if missing:
+        raise SystemExit(f"STACKML_EMULATOR_SERVICE_AUTH lacks {', '.join(missing)}")
+    return {str(k): str(v) for k, v in auth.items()}
+
+
 def config_from(args: argparse.Namespace) -> EmulatorConfig:
     keystone = None if args.keystone_url.lower() == "none" else args.keystone_url
     if keystone is None and not _is_loopback(args.host):
@@ -118,6 +137,7 @@ def config_from(args: argparse.Namespace) -> EmulatorConfig:
         isolation=args.isolation,
         login_user=args.login_user,
         boot_delay=args.boot_delay,
+        service_auth=_service_auth(),
     )
     if flavors is not None:
         cfg.flavors = flavors

@@ -36,7 +36,7 @@ class Emulator:
         self.cfg = cfg
         self.store = StateStore(cfg.state_dir)
         self.machines = Machines(cfg, self.store)
-        self.auth = Authenticator(cfg.keystone_url, cfg.token_cache_seconds)
+        self.auth = Authenticator(cfg.keystone_url, cfg.token_cache_seconds, cfg.service_auth)
         self._calls: collections.Counter[str] = collections.Counter()
         self._calls_lock = threading.Lock()
         self.app = create_app(self)

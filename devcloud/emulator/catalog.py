@@ -80,6 +80,9 @@ class EmulatorConfig:
     login_user: str = "stackml"  # the user a stackml image has (root isolation only)
     boot_delay: float = 0.0  # extra seconds in BUILD after the sandbox is up
     token_cache_seconds: float = 30.0
+    # the emulator's own Keystone login for validating tokens (username, password,
+    # project_name, user/project_domain_name), as Nova's keystonemiddleware has one
+    service_auth: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(os.path.realpath(self.state_dir))
