@@ -438,13 +438,15 @@ class OpenStackBackend(ComputeBackend):
         conn = self._conn()
         name = self.security_group
         with self._translate(f"ensuring security group {name!r}"):
-            groups = list(conn.network.security_groups(name=name))
+            # this project's own: an admin (or a trust with admin) sees every project's groups
+            project = conn.current_project_id
+            groups = list(conn.network.security_groups(name=name, project_id=project))
             if not groups:
                 conn.network.create_security_group(
                     name=name, description="stackml: SSH from the workers"
                 )
                 # another worker may have made one too: everyone settles on the oldest
-                groups = list(conn.network.security_groups(name=name))
+                groups = list(conn.network.security_groups(name=name, project_id=project))
             groups.sort(key=lambda g: (g.created_at or "", g.id))
             sg = groups[0]
             has_rule = any(
