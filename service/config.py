@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     openstack_gpu_aliases: dict[str, str] = Field(default_factory=dict)
     openstack_prices: dict[str, float] = Field(default_factory=dict)  # flavor -> price per hour
     openstack_call_timeout: float = 30
+    # auth=keystone + compute=openstack: "project" runs each job in the submitting project
+    # through a Keystone trust (its quotas, its Horizon); "service" keeps every job's servers
+    # in the project of openstack_cloud (one service project, no trusts)
+    tenancy: Literal["project", "service"] = "project"
     # store: swift (the account of openstack_cloud's project; containers per stackml project)
     swift_segment_bytes: int = 1 << 30  # files above this go up as Static Large Objects
     swift_container_prefix: str = "stackml-"

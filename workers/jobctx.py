@@ -32,12 +32,15 @@ def settings() -> Settings:
     return get_settings()
 
 
-def compute() -> ComputeBackend:
-    return registry.compute()
+def compute(trust_id: str | None = None) -> ComputeBackend:
+    """The compute backend; for a job with a Keystone trust (Job.trust_id), the one acting
+    through it in the job's project."""
+    return registry.compute(trust_id=trust_id)
 
 
-def store() -> ObjectStore:
-    return registry.store()
+def store(project_id: str | None = None, trust_id: str | None = None) -> ObjectStore:
+    """The object store; for a job's project and trust, that project's own (service/trusts.py)."""
+    return registry.store(project_id=project_id, trust_id=trust_id)
 
 
 @contextmanager

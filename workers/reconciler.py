@@ -1,4 +1,5 @@
-"""The reconciler (beat): re-drives stalled jobs, pays teardown debts, reaps orphan servers.
+"""The reconciler (beat): re-drives stalled jobs, pays teardown debts (servers, then Keystone
+trusts), reaps orphan servers.
 
 Safe to run twice at once: every re-drive is a compare-and-set on the job's progress stamp,
 so only one reconciler hands a given job on.
@@ -18,6 +19,7 @@ from service.db.models import Job, utcnow
 from service.domain.states import TERMINAL, JobState
 from workers import jobctx
 from workers.jobctx import db, log
+from workers.steps import teardown
 
 NEXT_TASK = {
     JobState.QUEUED: queue.ALLOCATE,
@@ -35,6 +37,7 @@ class Report:
     debts: list[str] = field(default_factory=list)
     reaped: list[str] = field(default_factory=list)
     admitted: list[str] = field(default_factory=list)
+    trusts: list[str] = field(default_factory=list)  # jobs whose Keystone trust was deleted
 
 
 def run() -> Report:
@@ -79,9 +82,15 @@ def _redrive(report: Report) -> None:
 def _pay_debts(report: Report) -> None:
     with db() as s:
         owed = sorted({r.job_id for r in repo.debts(s)})
+        trusts_owed = repo.trust_debts(s)
     for job_id in owed:
         jobctx.next_step(queue.TEARDOWN, job_id)
         report.debts.append(job_id)
+    for job_id, trust_id in trusts_owed:
+        # a finished job whose servers are gone still holds its Keystone trust
+        if not teardown.release_trust(job_id, trust_id):
+            break  # Keystone does not answer: the next round tries again
+        report.trusts.append(job_id)
 
 
 def _reap_orphans(report: Report) -> None:

@@ -37,6 +37,16 @@ class Context:
         with session_scope(self.settings.db_url) as s:
             yield s
 
+    def store_for(self, project_id: str) -> ObjectStore:
+        """Where `project_id`'s objects live: its own Swift account with per-project tenancy
+        (service/trusts.py), else the platform's store."""
+        from service import trusts
+        from service.backends import registry
+
+        if self.settings.store == "swift" and trusts.enabled(self.settings):
+            return registry.store(self.settings, project_id=project_id)
+        return self.store
+
     def enqueue_quietly(self, task: str, job_id: str) -> bool:
         """Hand `task` to the workers; a broker outage only delays the job, because the
         reconciler re-drives jobs whose next task was lost."""

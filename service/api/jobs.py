@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -11,9 +12,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from sqlalchemy.orm import Session
 
-from service import queue
+from service import queue, trusts
 from service.api import Context, ctx, json_body
-from service.api.auth import all_projects_arg, current_project, job_scope, list_scope
+from service.api.auth import all_projects_arg, current, current_project, job_scope, list_scope
 from service.api.errors import (
     JobNotTerminal,
     JobTerminal,
@@ -32,6 +33,7 @@ from service.domain.spec import NAME_RE, JobSpec
 from service.domain.states import JobState, ResourceState
 
 bp = Blueprint("jobs", __name__)
+log = logging.getLogger("stackml.api.jobs")
 
 DEFAULT_LIMIT = 50
 LOG_CHUNK = 1 << 20
@@ -56,19 +58,50 @@ def submit() -> tuple[Response, int, dict[str, str]]:
     project = current_project()
     spec = JobSpec.model_validate(json_body())
     spec = _resolve(spec, project, c)
-    with c.session() as s:
-        job = repo.create_job(s, project, spec)
-        data = spec.model_dump(mode="json")
-        if spec.output.model_uri is None:
-            data["output"]["model_uri"] = c.store.uri(
-                f"{c.store.project_prefix(project)}models/{job.id}/"
-            )
-        job.spec = data
-        job.output = {"model_uri": data["output"]["model_uri"]}
-        s.flush()
-        body = repo.serialize_job(s, job)
+    trust_id = _create_trust(c, project)
+    try:
+        with c.session() as s:
+            job = repo.create_job(s, project, spec, trust_id=trust_id)
+            data = spec.model_dump(mode="json")
+            if spec.output.model_uri is None:
+                store = c.store_for(project)
+                data["output"]["model_uri"] = store.uri(
+                    f"{store.project_prefix(project)}models/{job.id}/"
+                )
+            job.spec = data
+            job.output = {"model_uri": data["output"]["model_uri"]}
+            s.flush()
+            body = repo.serialize_job(s, job)
+    except BaseException:
+        if trust_id is not None:
+            _delete_trust_quietly(c, trust_id)  # no job row holds it: it must not outlive this
+        raise
     c.enqueue_quietly(queue.ALLOCATE, job.id)
     return jsonify(body), 202, {"Location": url_for("jobs.get", job_id=job.id)}
+
+
+def _create_trust(c: Context, project: str) -> str | None:
+    """With keystone auth and per-project tenancy: the trust the job's workers act through
+    (service/trusts.py), made with the caller's token before anything is stored."""
+    if not trusts.enabled(c.settings):
+        return None
+    caller = current()
+    if caller.token is None:
+        raise ServiceUnavailable("the request carries no Keystone token to delegate")
+    return trusts.create(
+        c.settings,
+        token=caller.token,
+        user_id=caller.user_id,
+        project_id=project,
+        roles=caller.roles,
+    )
+
+
+def _delete_trust_quietly(c: Context, trust_id: str) -> None:
+    try:
+        trusts.delete(c.settings, trust_id)
+    except BackendError as e:
+        log.warning("trust %s of a submission that failed is left in Keystone: %s", trust_id, e)
 
 
 def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
@@ -119,7 +152,7 @@ def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
     for field, uri, must_exist in checks:
         if uri is None:
             continue
-        problem = _check_uri(c.store, project, uri, must_exist)
+        problem = _check_uri(c.store_for(project), project, uri, must_exist)
         if problem:
             problems.append(field_error(field, problem))
     if problems:
@@ -334,6 +367,15 @@ def delete(job_id: str) -> tuple[str, int]:
                 f"job {job_id} still has servers being deleted; retry later",
                 details={"resources": pending},
             )
+        if job.trust_id is not None:
+            # the job finished moments ago and its trust is not deleted yet: do it now
+            try:
+                trusts.delete(c.settings, job.trust_id)
+            except BackendError as e:
+                raise ServiceUnavailable(
+                    f"job {job_id}'s Keystone trust could not be deleted yet; retry later",
+                    retry_after=10,
+                ) from e
         repo.delete_job(s, job_id)
     return "", 204
 

@@ -67,9 +67,10 @@ def upload() -> tuple[Response, int]:
         if size == 0:
             raise InvalidPackage("the package is empty")
         verify_tarball(Path(tmp.name), max_unpacked=limit * MAX_EXPANSION)
-        key = f"{c.store.project_prefix(project)}staging/{sha256[:16]}/{_filename(filename)}"
-        c.store.put_file(key, tmp.name)
-    return jsonify({"package_uri": c.store.uri(key), "sha256": sha256, "size": size}), 201
+        store = c.store_for(project)
+        key = f"{store.project_prefix(project)}staging/{sha256[:16]}/{_filename(filename)}"
+        store.put_file(key, tmp.name)
+    return jsonify({"package_uri": store.uri(key), "sha256": sha256, "size": size}), 201
 
 
 def _spool(src: IO[bytes], dst: IO[bytes], limit: int) -> tuple[str, int]:

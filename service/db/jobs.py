@@ -32,7 +32,7 @@ def new_job_id() -> str:
     return "job-" + secrets.token_hex(8)
 
 
-def create_job(s: Session, project_id: str, spec: JobSpec) -> Job:
+def create_job(s: Session, project_id: str, spec: JobSpec, *, trust_id: str | None = None) -> Job:
     now = utcnow()
     job = Job(
         id=new_job_id(),
@@ -48,6 +48,7 @@ def create_job(s: Session, project_id: str, spec: JobSpec) -> Job:
         log_offset=0,
         poll_interval=0.0,
         cancel_requested=False,
+        trust_id=trust_id,
     )
     s.add(job)
     s.flush()
@@ -277,6 +278,25 @@ def latest_metrics(s: Session, job_id: str) -> dict[str, float]:
 
 def resources(s: Session, job_id: str) -> list[Resource]:
     return list(s.scalars(select(Resource).where(Resource.job_id == job_id).order_by(Resource.id)))
+
+
+def trust_debts(s: Session, limit: int = 100) -> list[tuple[str, str]]:
+    """(job id, trust id) of terminal jobs whose servers are all gone but whose Keystone trust
+    is not yet deleted."""
+    live = select(Resource.id).where(
+        Resource.job_id == Job.id, Resource.state != ResourceState.DELETED.value
+    )
+    rows = s.execute(
+        select(Job.id, Job.trust_id)
+        .where(
+            Job.trust_id.is_not(None),
+            Job.state.in_([t.value for t in TERMINAL]),
+            ~live.exists(),
+        )
+        .order_by(Job.id)
+        .limit(limit)
+    ).all()
+    return [(job_id, trust_id) for job_id, trust_id in rows if trust_id is not None]
 
 
 def debts(s: Session, limit: int = 100) -> list[Resource]:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -56,13 +57,19 @@ class Job(Base):
     ssh_key_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     ssh_public_key: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    # the Keystone trust the workers act through in the job's project (auth=keystone with the
+    # openstack backend); cleared once the trust is deleted, after the job's servers are gone
+    trust_id: Mapped[str | None] = mapped_column(String(64))
     # why a QUEUED job waits (capacity, quota, backoff), and not before when it retries
     queue_reason: Mapped[str | None] = mapped_column(Text)
     not_before: Mapped[datetime | None]
     # index into the allocation plan (flavor x availability zone) being tried
     alloc_attempt: Mapped[int] = mapped_column(default=0, server_default="0")
 
-    __table_args__ = (Index("ix_jobs_project_created", "project_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_project_created", "project_id", "created_at", "id"),
+        Index("ix_jobs_trust_owed", "state", postgresql_where=text("trust_id IS NOT NULL")),
+    )
 
 
 class JobLabel(Base):

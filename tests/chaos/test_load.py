@@ -81,9 +81,11 @@ def test_burst_of_jobs_completes_with_none_lost_or_run_twice(tmp_path: Path) -> 
                     n = sum(1 for p in sandboxes.iterdir() if not p.name.startswith("."))
                     peak_servers = max(peak_servers, n)
                 for child in api.children(recursive=True):
-                    worker_peaks[child.pid] = max(
-                        worker_peaks.get(child.pid, 0.0), child.memory_info().rss / 2**20
-                    )
+                    try:
+                        rss = child.memory_info().rss / 2**20
+                    except psutil.NoSuchProcess:
+                        continue  # a worker child that just exited
+                    worker_peaks[child.pid] = max(worker_peaks.get(child.pid, 0.0), rss)
 
         try:
             deadline = time.monotonic() + 90

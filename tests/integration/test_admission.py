@@ -114,7 +114,7 @@ def env(pg: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[En
         for table in ("job_events", "job_labels", "resources", "jobs", "quotas", "fair_share"):
             s.execute(Job.metadata.tables[table].delete())
     monkeypatch.setattr(jobctx, "settings", lambda: e.settings)
-    monkeypatch.setattr(jobctx, "compute", lambda: e.cloud)
+    monkeypatch.setattr(jobctx, "compute", lambda trust_id=None: e.cloud)
     monkeypatch.setattr(
         jobctx, "next_step", lambda task, job_id, countdown=0.0: e.enqueued.append((task, job_id))
     )

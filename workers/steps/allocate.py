@@ -111,11 +111,11 @@ def booting_message(job: Job) -> str:
 def _advance(job_id: str) -> None:
     """One look at the current attempt: create, wait, accept, or move to the next attempt."""
     cfg = jobctx.settings()
-    backend = jobctx.compute()
     with db() as s:
         job = repo.get_job(s, job_id)
         if job.state != JobState.ALLOCATING:
             return
+        backend = jobctx.compute(job.trust_id)
         chaos.pause("allocate")
         spec = JobSpec.model_validate(job.spec)
         steps = plan(spec)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 from service import queue
-from service.backends.interfaces import Access, ObjectInfo
+from service.backends.interfaces import Access, ObjectInfo, ObjectStore, ServerState
 from service.db import jobs as repo
-from service.domain.errors import StoreError
+from service.domain.errors import BackendError, StoreError
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, Phase
 from workers import chaos, jobctx, ssh
@@ -15,26 +16,26 @@ from workers.jobctx import JOB_DIR, RUNNER, db
 from workers.steps.provision import PYTHON
 
 
-def model_uri(job_id: str, project_id: str, spec: JobSpec) -> str:
-    store = jobctx.store()
+def model_uri(job_id: str, project_id: str, spec: JobSpec, store: ObjectStore) -> str:
     return spec.output.model_uri or store.uri(f"{store.project_prefix(project_id)}models/{job_id}/")
 
 
 def run(job_id: str) -> None:
     cfg = jobctx.settings()
-    store = jobctx.store()
     with db() as s:
         job = repo.get_job(s, job_id)
         if job.state != JobState.EXPORTING:
             return
+        store = jobctx.store(job.project_id, job.trust_id)
         chaos.pause("export")
         res = jobctx.chief(s, job_id)
         if res is None:
             jobctx.fail(job_id, Phase.EXPORT, "server_lost", "the job has no server record")
             return
         target = jobctx.ssh_target(job, res)
+        server_id, trust_id = res.server_id, job.trust_id
         spec = JobSpec.model_validate(job.spec)
-        uri = model_uri(job_id, job.project_id, spec)
+        uri = model_uri(job_id, job.project_id, spec, store)
     prefix = store.key_of(uri)
     if not prefix.endswith("/"):
         prefix += "/"
@@ -55,21 +56,30 @@ def run(job_id: str) -> None:
         )
         manifest = json.loads(result.stdout.decode().strip().splitlines()[-1])
     except ssh.RemoteCommandError as e:
-        _discard(prefix)
-        jobctx.fail(
+        _fail(
             job_id,
-            Phase.EXPORT,
+            store,
+            prefix,
             "upload_failed",
             f"uploading the model failed: {e.stderr_tail.strip() or e}",
         )
         return
+    except (ssh.SSHUnreachable, ssh.ConnectionLost) as e:
+        recent = _quiet_for(job_id) <= cfg.heartbeat_timeout
+        if recent and _server_active(job_id, trust_id, server_id):
+            # a loaded sshd may drop a handshake: the server is up, so try the export again
+            ssh.drop(target)
+            with db() as s:
+                repo.add_event(s, job_id, "export", f"SSH failed ({e.reason}); retrying")
+            jobctx.next_step(queue.EXPORT, job_id, cfg.poll_max)
+            return
+        _fail(job_id, store, prefix, e.reason, f"lost the server during export: {e}")
+        return
     except ssh.SSHError as e:
-        _discard(prefix)
-        jobctx.fail(job_id, Phase.EXPORT, e.reason, f"lost the server during export: {e}")
+        _fail(job_id, store, prefix, e.reason, f"lost the server during export: {e}")
         return
     except (ValueError, IndexError) as e:
-        _discard(prefix)
-        jobctx.fail(job_id, Phase.EXPORT, "upload_failed", f"the runner's answer is garbled: {e}")
+        _fail(job_id, store, prefix, "upload_failed", f"the runner's answer is garbled: {e}")
         return
 
     objects = manifest.get("objects", [])
@@ -93,9 +103,8 @@ def run(job_id: str) -> None:
                     expected_etag=obj["etag"],
                 )
     except (StoreError, ValueError, KeyError, TypeError) as e:
-        _discard(prefix)
-        jobctx.fail(
-            job_id, Phase.EXPORT, "upload_failed", f"the model's large files did not verify: {e}"
+        _fail(
+            job_id, store, prefix, "upload_failed", f"the model's large files did not verify: {e}"
         )
         return
     objects = [{"key": o["key"], "size": o["size"], "etag": o["etag"]} for o in objects]
@@ -103,10 +112,10 @@ def run(job_id: str) -> None:
     for obj in objects:
         got = stored.get(prefix + obj["key"])
         if got is None or got.etag != obj["etag"] or got.size != obj["size"]:
-            _discard(prefix)
-            jobctx.fail(
+            _fail(
                 job_id,
-                Phase.EXPORT,
+                store,
+                prefix,
                 "upload_failed",
                 f"{obj['key']} is missing or differs in the store after upload",
             )
@@ -126,10 +135,36 @@ def run(job_id: str) -> None:
         jobctx.log.info("job %s left EXPORTING during the upload", job_id)
 
 
-def _discard(prefix: str) -> None:
+def _fail(job_id: str, store: ObjectStore, prefix: str, reason: str, message: str) -> None:
+    """Fail the job, then remove what its upload left. Only the run that moves the job to
+    FAILED removes anything: a second export run (re-driven) that loses the server after the
+    first one registered the model must not delete that model."""
+    if jobctx.fail(job_id, Phase.EXPORT, reason, message):
+        _discard(store, prefix)
+
+
+def _server_active(job_id: str, trust_id: str | None, server_id: str | None) -> bool:
+    if server_id is None:
+        return False
+    try:
+        return jobctx.compute(trust_id).get_server(server_id).state is ServerState.ACTIVE
+    except BackendError as e:
+        jobctx.log.warning("job %s: cannot look up server %s: %s", job_id, server_id, e)
+        return False
+
+
+def _quiet_for(job_id: str) -> float:
+    with db() as s:
+        stamp = repo.get_job(s, job_id).last_progress_at
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - stamp).total_seconds()
+
+
+def _discard(store: ObjectStore, prefix: str) -> None:
     """Nothing half-written stays behind as if it were a model. The job fails whatever happens
     here (nothing is registered); a store that cannot delete now leaves a line in the log."""
     try:
-        jobctx.store().delete_prefix(prefix)
+        store.delete_prefix(prefix)
     except StoreError as e:
         jobctx.log.warning("could not remove the partial upload under %s: %s", prefix, e)

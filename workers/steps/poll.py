@@ -116,7 +116,11 @@ def _unreachable(
 ) -> None:
     """SSH failed: the server is gone (fail now) or flaky (retry until the heartbeat deadline)."""
     cfg = jobctx.settings()
-    state = jobctx.compute().get_server(server_id).state if server_id else ServerState.DELETED
+    with db() as s:
+        trust_id = repo.get_job(s, job_id).trust_id
+    state = (
+        jobctx.compute(trust_id).get_server(server_id).state if server_id else ServerState.DELETED
+    )
     if state != ServerState.ACTIVE:
         jobctx.fail(
             job_id,

@@ -67,11 +67,11 @@ def ensure_runtime_on_server(conn: ssh.SSHConnection, job_id: str, runtime: str,
 def job_document(job_id: str, runtime: str) -> dict[str, object]:
     """job.json for the runner, with signed URLs to read the package and the inputs."""
     cfg = jobctx.settings()
-    store = jobctx.store()
     with db() as s:
         job = repo.get_job(s, job_id)
-        project_id = job.project_id
-    spec = JobSpec.model_validate(job.spec)
+        project_id, trust_id = job.project_id, job.trust_id
+        spec = JobSpec.model_validate(job.spec)
+    store = jobctx.store(project_id, trust_id)
     pkg_key = store.key_of(spec.trainer.package_uri)
     pkg_grant = store.grant(pkg_key, Access.READ, cfg.grant_ttl)
     inputs = []

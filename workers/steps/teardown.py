@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 
+from sqlalchemy import update
+
+from service import trusts
+from service.backends import registry
 from service.backends.interfaces import ServerState
 from service.db import jobs as repo
-from service.db.models import Resource, utcnow
+from service.db.models import Job, Resource, utcnow
 from service.domain.errors import BackendError
 from service.domain.states import JobState, ResourceState
 from workers import chaos, jobctx, ssh
@@ -23,17 +27,20 @@ class TeardownIncomplete(BackendError):
 
 def run(job_id: str) -> None:
     cfg = jobctx.settings()
-    backend = jobctx.compute()
     with db() as s:
         job = repo.get_job(s, job_id)
         if not (job.state in (JobState.CANCELLING.value,) or JobState(job.state).terminal):
             return
+        trust_id = job.trust_id
+        backend = jobctx.compute(trust_id)
         rows = [
             (r.id, r.server_id, r.name, r.created_at, r.host, r.port)
             for r in repo.resources(s, job_id)
             if r.state != ResourceState.DELETED
         ]
         if not rows and job.state != JobState.CANCELLING:
+            if trust_id is not None:
+                release_trust(job_id, trust_id)
             return  # already paid
         chaos.pause("teardown")
         for r in repo.resources(s, job_id):
@@ -83,6 +90,33 @@ def run(job_id: str) -> None:
             log.info("job %s cancelled", job_id)
         else:
             repo.add_event(s, job_id, "teardown", "all servers deleted")
+    if trust_id is not None:
+        release_trust(job_id, trust_id)
+
+
+def release_trust(job_id: str, trust_id: str) -> bool:
+    """Delete the job's Keystone trust (its servers are gone); False when Keystone did not
+    answer: the reconciler retries every finished job's trust until it is gone."""
+    try:
+        outcome = trusts.delete(jobctx.settings(), trust_id)
+    except trusts.TrustUnavailable as e:
+        log.warning("job %s: trust not deleted yet (the reconciler retries): %s", job_id, e)
+        return False
+    registry.forget_trust(trust_id)
+    with db() as s:
+        cleared = s.execute(
+            update(Job).where(Job.id == job_id, Job.trust_id == trust_id).values(trust_id=None)
+        ).rowcount  # type: ignore[attr-defined]
+        if cleared:
+            repo.add_event(
+                s,
+                job_id,
+                "teardown",
+                "Keystone trust deleted"
+                if outcome == "deleted"
+                else "Keystone trust already gone (deleted by its user, or no longer usable)",
+            )
+    return True
 
 
 def _deleted(res_id: int) -> None:
