@@ -255,3 +255,30 @@ def test_token_refused_when_making_the_trust_gets_401_and_leaves_no_job(
 
         assert repo.list_jobs(s, None, limit=10)[0] == []
     assert set(_trusts_of(cloud, demo.current_user_id)) == before
+
+
+def test_job_cancelled_before_it_booted_leaves_no_trust(
+    platform: tuple[LocalPlatform, DevCloud, str], tmp_path: Path
+) -> None:
+    p, cloud, tenancy = platform
+    demo = cloud.connection("devcloud-demo")
+    client = StackMLClient(p.url, token=demo.session.get_token(), timeout=30)
+    user_id = demo.current_user_id
+    before = set(_trusts_of(cloud, user_id))
+    pkg = tmp_path / "pkg"
+    (pkg / "trainer").mkdir(parents=True)
+    (pkg / "trainer" / "__init__.py").write_text("")
+    (pkg / "trainer" / "task.py").write_text("print(1)\n")
+    uri = client.stage_package(pkg)["package_uri"]
+    job = client.create_job(
+        {"name": "gone", "trainer": {"package_uri": uri, "module": "trainer.task"}}
+    )
+    assert len(set(_trusts_of(cloud, user_id)) - before) == (1 if tenancy == "project" else 0)
+    client.cancel_job(job["id"])  # QUEUED or waiting in allocate: no server yet
+    done = _wait(client, job["id"], lambda j: j["state"] == "CANCELLED")
+    assert all(r["state"] == "deleted" for r in done["resources"])
+    deadline = time.monotonic() + 30
+    while set(_trusts_of(cloud, user_id)) - before:
+        assert time.monotonic() < deadline, "a cancelled job's trust was left behind"
+        time.sleep(0.3)
+    client.delete_job(job["id"])  # and the row goes too once nothing is owed
