@@ -181,12 +181,31 @@ def delete(settings: Settings, trust_id: str) -> str:
     try:
         conn.identity.delete_trust(trust_id, ignore_missing=True)  # type: ignore[union-attr]
         return "deleted"
-    except (ksa_exc.Unauthorized, ksa_exc.NotFound, sdk_exc.NotFoundException) as e:
-        # the trust no longer authenticates: it is gone, or its trustor lost the roles
+    except (ksa_exc.NotFound, sdk_exc.NotFoundException) as e:
+        log.info("trust %s is gone already (%s)", trust_id, e)
+        return "gone"
+    except ksa_exc.Unauthorized as e:
+        # the trust no longer authenticates (gone, or its trustor lost the roles) unless it is
+        # the service user's own login that fails: then nothing is known, retry later
+        _check_service_login(settings)
         log.info("trust %s no longer authenticates (%s): nothing left to delete", trust_id, e)
         return "gone"
     except (sdk_exc.SDKException, ksa_exc.ClientException) as e:
         raise TrustUnavailable(f"deleting trust {trust_id}: {_message(e)}") from e
+    finally:
+        conn.close()
+
+
+def _check_service_login(settings: Settings) -> None:
+    conn = openstack.connect(
+        cloud=settings.openstack_cloud or None, api_timeout=settings.openstack_call_timeout
+    )
+    try:
+        conn.authorize()
+    except (sdk_exc.SDKException, ksa_exc.ClientException) as e:
+        raise TrustUnavailable(
+            f"stackml's service user cannot log in to Keystone: {_message(e)}"
+        ) from e
     finally:
         conn.close()
 

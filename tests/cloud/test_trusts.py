@@ -282,3 +282,38 @@ def test_job_cancelled_before_it_booted_leaves_no_trust(
         assert time.monotonic() < deadline, "a cancelled job's trust was left behind"
         time.sleep(0.3)
     client.delete_job(job["id"])  # and the row goes too once nothing is owed
+
+
+def test_trust_deletion_tells_deleted_from_gone_from_unknown(
+    devcloud_emulator: DevCloud, tmp_path: Path
+) -> None:
+    """`trusts.delete`: "deleted", then "gone" for a trust that no longer exists; and when the
+    service user's own login fails it says nothing is known (TrustUnavailable: retry), rather
+    than calling a live trust gone."""
+    import yaml
+
+    from service import trusts
+
+    cloud = devcloud_emulator
+    clouds = yaml.safe_load(cloud.clouds_yaml.read_text())
+    broken = json.loads(json.dumps(clouds["clouds"]["devcloud-stackml"]))
+    broken["auth"]["password"] = "not-the-password"
+    clouds["clouds"]["devcloud-broken"] = broken
+    (tmp_path / "clouds.yaml").write_text(yaml.safe_dump(clouds))
+    demo = cloud.connection("devcloud-demo")
+    with environ({"OS_CLIENT_CONFIG_FILE": str(tmp_path / "clouds.yaml")}):
+        ok = Settings(auth="keystone", compute="openstack", openstack_cloud="devcloud-stackml")
+        bad = ok.model_copy(update={"openstack_cloud": "devcloud-broken"})
+        trust_id = trusts.create(
+            ok,
+            token=demo.session.get_token(),
+            user_id=str(demo.current_user_id),
+            project_id=str(demo.current_project_id),
+            roles=frozenset({"member"}),
+        )
+        with pytest.raises(trusts.TrustUnavailable):
+            trusts.delete(bad, trust_id)
+        assert trust_id in _trusts_of(cloud, str(demo.current_user_id))  # still there
+        assert trusts.delete(ok, trust_id) == "deleted"
+        assert trust_id not in _trusts_of(cloud, str(demo.current_user_id))
+        assert trusts.delete(ok, trust_id) == "gone"
