@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_ssh.py", "bench_overhead.py", "bench_swift.py", "bench_openstack_calls.py"]
+BENCHES = [
+    "bench_ssh.py",
+    "bench_overhead.py",
+    "bench_swift.py",
+    "bench_openstack_calls.py",
+    "bench_trusts.py",
+]
 
 
 def main() -> int:
