@@ -293,7 +293,8 @@ def trust_debts(s: Session, limit: int = 100) -> list[tuple[str, str]]:
             Job.state.in_([t.value for t in TERMINAL]),
             ~live.exists(),
         )
-        .order_by(Job.id)
+        # in random order: one trust that keeps failing does not hold up the others
+        .order_by(func.random())
         .limit(limit)
     ).all()
     return [(job_id, trust_id) for job_id, trust_id in rows if trust_id is not None]
