@@ -7,13 +7,14 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy.orm import Session
 
 from service import queue
 from service.backends import registry
-from service.backends.interfaces import ComputeBackend, ObjectStore
+from service.backends.interfaces import ComputeBackend, ObjectStore, ServerState
 from service.config import Settings, get_settings
 from service.db import jobs as repo
 from service.db.models import Job, Resource
@@ -83,6 +84,51 @@ def ssh_target(job: Job, res: Resource) -> SSHTarget:
 def chief(s: Session, job_id: str) -> Resource | None:
     rows = [r for r in repo.resources(s, job_id) if r.role == "chief"]
     return rows[-1] if rows else None
+
+
+def retry_after_ssh_failure(
+    job_id: str, task: str, trust_id: str | None, server_id: str | None, error: BackendError
+) -> bool:
+    """SSH to the job's server failed in a step that may simply run again: when the server is
+    still ACTIVE and SSH has been failing in this phase for less than `heartbeat_timeout`
+    (counted from the first failure since the job entered its state, which no re-drive
+    resets), record it, re-enqueue `task` and say True (a loaded sshd may drop a handshake
+    or refuse a key for a while); False when the step should fail the job."""
+    cfg = settings()
+    if server_id is None:
+        return False
+    with db() as s:
+        since = _failing_since(s, job_id, task)
+    if since is not None and (datetime.now(UTC) - since).total_seconds() > cfg.heartbeat_timeout:
+        return False
+    try:
+        state = compute(trust_id).get_server(server_id).state
+    except BackendError as e:
+        log.warning("job %s: cannot look up server %s: %s", job_id, server_id, e)
+        return False
+    if state is not ServerState.ACTIVE:
+        return False
+    with db() as s:
+        repo.add_event(s, job_id, _phase(task), f"SSH failed ({error.reason}); retrying")
+    next_step(task, job_id, cfg.poll_max)
+    return True
+
+
+def _phase(task: str) -> str:
+    return task.removeprefix("stackml.")  # the event kind: provision, export
+
+
+def _failing_since(s: Session, job_id: str, task: str) -> datetime | None:
+    """When the first "SSH failed" event of `task` since the job's last transition was."""
+    since = None
+    for e in repo.events(s, job_id):
+        if e.kind == "transition":
+            since = None
+        elif e.kind == _phase(task) and since is None and e.message.startswith("SSH failed"):
+            since = e.at
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    return since
 
 
 def next_step(task: str, job_id: str, countdown: float = 0.0) -> None:

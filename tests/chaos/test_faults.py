@@ -178,38 +178,44 @@ def test_job_row_deleted_by_hand_the_reaper_still_removes_its_server(
     record_fault("job row deleted by hand", {"state": "reaped"}, time.monotonic() - t0)
 
 
-def test_ssh_refused_for_a_while_during_export_is_retried_not_fatal(
-    chaos_platform: LocalPlatform, chaos_settings: Settings, client: StackMLClient, package: str
+@pytest.mark.parametrize("phase", ["provision", "export"])
+def test_ssh_refused_for_a_while_is_retried_not_fatal(
+    chaos_platform: LocalPlatform,
+    chaos_settings: Settings,
+    client: StackMLClient,
+    package: str,
+    phase: str,
 ) -> None:
     """The sandbox's sshd drops every connection and refuses the job's key for longer than one
-    reconnect window (what a loaded sshd did once in CI): the server is still ACTIVE, so the
-    export is tried again and the job succeeds instead of failing with ssh_unreachable."""
+    reconnect window (what a loaded sshd did once in CI, in export): the server is still
+    ACTIVE, so the phase runs again and the job succeeds instead of failing with
+    ssh_unreachable."""
     import psutil
 
-    # the export starts 2 s late; SSH may stay quiet for 30 s before the server counts as lost
+    # the phase starts 2 s late; SSH may fail for 30 s before the server counts as lost
     chaos_platform.restart_worker(
-        {"STACKML_CHAOS_PAUSE": "export:2", "STACKML_HEARTBEAT_TIMEOUT": "30"}
+        {"STACKML_CHAOS_PAUSE": f"{phase}:2", "STACKML_HEARTBEAT_TIMEOUT": "30"}
     )
     try:
         job = submit(client, package, "steady", "10")
-        exporting = wait_until(
-            client, job["id"], lambda j: j["state"] == "EXPORTING", 60, "exporting"
+        inside = wait_until(
+            client, job["id"], lambda j: j["state"] == f"{phase.upper()}ING", 60, phase
         )
-        rec = _server_record(chaos_settings, exporting)
+        rec = _server_record(chaos_settings, inside)
         keys = chaos_settings.sandbox_dir / rec["id"] / "authorized_keys"
         good = keys.read_text()
         keys.write_text("")  # the job's key is refused from now on
         for child in psutil.Process(int(rec["sshd_pid"])).children(recursive=True):
-            child.kill()  # and every open connection (the worker's cached one) is gone
+            child.kill()  # and every open connection (a worker's cached one) is gone
         t0 = time.monotonic()
-        time.sleep(8.0)  # longer than a reconnect window (5 s): the first export try fails
+        time.sleep(8.0)  # longer than a reconnect window (5 s): the first try fails
         with contextlib.suppress(FileNotFoundError):  # gone if the job failed meanwhile
             keys.write_text(good)
         done = wait_clean(client, job["id"], timeout=60)
     finally:
         chaos_platform.restart_worker()
-    record_fault("SSH refused for 8 s in export", done, time.monotonic() - t0)
+    record_fault(f"SSH refused for 8 s in {phase}", done, time.monotonic() - t0)
     assert done["state"] == "SUCCEEDED", done["failure"]
-    events = [e["message"] for e in client.events(job["id"])["events"]]
-    assert any(m.startswith("SSH failed") and m.endswith("retrying") for m in events), events
+    events = [(e["kind"], e["message"]) for e in client.events(job["id"])["events"]]
+    assert any(k == phase and m.startswith("SSH failed") for k, m in events), events
     assert_complete_log(client, job["id"], 10)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 
 from service import queue
-from service.backends.interfaces import Access, ObjectInfo, ObjectStore, ServerState
+from service.backends.interfaces import Access, ObjectInfo, ObjectStore
 from service.db import jobs as repo
-from service.domain.errors import BackendError, StoreError
+from service.domain.errors import StoreError
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, Phase
 from workers import chaos, jobctx, ssh
@@ -65,14 +64,9 @@ def run(job_id: str) -> None:
         )
         return
     except (ssh.SSHUnreachable, ssh.ConnectionLost) as e:
-        recent = _quiet_for(job_id) <= cfg.heartbeat_timeout
-        if recent and _server_active(job_id, trust_id, server_id):
-            # a loaded sshd may drop a handshake: the server is up, so try the export again
-            ssh.drop(target)
-            with db() as s:
-                repo.add_event(s, job_id, "export", f"SSH failed ({e.reason}); retrying")
-            jobctx.next_step(queue.EXPORT, job_id, cfg.poll_max)
-            return
+        ssh.drop(target)
+        if jobctx.retry_after_ssh_failure(job_id, queue.EXPORT, trust_id, server_id, e):
+            return  # the server is up: the export runs again (it is idempotent)
         _fail(job_id, store, prefix, e.reason, f"lost the server during export: {e}")
         return
     except ssh.SSHError as e:
@@ -141,24 +135,6 @@ def _fail(job_id: str, store: ObjectStore, prefix: str, reason: str, message: st
     first one registered the model must not delete that model."""
     if jobctx.fail(job_id, Phase.EXPORT, reason, message):
         _discard(store, prefix)
-
-
-def _server_active(job_id: str, trust_id: str | None, server_id: str | None) -> bool:
-    if server_id is None:
-        return False
-    try:
-        return jobctx.compute(trust_id).get_server(server_id).state is ServerState.ACTIVE
-    except BackendError as e:
-        jobctx.log.warning("job %s: cannot look up server %s: %s", job_id, server_id, e)
-        return False
-
-
-def _quiet_for(job_id: str) -> float:
-    with db() as s:
-        stamp = repo.get_job(s, job_id).last_progress_at
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - stamp).total_seconds()
 
 
 def _discard(store: ObjectStore, prefix: str) -> None:

@@ -114,9 +114,21 @@ def run(job_id: str) -> None:
             raise BackendError(f"job {job_id} is provisioning without a server")
         target = jobctx.ssh_target(job, res)
         backend_name = res.backend
+        server_id, trust_id = res.server_id, job.trust_id
     spec = JobSpec.model_validate(job.spec)
     try:
         conn = ssh.wait_for_ssh(target, cfg.ssh_deadline)
+    except ssh.SSHAuthenticationFailed as e:
+        # the key was refused past the boot-time window: a loaded sshd, while the server is up
+        if jobctx.retry_after_ssh_failure(job_id, queue.PROVISION, trust_id, server_id, e):
+            return
+        jobctx.fail(
+            job_id,
+            Phase.PROVISION,
+            "ssh_unreachable",
+            f"the server refused the job's key: {e}",
+        )
+        return
     except ssh.SSHError as e:
         jobctx.fail(
             job_id,
@@ -147,6 +159,12 @@ def run(job_id: str) -> None:
             "provision_failed",
             f"preparing the server failed: {e.stderr_tail.strip() or e}",
         )
+        return
+    except (ssh.SSHUnreachable, ssh.ConnectionLost) as e:
+        ssh.drop(target)
+        if jobctx.retry_after_ssh_failure(job_id, queue.PROVISION, trust_id, server_id, e):
+            return  # the server is up: every provisioning step is idempotent, run them again
+        jobctx.fail(job_id, Phase.PROVISION, e.reason, f"lost the server while preparing: {e}")
         return
     except ssh.SSHError as e:
         jobctx.fail(job_id, Phase.PROVISION, e.reason, f"lost the server while preparing: {e}")
