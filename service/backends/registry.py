@@ -84,12 +84,37 @@ def _openstack_trust(trust_id: str, args: _OpenStackArgs) -> ComputeBackend:
     from service import trusts
 
     cloud, timeout = args[0] or "", args[9]
-    backend = _new_openstack(lambda: trusts.connect(cloud, trust_id, timeout), args)
+    backend = _new_openstack(
+        lambda: trusts.connect(cloud, trust_id, timeout),
+        args,
+        shared_cache=lambda project_id: _lookup_cache(project_id, args),
+    )
     with _trust_lock:
         backend = _trust_backends.setdefault(key, backend)
         while len(_trust_backends) > TRUST_BACKENDS:
             _trust_backends.popitem(last=False)
     return backend
+
+
+PROJECT_CACHES = 256  # per process: the lookups (flavors, network, image, security group)
+_lookup_caches: collections.OrderedDict[tuple[str, _OpenStackArgs], Any] = collections.OrderedDict()
+
+
+def _lookup_cache(project_id: str, args: _OpenStackArgs) -> Any:
+    """One LookupCache per project for the backends of all its trusts: a job's first call
+    through a new trust does not look the project's network, image and flavors up again."""
+    from service.backends.compute.openstack import LookupCache
+
+    key = (project_id, args)
+    with _trust_lock:
+        cache = _lookup_caches.get(key)
+        if cache is None:
+            cache = _lookup_caches[key] = LookupCache()
+            while len(_lookup_caches) > PROJECT_CACHES:
+                _lookup_caches.popitem(last=False)
+        else:
+            _lookup_caches.move_to_end(key)
+        return cache
 
 
 def forget_trust(trust_id: str) -> None:
@@ -101,7 +126,7 @@ def forget_trust(trust_id: str) -> None:
             del _project_stores[skey]
 
 
-def _new_openstack(conn: Any, args: _OpenStackArgs) -> ComputeBackend:
+def _new_openstack(conn: Any, args: _OpenStackArgs, shared_cache: Any = None) -> ComputeBackend:
     from service.backends.compute.openstack import OpenStackBackend
 
     _, network, floating, security_group, cidr, user, images, aliases, prices, timeout = args
@@ -116,6 +141,7 @@ def _new_openstack(conn: Any, args: _OpenStackArgs) -> ComputeBackend:
         gpu_aliases=dict(aliases),
         prices=dict(prices),
         call_timeout=timeout,
+        shared_cache=shared_cache,
     )
 
 
@@ -245,5 +271,6 @@ def reset() -> None:
     with _trust_lock:
         _trust_backends.clear()
         _project_stores.clear()
+        _lookup_caches.clear()
     _swift.cache_clear()
     _store.cache_clear()

@@ -317,3 +317,38 @@ def test_trust_deletion_tells_deleted_from_gone_from_unknown(
         assert trusts.delete(ok, trust_id) == "deleted"
         assert trust_id not in _trusts_of(cloud, str(demo.current_user_id))
         assert trusts.delete(ok, trust_id) == "gone"
+
+
+def test_backends_of_one_projects_trusts_share_its_lookups(devcloud_emulator: DevCloud) -> None:
+    """A job's first call through its new trust does not list the project's flavors, networks
+    or images again: the backends of one project's trusts share those lookups."""
+    from service import trusts
+    from service.backends import registry
+    from service.backends.compute.openstack import OpenStackBackend
+
+    cloud = devcloud_emulator
+    demo = cloud.connection("devcloud-demo")
+    with environ({"OS_CLIENT_CONFIG_FILE": str(cloud.clouds_yaml)}):
+        s = Settings(auth="keystone", compute="openstack", openstack_cloud="devcloud-stackml")
+        made = [
+            trusts.create(
+                s,
+                token=str(demo.session.get_token()),
+                user_id=str(demo.current_user_id),
+                project_id=str(demo.current_project_id),
+                roles=frozenset({"member"}),
+            )
+            for _ in range(2)
+        ]
+        try:
+            first, second = (registry.compute(s, trust_id=t) for t in made)
+            assert isinstance(first, OpenStackBackend) and isinstance(second, OpenStackBackend)
+            assert first is not second  # one connection per trust
+            assert [f.name for f in first.flavors()]
+            second.calls.reset()
+            assert [f.name for f in second.flavors()] == [f.name for f in first.flavors()]
+            assert not [k for k in second.calls.snapshot() if "flavors" in k]
+        finally:
+            for t in made:
+                assert trusts.delete(s, t) == "deleted"
+                registry.forget_trust(t)

@@ -37,7 +37,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -124,6 +124,18 @@ class ComputeLimits:
             and ok(self.max_cores, self.cores_used, count * flavor.vcpus)
             and ok(self.max_ram_mb, self.ram_used_mb, count * flavor.ram_mb)
         )
+
+
+@dataclass
+class LookupCache:
+    """What a backend looks up once and keeps: the flavors, network and image ids, the SSH
+    security group. Per project: backends acting in one project (a trust each) may share one."""
+
+    flavors: list[Flavor] = field(default_factory=list)
+    flavor_ids: dict[str, str] = field(default_factory=dict)
+    flavors_at: float = 0.0
+    ids: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> id
+    sg_id: str | None = None
 
 
 class ApiCallCounter:
@@ -265,11 +277,13 @@ class OpenStackBackend(ComputeBackend):
         prices: Mapping[str, float] | None = None,
         call_timeout: float = 30.0,
         flavor_cache_seconds: float = 60.0,
+        shared_cache: Callable[[str], LookupCache] | None = None,
     ) -> None:
         """`conn`: a clouds.yaml cloud name, a factory returning an openstacksdk Connection, or
         None (OS_CLOUD / OS_* variables). `network`, `floating_network`: names or ids;
         `images`: runtime key -> Glance image name; `gpu_aliases`: cloud GPU name -> stackml
-        gpu_type; `prices`: flavor name -> price per hour."""
+        gpu_type; `prices`: flavor name -> price per hour; `shared_cache`: project id -> the
+        LookupCache to use (shared by the backends of one project), else one of its own."""
         self._conn_source = conn
         self.network = network
         self.floating_network = floating_network
@@ -286,11 +300,9 @@ class OpenStackBackend(ComputeBackend):
         self._lock = threading.RLock()
         self._connection: Connection | None = None
         self._pid = 0
-        self._flavors: list[Flavor] = []
-        self._flavor_ids: dict[str, str] = {}
-        self._flavors_at = 0.0
-        self._ids: dict[tuple[str, str], str] = {}  # (kind, name) -> id: networks, images
-        self._sg_id: str | None = None
+        self._cache = LookupCache()
+        self._cache_for = shared_cache
+        self._cache_bound = shared_cache is None
         self._host_keys: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ connection
@@ -316,6 +328,19 @@ class OpenStackBackend(ComputeBackend):
         session.session.hooks["response"].append(self.calls.hook)
         return conn
 
+    def _lookups(self) -> LookupCache:
+        """This backend's LookupCache; a shared one is picked once the project is known."""
+        if not self._cache_bound:
+            assert self._cache_for is not None
+            conn = self._conn()
+            with self._translate("finding the project"):
+                project = conn.current_project_id  # from the token: no extra call
+            with self._lock:
+                if not self._cache_bound:
+                    self._cache = self._cache_for(str(project))
+                    self._cache_bound = True
+        return self._cache
+
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:
         """SDK and transport errors -> stackml errors (403 quota -> QuotaExceeded), chained."""
@@ -332,9 +357,10 @@ class OpenStackBackend(ComputeBackend):
     # ------------------------------------------------------------------ flavors
 
     def flavors(self) -> list[Flavor]:
+        c = self._lookups()
         with self._lock:
-            if self._flavors and time.monotonic() - self._flavors_at < self.flavor_cache_seconds:
-                return list(self._flavors)
+            if c.flavors and time.monotonic() - c.flavors_at < self.flavor_cache_seconds:
+                return list(c.flavors)
         conn = self._conn()
         with self._translate("listing flavors"):
             raw = list(conn.compute.flavors(details=True))
@@ -364,8 +390,7 @@ class OpenStackBackend(ComputeBackend):
             ids[f.name] = f.id
         flavors.sort(key=lambda f: (f.gpus, f.vcpus, f.ram_mb, f.name))
         with self._lock:
-            self._flavors, self._flavor_ids = flavors, ids
-            self._flavors_at = time.monotonic()
+            c.flavors, c.flavor_ids, c.flavors_at = flavors, ids, time.monotonic()
         return list(flavors)
 
     def resolve_flavor(self, gpus: int, gpu_type: str | None = None) -> list[Flavor]:
@@ -380,14 +405,15 @@ class OpenStackBackend(ComputeBackend):
         return sorted(found, key=lambda f: (f.gpus, f.vcpus, f.ram_mb, f.price_per_hour, f.name))
 
     def _flavor_id(self, name: str) -> str:
+        c = self._lookups()
         with self._lock:
-            fid = self._flavor_ids.get(name)
+            fid = c.flavor_ids.get(name)
         if fid is None:
             with self._lock:
-                self._flavors_at = 0.0
+                c.flavors_at = 0.0
             self.flavors()
             with self._lock:
-                fid = self._flavor_ids.get(name)
+                fid = c.flavor_ids.get(name)
         if fid is None:
             raise AllocationFailed(f"flavor {name!r} is not offered by this cloud")
         return fid
@@ -396,9 +422,10 @@ class OpenStackBackend(ComputeBackend):
 
     def _network_id(self, ref: str) -> str:
         key = ("network", ref)
+        c = self._lookups()
         with self._lock:
-            if key in self._ids:
-                return self._ids[key]
+            if key in c.ids:
+                return c.ids[key]
         conn = self._conn()
         with self._translate(f"finding network {ref!r}"):
             nets = list(conn.network.networks(name=ref))
@@ -410,7 +437,7 @@ class OpenStackBackend(ComputeBackend):
                 f"network {ref!r} " + ("does not exist" if not nets else "is ambiguous")
             )
         with self._lock:
-            self._ids[key] = nets[0].id
+            c.ids[key] = nets[0].id
         return str(nets[0].id)
 
     def _image_id(self, runtime: str) -> str:
@@ -418,23 +445,25 @@ class OpenStackBackend(ComputeBackend):
         if image is None:
             raise AllocationFailed(f"no Glance image is configured for runtime {runtime!r}")
         key = ("image", image)
+        c = self._lookups()
         with self._lock:
-            if key in self._ids:
-                return self._ids[key]
+            if key in c.ids:
+                return c.ids[key]
         with self._translate(f"finding image {image!r}"):
             found = [i for i in self._conn().image.images(name=image) if i.status == "active"]
         if not found:
             raise AllocationFailed(f"image {image!r} (runtime {runtime}) is not in Glance")
         newest = max(found, key=lambda i: i.created_at or "")
         with self._lock:
-            self._ids[key] = newest.id
+            c.ids[key] = newest.id
         return str(newest.id)
 
     def _security_group_id(self) -> str:
         """The SSH security group, made once if missing (idempotent across workers)."""
+        c = self._lookups()
         with self._lock:
-            if self._sg_id is not None:
-                return self._sg_id
+            if c.sg_id is not None:
+                return c.sg_id
         conn = self._conn()
         name = self.security_group
         with self._translate(f"ensuring security group {name!r}"):
@@ -471,7 +500,7 @@ class OpenStackBackend(ComputeBackend):
                         description="stackml workers reach servers over SSH",
                     )
         with self._lock:
-            self._sg_id = sg.id
+            c.sg_id = sg.id
         return str(sg.id)
 
     # ------------------------------------------------------------------ servers
