@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +35,18 @@ def leftover_processes(state_dir: Path) -> list[str]:
         ["pgrep", "-af", str(state_dir)], capture_output=True, text=True, check=False
     )
     return [line for line in proc.stdout.splitlines() if "pgrep" not in line]
+
+
+def wait_job(client: Any, job_id: str, pred: Any, timeout: float = 120) -> dict[str, Any]:
+    """The job once `pred(job)` holds, read through the API; fails with its state at the
+    deadline."""
+    deadline = time.monotonic() + timeout
+    job = client.get_job(job_id)
+    while not pred(job):
+        assert time.monotonic() < deadline, f"{job_id}: {job['state']} {job['failure']}"
+        time.sleep(0.2)
+        job = client.get_job(job_id)
+    return dict(job)
 
 
 def scratch_dir(name: str) -> Path:

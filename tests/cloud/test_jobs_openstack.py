@@ -20,7 +20,7 @@ from devcloud.cloud import DevCloud
 from service.client import StackMLClient
 from service.config import REPO_ROOT, Settings
 from service.platform import LocalPlatform
-from tests.cloud.conftest import RUNTIME_ROOT, scratch_dir
+from tests.cloud.conftest import RUNTIME_ROOT, scratch_dir, wait_job
 from tests.envutil import environ, free_port
 from tests.pgutil import temp_database
 
@@ -123,18 +123,8 @@ def faults(cloud_platform: tuple[LocalPlatform, DevCloud]) -> Iterator[Faults]:
     f.clear()
 
 
-def _wait(client: StackMLClient, job_id: str, pred: Any, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    job = client.get_job(job_id)
-    while not pred(job):
-        assert time.monotonic() < deadline, f"{job_id}: {job['state']} {job['failure']}"
-        time.sleep(0.2)
-        job = client.get_job(job_id)
-    return job
-
-
 def _done(client: StackMLClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    return _wait(
+    return wait_job(
         client,
         job_id,
         lambda j: j["state"] in TERMINAL and all(r["state"] == "deleted" for r in j["resources"]),
@@ -267,7 +257,7 @@ def test_server_that_vanishes_fails_the_job_with_server_lost(
     job = client.create_job(
         {"name": "cloud-vanish", "trainer": {"package_uri": package, "module": "trainer.sleep"}}
     )
-    running = _wait(client, job["id"], lambda j: j["state"] == "RUNNING", 60)
+    running = wait_job(client, job["id"], lambda j: j["state"] == "RUNNING", 60)
     faults.inject("vanish", match={"name_regex": running["resources"][-1]["name"]}, count=1)
     done = _done(client, job["id"], timeout=90)
     assert (done["state"], done["failure"]["reason"]) == ("FAILED", "server_lost")
@@ -331,7 +321,7 @@ def test_swift_answering_503_during_export_fails_the_upload_and_keeps_nothing(
         job = client.create_job(
             {"name": "cloud-503", "trainer": {"package_uri": package, "module": "trainer.ok"}}
         )
-        _wait(client, job["id"], lambda j: j["state"] == "EXPORTING", 60)
+        wait_job(client, job["id"], lambda j: j["state"] == "EXPORTING", 60)
         assert objects.stop()  # every object request through the proxy now answers 503
         done = _done(client, job["id"], timeout=120)
     finally:

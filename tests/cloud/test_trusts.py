@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -31,7 +30,7 @@ from service.config import Settings
 from service.db.models import Base
 from service.db.session import dispose_all, engine_for, session_scope
 from service.platform import LocalPlatform
-from tests.cloud.conftest import RUNTIME_ROOT, scratch_dir
+from tests.cloud.conftest import RUNTIME_ROOT, scratch_dir, wait_job
 from tests.envutil import environ, free_port
 from tests.pgutil import temp_database
 
@@ -110,16 +109,6 @@ def _trusts_of(cloud: DevCloud, user_id: str) -> list[str]:
     return [t.id for t in admin.identity.trusts(trustor_user_id=user_id)]
 
 
-def _wait(client: StackMLClient, job_id: str, pred: Any, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    job = client.get_job(job_id)
-    while not pred(job):
-        assert time.monotonic() < deadline, f"{job_id}: {job['state']} {job['failure']}"
-        time.sleep(0.2)
-        job = client.get_job(job_id)
-    return job
-
-
 def test_job_acts_in_the_submitting_project_after_the_token_is_gone(
     platform: tuple[LocalPlatform, DevCloud, str], tmp_path: Path
 ) -> None:
@@ -147,7 +136,7 @@ def test_job_acts_in_the_submitting_project_after_the_token_is_gone(
     assert e.value.status == 401  # the user's token is no longer good for anything
 
     reader = StackMLClient(p.url, token=admin.session.get_token(), timeout=30)
-    running = _wait(
+    running = wait_job(
         reader, job["id"], lambda j: j["state"] in ("RUNNING", "EXPORTING", "SUCCEEDED", "FAILED")
     )
     assert running["state"] != "FAILED", running["failure"]
@@ -161,7 +150,7 @@ def test_job_acts_in_the_submitting_project_after_the_token_is_gone(
         assert made == set(), "tenancy: service makes no trust"
         assert server.project_id == service_project
 
-    done = _wait(
+    done = wait_job(
         reader,
         job["id"],
         lambda j: (
@@ -275,7 +264,7 @@ def test_job_cancelled_before_it_booted_leaves_no_trust(
     )
     assert len(set(_trusts_of(cloud, user_id)) - before) == (1 if tenancy == "project" else 0)
     client.cancel_job(job["id"])  # QUEUED or waiting in allocate: no server yet
-    done = _wait(client, job["id"], lambda j: j["state"] == "CANCELLED")
+    done = wait_job(client, job["id"], lambda j: j["state"] == "CANCELLED")
     assert all(r["state"] == "deleted" for r in done["resources"])
     deadline = time.monotonic() + 30
     while set(_trusts_of(cloud, user_id)) - before:
