@@ -206,7 +206,8 @@ def test_ssh_refused_for_a_while_is_retried_not_fatal(
         good = keys.read_text()
         keys.write_text("")  # the job's key is refused from now on
         for child in psutil.Process(int(rec["sshd_pid"])).children(recursive=True):
-            child.kill()  # and every open connection (a worker's cached one) is gone
+            with contextlib.suppress(psutil.NoSuchProcess):  # one that just ended by itself
+                child.kill()  # and every open connection (a worker's cached one) is gone
         t0 = time.monotonic()
         time.sleep(8.0)  # longer than a reconnect window (5 s): the first try fails
         with contextlib.suppress(FileNotFoundError):  # gone if the job failed meanwhile
