@@ -131,6 +131,20 @@ def _check_str(text: str) -> None:
         ) from e
 
 
+TRUE = frozenset({"1", "true", "yes", "on"})
+FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def bool_arg(name: str) -> bool:
+    """A true/false query parameter (absent: false); anything else is a 400."""
+    raw = (request.args.get(name) or "").lower()
+    if raw in TRUE:
+        return True
+    if raw in FALSE:
+        return False
+    raise InvalidRequest(f"{name} must be true or false", details={"parameter": name})
+
+
 def json_body() -> dict[str, Any]:
     """The request's JSON object: 415 for another content type, 413 past MAX_CONTENT_LENGTH,
     400 when malformed (bad UTF-8, NaN/Infinity, duplicate keys, out-of-range numbers, nesting

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from flask import Flask, Request, current_app, g, request
 
+from service.api import bool_arg
 from service.config import Settings
-from service.domain.errors import Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
+from service.domain.errors import Forbidden, ServiceUnavailable, Unauthorized
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -411,14 +412,7 @@ def list_scope(all_projects: bool) -> str | None:
 
 
 def all_projects_arg() -> bool:
-    raw = (request.args.get("all_projects") or "").lower()
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    raise InvalidRequest(
-        "all_projects must be true or false", details={"parameter": "all_projects"}
-    )
+    return bool_arg("all_projects")
 
 
 __all__ = [

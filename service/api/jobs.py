@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from sqlalchemy.orm import Session
 
 from service import queue, trusts
-from service.api import Context, ctx, json_body
+from service.api import Context, bool_arg, ctx, json_body
 from service.api.auth import all_projects_arg, current, current_project, job_scope, list_scope
 from service.api.errors import (
     JobNotTerminal,
@@ -40,8 +40,6 @@ LOG_CHUNK = 1 << 20
 MAX_LOG_LIMIT = 8 << 20
 MAX_FOLLOW_SECONDS = 24 * 3600
 DEFAULT_FOLLOW_SECONDS = 3600.0
-TRUE = {"1", "true", "yes", "on"}
-FALSE = {"0", "false", "no", "off", ""}
 # ids stackml hands out (job-<hex>), with room to spare; anything else names no job
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 LABEL_KEY_RE = re.compile(NAME_RE)
@@ -282,15 +280,6 @@ def _float_arg(name: str, default: float, lo: float, hi: float) -> float:
     return val
 
 
-def _bool_arg(name: str) -> bool:
-    raw = (request.args.get(name) or "").lower()
-    if raw in TRUE:
-        return True
-    if raw in FALSE:
-        return False
-    raise InvalidRequest(f"{name} must be true or false", details={"parameter": name})
-
-
 @bp.get("/v1/jobs/<job_id>")
 def get(job_id: str) -> Response:
     c = ctx()
@@ -387,7 +376,7 @@ def delete(job_id: str) -> tuple[str, int]:
 def logs(job_id: str) -> Response:
     c = ctx()
     offset = _int_arg("offset", 0, 0, 1 << 62)
-    follow = _bool_arg("follow")
+    follow = bool_arg("follow")
     limit = _int_arg("limit", LOG_CHUNK, 1, MAX_LOG_LIMIT)
     with c.session() as s:
         job = _job(s, job_id)

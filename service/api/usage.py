@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from service.api import ctx
+from service.api import bool_arg, ctx
 from service.api.quotas import caller_project, is_admin, readable_project
 from service.db import quotas as repo
 from service.db.models import utcnow
@@ -18,8 +18,6 @@ from service.quota_policy import Metered
 bp = Blueprint("usage", __name__)
 
 DEFAULT_WINDOW = timedelta(days=30)
-TRUE = {"1", "true", "yes", "on"}
-FALSE = {"0", "false", "no", "off", ""}
 
 
 @bp.get("/v1/usage")
@@ -34,7 +32,7 @@ def get() -> Response:
             details={"since": _iso(since), "until": _iso(until)},
         )
     project: str | None
-    if _bool_arg("all_projects"):
+    if bool_arg("all_projects"):
         caller_project()
         if not is_admin():
             raise Forbidden(
@@ -92,15 +90,6 @@ def _time_arg(name: str) -> datetime | None:
             details={"parameter": name, "value": raw[:64]},
         ) from None
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def _bool_arg(name: str) -> bool:
-    raw = (request.args.get(name) or "").lower()
-    if raw in TRUE:
-        return True
-    if raw in FALSE:
-        return False
-    raise InvalidRequest(f"{name} must be true or false", details={"parameter": name})
 
 
 def _iso(dt: datetime) -> str:
