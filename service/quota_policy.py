@@ -281,12 +281,15 @@ class Metered:
             self.cost + other.cost,
         )
 
+    def rounded(self) -> Metered:
+        """To the precision reports show (ms, micro-GPU-hours, micro-units of cost).
+
+        Reports add up rounded rows, so a total always equals the sum of the rows shown."""
+        return Metered(round(self.vm_seconds, 3), round(self.gpu_hours, 6), round(self.cost, 6))
+
     def as_dict(self) -> dict[str, float]:
-        return {
-            "vm_seconds": round(self.vm_seconds, 3),
-            "gpu_hours": round(self.gpu_hours, 6),
-            "cost": round(self.cost, 6),
-        }
+        r = self.rounded()
+        return {"vm_seconds": r.vm_seconds, "gpu_hours": r.gpu_hours, "cost": r.cost}
 
 
 def meter(

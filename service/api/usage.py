@@ -50,9 +50,11 @@ def get() -> Response:
     totals = Metered()
     per_project: dict[str, tuple[Metered, int]] = {}
     for r in rows:
-        totals = totals + r.metered
+        # add what each row shows, so that totals are the sum of the rows to the last digit
+        shown = r.metered.rounded()
+        totals = totals + shown
         m, n = per_project.get(r.project_id, (Metered(), 0))
-        per_project[r.project_id] = (m + r.metered, n + 1)
+        per_project[r.project_id] = (m + shown, n + 1)
     return jsonify(
         {
             "project_id": project,

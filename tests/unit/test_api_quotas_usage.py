@@ -266,6 +266,22 @@ def test_usage_clips_each_server_to_the_window(client_db, as_caller) -> None:
     }
 
 
+def test_usage_totals_are_the_sum_of_the_rows_shown(client_db, as_caller) -> None:
+    """Three servers of 1.0006 s each show 1.001 s apiece; the totals must say 3.003 s, not the
+    3.002 s that rounding the exact sum would give (a report whose rows don't add up)."""
+    client, db = client_db
+    as_caller("p1", "reader")
+    d = timedelta(microseconds=1_000_600)
+    for i in range(3):
+        start = T0 + i * timedelta(minutes=1)
+        _job(db, "p1", JobState.SUCCEEDED, [("local.small", start, start + d)])
+    window = f"since={_iso(T0)}&until={_iso(T0 + timedelta(hours=1))}"
+    body = client.get(f"/v1/usage?{window}").get_json()
+    assert [r["vm_seconds"] for r in body["jobs"]] == [1.001, 1.001, 1.001]
+    assert body["totals"]["vm_seconds"] == 3.003
+    assert body["projects"][0]["vm_seconds"] == 3.003
+
+
 def test_usage_of_a_running_server_counts_up_to_now(client_db, as_caller) -> None:
     client, db = client_db
     as_caller("p1", "reader")
