@@ -14,9 +14,10 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from service import queue
+from service.backends.interfaces import ServerState
 from service.db import jobs as repo
-from service.db.models import Job, utcnow
-from service.domain.states import TERMINAL, JobState
+from service.db.models import Job, Resource, utcnow
+from service.domain.states import TERMINAL, JobState, ResourceState
 from workers import jobctx
 from workers.jobctx import db, log
 from workers.steps import teardown
@@ -94,26 +95,43 @@ def _pay_debts(report: Report) -> None:
 
 
 def _reap_orphans(report: Report) -> None:
+    """Delete, past `orphan_grace`, servers tagged by stackml that nothing will delete: those
+    of jobs the database does not know, and those of finished jobs that no live resource row
+    names (a row's teardown deletes the rest)."""
     backend = jobctx.compute()
     servers = backend.list_servers()
     if not servers:
         return
     with db() as s:
         states = dict(s.execute(select(Job.id, Job.state)).all())
+        live = s.execute(
+            select(Resource.server_id, Resource.name).where(
+                Resource.state != ResourceState.DELETED.value
+            )
+        ).all()
+    covered = {x for row in live for x in row if x}
     for ref in servers:
-        tags = dict(ref.tags)
-        job_id = tags.get("stackml-job")
+        job_id = dict(ref.tags).get("stackml-job")
         if job_id is None:
             continue
         state = states.get(job_id)
         if state is not None and JobState(state) not in TERMINAL:
             continue
-        if state is not None:
-            continue  # a terminal job's servers are teardown debts, paid above
+        if state is not None and (ref.id in covered or ref.name in covered):
+            continue  # a finished job's recorded servers are teardown debts, paid above
         status = backend.get_server(ref.id)
+        if status.state is ServerState.DELETED:
+            continue
         grace = jobctx.settings().orphan_grace
         if status.created_at is not None and time.time() - status.created_at < grace:
             continue
-        log.warning("reaping orphan server %s (%s) of unknown job %s", ref.id, ref.name, job_id)
         backend.delete_server(ref.id)
         report.reaped.append(ref.id)
+        if state is None:
+            log.warning("reaped orphan server %s (%s) of unknown job %s", ref.id, ref.name, job_id)
+            continue
+        log.warning("reaped server %s (%s) of finished job %s: no record", ref.id, ref.name, job_id)
+        with db() as s:
+            repo.add_event(
+                s, job_id, "reaper", f"deleted server {ref.id} ({ref.name}): no record named it"
+            )

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from service import queue
 from service.backends.interfaces import (
@@ -133,6 +134,8 @@ def _advance(job_id: str) -> None:
     name = f"stackml-{job_id}-chief-{attempt}"
     with contextlib.suppress(IntegrityError):  # another run recorded it first: use theirs
         with db() as s:
+            if not _hold_allocating(s, job_id):
+                return  # cancelled (or moved on) while this run looked: record nothing
             if s.scalars(select(Resource.id).where(Resource.name == name)).first() is None:
                 # recorded before the boot: a crash after it leaves a row the reconciler pays
                 s.add(
@@ -147,6 +150,8 @@ def _advance(job_id: str) -> None:
                     )
                 )
     with db() as s:
+        if not _hold_allocating(s, job_id):
+            return  # cancelled since: the teardown forgets the unclaimed row
         res = s.scalars(select(Resource).where(Resource.name == name)).one()
         res_id, server_id, created = res.id, res.server_id, _aware(res.created_at)
         public_key = repo.get_job(s, job_id).ssh_public_key or ""
@@ -343,13 +348,30 @@ def _back_to_queue(job_id: str, message: str) -> None:
         jobctx.next_step(queue.ALLOCATE, job_id, backoff)
 
 
+def _hold_allocating(s: Session, job_id: str) -> bool:
+    """Whether the job is still ALLOCATING, holding its row until `s` commits.
+
+    A write, so that it locks on every database (PostgreSQL: the row; SQLite: the database):
+    a cancel moves the job on with an UPDATE of the same row, so it waits for this transaction
+    or this transaction sees it. No server row is recorded or claimed for a cancelled job, and
+    a row left unclaimed when the job moves on can never be claimed (the teardown forgets it).
+    """
+    held = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.ALLOCATING.value)
+        .values(last_progress_at=utcnow())
+    ).rowcount  # type: ignore[attr-defined]
+    return bool(held)
+
+
 def _accept(job_id: str, res_id: int, server_id: str, status: ServerStatus) -> None:
     with db() as s:
         res = s.get_one(Resource, res_id)
-        res.state = ResourceState.ACTIVE.value
+        if res.state == ResourceState.BOOTING.value:  # (else a teardown has it already)
+            res.state = ResourceState.ACTIVE.value
+            res.active_at = utcnow()
         res.host, res.port, res.username = status.host, status.port, status.username
         res.host_key = status.host_key
-        res.active_at = utcnow()
         moved = repo.transition(
             s,
             job_id,

@@ -48,7 +48,12 @@ def run(job_id: str) -> None:
                 r.state = ResourceState.DELETING.value
     pending = []
     for res_id, server_id, name, created_at, host, port in rows:
-        if server_id is None or server_id.startswith("creating:"):
+        if server_id is None:
+            # recorded, never claimed, and never will be: a claim needs the job ALLOCATING
+            # (allocate.py holds the job's row for it), and it has moved on
+            _deleted(res_id)
+            continue
+        if server_id.startswith("creating:"):
             server_id = None
             # the boot may still be under way in another task: look the server up by name
             found = [r for r in backend.list_servers(("stackml-job", job_id)) if r.name == name]

@@ -1,0 +1,251 @@
+"""A cancel racing the allocate step, and the reaper's view of finished jobs, on a real
+PostgreSQL: the steps are driven directly (a recorder stands in for the broker, a fake for
+Nova) with the cancel made at the worst moments.
+
+What must hold: no server is booted or recorded for a job cancelled before its boot was
+claimed; a server booted just before the cancel is deleted by the teardown; a recorded row that
+nobody claimed does not hold the teardown up; and a finished job's server that no row names is
+reaped, with an event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from service import queue
+from service.backends.interfaces import (
+    ComputeBackend,
+    Flavor,
+    ServerRef,
+    ServerSpec,
+    ServerState,
+    ServerStatus,
+)
+from service.db import jobs as repo
+from service.db.migrate import upgrade
+from service.db.models import Job, JobEvent, Resource
+from service.db.session import session_scope
+from service.domain.states import JobState, ResourceState
+from tests.integration.test_admission import FLAVORS, Env, submit
+from tests.pgutil import temp_database
+from workers import chaos, jobctx, reconciler
+from workers.steps import allocate, teardown
+
+
+class Cloud(ComputeBackend):
+    """Servers that are ACTIVE at once (an hour old), listed by tag, deleted on request;
+    `on_create` runs once a server exists (where a test cancels)."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.servers: dict[str, ServerRef] = {}
+        self.deleted: list[str] = []
+        self.listed = 0
+        self.on_create: Callable[[], None] = lambda: None
+
+    def flavors(self) -> list[Flavor]:
+        return list(FLAVORS)
+
+    def create_server(self, spec: ServerSpec) -> ServerRef:
+        ref = ServerRef(id=f"srv-{len(self.servers) + len(self.deleted) + 1}", name=spec.name)
+        self.servers[ref.id] = ServerRef(ref.id, spec.name, spec.tags)
+        self.on_create()
+        return ref
+
+    def get_server(self, server_id: str) -> ServerStatus:
+        if server_id not in self.servers:
+            return ServerStatus(id=server_id, state=ServerState.DELETED)
+        return ServerStatus(
+            id=server_id,
+            state=ServerState.ACTIVE,
+            host="127.0.0.1",
+            host_key="ssh-ed25519 AAAAtest",
+            created_at=time.time() - 3600,
+        )
+
+    def delete_server(self, server_id: str) -> None:
+        if self.servers.pop(server_id, None) is not None:
+            self.deleted.append(server_id)
+
+    def list_servers(self, tag: tuple[str, str] | None = None) -> list[ServerRef]:
+        self.listed += 1
+        return [r for r in self.servers.values() if tag is None or tag in r.tags]
+
+    def console_log(self, server_id: str, tail_bytes: int = 8192) -> str:
+        return ""
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[str]:
+    with temp_database("allocation_races") as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def env(pg: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    e = Env(pg, tmp_path)
+    e.settings = e.make_settings(orphan_grace=60.0)
+    cloud = Cloud()
+    e.cloud = cloud  # type: ignore[assignment]
+    with session_scope(pg) as s:
+        for table in ("job_events", "job_labels", "resources", "jobs", "quotas", "fair_share"):
+            s.execute(Job.metadata.tables[table].delete())
+    monkeypatch.setattr(jobctx, "settings", lambda: e.settings)
+    monkeypatch.setattr(jobctx, "compute", lambda trust_id=None: cloud)
+    monkeypatch.setattr(
+        jobctx, "next_step", lambda task, job_id, countdown=0.0: e.enqueued.append((task, job_id))
+    )
+    yield e
+
+
+def cloud_of(env: Env) -> Cloud:
+    assert isinstance(env.cloud, Cloud)
+    return env.cloud
+
+
+def cancel(env: Env, job_id: str) -> None:
+    """What `POST /v1/jobs/{id}/cancel` does to an ALLOCATING job."""
+    with session_scope(env.url) as s:
+        assert repo.transition(
+            s, job_id, JobState.ALLOCATING, JobState.CANCELLING, "cancel requested"
+        )
+
+
+def rows(env: Env, job_id: str) -> list[tuple[str | None, str]]:
+    with session_scope(env.url) as s:
+        return [
+            (r.server_id, r.state)
+            for r in s.scalars(select(Resource).where(Resource.job_id == job_id))
+        ]
+
+
+def job_state(env: Env, job_id: str) -> str:
+    with session_scope(env.url) as s:
+        return repo.get_job(s, job_id).state
+
+
+def test_cancel_while_allocate_looks_boots_and_records_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel lands after the step saw ALLOCATING and before it recorded the server (a slow
+    login through the job's trust, here the chaos pause): nothing is recorded or booted, and
+    the teardown finishes the cancel at once."""
+    job = submit(env, "p1", "a")
+    monkeypatch.setattr(
+        chaos, "pause", lambda step: cancel(env, job) if step == "allocate" else None
+    )
+    allocate.run(job)
+    assert job_state(env, job) == "CANCELLING"
+    assert cloud_of(env).servers == {} and cloud_of(env).deleted == []
+    assert rows(env, job) == []
+    teardown.run(job)
+    assert job_state(env, job) == "CANCELLED"
+
+
+def test_cancel_right_after_the_boot_deletes_the_server(env: Env) -> None:
+    """The cancel lands while Nova creates the server: the step does not take the job on, and
+    the teardown deletes the server it recorded."""
+    job = submit(env, "p1", "a")
+    cloud_of(env).on_create = lambda: cancel(env, job)
+    allocate.run(job)
+    assert job_state(env, job) == "CANCELLING"  # not PROVISIONING
+    assert list(cloud_of(env).servers) == ["srv-1"]
+    assert rows(env, job) == [("srv-1", ResourceState.ACTIVE.value)]
+    assert env.enqueued[-1] == (queue.TEARDOWN, job)
+    teardown.run(job)
+    assert job_state(env, job) == "CANCELLED"
+    assert cloud_of(env).servers == {} and cloud_of(env).deleted == ["srv-1"]
+    assert rows(env, job) == [("srv-1", ResourceState.DELETED.value)]
+
+
+def test_a_recorded_row_nobody_claimed_does_not_hold_the_teardown_up(env: Env) -> None:
+    """A run recorded the server row and then lost the job to a cancel before claiming the
+    boot: no run can claim it any more, so the teardown forgets it without waiting for a boot
+    that cannot come, and a late allocate run does not boot it either."""
+    job = submit(env, "p1", "a")
+    with session_scope(env.url) as s:
+        j = repo.get_job(s, job)
+        j.state = JobState.ALLOCATING.value
+        s.add(
+            Resource(
+                job_id=job,
+                project_id="p1",
+                backend="fake",
+                role="chief",
+                name=f"stackml-{job}-chief-0",
+                flavor="local.small",
+                state=ResourceState.BOOTING.value,
+            )
+        )
+    cancel(env, job)
+    teardown.run(job)
+    assert job_state(env, job) == "CANCELLED"
+    assert rows(env, job) == [(None, ResourceState.DELETED.value)]
+    assert cloud_of(env).listed == 0  # nothing to look for
+    allocate.run(job)
+    assert cloud_of(env).servers == {}
+
+
+def _tagged(cloud: Cloud, job_id: str, name: str) -> str:
+    return cloud.create_server(
+        ServerSpec(
+            name=name,
+            flavor=FLAVORS[0],
+            image="tf",
+            public_key="",
+            tags=(("stackml-job", job_id), ("stackml-role", "chief")),
+        )
+    ).id
+
+
+def test_reaper_deletes_a_finished_jobs_server_that_no_row_names(env: Env) -> None:
+    cloud = cloud_of(env)
+    done = submit(env, "p1", "done")
+    debt = submit(env, "p1", "debt")
+    running = submit(env, "p1", "running")
+    with session_scope(env.url) as s:
+        for j, st in ((done, "SUCCEEDED"), (debt, "FAILED"), (running, "RUNNING")):
+            repo.get_job(s, j).state = st
+    unnamed = _tagged(cloud, done, f"stackml-{done}-chief-0")  # e.g. a boot no row recorded
+    owed = _tagged(cloud, debt, f"stackml-{debt}-chief-0")
+    live = _tagged(cloud, running, f"stackml-{running}-chief-0")
+    stranger = _tagged(cloud, "job-unknown", "stackml-job-unknown-chief-0")
+    with session_scope(env.url) as s:
+        s.add(  # the failed job's server is a recorded teardown debt: the teardown's to pay
+            Resource(
+                job_id=debt,
+                project_id="p1",
+                backend="fake",
+                role="chief",
+                name=f"stackml-{debt}-chief-0",
+                server_id=owed,
+                flavor="local.small",
+                state=ResourceState.DELETING.value,
+            )
+        )
+    report = reconciler.Report()
+    reconciler._reap_orphans(report)
+    assert sorted(report.reaped) == sorted([unnamed, stranger])
+    assert set(cloud.servers) == {owed, live}
+    with session_scope(env.url) as s:
+        events = list(
+            s.scalars(
+                select(JobEvent.message).where(JobEvent.job_id == done, JobEvent.kind == "reaper")
+            )
+        )
+    assert events == [f"deleted server {unnamed} (stackml-{done}-chief-0): no record named it"]
+
+
+def test_reaper_leaves_young_servers_alone(env: Env) -> None:
+    env.settings = env.make_settings(orphan_grace=7200.0)  # the fake's servers are 1 h old
+    _tagged(cloud_of(env), "job-unknown", "stackml-job-unknown-chief-0")
+    report = reconciler.Report()
+    reconciler._reap_orphans(report)
+    assert report.reaped == [] and len(cloud_of(env).servers) == 1
