@@ -167,10 +167,21 @@ def _keystone_reason(r: Any) -> str:
         return (r.text or "").strip()[:300] or f"HTTP {r.status_code}"
 
 
+# Version discovery documents (GET / of each service) are the same for every user of a cloud,
+# keyed by URL: the trust connections of a process share them per cloud, as openstacksdk's own
+# Connection.connect_as shares its parent's (saves a GET per service per new trust).
+_discovery: dict[str, dict[str, Any]] = {}
+_discovery_lock = threading.Lock()
+
+
 def connect(cloud: str, trust_id: str, timeout: float) -> Connection:
     """An openstacksdk connection as `cloud`'s user acting through the trust, in the trust's
     project."""
-    return Connection(config=_region(cloud, timeout, trust_id))
+    region = _region(cloud, timeout, trust_id)
+    with _discovery_lock:
+        # set before the session exists (CloudRegion's constructor turns an empty dict to None)
+        region._discovery_cache = _discovery.setdefault(cloud, {})
+    return Connection(config=region)
 
 
 def delete(settings: Settings, trust_id: str) -> str:

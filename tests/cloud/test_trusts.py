@@ -38,7 +38,7 @@ REDIS_URL = "redis://127.0.0.1:6379/12"
 TRAINER = """
     import json, os, time
     print("hello from", os.environ["STACKML_JOB_ID"], flush=True)
-    time.sleep(2)  # long enough for the test to look at the server while it runs
+    time.sleep(10)  # long enough for the test to look at the server while it runs
     open(os.path.join(os.environ["STACKML_MODEL_DIR"], "model.txt"), "w").write("42\\n")
 """
 
@@ -137,8 +137,9 @@ def test_job_acts_in_the_submitting_project_after_the_token_is_gone(
 
     reader = StackMLClient(p.url, token=admin.session.get_token(), timeout=30)
     running = wait_job(
-        reader, job["id"], lambda j: j["state"] in ("RUNNING", "EXPORTING", "SUCCEEDED", "FAILED")
+        reader, job["id"], lambda j: j["state"] in ("RUNNING", "FAILED", "SUCCEEDED")
     )
+    assert running["state"] == "RUNNING", running.get("failure")
     assert running["state"] != "FAILED", running["failure"]
     server_id = running["resources"][0]["server_id"]
     server = admin.compute.get_server(server_id)
@@ -337,6 +338,45 @@ def test_backends_of_one_projects_trusts_share_its_lookups(devcloud_emulator: De
             second.calls.reset()
             assert [f.name for f in second.flavors()] == [f.name for f in first.flavors()]
             assert not [k for k in second.calls.snapshot() if "flavors" in k]
+        finally:
+            for t in made:
+                assert trusts.delete(s, t) == "deleted"
+                registry.forget_trust(t)
+
+
+def test_trust_connections_share_version_discovery(devcloud_emulator: DevCloud) -> None:
+    """A new trust's connection does not ask Nova for its API versions again: the version
+    documents of a cloud are shared by its trust connections (keyed by URL)."""
+    from service import trusts
+    from service.backends import registry
+    from service.backends.compute.openstack import OpenStackBackend
+
+    cloud = devcloud_emulator
+    demo = cloud.connection("devcloud-demo")
+    with environ({"OS_CLIENT_CONFIG_FILE": str(cloud.clouds_yaml)}):
+        s = Settings(auth="keystone", compute="openstack", openstack_cloud="devcloud-stackml")
+        made = [
+            trusts.create(
+                s,
+                token=str(demo.session.get_token()),
+                user_id=str(demo.current_user_id),
+                project_id=str(demo.current_project_id),
+                roles=frozenset({"member"}),
+            )
+            for _ in range(2)
+        ]
+        try:
+            first, second = (registry.compute(s, trust_id=t) for t in made)
+            assert isinstance(first, OpenStackBackend) and isinstance(second, OpenStackBackend)
+            first.list_servers()
+            second.calls.reset()
+            second.list_servers()
+            calls = second.calls.snapshot()
+            # its own login through the trust, and the list itself: nothing else
+            assert sorted(calls) == [
+                "GET /compute/v2.1/servers/detail?tags",
+                "POST /v3/auth/tokens",
+            ], calls
         finally:
             for t in made:
                 assert trusts.delete(s, t) == "deleted"
