@@ -45,7 +45,7 @@ QUICK = """
 """
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chaos_settings() -> Iterator[Settings]:
     data = Path(f"/var/tmp/stackml-chaos-{os.getpid()}")
     shutil.rmtree(data, ignore_errors=True)
@@ -73,7 +73,7 @@ def chaos_settings() -> Iterator[Settings]:
                 shutil.rmtree(data, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chaos_platform(chaos_settings: Settings) -> Iterator[LocalPlatform]:
 
     ensure_runtime(chaos_settings, chaos_settings.default_runtime, echo=print)
@@ -92,12 +92,12 @@ def chaos_platform(chaos_settings: Settings) -> Iterator[LocalPlatform]:
                 reap_sandboxes(chaos_settings.sandbox_dir)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(chaos_platform: LocalPlatform) -> StackMLClient:
     return StackMLClient(chaos_platform.url, timeout=30)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def package(client: StackMLClient, tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("chaos-pkg")
     (root / "trainer").mkdir()

@@ -192,9 +192,10 @@ def test_ssh_refused_for_a_while_is_retried_not_fatal(
     ssh_unreachable."""
     import psutil
 
-    # the phase starts 2 s late; SSH may fail for 30 s before the server counts as lost
+    # the phase starts 5 s late (time to break SSH before it connects); SSH may fail for 30 s
+    # before the server counts as lost
     chaos_platform.restart_worker(
-        {"STACKML_CHAOS_PAUSE": f"{phase}:2", "STACKML_HEARTBEAT_TIMEOUT": "30"}
+        {"STACKML_CHAOS_PAUSE": f"{phase}:5", "STACKML_HEARTBEAT_TIMEOUT": "30"}
     )
     try:
         job = submit(client, package, "steady", "10")
@@ -209,13 +210,14 @@ def test_ssh_refused_for_a_while_is_retried_not_fatal(
             with contextlib.suppress(psutil.NoSuchProcess):  # one that just ended by itself
                 child.kill()  # and every open connection (a worker's cached one) is gone
         t0 = time.monotonic()
-        time.sleep(8.0)  # longer than a reconnect window (5 s): the first try fails
+        # past the pause plus a reconnect window (5 s): the phase's first try fails
+        time.sleep(13.0)
         with contextlib.suppress(FileNotFoundError):  # gone if the job failed meanwhile
             keys.write_text(good)
         done = wait_clean(client, job["id"], timeout=60)
     finally:
         chaos_platform.restart_worker()
-    record_fault(f"SSH refused for 8 s in {phase}", done, time.monotonic() - t0)
+    record_fault(f"SSH refused for 13 s in {phase}", done, time.monotonic() - t0)
     assert done["state"] == "SUCCEEDED", done["failure"]
     events = [(e["kind"], e["message"]) for e in client.events(job["id"])["events"]]
     assert any(k == phase and m.startswith("SSH failed") for k, m in events), events

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 
 from service.client import StackMLClient
@@ -39,6 +40,7 @@ def _peak_rss_mb(proc: psutil.Process) -> float:
     return 0.0
 
 
+@pytest.mark.timeout(1500)  # the burst takes about 4 minutes on 2 cores; its own deadline is 1200 s
 def test_burst_of_jobs_completes_with_none_lost_or_run_twice(tmp_path: Path) -> None:
     from service.config import Settings
 

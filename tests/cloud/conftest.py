@@ -57,7 +57,7 @@ def scratch_dir(name: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def devcloud() -> Iterator[DevCloud]:
     state = scratch_dir("cloud")
     cloud = DevCloud(state, venv_root=VENV_ROOT, runtime_root=RUNTIME_ROOT)
@@ -71,7 +71,7 @@ def devcloud() -> Iterator[DevCloud]:
         assert not left, f"devcloud down left processes behind: {left}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def devcloud_emulator(devcloud: DevCloud) -> DevCloud:
     """The session's devcloud with the Nova emulator running (its port is in the catalog)."""
     devcloud.start_emulator(echo=print)

@@ -341,7 +341,7 @@ def test_expired_token_is_401(api: Api, devcloud: DevCloud) -> None:
     demo = devcloud.connection("devcloud-demo")
     user_token = demo.session.get_token()
     user_id = demo.current_user_id
-    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=12)
     body = {
         "application_credential": {
             "name": f"short-lived-{time.time_ns()}",

@@ -386,14 +386,14 @@ def test_quota_exceeded_fault(emu: EmulatorProcess, conn: Any):
 
 
 def test_slow_build_fault(emu: EmulatorProcess, conn: Any):
-    emu.inject("slow_build", match={"az": "az2"}, seconds=1.5)
+    emu.inject("slow_build", match={"az": "az2"}, seconds=5)
     started = time.monotonic()
     created = boot(conn, "slow-1", image="cirros", availability_zone="az2")
     assert conn.compute.get_server(created.id).status == "BUILD"
     time.sleep(0.8)
     assert conn.compute.get_server(created.id).status == "BUILD"
     wait_status(conn, created.id, {"ACTIVE"}, timeout=15)
-    assert time.monotonic() - started >= 1.5
+    assert time.monotonic() - started >= 5
     delete_and_wait(conn, created.id)
 
 

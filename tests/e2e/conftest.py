@@ -27,7 +27,7 @@ REDIS_URL = os.environ.get("STACKML_TEST_REDIS", "redis://127.0.0.1:6379/7")
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def e2e_settings() -> Iterator[Settings]:
     if shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists():
         pytest.fail(
@@ -56,12 +56,12 @@ def e2e_settings() -> Iterator[Settings]:
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def runtime_python(e2e_settings: Settings) -> Path:
     return ensure_runtime(e2e_settings, e2e_settings.default_runtime, echo=print)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def platform(e2e_settings: Settings, runtime_python: Path) -> Iterator[LocalPlatform]:
 
     p = LocalPlatform(e2e_settings, concurrency=4, quiet=True)
@@ -99,7 +99,7 @@ def _assert_no_leaks(settings: Settings) -> None:
     assert not sshd, f"processes leaked: {sshd}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(platform: LocalPlatform) -> StackMLClient:
     return StackMLClient(platform.url, timeout=30)
 
@@ -147,7 +147,7 @@ TRIVIAL = {
 }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def trivial_package(client: StackMLClient, tmp_path_factory: pytest.TempPathFactory) -> str:
     root = make_package(tmp_path_factory.mktemp("trivial"), TRIVIAL)
     return str(client.stage_package(root)["package_uri"])

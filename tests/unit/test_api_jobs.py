@@ -401,9 +401,9 @@ def test_follow_streams_until_terminal(client, package_uri, spec, db_url):
         advance(db_url, job_id, JobState.EXPORTING, JobState.SUCCEEDED)
 
     t = threading.Thread(target=trainer)
-    t.start()
     started = time.monotonic()
     resp = client.get(f"/v1/jobs/{job_id}/logs?follow=true&offset=2&timeout=20", buffered=False)
+    t.start()  # the headers are made; the body is streamed as the log grows
     assert resp.status_code == 200
     assert resp.headers["X-Job-State"] == "RUNNING"
     assert "Content-Length" not in resp.headers

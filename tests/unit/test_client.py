@@ -358,8 +358,8 @@ class FlakyLogServer:
                 yield self.log[offset : offset + 4]  # "one\n", then the connection breaks
                 raise ConnectionResetError("dropped")
             if attempt == 2:
-                yield self.log[offset : offset + 4]  # "two\n", then silence
-                time.sleep(1.0)
+                yield self.log[offset : offset + 4]  # "two\n", then silence past read_timeout
+                time.sleep(4.0)
                 return
             self.state = "SUCCEEDED"  # the job ends while the last stream is open
             yield self.log[offset : offset + 6]  # "three\n"; "four\n" comes from the drain
@@ -378,7 +378,7 @@ class FlakyLogServer:
 def test_follow_logs_reconnects_from_the_last_offset() -> None:
     with FlakyLogServer() as srv, StackMLClient(srv.url, timeout=5) as client:
         chunks = list(
-            client.follow_logs("job-1", read_timeout=0.4, stream_seconds=0.3, reconnect_delay=0.01)
+            client.follow_logs("job-1", read_timeout=2, stream_seconds=0.3, reconnect_delay=0.01)
         )
     assert b"".join(chunks) == b"one\ntwo\nthree\nfour\n"
     assert srv.follow_offsets == [0, 4, 8]

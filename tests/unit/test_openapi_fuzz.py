@@ -157,4 +157,3 @@ def test_openapi_fuzz(
     assert tally.server_errors == 0, "\n\n".join(tally.failures)
     assert not tally.failures, "\n\n".join(tally.failures)
     assert len(tally.ran) == len(operations)
-    assert elapsed < 60
