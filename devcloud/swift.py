@@ -143,6 +143,9 @@ tempurl authtoken keystoneauth copy slo dlo versioned_writes symlink proxy-loggi
 
 
 def server_conf(state: Path, kind: str, host: str, port: int) -> str:
+    # an object write updates its container's listing within this many seconds, or leaves it
+    # to the object-updater (Swift's default, 1 s, is short for a loaded laptop)
+    app_extra = "container_update_timeout = 10" if kind == "object" else ""
     return _common(state, f"{kind}-server", host, port) + textwrap.dedent(
         f"""\
         [pipeline:main]
@@ -153,6 +156,7 @@ def server_conf(state: Path, kind: str, host: str, port: int) -> str:
 
         [app:{kind}-server]
         use = egg:swift#{kind}
+        {app_extra}
 
         [{kind}-replicator]
         [{kind}-auditor]

@@ -153,6 +153,11 @@ class ObjectStore(abc.ABC):
     def list(self, prefix: str) -> list[ObjectInfo]: ...
 
     @abc.abstractmethod
+    def info(self, key: str) -> ObjectInfo | None:
+        """One object's size and etag, asked of the object itself (Swift: HEAD); None when
+        there is no such object. Unlike `list`, never behind a write that has returned."""
+
+    @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Idempotent."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from service import queue
 from service.backends.interfaces import Access, ObjectInfo, ObjectStore
@@ -102,18 +103,16 @@ def run(job_id: str) -> None:
         )
         return
     objects = [{"key": o["key"], "size": o["size"], "etag": o["etag"]} for o in objects]
-    stored = {o.key: o for o in store.list(prefix)}
-    for obj in objects:
-        got = stored.get(prefix + obj["key"])
-        if got is None or got.etag != obj["etag"] or got.size != obj["size"]:
-            _fail(
-                job_id,
-                store,
-                prefix,
-                "upload_failed",
-                f"{obj['key']} is missing or differs in the store after upload",
-            )
-            return
+    bad = unverified(store, prefix, objects)
+    if bad is not None:
+        _fail(
+            job_id,
+            store,
+            prefix,
+            "upload_failed",
+            f"{bad} is missing or differs in the store after upload",
+        )
+        return
     output = {"model_uri": uri, "objects": objects, "size": sum(int(o["size"]) for o in objects)}
     with db() as s:
         moved = repo.transition(
@@ -127,6 +126,23 @@ def run(job_id: str) -> None:
     jobctx.next_step(queue.TEARDOWN, job_id)
     if not moved:
         jobctx.log.info("job %s left EXPORTING during the upload", job_id)
+
+
+def unverified(store: ObjectStore, prefix: str, objects: list[dict[str, Any]]) -> str | None:
+    """The first of the runner's `objects` (key, size, etag) the store does not hold as
+    reported, or None when all verify. One listing for the lot; an object the listing lacks or
+    shows otherwise is asked about itself, because a busy Swift updates container listings
+    after the write has returned (they are eventually consistent; the object is not)."""
+    listed = {o.key: o for o in store.list(prefix)}
+    for obj in objects:
+        key = prefix + obj["key"]
+
+        def matches(got: ObjectInfo | None, obj: dict[str, Any] = obj) -> bool:
+            return got is not None and (got.etag, got.size) == (obj["etag"], obj["size"])
+
+        if not matches(listed.get(key)) and not matches(store.info(key)):
+            return str(obj["key"])
+    return None
 
 
 def _fail(job_id: str, store: ObjectStore, prefix: str, reason: str, message: str) -> None:
