@@ -65,10 +65,10 @@ def _gpus_arg() -> int | None:
         return None
     try:
         val = int(raw)
-    except ValueError:
+    except ValueError as e:
         raise InvalidRequest(
             "gpus must be an integer", details={"parameter": "gpus", "value": raw[:64]}
-        ) from None
+        ) from e
     if not 0 <= val <= MAX_GPUS:
         raise InvalidRequest(
             f"gpus must be between 0 and {MAX_GPUS}", details={"parameter": "gpus", "value": val}

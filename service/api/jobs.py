@@ -6,7 +6,6 @@ import logging
 import re
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
@@ -27,7 +26,7 @@ from service.backends.interfaces import ObjectStore, gpu_candidates
 from service.backends.storage.local import LocalStore, check_key
 from service.db import jobs as repo
 from service.db import quotas
-from service.db.models import Job
+from service.db.models import Job, iso
 from service.domain.errors import BackendError, InvalidRequest, NotFound, ServiceUnavailable
 from service.domain.spec import NAME_RE, JobSpec
 from service.domain.states import JobState, ResourceState
@@ -225,11 +224,11 @@ def _states(values: list[str]) -> list[JobState]:
             continue
         try:
             out.append(JobState(v.upper()))
-        except ValueError:
+        except ValueError as e:
             raise InvalidRequest(
                 f"unknown state {v!r}",
                 details={"parameter": "state", "allowed": [s.value for s in JobState]},
-            ) from None
+            ) from e
     return out
 
 
@@ -258,8 +257,8 @@ def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
         return default
     try:
         val = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an integer", details={"parameter": name}) from None
+    except ValueError as e:
+        raise InvalidRequest(f"{name} must be an integer", details={"parameter": name}) from e
     if not lo <= val <= hi:
         raise InvalidRequest(f"{name} must be between {lo} and {hi}", details={"parameter": name})
     return val
@@ -271,8 +270,8 @@ def _float_arg(name: str, default: float, lo: float, hi: float) -> float:
         return default
     try:
         val = float(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be a number", details={"parameter": name}) from None
+    except ValueError as e:
+        raise InvalidRequest(f"{name} must be a number", details={"parameter": name}) from e
     if not lo < val <= hi:  # also false for NaN
         raise InvalidRequest(
             f"{name} must be above {lo} and at most {hi}", details={"parameter": name}
@@ -430,7 +429,7 @@ def events(job_id: str) -> Response:
         body = {
             "events": [
                 {
-                    "at": _iso(e.at),
+                    "at": iso(e.at),
                     "kind": e.kind,
                     "from": e.from_state,
                     "to": e.to_state,
@@ -449,11 +448,3 @@ def metrics(job_id: str) -> Response:
         _job(s, job_id)
         body: dict[str, Any] = {"metrics": repo.metrics(s, job_id)}
     return jsonify(body)
-
-
-def _iso(dt: datetime | None) -> str | None:
-    if dt is None:
-        return None
-    if dt.tzinfo is None:  # SQLite drops the zone; stored values are UTC
-        return dt.isoformat() + "Z"
-    return dt.isoformat().replace("+00:00", "Z")

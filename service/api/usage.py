@@ -11,7 +11,7 @@ from flask import Blueprint, Response, jsonify, request
 from service.api import bool_arg, ctx
 from service.api.quotas import caller_project, is_admin, readable_project
 from service.db import quotas as repo
-from service.db.models import utcnow
+from service.db.models import iso, utcnow
 from service.domain.errors import Forbidden, InvalidRequest
 from service.quota_policy import Metered
 
@@ -29,7 +29,7 @@ def get() -> Response:
     if since >= until:
         raise InvalidRequest(
             "since must be before until",
-            details={"since": _iso(since), "until": _iso(until)},
+            details={"since": iso(since), "until": iso(until)},
         )
     project: str | None
     if bool_arg("all_projects"):
@@ -58,8 +58,8 @@ def get() -> Response:
     return jsonify(
         {
             "project_id": project,
-            "since": _iso(since),
-            "until": _iso(until),
+            "since": iso(since),
+            "until": iso(until),
             "totals": {**totals.as_dict(), "jobs": len(rows)},
             "projects": [
                 {"project_id": p, **m.as_dict(), "jobs": n}
@@ -86,13 +86,9 @@ def _time_arg(name: str) -> datetime | None:
         return None
     try:
         value = datetime.fromisoformat(raw.strip())
-    except ValueError:
+    except ValueError as e:
         raise InvalidRequest(
             f"{name} must be an ISO 8601 time, e.g. 2026-11-01T00:00:00Z",
             details={"parameter": name, "value": raw[:64]},
-        ) from None
+        ) from e
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")

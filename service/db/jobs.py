@@ -12,7 +12,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.backends.interfaces import Flavor
-from service.db.models import Job, JobEvent, JobLabel, LogChunk, MetricRow, Resource, utcnow
+from service.db.models import Job, JobEvent, JobLabel, LogChunk, MetricRow, Resource, iso, utcnow
 from service.domain.errors import InvalidRequest, NotFound
 from service.domain.metrics import parse_metric_line
 from service.domain.spec import JobSpec
@@ -267,7 +267,7 @@ def metrics(s: Session, job_id: str) -> dict[str, list[dict[str, Any]]]:
         .order_by(MetricRow.log_offset, MetricRow.id)
     ):
         series.setdefault(m.name, []).append(
-            {"value": m.value, "step": m.step, "epoch": m.epoch, "at": _iso(m.at)}
+            {"value": m.value, "step": m.step, "epoch": m.epoch, "at": iso(m.at)}
         )
     return series
 
@@ -333,14 +333,6 @@ def delete_job(s: Session, job_id: str) -> None:
     s.execute(delete(Job).where(Job.id == job_id))
 
 
-def _iso(dt: datetime | None) -> str | None:
-    if dt is None:
-        return None
-    if dt.tzinfo is None:  # SQLite drops the zone; stored values are UTC
-        return dt.isoformat() + "Z"
-    return dt.isoformat().replace("+00:00", "Z")
-
-
 def serialize_job(
     s: Session, job: Job, *, flavors: Mapping[str, Flavor] | None = None
 ) -> dict[str, Any]:
@@ -364,9 +356,9 @@ def serialize_job(
         "state": job.state,
         "failure": failure,
         "spec": job.spec,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
         "resources": [
             {
                 "name": r.name,
@@ -375,8 +367,8 @@ def serialize_job(
                 "role": r.role,
                 "flavor": r.flavor,
                 "state": r.state,
-                "created_at": _iso(r.created_at),
-                "deleted_at": _iso(r.deleted_at),
+                "created_at": iso(r.created_at),
+                "deleted_at": iso(r.deleted_at),
             }
             for r in servers
         ],

@@ -483,3 +483,16 @@ def test_noauth_refuses_a_public_bind(settings):
 
     with pytest.raises(ConfigurationError):
         create_app(settings.model_copy(update={"host": "0.0.0.0"}), enqueue=lambda t, j: None)
+
+
+def test_api_timestamps_always_carry_microseconds_so_they_sort_as_times() -> None:
+    from datetime import UTC, datetime
+
+    from service.db.models import iso
+
+    whole = datetime(2026, 11, 1, 12, 0, 36, tzinfo=UTC)
+    later = whole.replace(microsecond=500_000)
+    assert iso(whole) == "2026-11-01T12:00:36.000000Z"
+    assert iso(whole.replace(tzinfo=None)) == "2026-11-01T12:00:36.000000Z"  # SQLite: UTC
+    assert sorted([iso(later), iso(whole)]) == [iso(whole), iso(later)]
+    assert iso(None) is None

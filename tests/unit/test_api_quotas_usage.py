@@ -238,8 +238,8 @@ def test_usage_clips_each_server_to_the_window(client_db, as_caller) -> None:
     assert resp.status_code == 200, resp.get_data(as_text=True)
     body = resp.get_json()
     assert body["project_id"] == "p1"
-    assert body["since"] == "2026-11-01T12:00:00Z"
-    assert body["until"] == "2026-11-01T15:00:00Z"
+    assert body["since"] == "2026-11-01T12:00:00.000000Z"  # microseconds always: sorts as times
+    assert body["until"] == "2026-11-01T15:00:00.000000Z"
     rows = {r["id"]: r for r in body["jobs"]}
     assert set(rows) == {a, b}
     assert rows[a] == {
