@@ -366,6 +366,8 @@ def _hold_allocating(s: Session, job_id: str) -> bool:
 
 def _accept(job_id: str, res_id: int, server_id: str, status: ServerStatus) -> None:
     with db() as s:
+        # the job's row first, as the claim does (one lock order: job, then resource)
+        _hold_allocating(s, job_id)
         res = s.get_one(Resource, res_id)
         if res.state == ResourceState.BOOTING.value:  # (else a teardown has it already)
             res.state = ResourceState.ACTIVE.value
