@@ -188,7 +188,7 @@ def test_a_recorded_row_nobody_claimed_does_not_hold_the_teardown_up(env: Env) -
     teardown.run(job)
     assert job_state(env, job) == "CANCELLED"
     assert rows(env, job) == [(None, ResourceState.DELETED.value)]
-    assert cloud_of(env).listed == 0  # nothing to look for
+    assert cloud_of(env).listed == 1  # the final sweep only: no looking for the row's server
     allocate.run(job)
     assert cloud_of(env).servers == {}
 
@@ -249,3 +249,27 @@ def test_reaper_leaves_young_servers_alone(env: Env) -> None:
     report = reconciler.Report()
     reconciler._reap_orphans(report)
     assert report.reaped == [] and len(cloud_of(env).servers) == 1
+
+
+def test_teardown_deletes_a_server_of_the_job_that_no_row_names(env: Env) -> None:
+    """A create that answered an error after the cloud had made the server leaves the row
+    forgotten and the server up; the job's teardown finds it by the job's tag (through the
+    job's own backend: its trust, in its project) before the trust goes."""
+    cloud = cloud_of(env)
+    job = submit(env, "p1", "a")
+    with session_scope(env.url) as s:
+        repo.get_job(s, job).state = JobState.FAILED.value
+    stray = _tagged(cloud, job, f"stackml-{job}-chief-0")
+    other = _tagged(cloud, "job-other", "stackml-job-other-chief-0")
+    teardown.run(job)
+    assert set(cloud.servers) == {other}
+    assert cloud.deleted == [stray]
+    with session_scope(env.url) as s:
+        events = list(
+            s.scalars(
+                select(JobEvent.message).where(JobEvent.job_id == job, JobEvent.kind == "teardown")
+            )
+        )
+    assert events == [f"deleted server {stray} (stackml-{job}-chief-0): no record named it"]
+    teardown.run(job)  # again: nothing left, nothing said
+    assert cloud.deleted == [stray]

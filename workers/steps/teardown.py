@@ -8,7 +8,7 @@ from sqlalchemy import update
 
 from service import trusts
 from service.backends import registry
-from service.backends.interfaces import ServerState
+from service.backends.interfaces import ComputeBackend, ServerState
 from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
 from service.domain.errors import BackendError
@@ -39,6 +39,7 @@ def run(job_id: str) -> None:
             if r.state != ResourceState.DELETED
         ]
         if not rows and job.state != JobState.CANCELLING:
+            _sweep(backend, job_id)
             if trust_id is not None:
                 release_trust(job_id, trust_id)
             return  # already paid
@@ -82,6 +83,7 @@ def run(job_id: str) -> None:
                 if r.name in pending:
                     r.delete_attempts += 1
         raise TeardownIncomplete(f"servers not yet deleted: {', '.join(pending)}")
+    _sweep(backend, job_id)
     if rows:
         from workers.admission import admit_waiting
 
@@ -97,6 +99,26 @@ def run(job_id: str) -> None:
             repo.add_event(s, job_id, "teardown", "all servers deleted")
     if trust_id is not None:
         release_trust(job_id, trust_id)
+
+
+def _sweep(backend: ComputeBackend, job_id: str) -> None:
+    """Delete what the backend still lists under the job's tag once every recorded server is
+    gone: a server no row names (a create that answered an error after the cloud had made it).
+    Done here, through the job's own backend (its trust, in its project), because once the
+    trust is deleted nothing of stackml can see that project any more."""
+    strays = backend.list_servers(("stackml-job", job_id))
+    for ref in strays:
+        backend.delete_server(ref.id)
+        deadline = time.monotonic() + DELETE_DEADLINE
+        while backend.get_server(ref.id).state != ServerState.DELETED:
+            if time.monotonic() > deadline:
+                raise TeardownIncomplete(f"server {ref.id} ({ref.name}) not yet deleted")
+            time.sleep(0.2)
+        log.warning("job %s: deleted server %s (%s) that no record named", job_id, ref.id, ref.name)
+        with db() as s:
+            repo.add_event(
+                s, job_id, "teardown", f"deleted server {ref.id} ({ref.name}): no record named it"
+            )
 
 
 def release_trust(job_id: str, trust_id: str) -> bool:
