@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,10 +27,37 @@ TERM_DEADLINE = 10.0
 KILL_DEADLINE = 5.0
 
 
+_given: set[int] = set()
+_given_lock = threading.Lock()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, for a server started a moment later.
+
+    Drawn below the kernel's ephemeral range: a port the kernel hands out for `bind(0)` comes
+    from the range its outgoing connections use too, and one of those can take it before the
+    server binds it. Never the same port twice in one process."""
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(20000, low) if low > 21000 else 0
+        with _given_lock, socket.socket() as s:
+            if port in _given:
+                continue
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            port = int(s.getsockname()[1])
+            _given.add(port)
+            return port
+    raise DevCloudError(f"no free port on {host}")
 
 
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:

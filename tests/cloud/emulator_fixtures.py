@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 import requests
 
 from devcloud.emulator import cleanup
+from devcloud.process import free_port
 from service.backends.compute import sandbox
 from service.backends.compute.sandbox import leak_report
 
@@ -46,12 +46,6 @@ def new_base() -> Path:
     base = Path(tempfile.mkdtemp(prefix="stackml-emu-", dir="/var/tmp"))
     os.chmod(base, 0o755)
     return base
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class EmulatorProcess:
