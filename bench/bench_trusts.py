@@ -84,7 +84,8 @@ def main() -> int:
                 )
                 trust_calls.append(sum(one_job(backend, pub, f"stackml-trust-{i}-chief").values()))
                 t2 = time.perf_counter()
-                assert trusts.delete(s, trust_id) == "deleted"
+                # as teardown does: through the backend's connection, logged in already
+                assert trusts.delete(s, trust_id, backend.connection()) == "deleted"
                 t3 = time.perf_counter()
                 create_s.append(t1 - t0)
                 delete_s.append(t3 - t2)

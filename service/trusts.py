@@ -184,13 +184,18 @@ def connect(cloud: str, trust_id: str, timeout: float) -> Connection:
     return Connection(config=region)
 
 
-def delete(settings: Settings, trust_id: str) -> str:
+def delete(settings: Settings, trust_id: str, conn: Connection | None = None) -> str:
     """Delete the trust; "deleted", or "gone" when it no longer exists or can no longer be
     used (deleted by its user, or its user lost the roles: it then grants nothing).
-    TrustUnavailable when Keystone did not answer (retry later)."""
-    conn = connect(settings.openstack_cloud, trust_id, settings.openstack_call_timeout)
+    TrustUnavailable when Keystone did not answer (retry later).
+
+    `conn`: a connection already logged in through this trust (the job's backend's), which
+    saves a Keystone login; it is left open. Without it, one is made and closed."""
+    own = conn is None
+    if conn is None:
+        conn = connect(settings.openstack_cloud, trust_id, settings.openstack_call_timeout)
     try:
-        conn.identity.delete_trust(trust_id, ignore_missing=True)  # type: ignore[union-attr]
+        conn.identity.delete_trust(trust_id, ignore_missing=False)  # type: ignore[union-attr]
         return "deleted"
     except (ksa_exc.NotFound, sdk_exc.NotFoundException) as e:
         log.info("trust %s is gone already (%s)", trust_id, e)
@@ -204,7 +209,8 @@ def delete(settings: Settings, trust_id: str) -> str:
     except (sdk_exc.SDKException, ksa_exc.ClientException) as e:
         raise TrustUnavailable(f"deleting trust {trust_id}: {_message(e)}") from e
     finally:
-        conn.close()
+        if own:
+            conn.close()
 
 
 def _check_service_login(settings: Settings) -> None:

@@ -381,3 +381,36 @@ def test_trust_connections_share_version_discovery(devcloud_emulator: DevCloud) 
             for t in made:
                 assert trusts.delete(s, t) == "deleted"
                 registry.forget_trust(t)
+
+
+def test_deleting_a_trust_through_the_jobs_backend_costs_no_second_login(
+    devcloud_emulator: DevCloud,
+) -> None:
+    """Teardown deletes the trust with the connection the job's backend logged in with; the
+    only call is the DELETE, and a second delete through it says "gone"."""
+    from service import trusts
+    from service.backends import registry
+    from service.backends.compute.openstack import OpenStackBackend
+
+    cloud = devcloud_emulator
+    demo = cloud.connection("devcloud-demo")
+    with environ({"OS_CLIENT_CONFIG_FILE": str(cloud.clouds_yaml)}):
+        s = Settings(auth="keystone", compute="openstack", openstack_cloud="devcloud-stackml")
+        trust_id = trusts.create(
+            s,
+            token=str(demo.session.get_token()),
+            user_id=str(demo.current_user_id),
+            project_id=str(demo.current_project_id),
+            roles=frozenset({"member"}),
+        )
+        backend = registry.compute(s, trust_id=trust_id)
+        assert isinstance(backend, OpenStackBackend)
+        try:
+            backend.list_servers()  # the job's work: logged in through the trust
+            backend.calls.reset()
+            assert trusts.delete(s, trust_id, backend.connection()) == "deleted"
+            assert backend.calls.snapshot() == {"DELETE /v3/OS-TRUST/trusts/{id}": 1}
+            assert trust_id not in _trusts_of(cloud, str(demo.current_user_id))
+            assert trusts.delete(s, trust_id, backend.connection()) == "gone"
+        finally:
+            registry.forget_trust(trust_id)

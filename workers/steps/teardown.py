@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, cast
 
 from sqlalchemy import update
 
@@ -15,6 +16,9 @@ from service.domain.errors import BackendError
 from service.domain.states import JobState, ResourceState
 from workers import chaos, jobctx, ssh
 from workers.jobctx import db, log
+
+if TYPE_CHECKING:
+    from openstack.connection import Connection
 
 DELETE_DEADLINE = 60.0
 
@@ -125,7 +129,7 @@ def release_trust(job_id: str, trust_id: str) -> bool:
     """Delete the job's Keystone trust (its servers are gone); False when Keystone did not
     answer: the reconciler retries every finished job's trust until it is gone."""
     try:
-        outcome = trusts.delete(jobctx.settings(), trust_id)
+        outcome = trusts.delete(jobctx.settings(), trust_id, _logged_in(trust_id))
     except trusts.TrustUnavailable as e:
         log.warning("job %s: trust not deleted yet (the reconciler retries): %s", job_id, e)
         return False
@@ -144,6 +148,20 @@ def release_trust(job_id: str, trust_id: str) -> bool:
                 else "Keystone trust already gone (deleted by its user, or no longer usable)",
             )
     return True
+
+
+def _logged_in(trust_id: str) -> Connection | None:
+    """The connection of the job's backend, logged in through the trust already (so deleting
+    the trust costs no second Keystone login); None when it cannot log in (then `delete` logs
+    in itself and tells a trust that is gone from a Keystone that does not answer)."""
+    connection = getattr(jobctx.compute(trust_id), "connection", None)
+    if connection is None:
+        return None
+    try:
+        return cast("Connection", connection())
+    except BackendError as e:
+        log.info("trust %s: the job's backend cannot log in (%s)", trust_id, e)
+        return None
 
 
 def _deleted(res_id: int) -> None:

@@ -307,6 +307,11 @@ class OpenStackBackend(ComputeBackend):
 
     # ------------------------------------------------------------------ connection
 
+    def connection(self) -> Connection:
+        """This backend's logged-in connection (made on first use; BackendError if it cannot
+        be), e.g. to delete the trust it acts through without another Keystone login."""
+        return self._conn()
+
     def _conn(self) -> Connection:
         with self._lock:
             if self._connection is None or self._pid != os.getpid():
