@@ -119,6 +119,7 @@ class Settings(BaseSettings):
     # through a Keystone trust (its quotas, its Horizon); "service" keeps every job's servers
     # in the project of openstack_cloud (one service project, no trusts)
     tenancy: Literal["project", "service"] = "project"
+    trust_roles: list[str] = Field(default_factory=list)
     # store: swift (the account of openstack_cloud's project; containers per stackml project)
     swift_segment_bytes: int = 1 << 30  # files above this go up as Static Large Objects
     swift_container_prefix: str = "stackml-"

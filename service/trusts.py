@@ -2,9 +2,10 @@
 
 With `auth: keystone`, `compute: openstack` and `tenancy: project` (the default), submitting a
 job creates a trust from the caller (trustor) to stackml's service user (trustee: the user of
-`openstack_cloud`), scoped to the caller's project and the roles in the caller's token, with
-impersonation (as Heat, Sahara and Magnum do): the job's servers and keypairs are the user's, in
-the user's project, under its quotas, visible in its Horizon. The API creates it with the
+`openstack_cloud`), scoped to the caller's project and the roles in the caller's token (or those
+of them that `trust_roles` allows), with impersonation (as Heat, Sahara and Magnum do): the
+job's servers and keypairs are the user's, in the user's project, under its quotas, visible in
+its Horizon. The API creates it with the
 caller's own token; nothing of the token is kept.
 
 Workers authenticate as the service user with the trust id (no project scope: Keystone scopes a
@@ -117,6 +118,7 @@ def create(
 
     401: the caller's token stopped being valid; 403: Keystone refused (its reason is passed
     on); 503: Keystone or the service user is unreachable. Nothing is created on an error."""
+    delegated = _delegated(settings, roles)
     trustee = trustee_user_id(settings)
     body = {
         "trust": {
@@ -125,7 +127,7 @@ def create(
             "project_id": project_id,
             "impersonation": True,
             "allow_redelegation": False,
-            "roles": [{"name": r} for r in sorted(roles)],
+            "roles": [{"name": r} for r in sorted(delegated)],
         }
     }
     session = _region(settings.openstack_cloud, settings.openstack_call_timeout).get_session()
@@ -158,6 +160,22 @@ def create(
         f"Keystone answered {r.status_code} when stackml asked for a trust: {reason}",
         retry_after=10,
     )
+
+
+def _delegated(settings: Settings, roles: frozenset[str]) -> frozenset[str]:
+    """The caller's roles the trust carries: all of them, or those `trust_roles` allows."""
+    if not settings.trust_roles:
+        return roles
+    allowed = {r.lower() for r in settings.trust_roles}
+    delegated = frozenset(r for r in roles if r.lower() in allowed)
+    if not delegated:
+        raise Forbidden(
+            "stackml acts in your project only with the roles "
+            f"{', '.join(sorted(settings.trust_roles))} (trust_roles), and your token has none "
+            "of them",
+            details={"trust_roles": sorted(settings.trust_roles), "your_roles": sorted(roles)},
+        )
+    return delegated
 
 
 def _keystone_reason(r: Any) -> str:

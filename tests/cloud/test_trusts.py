@@ -414,3 +414,31 @@ def test_deleting_a_trust_through_the_jobs_backend_costs_no_second_login(
             assert trusts.delete(s, trust_id, backend.connection()) == "gone"
         finally:
             registry.forget_trust(trust_id)
+
+
+def test_trust_roles_limit_the_roles_keystone_records_on_the_trust(
+    devcloud_emulator: DevCloud,
+) -> None:
+    from service import trusts
+
+    cloud = devcloud_emulator
+    demo = cloud.connection("devcloud-demo")
+    with environ({"OS_CLIENT_CONFIG_FILE": str(cloud.clouds_yaml)}):
+        s = Settings(
+            auth="keystone",
+            compute="openstack",
+            openstack_cloud="devcloud-stackml",
+            trust_roles=["member"],
+        )
+        trust_id = trusts.create(
+            s,
+            token=str(demo.session.get_token()),
+            user_id=str(demo.current_user_id),
+            project_id=str(demo.current_project_id),
+            roles=frozenset({"member", "reader"}),  # what the demo user's token says
+        )
+        try:
+            trust = demo.identity.get_trust(trust_id)
+            assert sorted(r["name"] for r in trust.roles) == ["member"]
+        finally:
+            assert trusts.delete(s, trust_id) == "deleted"

@@ -62,3 +62,19 @@ def test_identity_url_ends_in_v3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(tmp_path / "clouds.yaml"))
     s = Settings(openstack_cloud="svc")
     assert trusts.identity_url(s) == "http://127.0.0.1:5000/v3"
+
+
+def test_trust_roles_limit_what_a_trust_delegates() -> None:
+    from service.domain.errors import Forbidden
+
+    caller = frozenset({"member", "reader", "admin"})
+    assert trusts._delegated(Settings(), caller) == caller  # default: every role of the token
+    s = Settings(trust_roles=["Member", "load-balancer_member"])  # (names case-insensitive)
+    assert trusts._delegated(s, caller) == {"member"}
+    with pytest.raises(Forbidden) as e:
+        trusts._delegated(s, frozenset({"reader"}))
+    assert "your token has none of them" in str(e.value)
+    assert e.value.details == {
+        "trust_roles": ["Member", "load-balancer_member"],
+        "your_roles": ["reader"],
+    }
