@@ -231,6 +231,18 @@ def delete(settings: Settings, trust_id: str, conn: Connection | None = None) ->
             conn.close()
 
 
+def refused(e: BaseException) -> bool:
+    """Whether `e`, or an error it was raised from, is Keystone answering 401: through a trust,
+    the trust is gone or grants nothing (or the service user's own login fails: `delete` tells
+    which)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ksa_exc.Unauthorized) or getattr(seen, "status_code", None) == 401:
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def _check_service_login(settings: Settings) -> None:
     conn = openstack.connect(
         cloud=settings.openstack_cloud or None, api_timeout=settings.openstack_call_timeout

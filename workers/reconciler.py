@@ -7,11 +7,13 @@ so only one reconciler hands a given job on.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from service import queue
 from service.backends.interfaces import ServerState
@@ -131,7 +133,7 @@ def _reap_orphans(report: Report) -> None:
             log.warning("reaped orphan server %s (%s) of unknown job %s", ref.id, ref.name, job_id)
             continue
         log.warning("reaped server %s (%s) of finished job %s: no record", ref.id, ref.name, job_id)
-        with db() as s:
+        with contextlib.suppress(IntegrityError), db() as s:  # the job was deleted meanwhile
             repo.add_event(
                 s, job_id, "reaper", f"deleted server {ref.id} ({ref.name}): no record named it"
             )

@@ -356,14 +356,14 @@ def delete(job_id: str) -> tuple[str, int]:
                 details={"resources": pending},
             )
         if job.trust_id is not None:
-            # the job finished moments ago and its trust is not deleted yet: do it now
-            try:
-                trusts.delete(c.settings, job.trust_id)
-            except BackendError as e:
-                raise ServiceUnavailable(
-                    f"job {job_id}'s Keystone trust could not be deleted yet; retry later",
-                    retry_after=10,
-                ) from e
+            # the job finished moments ago: its teardown has yet to look for servers under its
+            # tag and let the trust go (only it may: after the trust nothing can see them)
+            c.enqueue_quietly(queue.TEARDOWN, job_id)
+            raise TeardownPending(
+                f"job {job_id}'s teardown is finishing (its Keystone trust is still held); "
+                "retry later",
+                details={"trust_held": True},
+            )
         repo.delete_job(s, job_id)
     return "", 204
 

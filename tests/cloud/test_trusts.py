@@ -140,7 +140,6 @@ def test_job_acts_in_the_submitting_project_after_the_token_is_gone(
         reader, job["id"], lambda j: j["state"] in ("RUNNING", "FAILED", "SUCCEEDED")
     )
     assert running["state"] == "RUNNING", running.get("failure")
-    assert running["state"] != "FAILED", running["failure"]
     server_id = running["resources"][0]["server_id"]
     server = admin.compute.get_server(server_id)
     if tenancy == "project":
@@ -373,10 +372,10 @@ def test_trust_connections_share_version_discovery(devcloud_emulator: DevCloud) 
             second.list_servers()
             calls = second.calls.snapshot()
             # its own login through the trust, and the list itself: nothing else
-            assert sorted(calls) == [
-                "GET /compute/v2.1/servers/detail?tags",
-                "POST /v3/auth/tokens",
-            ], calls
+            assert calls == {
+                "GET /compute/v2.1/servers/detail?tags": 1,
+                "POST /v3/auth/tokens": 1,
+            }
         finally:
             for t in made:
                 assert trusts.delete(s, t) == "deleted"
@@ -409,7 +408,10 @@ def test_deleting_a_trust_through_the_jobs_backend_costs_no_second_login(
             backend.list_servers()  # the job's work: logged in through the trust
             backend.calls.reset()
             assert trusts.delete(s, trust_id, backend.connection()) == "deleted"
-            assert backend.calls.snapshot() == {"DELETE /v3/OS-TRUST/trusts/{id}": 1}
+            calls = backend.calls.snapshot()
+            # (Keystone's version document may be asked for once, if no trust asked before)
+            assert "POST /v3/auth/tokens" not in calls, calls
+            assert calls.get("DELETE /v3/OS-TRUST/trusts/{id}") == 1, calls
             assert trust_id not in _trusts_of(cloud, str(demo.current_user_id))
             assert trusts.delete(s, trust_id, backend.connection()) == "gone"
         finally:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from keystoneauth1 import exceptions as ksa_exc
 from sqlalchemy import select
 
 from service import queue
@@ -30,6 +31,7 @@ from service.db import jobs as repo
 from service.db.migrate import upgrade
 from service.db.models import Job, JobEvent, Resource
 from service.db.session import session_scope
+from service.domain.errors import CloudError
 from service.domain.states import JobState, ResourceState
 from tests.integration.test_admission import FLAVORS, Env, submit
 from tests.pgutil import temp_database
@@ -273,3 +275,77 @@ def test_teardown_deletes_a_server_of_the_job_that_no_row_names(env: Env) -> Non
     assert events == [f"deleted server {stray} (stackml-{job}-chief-0): no record named it"]
     teardown.run(job)  # again: nothing left, nothing said
     assert cloud.deleted == [stray]
+
+
+# -- the trust goes only after the job's tag was swept ------------------------------------
+
+
+@pytest.fixture
+def keystone(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Stands in for Keystone's trust deletion; records the trusts deleted."""
+    deleted: list[str] = []
+
+    def delete(settings: object, trust_id: str, conn: object = None) -> str:
+        deleted.append(trust_id)
+        return "deleted"
+
+    monkeypatch.setattr(teardown.trusts, "delete", delete)
+    return deleted
+
+
+def _with_trust(env: Env, job_id: str, state: JobState) -> None:
+    with session_scope(env.url) as s:
+        job = repo.get_job(s, job_id)
+        job.state, job.trust_id = state.value, "trust-1"
+
+
+def test_a_trust_debt_is_paid_only_after_the_jobs_tag_was_swept(
+    env: Env, keystone: list[str]
+) -> None:
+    """The reconciler pays a finished job's trust (no live rows) before its teardown ran: the
+    stray server a failed create left in the job's project is deleted first, through the
+    trust, and only then the trust."""
+    cloud = cloud_of(env)
+    job = submit(env, "p1", "a")
+    _with_trust(env, job, JobState.FAILED)
+    stray = _tagged(cloud, job, f"stackml-{job}-chief-0")
+    order: list[str] = []
+    cloud.delete_server = lambda sid, d=cloud.delete_server: (order.append("server"), d(sid))[1]  # type: ignore[method-assign]
+    keystone_delete = teardown.trusts.delete
+    teardown.trusts.delete = lambda *a, **k: (order.append("trust"), keystone_delete(*a, **k))[1]  # type: ignore[assignment]
+    report = reconciler.Report()
+    reconciler._pay_debts(report)
+    assert report.trusts == [job]
+    assert order == ["server", "trust"] and cloud.deleted == [stray]
+    assert keystone == ["trust-1"]
+    with session_scope(env.url) as s:
+        assert repo.get_job(s, job).trust_id is None
+
+
+def test_a_trust_is_kept_while_its_tag_cannot_be_swept(
+    env: Env, keystone: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cloud = cloud_of(env)
+    job = submit(env, "p1", "a")
+    _with_trust(env, job, JobState.SUCCEEDED)
+
+    def nova_down(tag: object = None) -> list[ServerRef]:
+        raise CloudError("listing servers: 503 Service Unavailable")
+
+    monkeypatch.setattr(cloud, "list_servers", nova_down)
+    assert teardown.release_trust(job, "trust-1") is False
+    assert keystone == []  # kept: the next round tries again
+    with session_scope(env.url) as s:
+        assert repo.get_job(s, job).trust_id == "trust-1"
+
+    def trust_refused(tag: object = None) -> list[ServerRef]:
+        try:
+            raise ksa_exc.Unauthorized("The request you have made requires authentication.")
+        except ksa_exc.Unauthorized as e:
+            raise CloudError("connecting to the cloud: 401") from e
+
+    monkeypatch.setattr(cloud, "list_servers", trust_refused)
+    # the trust no longer logs in (its user deleted it): nothing to sweep through it; `delete`
+    # is asked and says what became of it
+    assert teardown.release_trust(job, "trust-1") is True
+    assert keystone == ["trust-1"]

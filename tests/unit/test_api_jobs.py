@@ -363,6 +363,25 @@ def test_delete_rules(client, package_uri, spec, db_url, error_of):
     assert job_count(db_url) == 0
 
 
+def test_delete_of_a_job_still_holding_its_trust_hands_it_to_the_teardown(
+    client, package_uri, spec, db_url, error_of, enqueued
+):
+    """The API never deletes a trust itself: the teardown must first look for servers under
+    the job's tag through it (nothing can after). It gets a teardown, the caller a 409."""
+    job_id = submit(client, spec(package_uri)).get_json()["id"]
+    advance(db_url, job_id, JobState.ALLOCATING, JobState.FAILED)
+    with session_scope(db_url) as s:
+        repo.get_job(s, job_id).trust_id = "trust-1"
+    enqueued.calls.clear()
+    err = error_of(client.delete(f"/v1/jobs/{job_id}"), 409, "teardown_pending")
+    assert err["details"] == {"trust_held": True}
+    assert enqueued.calls == [("stackml.teardown", job_id)]
+    assert job_count(db_url) == 1  # nothing deleted
+    with session_scope(db_url) as s:
+        repo.get_job(s, job_id).trust_id = None  # the teardown let it go
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
+
+
 # -- logs, events, metrics ----------------------------------------------------------------
 
 

@@ -12,7 +12,8 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> Non
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     ports = [free_port() for _ in range(50)]
     assert len(set(ports)) == 50  # never the same port twice in a process
-    assert all(p < low for p in ports), (low, ports)  # not where outgoing connections draw
+    if low > 21000:  # (else the range leaves no room below it: the kernel's choice is used)
+        assert all(p < low for p in ports), (low, ports)  # not where connections draw from
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[-1]))  # and really free
 

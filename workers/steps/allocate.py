@@ -174,14 +174,17 @@ def _advance(job_id: str) -> None:
                 s.get_one(Resource, res_id).server_id = server_id
         else:
             with db() as s:
-                if (datetime.now(UTC) - created).total_seconds() > cfg.boot_deadline:
+                # only while the job is ALLOCATING (its row held first): an unclaimed row of a
+                # job that moved on is forgotten by the teardown at once, while a claimed one
+                # is looked for by name until the boot that claimed it must be over
+                late = (datetime.now(UTC) - created).total_seconds() > cfg.boot_deadline
+                if _hold_allocating(s, job_id) and late:
                     # the run that claimed it died before creating anything: claim again
                     s.execute(
                         update(Resource)
                         .where(Resource.id == res_id, Resource.server_id.startswith(CREATING))
                         .values(server_id=None)
                     )
-                repo.touch(s, job_id)
             jobctx.next_step(queue.ALLOCATE, job_id, BUILD_RECHECK)
             return
     if server_id is None:
@@ -232,8 +235,8 @@ def _advance(job_id: str) -> None:
             return
         server_id = ref.id
         with db() as s:
+            repo.touch(s, job_id)  # the job's row first, then the resource's (one lock order)
             s.get_one(Resource, res_id).server_id = server_id
-            repo.touch(s, job_id)
 
     status = backend.get_server(server_id)
     age = (datetime.now(UTC) - created).total_seconds()

@@ -43,9 +43,10 @@ def run(job_id: str) -> None:
             if r.state != ResourceState.DELETED
         ]
         if not rows and job.state != JobState.CANCELLING:
-            _sweep(backend, job_id)
             if trust_id is not None:
-                release_trust(job_id, trust_id)
+                release_trust(job_id, trust_id)  # (sweeps first)
+            else:
+                _sweep(backend, job_id)
             return  # already paid
         chaos.pause("teardown")
         for r in repo.resources(s, job_id):
@@ -102,16 +103,17 @@ def run(job_id: str) -> None:
         else:
             repo.add_event(s, job_id, "teardown", "all servers deleted")
     if trust_id is not None:
-        release_trust(job_id, trust_id)
+        release_trust(job_id, trust_id, swept=True)
 
 
 def _sweep(backend: ComputeBackend, job_id: str) -> None:
     """Delete what the backend still lists under the job's tag once every recorded server is
     gone: a server no row names (a create that answered an error after the cloud had made it).
-    Done here, through the job's own backend (its trust, in its project), because once the
-    trust is deleted nothing of stackml can see that project any more."""
-    strays = backend.list_servers(("stackml-job", job_id))
-    for ref in strays:
+    Done through the job's own backend (its trust, in its project) before the trust goes:
+    after that nothing of stackml can see that project any more."""
+    for ref in backend.list_servers(("stackml-job", job_id)):
+        if backend.get_server(ref.id).state is ServerState.DELETED:
+            continue  # listed while on its way out (a cloud that soft-deletes)
         backend.delete_server(ref.id)
         deadline = time.monotonic() + DELETE_DEADLINE
         while backend.get_server(ref.id).state != ServerState.DELETED:
@@ -125,9 +127,19 @@ def _sweep(backend: ComputeBackend, job_id: str) -> None:
             )
 
 
-def release_trust(job_id: str, trust_id: str) -> bool:
-    """Delete the job's Keystone trust (its servers are gone); False when Keystone did not
-    answer: the reconciler retries every finished job's trust until it is gone."""
+def release_trust(job_id: str, trust_id: str, *, swept: bool = False) -> bool:
+    """Delete the job's Keystone trust once its servers are gone: first sweeps the job's tag
+    through the trust (unless the caller has just done so), since after the trust nothing can.
+    False when that or Keystone failed: the reconciler retries every finished job's trust until
+    it is gone."""
+    if not swept:
+        try:
+            _sweep(jobctx.compute(trust_id), job_id)
+        except BackendError as e:
+            if not trusts.refused(e):
+                log.warning("job %s: trust kept until its tag is swept (retried): %s", job_id, e)
+                return False
+            # the trust no longer logs in: nothing can be seen through it; `delete` says why
     try:
         outcome = trusts.delete(jobctx.settings(), trust_id, _logged_in(trust_id))
     except trusts.TrustUnavailable as e:
@@ -151,9 +163,10 @@ def release_trust(job_id: str, trust_id: str) -> bool:
 
 
 def _logged_in(trust_id: str) -> Connection | None:
-    """The connection of the job's backend, logged in through the trust already (so deleting
-    the trust costs no second Keystone login); None when it cannot log in (then `delete` logs
-    in itself and tells a trust that is gone from a Keystone that does not answer)."""
+    """The connection of the job's backend, which has (as a rule) logged in through the trust
+    already, so deleting the trust costs no second Keystone login; None when it cannot be
+    made (then `delete` makes its own, and tells a trust that is gone from a Keystone that does
+    not answer)."""
     connection = getattr(jobctx.compute(trust_id), "connection", None)
     if connection is None:
         return None

@@ -308,8 +308,8 @@ class OpenStackBackend(ComputeBackend):
     # ------------------------------------------------------------------ connection
 
     def connection(self) -> Connection:
-        """This backend's logged-in connection (made on first use; BackendError if it cannot
-        be), e.g. to delete the trust it acts through without another Keystone login."""
+        """This backend's connection (made on first use, BackendError if it cannot be; it logs
+        in on its first call), e.g. to delete the trust it acts through without another login."""
         return self._conn()
 
     def _conn(self) -> Connection:
