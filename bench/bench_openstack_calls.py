@@ -114,6 +114,8 @@ def one_job(backend: OpenStackBackend, public_key: str, name: str) -> dict[str, 
     while backend.get_server(ref.id).state is not ServerState.DELETED:
         assert time.monotonic() < deadline, "delete not confirmed"
         time.sleep(POLL)
+    # teardown's sweep before the trust goes: what is still listed under the job's tag
+    assert backend.list_servers(TAGS[0]) == []
     return backend.calls.snapshot()
 
 

@@ -11,7 +11,8 @@ What one server costs in API calls, and why (the bench counts them):
   port, create the floating IP on it (its description names the server id, so a later delete
   finds it even when the server and its port are gone).
 - delete: DELETE server (404 is fine), with a floating network also list + delete its floating
-  IPs. `get_server` answering DELETED (404) is the confirmation.
+  IPs. `get_server` answering DELETED (404) is the confirmation. Then teardown lists the
+  servers under the job's tag once (the sweep for servers no record names).
 - once per process: version discovery, flavors (cached `flavor_cache_seconds`), the network,
   the image per runtime, and the security group (ensured idempotently: looked up by name,
   created with an SSH ingress rule from `ssh_cidr` when missing).
