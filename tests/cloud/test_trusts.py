@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -107,6 +108,19 @@ def _revoke(cloud: DevCloud, token: str) -> None:
 def _trusts_of(cloud: DevCloud, user_id: str) -> list[str]:
     admin = cloud.connection("devcloud")
     return [t.id for t in admin.identity.trusts(trustor_user_id=user_id)]
+
+
+def _demo_trust(s: Settings, demo: Any, roles: frozenset[str] = frozenset({"member"})) -> str:
+    """A trust from the devcloud's demo user to stackml's service user, as the API makes one."""
+    from service import trusts
+
+    return trusts.create(
+        s,
+        token=str(demo.session.get_token()),
+        user_id=str(demo.current_user_id),
+        project_id=str(demo.current_project_id),
+        roles=roles,
+    )
 
 
 def test_job_acts_in_the_submitting_project_after_the_token_is_gone(
@@ -293,13 +307,7 @@ def test_trust_deletion_tells_deleted_from_gone_from_unknown(
     with environ({"OS_CLIENT_CONFIG_FILE": str(tmp_path / "clouds.yaml")}):
         ok = Settings(auth="keystone", compute="openstack", openstack_cloud="devcloud-stackml")
         bad = ok.model_copy(update={"openstack_cloud": "devcloud-broken"})
-        trust_id = trusts.create(
-            ok,
-            token=demo.session.get_token(),
-            user_id=str(demo.current_user_id),
-            project_id=str(demo.current_project_id),
-            roles=frozenset({"member"}),
-        )
+        trust_id = _demo_trust(ok, demo)
         with pytest.raises(trusts.TrustUnavailable):
             trusts.delete(bad, trust_id)
         assert trust_id in _trusts_of(cloud, str(demo.current_user_id))  # still there
@@ -319,16 +327,7 @@ def test_backends_of_one_projects_trusts_share_its_lookups(devcloud_emulator: De
     demo = cloud.connection("devcloud-demo")
     with environ({"OS_CLIENT_CONFIG_FILE": str(cloud.clouds_yaml)}):
         s = Settings(auth="keystone", compute="openstack", openstack_cloud="devcloud-stackml")
-        made = [
-            trusts.create(
-                s,
-                token=str(demo.session.get_token()),
-                user_id=str(demo.current_user_id),
-                project_id=str(demo.current_project_id),
-                roles=frozenset({"member"}),
-            )
-            for _ in range(2)
-        ]
+        made = [_demo_trust(s, demo) for _ in range(2)]
         try:
             first, second = (registry.compute(s, trust_id=t) for t in made)
             assert isinstance(first, OpenStackBackend) and isinstance(second, OpenStackBackend)
@@ -354,16 +353,7 @@ def test_trust_connections_share_version_discovery(devcloud_emulator: DevCloud) 
     demo = cloud.connection("devcloud-demo")
     with environ({"OS_CLIENT_CONFIG_FILE": str(cloud.clouds_yaml)}):
         s = Settings(auth="keystone", compute="openstack", openstack_cloud="devcloud-stackml")
-        made = [
-            trusts.create(
-                s,
-                token=str(demo.session.get_token()),
-                user_id=str(demo.current_user_id),
-                project_id=str(demo.current_project_id),
-                roles=frozenset({"member"}),
-            )
-            for _ in range(2)
-        ]
+        made = [_demo_trust(s, demo) for _ in range(2)]
         try:
             first, second = (registry.compute(s, trust_id=t) for t in made)
             assert isinstance(first, OpenStackBackend) and isinstance(second, OpenStackBackend)
@@ -395,13 +385,7 @@ def test_deleting_a_trust_through_the_jobs_backend_costs_no_second_login(
     demo = cloud.connection("devcloud-demo")
     with environ({"OS_CLIENT_CONFIG_FILE": str(cloud.clouds_yaml)}):
         s = Settings(auth="keystone", compute="openstack", openstack_cloud="devcloud-stackml")
-        trust_id = trusts.create(
-            s,
-            token=str(demo.session.get_token()),
-            user_id=str(demo.current_user_id),
-            project_id=str(demo.current_project_id),
-            roles=frozenset({"member"}),
-        )
+        trust_id = _demo_trust(s, demo)
         backend = registry.compute(s, trust_id=trust_id)
         assert isinstance(backend, OpenStackBackend)
         try:
@@ -432,13 +416,7 @@ def test_trust_roles_limit_the_roles_keystone_records_on_the_trust(
             openstack_cloud="devcloud-stackml",
             trust_roles=["member"],
         )
-        trust_id = trusts.create(
-            s,
-            token=str(demo.session.get_token()),
-            user_id=str(demo.current_user_id),
-            project_id=str(demo.current_project_id),
-            roles=frozenset({"member", "reader"}),  # what the demo user's token says
-        )
+        trust_id = _demo_trust(s, demo, frozenset({"member", "reader"}))  # as its token says
         try:
             trust = demo.identity.get_trust(trust_id)
             assert sorted(r["name"] for r in trust.roles) == ["member"]
