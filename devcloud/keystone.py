@@ -47,7 +47,9 @@ steps = [
     ["db_sync"],
     ["fernet_setup", *user],
     ["credential_setup", *user],
-    ["bootstrap", "--bootstrap-password", password, "--bootstrap-region-id", region,
+    # "--opt=value": a generated password may begin with "-" (token_urlsafe), which argparse
+    # would read as an option of its own
+    ["bootstrap", f"--bootstrap-password={password}", "--bootstrap-region-id", region,
      "--bootstrap-public-url", public_url],
 ]
 for step in steps:
