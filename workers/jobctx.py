@@ -20,7 +20,7 @@ from service.db import jobs as repo
 from service.db.models import Job, Resource
 from service.db.session import session_scope
 from service.domain.errors import BackendError
-from service.domain.states import JobState, Phase
+from service.domain.states import FailureReason, JobState, Phase
 from workers.ssh import SSHTarget
 
 log = logging.getLogger("stackml.worker")
@@ -65,13 +65,15 @@ def decrypt_key(blob: bytes) -> str:
     except InvalidToken as e:
         raise BackendError(
             "the job's SSH key cannot be decrypted with the configured secret",
-            reason="secret_mismatch",
+            reason=FailureReason.SECRET_MISMATCH,
         ) from e
 
 
 def ssh_target(job: Job, res: Resource) -> SSHTarget:
     if job.ssh_key_enc is None or res.host is None:
-        raise BackendError(f"job {job.id} has no reachable server", reason="server_lost")
+        raise BackendError(
+            f"job {job.id} has no reachable server", reason=FailureReason.SERVER_LOST
+        )
     return SSHTarget(
         host=res.host,
         port=res.port or 22,
@@ -141,7 +143,7 @@ def next_step(task: str, job_id: str, countdown: float = 0.0) -> None:
         )
 
 
-def fail(job_id: str, phase: Phase, reason: str, message: str) -> bool:
+def fail(job_id: str, phase: Phase, reason: FailureReason, message: str) -> bool:
     """Fail an active job (not one being cancelled) and start its teardown."""
     expected = [s_ for s_ in JobState if not s_.terminal and s_ is not JobState.CANCELLING]
     with db() as s:

@@ -34,6 +34,7 @@ from paramiko.common import cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
 from service.domain.errors import BackendError, DeadlineExceeded
+from service.domain.states import FailureReason
 
 log = logging.getLogger("stackml.ssh")
 
@@ -50,13 +51,13 @@ class SSHError(BackendError):
     """Something went wrong talking SSH to a server."""
 
     code = "ssh_error"
-    reason = "ssh_error"
+    reason: str = FailureReason.SSH_ERROR
 
 
 class SSHUnreachable(SSHError):
     """No SSH session could be established (refused, no route, no banner, auth refused)."""
 
-    reason = "ssh_unreachable"
+    reason: str = FailureReason.SSH_UNREACHABLE
 
 
 class SSHAuthenticationFailed(SSHUnreachable):
@@ -66,25 +67,25 @@ class SSHAuthenticationFailed(SSHUnreachable):
 class HostKeyMismatch(SSHError):
     """The server presented a host key other than the pinned one: not the server we booted."""
 
-    reason = "host_key_mismatch"
+    reason: str = FailureReason.HOST_KEY_MISMATCH
 
 
 class SSHTimeout(SSHError, DeadlineExceeded):
     """An SSH operation ran past its timeout (the server may be frozen or partitioned)."""
 
-    reason = "timeout"
+    reason: str = FailureReason.TIMEOUT
 
 
 class ConnectionLost(SSHError):
     """The transport died under an operation: the server vanished or was killed."""
 
-    reason = "server_lost"
+    reason: str = FailureReason.SERVER_LOST
 
 
 class RemoteCommandError(SSHError):
     """A remote command exited non-zero (returncode -1: it was killed by a signal)."""
 
-    reason = "remote_command_failed"
+    reason: str = FailureReason.REMOTE_COMMAND_FAILED
 
     def __init__(
         self, returncode: int, command: str, stderr_tail: str, stdout_tail: str = ""
@@ -170,7 +171,9 @@ def _load_private_key(pem: str) -> paramiko.PKey:
             return cast(paramiko.PKey, cls.from_private_key(io.StringIO(pem)))
         except (paramiko.SSHException, ValueError):
             continue
-    raise SSHError("the job's private key is not an ed25519, ECDSA or RSA key", reason="bad_key")
+    raise SSHError(
+        "the job's private key is not an ed25519, ECDSA or RSA key", reason=FailureReason.BAD_KEY
+    )
 
 
 def _parse_host_key(line: str) -> paramiko.PKey:
@@ -178,7 +181,9 @@ def _parse_host_key(line: str) -> paramiko.PKey:
         kind, data = line.split()[:2]
         return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
     except (ValueError, paramiko.SSHException, TypeError) as e:
-        raise SSHError(f"cannot parse the pinned host key {line[:40]!r}", reason="bad_key") from e
+        raise SSHError(
+            f"cannot parse the pinned host key {line[:40]!r}", reason=FailureReason.BAD_KEY
+        ) from e
 
 
 # --------------------------------------------------------------------------- logging

@@ -16,7 +16,15 @@ from service.db.models import Job, JobEvent, JobLabel, LogChunk, MetricRow, Reso
 from service.domain.errors import InvalidRequest, NotFound
 from service.domain.metrics import parse_metric_line
 from service.domain.spec import JobSpec
-from service.domain.states import ACTIVE, TERMINAL, JobState, Phase, ResourceState, can_transition
+from service.domain.states import (
+    ACTIVE,
+    TERMINAL,
+    FailureReason,
+    JobState,
+    Phase,
+    ResourceState,
+    can_transition,
+)
 
 MAX_LIMIT = 200
 
@@ -24,7 +32,7 @@ MAX_LIMIT = 200
 @dataclass(frozen=True)
 class Failure:
     phase: Phase
-    reason: str
+    reason: FailureReason
     message: str
 
 
@@ -141,7 +149,7 @@ def transition(
     if failure is not None:
         vals.update(
             failure_phase=failure.phase.value,
-            failure_reason=failure.reason,
+            failure_reason=str(failure.reason),
             failure_message=failure.message,
         )
     vals.update(values)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.domain.states import FailureReason
+
 
 class StackMLError(Exception):
     """Root of every error stackml raises on purpose."""
@@ -79,7 +81,7 @@ class BackendError(StackMLError):
     """A compute or storage backend failed; `reason` is the job failure slug it maps to."""
 
     code = "backend_error"
-    reason = "backend_error"
+    reason: str = FailureReason.BACKEND_ERROR
 
     def __init__(
         self, message: str, *, reason: str | None = None, details: dict[str, Any] | None = None
@@ -92,43 +94,43 @@ class BackendError(StackMLError):
 class TransientBackendError(BackendError):
     """A backend call failed in a way worth retrying (an API error, no answer in time)."""
 
-    reason = "backend_unavailable"
+    reason: str = FailureReason.BACKEND_UNAVAILABLE
 
 
 class CloudError(TransientBackendError):
     """The cloud did not do what was asked (an API error or no answer); worth a retry."""
 
-    reason = "cloud_error"
+    reason: str = FailureReason.CLOUD_ERROR
 
 
 class ServerNotFound(BackendError):
-    reason = "server_lost"
+    reason: str = FailureReason.SERVER_LOST
 
 
 class AllocationFailed(BackendError):
-    reason = "allocation_failed"
+    reason: str = FailureReason.ALLOCATION_FAILED
 
 
 class NoValidHost(AllocationFailed):
     """The scheduler found no host for the flavor (Nova: ERROR with a "No valid host" fault)."""
 
-    reason = "no_valid_host"
+    reason: str = FailureReason.NO_VALID_HOST
 
 
 class QuotaExceeded(BackendError):
     """The cloud refused for quota (Nova 403): the job waits in QUEUED and retries later."""
 
-    reason = "quota_exceeded"
+    reason: str = FailureReason.QUOTA_EXCEEDED
 
 
 class DeadlineExceeded(BackendError):
     """A bounded wait ran out of time."""
 
-    reason = "timeout"
+    reason: str = FailureReason.TIMEOUT
 
 
 class StoreError(BackendError):
-    reason = "store_error"
+    reason: str = FailureReason.STORE_ERROR
 
 
 class GrantDenied(StoreError):

@@ -77,3 +77,51 @@ class ResourceState(StrEnum):
     ACTIVE = "active"
     DELETING = "deleting"
     DELETED = "deleted"
+
+
+class FailureReason(StrEnum):
+    """Why a job failed: `failure.reason` of the REST API (a stable contract: values never
+    change). The phase each one is normally seen in is in docs/architecture.md."""
+
+    # admission and allocation
+    QUOTA_EXCEEDED = "quota_exceeded"
+    UNKNOWN_FLAVOR = "unknown_flavor"
+    NO_VALID_HOST = "no_valid_host"
+    BOOT_FAILED = "boot_failed"
+    ALLOCATION_FAILED = "allocation_failed"
+    # reaching and preparing the server
+    SSH_UNREACHABLE = "ssh_unreachable"
+    SSH_ERROR = "ssh_error"
+    HOST_KEY_MISMATCH = "host_key_mismatch"
+    BAD_KEY = "bad_key"
+    SECRET_MISMATCH = "secret_mismatch"
+    REMOTE_COMMAND_FAILED = "remote_command_failed"
+    PROVISION_FAILED = "provision_failed"
+    RUNTIME_BUILD_FAILED = "runtime_build_failed"
+    # training
+    TRAINER_EXIT_NONZERO = "trainer_exit_nonzero"
+    TIMEOUT = "timeout"
+    SERVER_LOST = "server_lost"
+    # export
+    NO_MODEL = "no_model"
+    UPLOAD_FAILED = "upload_failed"
+    RUNNER_OUTPUT_INVALID = "runner_output_invalid"
+    ETAG_MISMATCH = "etag_mismatch"
+    # backends
+    BACKEND_ERROR = "backend_error"
+    BACKEND_UNAVAILABLE = "backend_unavailable"
+    CLOUD_ERROR = "cloud_error"
+    SANDBOX_ERROR = "sandbox_error"
+    STORE_ERROR = "store_error"
+    STORE_UNAVAILABLE = "store_unavailable"
+    KEYSTONE_UNAVAILABLE = "keystone_unavailable"
+    TEARDOWN_INCOMPLETE = "teardown_incomplete"
+
+    @classmethod
+    def of(cls, value: str) -> FailureReason:
+        """The member named by a backend error's `reason`; an unknown slug is a backend error
+        (never an exception: a failure must always be recordable)."""
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.BACKEND_ERROR

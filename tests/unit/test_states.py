@@ -16,6 +16,7 @@ from service.domain.states import (
     ALLOWED,
     PHASE_OF_STATE,
     TERMINAL,
+    FailureReason,
     JobState,
     Phase,
     can_transition,
@@ -146,7 +147,7 @@ def test_transition_records_times_and_failure(db_url, job_id):
             job_id,
             S.RUNNING,
             S.FAILED,
-            failure=repo.Failure(Phase.TRAIN, "trainer_exit_nonzero", "exit 3"),
+            failure=repo.Failure(Phase.TRAIN, FailureReason.TRAINER_EXIT_NONZERO, "exit 3"),
         )
         job = repo.get_job(s, job_id)
         body = repo.serialize_job(s, job)
@@ -156,3 +157,24 @@ def test_transition_records_times_and_failure(db_url, job_id):
         "reason": "trainer_exit_nonzero",
         "message": "exit 3",
     }
+
+
+def test_every_error_reason_a_worker_can_record_is_a_failure_reason() -> None:
+    import service.backends.compute.sandbox
+    import service.backends.storage.swift
+    import service.runtime
+    import service.trusts  # noqa: F401
+    import workers.ssh
+    import workers.steps.teardown  # noqa: F401
+    from service.domain.errors import BackendError
+
+    def subclasses(c: type) -> list[type]:
+        return [c, *(x for sub in c.__subclasses__() for x in subclasses(sub))]
+
+    reasons = {c.reason for c in subclasses(BackendError)}  # type: ignore[attr-defined]
+    assert reasons <= {r.value for r in FailureReason}
+    # the API contract: these slugs never change
+    for slug in ("no_valid_host", "quota_exceeded", "timeout", "server_lost", "no_model"):
+        assert FailureReason(slug).value == slug
+    assert FailureReason.of("something new") is FailureReason.BACKEND_ERROR
+    assert FailureReason.of("upload_failed") is FailureReason.UPLOAD_FAILED

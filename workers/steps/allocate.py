@@ -30,7 +30,7 @@ from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
 from service.domain.errors import BackendError, QuotaExceeded, TransientBackendError
 from service.domain.spec import JobSpec
-from service.domain.states import JobState, Phase, ResourceState
+from service.domain.states import FailureReason, JobState, Phase, ResourceState
 from workers import admission, chaos, jobctx, ssh
 from workers.jobctx import db, log
 
@@ -194,7 +194,7 @@ def _advance(job_id: str) -> None:
             jobctx.fail(
                 job_id,
                 Phase.ALLOCATE,
-                "unknown_flavor",
+                FailureReason.UNKNOWN_FLAVOR,
                 f"flavor {flavor_name!r} is not offered by the {backend.name} backend",
             )
             return
@@ -231,7 +231,12 @@ def _advance(job_id: str) -> None:
             raise  # the task retries with backoff; the row stays for the next try
         except BackendError as e:
             _forget(res_id)
-            jobctx.fail(job_id, Phase.ALLOCATE, e.reason, f"could not boot the server: {e}")
+            jobctx.fail(
+                job_id,
+                Phase.ALLOCATE,
+                FailureReason.of(e.reason),
+                f"could not boot the server: {e}",
+            )
             return
         server_id = ref.id
         with db() as s:
@@ -256,19 +261,25 @@ def _advance(job_id: str) -> None:
                 repo.touch(s, job_id)
             jobctx.next_step(queue.ALLOCATE, job_id, BUILD_RECHECK)
             return
-        why, reason = f"still building after {cfg.boot_deadline:.0f}s", "timeout"
-    elif status.state is ServerState.ERROR and status.fault_reason == "no_valid_host":
-        why, reason = f"no valid host: {status.fault}", "no_valid_host"
+        why, reason = f"still building after {cfg.boot_deadline:.0f}s", FailureReason.TIMEOUT
+    elif status.state is ServerState.ERROR and status.fault_reason == FailureReason.NO_VALID_HOST:
+        why, reason = f"no valid host: {status.fault}", FailureReason.NO_VALID_HOST
     elif status.state is ServerState.ERROR:
         _discard(backend, res_id, server_id)
         jobctx.fail(
-            job_id, Phase.ALLOCATE, "boot_failed", f"server {server_id} failed: {status.fault}"
+            job_id,
+            Phase.ALLOCATE,
+            FailureReason.BOOT_FAILED,
+            f"server {server_id} failed: {status.fault}",
         )
         return
     else:
         _discard(backend, res_id, server_id)
         jobctx.fail(
-            job_id, Phase.ALLOCATE, "server_lost", f"server {server_id} vanished while booting"
+            job_id,
+            Phase.ALLOCATE,
+            FailureReason.SERVER_LOST,
+            f"server {server_id} vanished while booting",
         )
         return
     _discard(backend, res_id, server_id)
@@ -301,7 +312,13 @@ def _cloud_quota_refuses(backend: ComputeBackend, flavor: Flavor) -> str | None:
 
 
 def _next_attempt(
-    job_id: str, attempt: int, total: int, flavor: str, zone: str | None, why: str, reason: str
+    job_id: str,
+    attempt: int,
+    total: int,
+    flavor: str,
+    zone: str | None,
+    why: str,
+    reason: FailureReason,
 ) -> None:
     where = f" in zone {zone}" if zone else ""
     if attempt + 1 >= total:

@@ -10,7 +10,7 @@ from service.backends.interfaces import Access, ObjectInfo, ObjectStore
 from service.db import jobs as repo
 from service.domain.errors import StoreError
 from service.domain.spec import JobSpec
-from service.domain.states import JobState, Phase
+from service.domain.states import FailureReason, JobState, Phase
 from workers import chaos, jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
 from workers.steps.provision import PYTHON
@@ -30,7 +30,9 @@ def run(job_id: str) -> None:
         chaos.pause("export")
         res = jobctx.chief(s, job_id)
         if res is None:
-            jobctx.fail(job_id, Phase.EXPORT, "server_lost", "the job has no server record")
+            jobctx.fail(
+                job_id, Phase.EXPORT, FailureReason.SERVER_LOST, "the job has no server record"
+            )
             return
         target = jobctx.ssh_target(job, res)
         server_id, trust_id = res.server_id, job.trust_id
@@ -60,7 +62,7 @@ def run(job_id: str) -> None:
             job_id,
             store,
             prefix,
-            "upload_failed",
+            FailureReason.UPLOAD_FAILED,
             f"uploading the model failed: {e.stderr_tail.strip() or e}",
         )
         return
@@ -68,13 +70,23 @@ def run(job_id: str) -> None:
         ssh.drop(target)
         if jobctx.retry_after_ssh_failure(job_id, queue.EXPORT, trust_id, server_id, e):
             return  # the server is up: the export runs again (it is idempotent)
-        _fail(job_id, store, prefix, e.reason, f"lost the server during export: {e}")
+        _fail(
+            job_id, store, prefix, FailureReason.of(e.reason), f"lost the server during export: {e}"
+        )
         return
     except ssh.SSHError as e:
-        _fail(job_id, store, prefix, e.reason, f"lost the server during export: {e}")
+        _fail(
+            job_id, store, prefix, FailureReason.of(e.reason), f"lost the server during export: {e}"
+        )
         return
     except (ValueError, IndexError) as e:
-        _fail(job_id, store, prefix, "upload_failed", f"the runner's answer is garbled: {e}")
+        _fail(
+            job_id,
+            store,
+            prefix,
+            FailureReason.UPLOAD_FAILED,
+            f"the runner's answer is garbled: {e}",
+        )
         return
 
     objects = manifest.get("objects", [])
@@ -82,7 +94,7 @@ def run(job_id: str) -> None:
         jobctx.fail(
             job_id,
             Phase.EXPORT,
-            "no_model",
+            FailureReason.NO_MODEL,
             "the trainer exited 0 but wrote nothing to STACKML_MODEL_DIR",
         )
         return
@@ -99,7 +111,11 @@ def run(job_id: str) -> None:
                 )
     except (StoreError, ValueError, KeyError, TypeError) as e:
         _fail(
-            job_id, store, prefix, "upload_failed", f"the model's large files did not verify: {e}"
+            job_id,
+            store,
+            prefix,
+            FailureReason.UPLOAD_FAILED,
+            f"the model's large files did not verify: {e}",
         )
         return
     objects = [{"key": o["key"], "size": o["size"], "etag": o["etag"]} for o in objects]
@@ -109,7 +125,7 @@ def run(job_id: str) -> None:
             job_id,
             store,
             prefix,
-            "upload_failed",
+            FailureReason.UPLOAD_FAILED,
             f"{bad} is missing or differs in the store after upload",
         )
         return
@@ -145,7 +161,9 @@ def unverified(store: ObjectStore, prefix: str, objects: list[dict[str, Any]]) -
     return None
 
 
-def _fail(job_id: str, store: ObjectStore, prefix: str, reason: str, message: str) -> None:
+def _fail(
+    job_id: str, store: ObjectStore, prefix: str, reason: FailureReason, message: str
+) -> None:
     """Fail the job, then remove what its upload left. Only the run that moves the job to
     FAILED removes anything: a second export run (re-driven) that loses the server after the
     first one registered the model must not delete that model."""

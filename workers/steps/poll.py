@@ -13,7 +13,7 @@ from service import queue
 from service.backends.interfaces import ServerState
 from service.db import jobs as repo
 from service.domain.spec import JobSpec
-from service.domain.states import JobState, Phase
+from service.domain.states import FailureReason, JobState, Phase
 from workers import chaos, jobctx, ssh
 from workers.jobctx import JOB_DIR, db
 
@@ -30,7 +30,9 @@ def run(job_id: str) -> None:
         chaos.pause("poll")
         res = jobctx.chief(s, job_id)
         if res is None:
-            jobctx.fail(job_id, Phase.TRAIN, "server_lost", "the job has no server record")
+            jobctx.fail(
+                job_id, Phase.TRAIN, FailureReason.SERVER_LOST, "the job has no server record"
+            )
             return
         target = jobctx.ssh_target(job, res)
         offset, interval = job.log_offset, job.poll_interval or cfg.poll_min
@@ -70,7 +72,7 @@ def run(job_id: str) -> None:
             jobctx.fail(
                 job_id,
                 Phase.TRAIN,
-                "trainer_exit_nonzero",
+                FailureReason.TRAINER_EXIT_NONZERO,
                 f"the trainer exited with status {code}; last lines of its log:\n{tail}",
             )
         return
@@ -80,7 +82,7 @@ def run(job_id: str) -> None:
         jobctx.fail(
             job_id,
             Phase.TRAIN,
-            "timeout",
+            FailureReason.TIMEOUT,
             f"the job ran longer than max_runtime_seconds={max_runtime}",
         )
         return
@@ -88,7 +90,7 @@ def run(job_id: str) -> None:
         jobctx.fail(
             job_id,
             Phase.TRAIN,
-            "server_lost",
+            FailureReason.SERVER_LOST,
             f"the runner's heartbeat stopped {now - heartbeat.st_mtime:.0f}s ago",
         )
         return
@@ -125,7 +127,7 @@ def _unreachable(
         jobctx.fail(
             job_id,
             Phase.TRAIN,
-            "server_lost",
+            FailureReason.SERVER_LOST,
             f"the server {server_id} is {state.value.lower()} ({error})",
         )
         return
@@ -134,7 +136,10 @@ def _unreachable(
         quiet_for = time.time() - _epoch(job.last_progress_at)
     if quiet_for > cfg.heartbeat_timeout:
         jobctx.fail(
-            job_id, Phase.TRAIN, "server_lost", f"no answer over SSH for {quiet_for:.0f}s: {error}"
+            job_id,
+            Phase.TRAIN,
+            FailureReason.SERVER_LOST,
+            f"no answer over SSH for {quiet_for:.0f}s: {error}",
         )
         return
     jobctx.next_step(queue.POLL, job_id, cfg.poll_max)

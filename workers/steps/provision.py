@@ -10,7 +10,7 @@ from service.backends.interfaces import Access
 from service.db import jobs as repo
 from service.domain.errors import BackendError
 from service.domain.spec import JobSpec
-from service.domain.states import JobState, Phase
+from service.domain.states import FailureReason, JobState, Phase
 from service.runtime import ensure_runtime
 from workers import chaos, jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
@@ -125,7 +125,7 @@ def run(job_id: str) -> None:
         jobctx.fail(
             job_id,
             Phase.PROVISION,
-            "ssh_unreachable",
+            FailureReason.SSH_UNREACHABLE,
             f"the server refused the job's key: {e}",
         )
         return
@@ -133,7 +133,7 @@ def run(job_id: str) -> None:
         jobctx.fail(
             job_id,
             Phase.PROVISION,
-            "ssh_unreachable",
+            FailureReason.SSH_UNREACHABLE,
             f"the server did not answer SSH within {cfg.ssh_deadline:.0f}s: {e}",
         )
         return
@@ -156,7 +156,7 @@ def run(job_id: str) -> None:
         jobctx.fail(
             job_id,
             Phase.PROVISION,
-            "provision_failed",
+            FailureReason.PROVISION_FAILED,
             f"preparing the server failed: {e.stderr_tail.strip() or e}",
         )
         return
@@ -164,13 +164,25 @@ def run(job_id: str) -> None:
         ssh.drop(target)
         if jobctx.retry_after_ssh_failure(job_id, queue.PROVISION, trust_id, server_id, e):
             return  # the server is up: every provisioning step is idempotent, run them again
-        jobctx.fail(job_id, Phase.PROVISION, e.reason, f"lost the server while preparing: {e}")
+        jobctx.fail(
+            job_id,
+            Phase.PROVISION,
+            FailureReason.of(e.reason),
+            f"lost the server while preparing: {e}",
+        )
         return
     except ssh.SSHError as e:
-        jobctx.fail(job_id, Phase.PROVISION, e.reason, f"lost the server while preparing: {e}")
+        jobctx.fail(
+            job_id,
+            Phase.PROVISION,
+            FailureReason.of(e.reason),
+            f"lost the server while preparing: {e}",
+        )
         return
     except BackendError as e:
-        jobctx.fail(job_id, Phase.PROVISION, e.reason, f"cannot stage the job: {e}")
+        jobctx.fail(
+            job_id, Phase.PROVISION, FailureReason.of(e.reason), f"cannot stage the job: {e}"
+        )
         return
     with db() as s:
         moved = repo.transition(

@@ -13,7 +13,7 @@ from service.backends.interfaces import ComputeBackend, ServerState
 from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
 from service.domain.errors import BackendError
-from service.domain.states import JobState, ResourceState
+from service.domain.states import FailureReason, JobState, ResourceState
 from workers import chaos, jobctx, ssh
 from workers.jobctx import db, log
 
@@ -26,7 +26,7 @@ DELETE_DEADLINE = 60.0
 class TeardownIncomplete(BackendError):
     """Some server is not confirmed deleted yet; the task retries (and the reconciler too)."""
 
-    reason = "teardown_incomplete"
+    reason: str = FailureReason.TEARDOWN_INCOMPLETE
 
 
 def run(job_id: str) -> None:

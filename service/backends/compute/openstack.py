@@ -61,6 +61,7 @@ from service.domain.errors import (
     QuotaExceeded,
     ServerNotFound,
 )
+from service.domain.states import FailureReason
 
 log = logging.getLogger("stackml.openstack")
 
@@ -580,7 +581,7 @@ class OpenStackBackend(ComputeBackend):
             return ServerStatus(id=server_id, state=ServerState.BUILD, **common)
         if status == "ERROR":
             message = str((s.fault or {}).get("message") or "the server is in ERROR")
-            reason = "no_valid_host" if NO_VALID_HOST in message.lower() else None
+            reason = FailureReason.NO_VALID_HOST if NO_VALID_HOST in message.lower() else None
             return ServerStatus(
                 id=server_id, state=ServerState.ERROR, fault=message, fault_reason=reason, **common
             )
