@@ -78,6 +78,17 @@ class Settings(BaseSettings):
     default_runtime: str = "tensorflow-2.21"
     max_package_bytes: int = 256 * 1024 * 1024
     max_body_bytes: int = 1024 * 1024
+    # The API's edge (see docs/security.md): extra Host names it answers to ("name" at any
+    # port, "name:port"; noauth always checks Host, keystone only when this is set), and web
+    # origins ("scheme://host[:port]") whose pages may send it state-changing requests.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    allowed_origins: list[str] = Field(default_factory=list)
+    # Per-project limits on job submissions and package uploads per minute (0: none), counted
+    # in Redis and shared by every API process; a whole minute's worth may come at once.
+    rate_limit_jobs_per_minute: int = Field(default=600, ge=0)
+    rate_limit_packages_per_minute: int = Field(default=120, ge=0)
+    # metric points stored per job; later metric lines are logged and skipped
+    max_metric_points: int = Field(default=10_000, ge=0)
     boot_deadline: float = 60
     ssh_deadline: float = 30
     provision_deadline: float = 300
@@ -89,6 +100,13 @@ class Settings(BaseSettings):
     stuck_after: float = 30
     reconcile_interval: float = 5
     sandbox_isolation: Literal["auto", "root", "rootless", "none"] = "auto"
+    # sandbox network: "isolated" = a network namespace per sandbox that reaches only the store
+    # gateway and sandbox_allow (needs root isolation); "host" = the host's network (loopback
+    # included); "auto" = isolated with root isolation. See sandbox_net.py.
+    sandbox_network: Literal["auto", "isolated", "host"] = "auto"
+    sandbox_network_cidr: str = "10.253.0.0/16"  # sandbox addresses; <cidr>+1 is the gateway
+    sandbox_gateway_port: int = Field(default=0, ge=0, le=65535)  # store gateway; 0 = port
+    sandbox_allow: list[str] = Field(default_factory=list)  # "host:port" sandboxes may reach
     secret_key: str = ""
     # auth=keystone: keystonemiddleware auth_token options, [keystone_authtoken] names;
     # see docs/security.md
@@ -150,6 +168,14 @@ class Settings(BaseSettings):
 
     @property
     def base_url(self) -> str:
+        """Where servers reach the local store's signed URLs: with isolated sandboxes, the
+        store gateway (the only host address they reach; sandbox_net.py)."""
+        if self.compute == "sandbox" and self.store == "local":
+            from service.backends.compute import sandbox_net
+
+            net = sandbox_net.from_settings(self)
+            if net is not None:
+                return net.store_url
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
