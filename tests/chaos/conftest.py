@@ -20,6 +20,7 @@ from service.client import StackMLClient
 from service.config import Settings
 from service.platform import LocalPlatform
 from service.runtime import ensure_runtime
+from tests.e2e.conftest import assert_configured_redis
 from tests.envutil import environ, free_port, reap_sandboxes
 from tests.pgutil import temp_database
 
@@ -80,6 +81,8 @@ def chaos_platform(chaos_settings: Settings) -> Iterator[LocalPlatform]:
     p = LocalPlatform(chaos_settings, concurrency=4, quiet=True)
     p.start()
     try:
+        # test_faults restarts the Redis at 127.0.0.1:6379: the platform must be using it
+        assert_configured_redis(p, REDIS_URL, chaos_settings.queue)
         yield p
     finally:
         try:

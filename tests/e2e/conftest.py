@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from service.client import StackMLClient
 from service.config import Settings
@@ -67,6 +68,8 @@ def platform(e2e_settings: Settings, runtime_python: Path) -> Iterator[LocalPlat
     p = LocalPlatform(e2e_settings, concurrency=4, quiet=True)
     p.start()
     try:
+        # test_redaction scans this Redis for secrets: it must be the one the platform uses
+        assert_configured_redis(p, REDIS_URL, e2e_settings.queue)
         yield p
     finally:
         try:
@@ -77,6 +80,35 @@ def platform(e2e_settings: Settings, runtime_python: Path) -> Iterator[LocalPlat
                 _assert_no_leaks(e2e_settings)
             finally:
                 reap_sandboxes(e2e_settings.sandbox_dir)
+
+
+def assert_configured_redis(platform: LocalPlatform, url: str, queue: str) -> None:
+    """Fail loudly unless the platform really uses the Redis at `url`: no embedded Redis
+    (LocalPlatform starts one when nothing answers at the configured URL), and the worker's
+    queue binding, written by the platform's own Celery worker, is visible at `url`. A tier that
+    restarts Redis or scans it for secrets proves nothing against a fallback nobody looks at."""
+    assert not platform.redis_embedded, (
+        f"nothing answered at {url}: the platform fell back to an embedded Redis "
+        f"({platform.redis_url}); start redis-server on {url} and run again"
+    )
+    assert platform.redis_url == url, (platform.redis_url, url)
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            bound = [
+                key
+                for key in client.scan_iter(match="_kombu.binding.*", count=1000)
+                if any(queue.encode() in member for member in client.smembers(key))
+            ]
+            if bound:
+                return
+            assert time.monotonic() < deadline, (
+                f"no queue binding for {queue} at {url}: the platform's worker does not use it"
+            )
+            time.sleep(0.2)
+    finally:
+        client.close()
 
 
 def _wait_no_servers(settings: Settings, timeout: float) -> None:

@@ -19,6 +19,8 @@ import numpy as np
 
 SEED = 1234
 N_FEATURES = 20
+BIAS = 0.5
+NOISE = 0.1  # standard deviation of the noise added to the synthetic targets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,12 +37,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def known_function() -> tuple[np.ndarray, float]:
+    """The weights and bias of the function the synthetic data comes from: y = X·w + b.
+
+    Fixed by the seed, so a test (or ``evaluate.py``) can compare a trained model's predictions
+    with the function it was meant to learn on points it never saw."""
+    w = np.random.default_rng(SEED).normal(size=(N_FEATURES, 1)).astype("float32")
+    return w, BIAS
+
+
+def target(x: np.ndarray) -> np.ndarray:
+    """The known function, without noise, at the rows of ``x`` (shape [n, N_FEATURES])."""
+    w, b = known_function()
+    return (x.astype("float32") @ w + b).astype("float32")
+
+
 def synthetic_data(rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """y = X·w + b + noise, with a fixed seed: the same data on every run."""
-    rng = np.random.default_rng(SEED)
+    """y = X·w + b + noise (X ~ N(0, 1)), with a fixed seed: the same data on every run."""
+    rng = np.random.default_rng(SEED + 1)
     x = rng.normal(size=(rows, N_FEATURES)).astype("float32")
-    w = rng.normal(size=(N_FEATURES, 1)).astype("float32")
-    y = x @ w + 0.5 + 0.1 * rng.normal(size=(rows, 1)).astype("float32")
+    y = target(x) + NOISE * rng.normal(size=(rows, 1)).astype("float32")
     return x, y.astype("float32")
 
 
