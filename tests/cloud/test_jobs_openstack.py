@@ -11,6 +11,7 @@ import shutil
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,12 @@ from service.client import StackMLClient
 from service.config import REPO_ROOT, Settings
 from service.platform import LocalPlatform
 from tests.cloud.conftest import RUNTIME_ROOT, scratch_dir, wait_job
+from tests.e2e.conftest import assert_configured_redis
+from tests.e2e.test_tensorflow import (
+    assert_learned_the_known_function,
+    assert_loss_went_down,
+    evaluate_model,
+)
 from tests.envutil import environ, free_port
 from tests.pgutil import temp_database
 
@@ -71,6 +78,7 @@ def cloud_platform(devcloud_emulator: DevCloud) -> Iterator[tuple[LocalPlatform,
         }
         try:
             with environ(env), LocalPlatform(Settings(), concurrency=4, quiet=True) as p:
+                assert_configured_redis(p, REDIS_URL, env["STACKML_QUEUE"])
                 yield p, devcloud_emulator
         finally:
             shutil.rmtree(data, ignore_errors=True)
@@ -177,8 +185,13 @@ def test_job_runs_on_the_openstack_path_and_its_model_lands_in_swift(
 
 
 def test_example_tensorflow_job_on_the_openstack_path(
-    client: StackMLClient, cloud_platform: tuple[LocalPlatform, DevCloud]
+    client: StackMLClient, cloud_platform: tuple[LocalPlatform, DevCloud], tmp_path: Path
 ) -> None:
+    """The example trains on a Nova server, its loss goes down, and the SavedModel fetched back
+    from Swift loads and predicts the example's known function on fresh points."""
+    from service.backends import registry
+    from service.runtime import ensure_runtime
+
     pkg = client.stage_package(REPO_ROOT / "examples" / "keras_regression")
     job = client.create_job(
         {
@@ -189,7 +202,22 @@ def test_example_tensorflow_job_on_the_openstack_path(
     )
     done = _done(client, job["id"], timeout=600)
     assert done["state"] == "SUCCEEDED", done["failure"]
-    assert "saved_model.pb" in {o["key"] for o in done["output"]["objects"]}
+    listed = {o["key"]: o["size"] for o in done["output"]["objects"]}
+    assert "saved_model.pb" in listed
+    assert_loss_went_down(client.metrics(job["id"])["metrics"], epochs=2)
+    # every object of the model, read back from Swift (not from the server, which is gone)
+    store = registry.store()
+    prefix = store.key_of(done["output"]["model_uri"])
+    in_swift = {o.key[len(prefix) :]: o.size for o in store.list(prefix)}
+    assert in_swift == listed
+    model_dir = tmp_path / "model"
+    for rel in in_swift:
+        target = model_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(store.get(prefix + rel))
+    settings = Settings()
+    runtime_python = ensure_runtime(settings, settings.default_runtime, echo=print)
+    assert_learned_the_known_function(evaluate_model(runtime_python, model_dir))
 
 
 def test_no_valid_host_retries_the_next_flavor(
