@@ -485,7 +485,7 @@ def test_cli_uses_keystone_tokens_when_os_cloud_is_set(token_api, monkeypatch) -
         asked.append(cloud)
         return tokens
 
-    monkeypatch.setattr(cli_mod, "keystone_tokens", fake_keystone_tokens)
+    monkeypatch.setattr("service.cli.common.keystone_tokens", fake_keystone_tokens)
     monkeypatch.delenv("OS_AUTH_URL", raising=False)
     monkeypatch.delenv("STACKML_TOKEN", raising=False)
     monkeypatch.setenv("OS_CLOUD", "devcloud-demo")

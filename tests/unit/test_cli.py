@@ -22,7 +22,7 @@ from service.cli import cli
 from service.config import Settings
 from service.db import jobs as repo
 from service.db.session import session_scope
-from service.domain.states import JobState, Phase
+from service.domain.states import FailureReason, JobState, Phase
 
 TRAINER_LOG = (
     b"starting\n"
@@ -99,7 +99,9 @@ def drive(
             repo.transition(s, job_id, prev, JobState.EXPORTING, "trainer exited 0")
             repo.transition(s, job_id, JobState.EXPORTING, JobState.SUCCEEDED, "model exported")
         else:
-            failure = repo.Failure(Phase.TRAIN, "trainer_exit_nonzero", "the trainer exited 3")
+            failure = repo.Failure(
+                Phase.TRAIN, FailureReason.TRAINER_EXIT_NONZERO, "the trainer exited 3"
+            )
             repo.transition(s, job_id, prev, JobState.FAILED, failure=failure)
 
 
@@ -607,3 +609,166 @@ def test_demo_cancels_a_job_that_outlives_the_deadline(
     assert "is still QUEUED after 0s" in text and "wait_timeout" in text
     assert "cancelling job job-" in text
     assert [j["state"] for j in api_json(api_url, "/v1/jobs")["jobs"]] == ["CANCELLED"]
+
+
+# -- terminal escape sequences in what the trainer (or any client) controls ---------------------
+
+HOSTILE_LOG = (
+    b"epoch 1\n"
+    b"\x1b]0;pwned\x07title set\n"  # OSC: sets the window title
+    b"\x1b[2J\x1b[1;31mcleared\x1b[0m\n"  # CSI: clears the screen, colours
+    b"\xc2\x9b31mc1 csi\n"  # the 8-bit CSI (U+009B) in UTF-8
+    b"\x1b]8;;http://evil.example/\x1b\\link\x1b]8;;\x1b\\\n"  # OSC 8 hyperlink, ST-terminated
+    b"\x1bP+q544e\x1b\\dcs\n"  # DCS (an XTGETTCAP query: the terminal would answer)
+    b"loss=9.9\rloss=0.1\n"  # \r: the real value would be overwritten
+    b"bell\x07 back\x08space \x7fdel\x1b7\x1b(B\n"
+    b"\xe2\x80\xaeevil\xe2\x80\xac bidi\n"
+    b"tab\tkept\n"
+    b"unterminated \x1b]0;title swallowed\n"
+    b"next line survives\n"
+)
+HOSTILE_SHOWN = (
+    "epoch 1\n"
+    "title set\n"
+    "cleared\n"
+    "c1 csi\n"
+    "link\n"
+    "dcs\n"
+    "loss=9.9\nloss=0.1\n"
+    "bell backspace del\n"
+    "evil bidi\n"
+    "tab\tkept\n"
+    "unterminated \n"
+    "next line survives\n"
+)
+CONTROL_CHARS = {chr(c) for c in (*range(0x00, 0x20), *range(0x7F, 0xA0))} - {"\n", "\t"}
+
+
+def assert_no_controls(text: str) -> None:
+    bad = sorted({hex(ord(c)) for c in text if c in CONTROL_CHARS or "\u202a" <= c <= "\u202e"})
+    assert not bad, (bad, text)
+
+
+def test_sanitizer_strips_sequences_even_cut_between_chunks() -> None:
+    from service.cli.common import ByteSanitizer, clean
+
+    assert clean(HOSTILE_LOG.decode()) == HOSTILE_SHOWN
+    whole = ByteSanitizer()
+    one_by_one = ByteSanitizer()
+    assert whole.feed(HOSTILE_LOG) + whole.flush() == HOSTILE_SHOWN
+    streamed = "".join(one_by_one.feed(HOSTILE_LOG[i : i + 1]) for i in range(len(HOSTILE_LOG)))
+    assert streamed + one_by_one.flush() == HOSTILE_SHOWN
+    assert clean("a\r\nb\r") == "a\nb\n"  # CR LF is one line end, a last CR one too
+    assert clean("ok \x1b[") == "ok "  # a sequence cut by the end of the text is dropped
+    assert clean("\x1bx\x1b\n") == "\n"
+    assert clean("üñí €") == "üñí €"  # text is text
+
+
+def test_logs_strip_terminal_escapes(
+    run: Callable[..., Result], trainer_dir: Path, db_url: str
+) -> None:
+    job_id = json.loads(submit(run, trainer_dir, "-o", "json").stdout)["id"]
+    drive(db_url, job_id, log=HOSTILE_LOG, pause=0)
+    for args in ([], ["-f"], ["--offset", "8"]):
+        res = run("jobs", "logs", job_id, *args)
+        assert res.exit_code == 0, res.output
+        assert_no_controls(res.stdout)
+        assert "pwned" not in res.stdout and "evil.example" not in res.stdout
+        expected = HOSTILE_SHOWN.removeprefix("epoch 1\n") if "--offset" in args else HOSTILE_SHOWN
+        assert res.stdout == expected
+    # -o json keeps the bytes, JSON-escaped: nothing raw reaches the terminal either
+    res = run("jobs", "logs", job_id, "-o", "json")
+    assert res.exit_code == 0
+    assert "\x1b" not in res.stdout and "\x07" not in res.stdout and "\\u001b]0;pwned" in res.stdout
+    assert json.loads(res.stdout)["log"] == HOSTILE_LOG.decode()
+    # --raw (for a file or a pipe) writes the bytes as they are
+    assert run("jobs", "logs", job_id, "--raw").stdout_bytes == HOSTILE_LOG
+
+
+def test_follow_while_running_strips_escapes(
+    run: Callable[..., Result], trainer_dir: Path, db_url: str, enqueued: DrivingRecorder
+) -> None:
+    enqueued.on_allocate = lambda job_id: drive(db_url, job_id, log=HOSTILE_LOG, pause=0.02)
+    job_id = json.loads(submit(run, trainer_dir, "-o", "json").stdout)["id"]
+    res = run("jobs", "logs", job_id, "--follow")
+    assert res.exit_code == 0
+    assert res.stdout == HOSTILE_SHOWN
+
+
+def test_submit_wait_strips_escapes_of_log_and_events(
+    run: Callable[..., Result], trainer_dir: Path, db_url: str, enqueued: DrivingRecorder
+) -> None:
+    enqueued.on_allocate = lambda job_id: drive(
+        db_url, job_id, log=HOSTILE_LOG, outcome="FAILED", pause=0.02
+    )
+    res = submit(run, trainer_dir, "--wait")
+    assert res.exit_code == 1
+    assert_no_controls(res.output)
+    assert "| title set" in res.output and "| next line survives" in res.output
+    assert "pwned" not in res.output
+
+
+def test_describe_and_events_strip_terminal_escapes(
+    run: Callable[..., Result], trainer_dir: Path, db_url: str
+) -> None:
+    job_id = json.loads(submit(run, trainer_dir, "-o", "json").stdout)["id"]
+    evil = "\x1b]0;pwned\x07\x1b[2Jhidden\rshown \x9b1mC1 \x1bP1$r\x1b\\"
+    with session_scope(db_url) as s:
+        repo.add_event(s, job_id, "provision", f"SSH failed {evil}")
+        assert repo.transition(
+            s,
+            job_id,
+            JobState.QUEUED,
+            JobState.FAILED,
+            failure=repo.Failure(Phase.TRAIN, FailureReason.TRAINER_EXIT_NONZERO, f"exit 3 {evil}"),
+        )
+    for args in (["describe", job_id], ["events", job_id]):
+        res = run("jobs", *args)
+        assert res.exit_code == 0, res.output
+        assert_no_controls(res.stdout)
+        assert "pwned" not in res.stdout
+        assert "hidden" in res.stdout and "shown" in res.stdout and "SSH failed" in res.stdout
+    for args in (["describe", job_id, "-o", "json"], ["events", job_id, "-o", "json"]):
+        res = run("jobs", *args)
+        assert res.exit_code == 0
+        assert_no_controls(res.stdout)  # JSON escapes them...
+        assert "\\u001b]0;pwned" in res.stdout  # ...and keeps them, as the API sent them
+
+
+# -- the split: the operator's commands apart from the user's ----------------------------------
+
+
+def test_operator_and_user_commands_live_in_their_own_modules() -> None:
+    from service.cli import ops
+    from service.cli import user as user_cmds
+
+    assert set(cli.commands) == {"up", "demo", "runtime", "db", "devcloud", "jobs"}
+    for name in ("up", "demo", "runtime", "db"):
+        assert cli.commands[name] is getattr(ops, name)
+    assert cli.commands["jobs"] is user_cmds.jobs
+    assert set(user_cmds.jobs.commands) == {
+        "submit",
+        "list",
+        "describe",
+        "logs",
+        "cancel",
+        "delete",
+        "events",
+        "metrics",
+    }
+    assert set(cli.commands["db"].commands) == {"upgrade"}  # type: ignore[attr-defined]
+
+
+def test_python_m_service_cli_is_the_stackml_command() -> None:
+    import subprocess
+
+    res = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    for name in ("up", "demo", "runtime", "db", "devcloud", "jobs"):
+        assert f"  {name} " in res.stdout, res.stdout
