@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 from service.backends.interfaces import Flavor
 from service.db.models import Job, JobEvent, JobLabel, LogChunk, MetricRow, Resource, iso, utcnow
 from service.domain.errors import InvalidRequest, NotFound
-from service.domain.metrics import parse_metric_line
+from service.domain.metrics import MetricPoint, inspect_metric_line, points_allowed
 from service.domain.spec import JobSpec
 from service.domain.states import (
     ACTIVE,
@@ -27,6 +28,7 @@ from service.domain.states import (
 )
 
 MAX_LIMIT = 200
+log = logging.getLogger("stackml.db")
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,12 @@ def events(s: Session, job_id: str) -> list[JobEvent]:
     return list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
 
 
-def append_log(s: Session, job_id: str, offset: int, data: bytes) -> int:
+def append_log(
+    s: Session, job_id: str, offset: int, data: bytes, *, max_points: int | None = None
+) -> int:
     """Store log bytes pulled from `offset`; idempotent under redelivery (CAS on log_offset).
+    Metric lines among them become points, at most `max_points` per job (None: no cap);
+    whatever a metric line holds, the bytes are stored (metrics go in a savepoint).
 
     Returns the job's log offset after the call."""
     if not data:
@@ -200,30 +206,70 @@ def append_log(s: Session, job_id: str, offset: int, data: bytes) -> int:
         cur = s.scalar(select(Job.log_offset).where(Job.id == job_id))
         return int(cur or 0)
     s.add(LogChunk(job_id=job_id, offset=offset, data=data))
-    _ingest_metrics(s, job_id, offset, data)
+    s.flush()
+    try:
+        with s.begin_nested():
+            _ingest_metrics(s, job_id, offset, data, max_points)
+    except Exception as e:  # noqa: BLE001 - trainer output never costs the log its bytes
+        log.warning("job %s: metrics at log offset %d not stored: %s", job_id, offset, e)
+        add_event(s, job_id, "metrics", f"metric lines at log offset {offset} skipped: {e!s:.200}")
     return offset + len(data)
 
 
-def _ingest_metrics(s: Session, job_id: str, offset: int, data: bytes) -> None:
+def _ingest_metrics(
+    s: Session, job_id: str, offset: int, data: bytes, max_points: int | None
+) -> None:
     # a line cut between two pulls is completed with the stored bytes before `offset`;
     # the last, unterminated piece waits for the next pull
     prefix = _partial_line_before(s, job_id, offset)
     pos = offset - len(prefix)
+    points: list[tuple[int, MetricPoint]] = []
+    problems: list[str] = []
     for raw in (prefix + data).split(b"\n")[:-1]:
         line_off = pos
         pos += len(raw) + 1
-        for p in parse_metric_line(raw.decode("utf-8", "replace")):
-            s.add(
-                MetricRow(
-                    job_id=job_id,
-                    name=p.name,
-                    value=p.value,
-                    step=p.step,
-                    epoch=p.epoch,
-                    log_offset=line_off,
-                    at=utcnow(),
+        parsed = inspect_metric_line(raw)
+        points.extend((line_off, p) for p in parsed.points)
+        problems.extend(parsed.problems)
+    if problems:
+        log.info("job %s: %d metric problems, first: %s", job_id, len(problems), problems[0])
+    if not points:
+        return
+    if max_points is not None:
+        stored = s.scalar(select(func.count()).where(MetricRow.job_id == job_id)) or 0
+        room = points_allowed(stored, max_points)
+        if len(points) > room:
+            if stored < max_points or not _capped(s, job_id):
+                add_event(
+                    s,
+                    job_id,
+                    METRICS_CAPPED,
+                    f"the job holds max_metric_points={max_points} metric points; "
+                    "later points are not stored (its log keeps every line)",
                 )
+            points = points[:room]
+    now = utcnow()
+    for line_off, p in points:
+        s.add(
+            MetricRow(
+                job_id=job_id,
+                name=p.name,
+                value=p.value,
+                step=p.step,
+                epoch=p.epoch,
+                log_offset=line_off,
+                at=now,
             )
+        )
+    s.flush()
+
+
+METRICS_CAPPED = "metrics_capped"
+
+
+def _capped(s: Session, job_id: str) -> bool:
+    q = select(JobEvent.id).where(JobEvent.job_id == job_id, JobEvent.kind == METRICS_CAPPED)
+    return s.scalars(q.limit(1)).first() is not None
 
 
 def _partial_line_before(s: Session, job_id: str, offset: int) -> bytes:

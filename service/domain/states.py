@@ -112,6 +112,7 @@ class FailureReason(StrEnum):
     BACKEND_UNAVAILABLE = "backend_unavailable"
     CLOUD_ERROR = "cloud_error"
     SANDBOX_ERROR = "sandbox_error"
+    SANDBOX_NETWORK = "sandbox_network"
     STORE_ERROR = "store_error"
     STORE_UNAVAILABLE = "store_unavailable"
     KEYSTONE_UNAVAILABLE = "keystone_unavailable"

@@ -6,6 +6,7 @@ trainer is quiet, until the runner reports an exit code and every log byte is st
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import UTC, datetime
 
@@ -15,6 +16,7 @@ from service.db import jobs as repo
 from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
 from workers import chaos, jobctx, ssh
+from workers.base import TRANSIENT
 from workers.jobctx import JOB_DIR, db
 
 MAX_PULL = 1 << 20
@@ -50,12 +52,18 @@ def run(job_id: str) -> None:
         _unreachable(job_id, server_id, started_at, str(e))
         return
 
-    with db() as s:
-        repo.append_log(s, job_id, offset, data)
+    _store_log(job_id, offset, data, cfg.max_metric_points)
     more = len(data) == MAX_PULL
     if exit_text is not None and not more:
-        code = int(exit_text.strip() or "1")
-        if code == 0:
+        code = _exit_code(exit_text)
+        if code is None:
+            jobctx.fail(
+                job_id,
+                Phase.TRAIN,
+                FailureReason.TRAINER_EXIT_NONZERO,
+                f"the runner's exit status is not a number: {exit_text[:64]!r}",
+            )
+        elif code == 0:
             with db() as s:
                 moved = repo.transition(
                     s,
@@ -99,6 +107,33 @@ def run(job_id: str) -> None:
     with db() as s:
         repo.touch(s, job_id, poll_interval=interval)
     jobctx.next_step(queue.POLL, job_id, 0 if more else interval)
+
+
+def _store_log(job_id: str, offset: int, data: bytes, max_points: int) -> None:
+    """Store the pulled bytes; a failure here (whatever the trainer printed) is logged and
+    never keeps the poll from its deadline, exit code and heartbeat checks."""
+    try:
+        with db() as s:
+            repo.append_log(s, job_id, offset, data, max_points=max_points)
+    except TRANSIENT:
+        raise  # the database is down: the task retries, as for any step
+    except Exception as e:  # noqa: BLE001 - trainer output must never break the poll
+        jobctx.log.exception(
+            "job %s: could not store %d log bytes at %d", job_id, len(data), offset
+        )
+        with contextlib.suppress(Exception), db() as s:
+            repo.add_event(s, job_id, "poll", f"log bytes at {offset} not stored: {e!s:.200}")
+
+
+def _exit_code(text: str) -> int | None:
+    """The runner's exit status (the trainer can write the file: anything may be in it)."""
+    text = text.strip()
+    if not text:
+        return 1
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def _read_small(conn: ssh.SSHConnection, path: str) -> str | None:

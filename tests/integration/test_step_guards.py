@@ -1,0 +1,336 @@
+"""Trainer output never breaks a step: poll and export against a real sandbox over OpenSSH,
+on a real PostgreSQL, with what a hostile or broken trainer can leave on its server.
+
+The trainer runs as the job's user: it prints anything (a metric with a 400-digit value, a
+20-digit step), and it can rewrite the runner that reports the uploaded keys. Whatever it does,
+the deadline holds, and export ends the job with a reason instead of raising.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from service import queue
+from service.backends.compute import sandbox
+from service.backends.compute.sandbox import SandboxBackend
+from service.backends.interfaces import Access, Flavor, Grant, ServerSpec
+from service.backends.storage.local import LocalStore
+from service.config import Settings
+from service.db import jobs as repo
+from service.db.migrate import upgrade
+from service.db.models import Job, MetricRow, Resource, utcnow
+from service.db.session import session_scope
+from service.domain.spec import JobSpec
+from service.domain.states import JobState, ResourceState
+from tests.pgutil import temp_database
+from workers import jobctx, ssh
+from workers.jobctx import JOB_DIR, RUNNER
+from workers.steps import export, poll
+from workers.steps.provision import PYTHON
+
+FLAVOR = Flavor(name="test.small", vcpus=1, ram_mb=512, pids=256)
+BIG = "9" * 400
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[str]:
+    with temp_database("step_guards") as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[SandboxBackend]:
+    assert Path(sandbox.SSHD).exists(), "openssh-server is required"
+    base = Path(tempfile.mkdtemp(prefix="stackml-guards-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    b = SandboxBackend(base / "sandboxes", [FLAVOR])
+    yield b
+    ssh.close_all()
+    try:
+        for ref in b.list_servers():
+            b.delete_server(ref.id)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class UploadingStore(LocalStore):
+    """A local store where what the runner uploads lands when export grants it the prefix
+    (the fake runners below upload nothing themselves)."""
+
+    uploads: dict[str, bytes] = {}
+
+    def grant(self, prefix: str, access: Access, ttl_seconds: int) -> Grant:
+        for key, data in self.uploads.items():
+            self.put(prefix + key, data)
+        return super().grant(prefix, access, ttl_seconds)
+
+
+@dataclass
+class Env:
+    url: str
+    settings: Settings
+    backend: SandboxBackend
+    store: UploadingStore
+    enqueued: list[tuple[str, str, float]] = field(default_factory=list)
+
+
+@pytest.fixture
+def env(
+    pg: str, backend: SandboxBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Env]:
+    settings = Settings(
+        database_url=pg, data_dir=tmp_path, secret_key="step-guards", max_metric_points=50
+    )
+    store = UploadingStore(tmp_path / "store", "http://127.0.0.1:9", settings.signing_key())
+    store.uploads = {}
+    e = Env(pg, settings, backend, store)
+    with session_scope(pg) as s:
+        for table in ("metrics", "log_chunks", "job_events", "job_labels", "resources", "jobs"):
+            s.execute(Job.metadata.tables[table].delete())
+    monkeypatch.setattr(jobctx, "settings", lambda: e.settings)
+    monkeypatch.setattr(jobctx, "compute", lambda trust_id=None: backend)
+    monkeypatch.setattr(jobctx, "store", lambda project_id=None, trust_id=None: store)
+    monkeypatch.setattr(
+        jobctx,
+        "next_step",
+        lambda task, job_id, countdown=0.0: e.enqueued.append((task, job_id, countdown)),
+    )
+    yield e
+
+
+def start_job(
+    env: Env, state: JobState, *, ran_for: float = 0.0, **spec: Any
+) -> tuple[str, ssh.SSHConnection]:
+    """A job in `state` on a fresh sandbox, as provision leaves it (started `ran_for` ago)."""
+    pem, pub = ssh.generate_keypair()
+    job_spec = JobSpec.model_validate(
+        {"name": "g", "trainer": {"package_uri": "local://p/x.tar.gz", "module": "t"}, **spec}
+    )
+    with session_scope(env.url) as s:
+        job_id = repo.create_job(s, "p", job_spec).id
+    ref = env.backend.create_server(ServerSpec(f"g-{job_id}", FLAVOR, "tensorflow-2.21", pub))
+    st = env.backend.get_server(ref.id)
+    with session_scope(env.url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                state=state.value,
+                started_at=utcnow() - timedelta(seconds=ran_for),
+                ssh_key_enc=jobctx.encrypt_key(pem),
+            )
+        )
+        s.add(
+            Resource(
+                job_id=job_id,
+                project_id="p",
+                backend="sandbox",
+                name=f"g-{job_id}",
+                server_id=ref.id,
+                flavor=FLAVOR.name,
+                state=ResourceState.ACTIVE.value,
+                host=st.host,
+                port=st.port,
+                username=st.username,
+                host_key=st.host_key,
+            )
+        )
+    assert st.host and st.username
+    conn = ssh.wait_for_ssh(ssh.SSHTarget(st.host, st.port, st.username, pem, st.host_key), 20)
+    conn.run(["mkdir", "-p", JOB_DIR], timeout=10)
+    conn.run(["touch", f"{JOB_DIR}/heartbeat"], timeout=10)
+    return job_id, conn
+
+
+def job_row(env: Env, job_id: str) -> Job:
+    with session_scope(env.url) as s:
+        job = repo.get_job(s, job_id)
+        s.expunge(job)
+        return job
+
+
+HOSTILE_LOG = (
+    "epoch 1\n"
+    f'{{"stackml_metric": 1, "loss": {BIG}}}\n'
+    f'{{"stackml_metric": 1, "step": {10**20}, "loss": 0.5}}\n'
+    f'{{"stackml_metric": 1, "step": -{BIG}, "loss": 0.25}}\n'
+    '{"stackml_metric": 1, "step": 3, "loss": 0.125}\n'
+).encode()
+
+
+def test_a_hostile_metric_line_neither_crashes_poll_nor_loses_the_log(env: Env) -> None:
+    job_id, conn = start_job(env, JobState.RUNNING)
+    conn.put_bytes(HOSTILE_LOG, f"{JOB_DIR}/log", 0o644)
+    poll.run(job_id)  # must not raise
+    job = job_row(env, job_id)
+    assert job.state == JobState.RUNNING
+    assert job.log_offset == len(HOSTILE_LOG)  # the bytes are stored all the same
+    with session_scope(env.url) as s:
+        data, _ = repo.read_log(s, job_id)
+        series = repo.metrics(s, job_id)
+    assert data == HOSTILE_LOG
+    # the well-formed point survives; none of the hostile ones was stored as a number
+    assert {"value": 0.125, "step": 3} in [
+        {"value": p["value"], "step": p["step"]} for p in series["loss"]
+    ]
+    assert all(p["step"] is None or abs(p["step"]) < 2**63 for p in series["loss"])
+    assert (queue.POLL, job_id) in [(t, j) for t, j, _ in env.enqueued]
+
+
+def test_the_deadline_holds_whatever_the_trainer_prints(env: Env) -> None:
+    job_id, conn = start_job(env, JobState.RUNNING, ran_for=120, max_runtime_seconds=60)
+    conn.put_bytes(HOSTILE_LOG * 3, f"{JOB_DIR}/log", 0o644)
+    poll.run(job_id)
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_phase, job.failure_reason) == ("FAILED", "train", "timeout")
+    assert (queue.TEARDOWN, job_id) in [(t, j) for t, j, _ in env.enqueued]
+
+
+def test_a_garbled_exit_code_fails_the_job_with_a_reason(env: Env) -> None:
+    job_id, conn = start_job(env, JobState.RUNNING)
+    conn.put_bytes(b"ok\n", f"{JOB_DIR}/log", 0o644)
+    conn.put_bytes(b"zero\n", f"{JOB_DIR}/exit_code", 0o644)
+    poll.run(job_id)
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_reason) == ("FAILED", "trainer_exit_nonzero")
+    assert "zero" in (job.failure_message or "")
+
+
+def test_metric_points_per_job_are_capped(env: Env) -> None:
+    job_id, conn = start_job(env, JobState.RUNNING)
+    lines = "".join(f'{{"stackml_metric": 1, "step": {i}, "loss": {i}}}\n' for i in range(200))
+    conn.put_bytes(lines.encode(), f"{JOB_DIR}/log", 0o644)
+    poll.run(job_id)
+    with session_scope(env.url) as s:
+        count = len(list(s.scalars(select(MetricRow.id).where(MetricRow.job_id == job_id))))
+        events = [e.message for e in repo.events(s, job_id)]
+    assert count == env.settings.max_metric_points
+    assert job_row(env, job_id).log_offset == len(lines)
+    assert sum("max_metric_points" in m for m in events) == 1
+
+
+def fake_runner(conn: ssh.SSHConnection, manifest: dict[str, Any]) -> None:
+    """The runner as a trainer rewrote it: it uploads nothing and reports `manifest`."""
+    conn.run(["ln", "-sfn", "/usr/bin/python3", PYTHON], timeout=10)
+    src = f"import sys\nsys.stdin.read()\nprint({json.dumps(json.dumps(manifest))})\n"
+    conn.put_bytes(src.encode(), RUNNER, 0o644)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["../../x", "/etc/passwd", "a/../../b", "ok\nX-Injected: 1", "", "a\\..\\b", 7, None],
+    ids=["dotdot", "absolute", "inner-dotdot", "control", "empty", "backslash", "int", "null"],
+)
+def test_export_fails_a_rewritten_runners_bad_key_with_a_reason(env: Env, key: object) -> None:
+    job_id, conn = start_job(env, JobState.EXPORTING)
+    # another job's model next door, and one good object this run wrote
+    prefix = f"projects/p/models/{job_id}/"
+    neighbour = env.store.put("projects/p/models/other/weights.txt", b"keep me")
+    env.store.uploads = {"weights.txt": b"42\n"}
+    fake_runner(
+        conn,
+        {
+            "ok": True,
+            "objects": [
+                {"key": "weights.txt", "size": 3, "etag": hashlib.md5(b"42\n").hexdigest()},
+                {"key": key, "size": 1, "etag": "0" * 32},
+            ],
+        },
+    )
+    export.run(job_id)  # must not raise
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_phase, job.failure_reason) == (
+        "FAILED",
+        "export",
+        "runner_output_invalid",
+    )
+    assert env.store.info(neighbour.key) is not None
+    assert env.store.info(prefix + "weights.txt") is None  # what this run wrote is removed
+
+
+def test_a_failed_export_removes_only_what_this_run_wrote(env: Env) -> None:
+    job_id, conn = start_job(env, JobState.EXPORTING)
+    prefix = f"projects/p/models/{job_id}/"
+    before = env.store.put(prefix + "from-an-earlier-life.txt", b"old")
+    env.store.uploads = {"weights.txt": b"42\n", "vocab.txt": b"a b"}
+    etag = hashlib.md5(b"42\n").hexdigest()
+    fake_runner(
+        conn,
+        {
+            "ok": True,
+            "objects": [
+                {"key": "weights.txt", "size": 4, "etag": etag},  # not what the store holds
+                # reported, but as it was before: not this run's to remove
+                {"key": "from-an-earlier-life.txt", "size": before.size, "etag": before.etag},
+            ],
+        },
+    )
+    export.run(job_id)
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_reason) == ("FAILED", "upload_failed")
+    assert env.store.info(prefix + "weights.txt") is None
+    assert env.store.info(prefix + "vocab.txt") is None  # written, though not reported
+    assert env.store.info(before.key) is not None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"ok": True, "objects": "nope"},
+        {"ok": True, "objects": [{"key": "w", "size": "big", "etag": "x"}]},
+        {"ok": True, "objects": [{"key": "w", "size": 1, "etag": "x", "segments": [{"k": 1}]}]},
+        ["not", "an", "object"],
+    ],
+    ids=["objects-str", "size-str", "segment-garbled", "list"],
+)
+def test_export_fails_a_garbled_manifest_with_a_reason(env: Env, answer: object) -> None:
+    job_id, conn = start_job(env, JobState.EXPORTING)
+    conn.run(["ln", "-sfn", "/usr/bin/python3", PYTHON], timeout=10)
+    src = f"import sys\nsys.stdin.read()\nprint({json.dumps(json.dumps(answer))})\n"
+    conn.put_bytes(src.encode(), RUNNER, 0o644)
+    export.run(job_id)
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_reason) == ("FAILED", "runner_output_invalid")
+
+
+def _raise(*args: object, **kwargs: object) -> None:
+    raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+
+def test_the_deadline_holds_when_storing_the_log_fails(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever breaks log ingestion (a parser bug, a value the database refuses), the poll
+    still checks max_runtime_seconds: the deadline does not depend on ingestion."""
+    job_id, conn = start_job(env, JobState.RUNNING, ran_for=120, max_runtime_seconds=60)
+    conn.put_bytes(b"anything\n", f"{JOB_DIR}/log", 0o644)
+    monkeypatch.setattr(repo, "append_log", _raise)
+    poll.run(job_id)
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_reason) == ("FAILED", "timeout")
+
+
+def test_a_metric_the_database_refuses_costs_the_log_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id, _ = start_job(env, JobState.RUNNING)
+    monkeypatch.setattr(repo, "inspect_metric_line", _raise)
+    with session_scope(env.url) as s:
+        assert repo.append_log(s, job_id, 0, b'{"stackml_metric": 1, "x": 1}\n') == 30
+    with session_scope(env.url) as s:
+        assert repo.read_log(s, job_id)[0] == b'{"stackml_metric": 1, "x": 1}\n'
+        assert repo.metrics(s, job_id) == {}
+        assert [e.kind for e in repo.events(s, job_id)][-1] == "metrics"
