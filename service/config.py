@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     sandbox_gateway_port: int = Field(default=0, ge=0, le=65535)  # store gateway; 0 = port
     sandbox_allow: list[str] = Field(default_factory=list)  # "host:port" sandboxes may reach
     secret_key: str = ""
+    # GET /metrics: "" = open with auth=noauth, a Keystone admin token with auth=keystone;
+    # set, `Authorization: Bearer <metrics_token>` also (Prometheus scrapers have no token)
+    metrics_token: str = ""
     # auth=keystone: keystonemiddleware auth_token options, [keystone_authtoken] names;
     # see docs/security.md
     keystone_authtoken: dict[str, str | int | float | bool | list[str]] = Field(

@@ -222,6 +222,9 @@ def create_app(
         usage.bp,
     ):
         app.register_blueprint(bp)
+    from service.api import metrics as metrics_api  # GET /metrics (Prometheus)
+
+    app.register_blueprint(metrics_api.bp)
     return app
 
 

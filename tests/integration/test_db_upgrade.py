@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import inspect
 
 from service.api import create_app
 from service.cli import cli
 from service.config import Settings, reset_settings
+from service.db import jobs as repo
 from service.db.migrate import DatabaseUnreachable, current_revision, head_revision, upgrade
-from service.db.session import engine_for
+from service.db.session import engine_for, session_scope
+from service.domain.states import JobState
 from tests.pgutil import temp_database
 
 
@@ -71,6 +74,21 @@ def test_db_upgrade_creates_the_schema_the_api_runs_on(fresh_db: str, tmp_path: 
     )
     assert resp.status_code in (201, 202), resp.get_data(as_text=True)
     assert client.get("/v1/jobs").get_json()["jobs"][0]["name"] == "on-a-fresh-db"
+    # /metrics' aggregate SQL (window functions, epoch arithmetic) on PostgreSQL
+    job_id = resp.get_json()["id"]
+    with session_scope(fresh_db) as s:
+        assert repo.transition(s, job_id, JobState.QUEUED, JobState.ALLOCATING, "go")
+    scraped = client.get("/metrics")
+    assert scraped.status_code == 200, scraped.get_data(as_text=True)
+    samples = {
+        (smp.name, tuple(sorted(smp.labels.items()))): smp.value
+        for fam in text_string_to_metric_families(scraped.get_data(as_text=True))
+        for smp in fam.samples
+    }
+    assert samples[("stackml_database_up", ())] == 1
+    assert samples[("stackml_jobs", (("project", "local"), ("state", "ALLOCATING")))] == 1
+    assert samples[("stackml_job_queue_wait_seconds_count", ())] == 1
+    assert samples[("stackml_job_queue_wait_seconds_sum", ())] >= 0
 
     # again (every deployment runs it): a no-op that says so, the data untouched
     again = CliRunner().invoke(cli, ["db", "upgrade"], env={"STACKML_DATABASE_URL": fresh_db})
