@@ -327,6 +327,25 @@ def _paths() -> dict[str, Any]:
                 "responses": _responses({"200": _json(Health, "Ready.")}, "503", auth=False),
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics of the platform (text exposition format 0.0.4); "
+                "open with auth=noauth, else a Keystone admin token or the `metrics_token` "
+                "as a Bearer token.",
+                "operationId": "metrics",
+                "security": [],
+                "responses": _responses(
+                    {
+                        "200": {
+                            "description": "The metrics.",
+                            "headers": _request_id_header(),
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                    auth=True,
+                ),
+            }
+        },
         "/v1/openapi.json": {
             "get": {
                 "summary": "This document.",
