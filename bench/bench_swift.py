@@ -5,8 +5,11 @@ by the worker) vs python-swiftclient's own segmented upload (SwiftService.upload
 
 Starts a devcloud (real Keystone + real Swift) on free loopback ports in a scratch directory,
 writes one model directory (`--big` files of `--big-mib` MiB plus `--small` small files), and
-uploads it in interleaved rounds with both clients, the same segment size for both. The figure
-is the ratio of median throughputs runner/swiftclient (target >= 0.9). The last line is JSON.
+uploads it in interleaved rounds with both clients: the same bytes, the same segment size, the
+runner's upload thread count (EXPORT_THREADS) for swiftclient's pools, and every container
+(swiftclient's `<container>_segments` too) created before the clock starts on both sides. The
+figure is the ratio of median throughputs runner/swiftclient (target >= 0.9). The last line is
+JSON.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devcloud.cloud import DevCloud, default_venv_root
 from service.backends.interfaces import Access, ObjectInfo
 from service.backends.storage.swift import SwiftStore
+from workers.vm.runner import EXPORT_THREADS
 
 RUNNER = Path(__file__).resolve().parents[1] / "workers" / "vm" / "runner.py"
 CACHED_VENVS = Path("/var/cache/stackml/devcloud-venvs")
+SEGMENTS_SUFFIX = "_segments"  # where SwiftService.upload puts SLO segments by default
 
 
 def make_model(root: Path, big: int, big_mib: int, small: int) -> int:
@@ -83,6 +88,9 @@ def runner_export(store: SwiftStore, job_dir: Path, prefix: str) -> float:
 
 
 def swiftclient_upload(store: SwiftStore, job_dir: Path, container: str, segment: int) -> float:
+    """Seconds for SwiftService.upload of the same files, with the same segment size and the
+    runner's thread count, into containers created before the clock starts (the runner's
+    container is created by the grant, also before its clock)."""
     from swiftclient.service import SwiftService, SwiftUploadObject
 
     # a Keystone token and the storage URL (swiftclient's v3 auth would need keystoneclient)
@@ -91,11 +99,19 @@ def swiftclient_upload(store: SwiftStore, job_dir: Path, container: str, segment
         "os_storage_url": store.endpoint,
         "segment_size": segment,
         "use_slo": True,
+        # the runner uploads every part (segments and small files) through one pool of
+        # EXPORT_THREADS; swiftclient has two pools (objects, segments): each gets as many
+        "object_uu_threads": EXPORT_THREADS,
+        "segment_threads": EXPORT_THREADS,
     }
     model = job_dir / "model"
     files = sorted(p for p in model.rglob("*") if p.is_file())
     objs = [SwiftUploadObject(str(p), object_name=str(p.relative_to(model))) for p in files]
     with SwiftService(options=options) as svc:
+        for name in (container, f"{container}{SEGMENTS_SUFFIX}"):
+            created = svc.post(container=name)
+            if not created["success"]:
+                raise SystemExit(f"creating container {name} failed: {created.get('error')}")
         t0 = time.perf_counter()
         for result in svc.upload(container, objs):
             if not result["success"]:
@@ -126,6 +142,7 @@ def main() -> int:
             client_s.append(swiftclient_upload(store, work / "job", f"stackml-sc{r}", segment))
             store.delete_prefix(f"stackml-bench/r{r}/")
             store.delete_prefix(f"stackml-sc{r}/")
+            store.delete_prefix(f"stackml-sc{r}{SEGMENTS_SUFFIX}/")
         mb = total / 1e6
         r_med, c_med = statistics.median(runner_s), statistics.median(client_s)
         figures = {
@@ -133,6 +150,7 @@ def main() -> int:
             "bytes": total,
             "files": args.big + args.small,
             "segment_bytes": segment,
+            "threads": EXPORT_THREADS,
             "runner_mb_s": round(mb / r_med, 1),
             "swiftclient_mb_s": round(mb / c_med, 1),
             "ratio": round(c_med / r_med, 3),
@@ -141,7 +159,8 @@ def main() -> int:
         }
         print(
             f"model: {args.big} x {args.big_mib} MiB + {args.small} small files "
-            f"({mb:.0f} MB), segments of {args.segment_mib} MiB, {args.rounds} rounds"
+            f"({mb:.0f} MB), segments of {args.segment_mib} MiB, {args.rounds} rounds, "
+            f"{EXPORT_THREADS} upload threads, containers created before the clock on both sides"
         )
         print(f"  runner export (TempURL, SLO)      {figures['runner_mb_s']:8.1f} MB/s")
         print(f"  swiftclient SwiftService.upload   {figures['swiftclient_mb_s']:8.1f} MB/s")
