@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import re
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
 from service import queue, trusts
@@ -27,8 +29,16 @@ from service.backends.storage.local import LocalStore, check_key
 from service.db import jobs as repo
 from service.db import quotas
 from service.db.models import Job, iso
-from service.domain.errors import BackendError, InvalidRequest, NotFound, ServiceUnavailable
-from service.domain.spec import NAME_RE, JobSpec
+from service.domain import outputs
+from service.domain.errors import (
+    BackendError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+    ValidationFailed,
+)
+from service.domain.spec import NAME_RE, JobSpec, masked_spec, unbuilt_fields
 from service.domain.states import JobState, ResourceState
 
 bp = Blueprint("jobs", __name__)
@@ -44,6 +54,22 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 LABEL_KEY_RE = re.compile(NAME_RE)
 MAX_LABEL_VALUE = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# jobs that hold their output prefix: those that may still write to it, and those whose
+# model is there (a failed or cancelled job's upload is removed when it fails)
+HOLDS_OUTPUT = [s.value for s in JobState if not s.terminal] + [JobState.SUCCEEDED.value]
+_OUTPUT_LOCK = 0x57AD  # PostgreSQL advisory lock namespace: output reservations per project
+
+
+class NotImplementedYet(ValidationFailed):
+    """The spec asks for something stackml does not do yet."""
+
+    code = "not_implemented"
+
+
+class OutputExists(Conflict):
+    """The output prefix is not new: something is stored there, or another job holds it."""
+
+    code = "output_exists"
 
 
 # -- submission ---------------------------------------------------------------------------
@@ -54,27 +80,105 @@ def submit() -> tuple[Response, int, dict[str, str]]:
     c = ctx()
     project = current_project()
     spec = JobSpec.model_validate(json_body())
+    _refuse_unbuilt(spec)
     spec = _resolve(spec, project, c)
+    store = c.store_for(project)
     trust_id = _create_trust(c, project)
     try:
         with c.session() as s:
+            if spec.output.model_uri is not None:
+                # the row is the reservation: check and insert under one lock, so two
+                # submissions naming one new prefix cannot both pass the check
+                _lock_outputs(s, project)
+                _refuse_held_output(s, store, project, spec.output.model_uri)
             job = repo.create_job(s, project, spec, trust_id=trust_id)
             data = spec.model_dump(mode="json")
             if spec.output.model_uri is None:
-                store = c.store_for(project)
-                data["output"]["model_uri"] = store.uri(
-                    f"{store.project_prefix(project)}models/{job.id}/"
-                )
+                default = outputs.default_prefix(store.project_prefix(project), job.id)
+                data["output"]["model_uri"] = store.uri(default)
             job.spec = data
             job.output = {"model_uri": data["output"]["model_uri"]}
             s.flush()
-            body = repo.serialize_job(s, job)
+            body = _public(repo.serialize_job(s, job))
     except BaseException:
         if trust_id is not None:
             _delete_trust_quietly(c, trust_id)  # no job row holds it: it must not outlive this
         raise
     c.enqueue_quietly(queue.ALLOCATE, job.id)
     return jsonify(body), 202, {"Location": url_for("jobs.get", job_id=job.id)}
+
+
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    """A serialized job as responses show it: env values masked (the workers read the real
+    ones from the database row)."""
+    if isinstance(job.get("spec"), dict):
+        job["spec"] = masked_spec(job["spec"])
+    return job
+
+
+def _refuse_unbuilt(spec: JobSpec) -> None:
+    """422 not_implemented for fields stackml accepts in its schema but does not act on yet,
+    before anything is checked, charged or stored."""
+    unbuilt = unbuilt_fields(spec)
+    if unbuilt:
+        names = ", ".join(f for f, _ in unbuilt)
+        raise NotImplementedYet(
+            f"not available yet: {names}",
+            details={"fields": [field_error(f, m) for f, m in unbuilt]},
+        )
+
+
+def _lock_outputs(s: Session, project: str) -> None:
+    """Serialise output reservations of one project for the rest of this transaction: a
+    PostgreSQL advisory lock; on SQLite, the database's write lock (a write that changes
+    nothing), which also makes the check below read the latest committed rows."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        key = zlib.crc32(project.encode()) - (1 << 31)  # into int4
+        s.execute(text("SELECT pg_advisory_xact_lock(:ns, :k)"), {"ns": _OUTPUT_LOCK, "k": key})
+    elif dialect == "sqlite":
+        s.execute(text("UPDATE jobs SET id = id WHERE 1 = 0"))
+
+
+def _output_holder(s: Session, store: ObjectStore, project: str, prefix: str) -> str | None:
+    """The id of a job of `project` that holds `prefix` (a key prefix ending in '/'), a
+    prefix above it or one below it; None when no job does."""
+    col = Job.output["model_uri"].as_string()
+    above = [store.uri(a) for a in outputs.ancestors(prefix)]
+    above += [u.rstrip("/") for u in above]  # a model_uri stored without its slash
+    q = (
+        select(Job.id)
+        .where(
+            Job.project_id == project,
+            Job.state.in_(HOLDS_OUTPUT),
+            or_(col.in_(above), col.startswith(store.uri(prefix), autoescape=True)),
+        )
+        .limit(1)
+    )
+    return s.scalar(q)
+
+
+def _refuse_held_output(s: Session, store: ObjectStore, project: str, uri: str) -> None:
+    holder = _output_holder(s, store, project, outputs.as_prefix(store.key_of(uri)))
+    if holder is not None:
+        raise OutputExists(
+            f"output.model_uri {uri} overlaps the output of job {holder}; name a new prefix",
+            details={"field": "output.model_uri", "model_uri": uri, "job_id": holder},
+        )
+
+
+def _refuse_existing_output(store: ObjectStore, uri: str) -> None:
+    prefix = outputs.as_prefix(store.key_of(uri))
+    try:
+        found = store.list(prefix)
+    except BackendError as e:
+        raise ServiceUnavailable(f"the object store cannot list {uri}: {e}") from e
+    if found:
+        raise OutputExists(
+            f"output.model_uri {uri} already holds {len(found)} object(s); a job writes only "
+            "to a new prefix",
+            details={"field": "output.model_uri", "model_uri": uri, "objects": len(found)},
+        )
 
 
 def _create_trust(c: Context, project: str) -> str | None:
@@ -139,8 +243,9 @@ def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
     if why:
         problems.append(field_error("resources", why))
     model_uri = spec.output.model_uri
-    if model_uri is not None and not model_uri.endswith("/"):
-        model_uri += "/"
+    if model_uri is not None:
+        model_uri = outputs.as_prefix(model_uri)
+    store = c.store_for(project)
     checks = (
         ("trainer.package_uri", spec.trainer.package_uri, "object"),
         ("inputs.data_uri", spec.inputs.data_uri, "prefix"),
@@ -149,11 +254,18 @@ def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
     for field, uri, must_exist in checks:
         if uri is None:
             continue
-        problem = _check_uri(c.store_for(project), project, uri, must_exist)
+        problem = _check_uri(store, project, uri, must_exist)
+        if problem is None and must_exist is None:
+            problem = outputs.prefix_problem(store.key_of(uri), store.project_prefix(project))
         if problem:
             problems.append(field_error(field, problem))
     if problems:
         raise fields_failed(problems)
+    if model_uri is not None:
+        # 409s, once the request is otherwise valid (checked again under the lock on insert)
+        _refuse_existing_output(store, model_uri)
+        with c.session() as s:
+            _refuse_held_output(s, store, project, model_uri)
     data = spec.model_dump(mode="json")
     if res.flavor is None and res.gpus is None:
         data["resources"]["flavor"] = flavor
@@ -213,7 +325,7 @@ def list_() -> Response:
         rows, nxt = repo.list_jobs(
             s, project, states=states, labels=labels, limit=limit, marker=marker
         )
-        body = {"jobs": [repo.serialize_job(s, j) for j in rows], "next": nxt}
+        body = {"jobs": [_public(repo.serialize_job(s, j)) for j in rows], "next": nxt}
     return jsonify(body)
 
 
@@ -284,7 +396,7 @@ def get(job_id: str) -> Response:
     c = ctx()
     with c.session() as s:
         job = _job(s, job_id)
-        return jsonify(repo.serialize_job(s, job))
+        return jsonify(_public(repo.serialize_job(s, job)))
 
 
 def _job(s: Session, job_id: str) -> Job:
@@ -305,7 +417,7 @@ def cancel(job_id: str) -> tuple[Response, int]:
         job = _job(s, job_id)
         needs_worker = _request_cancel(s, job)
         s.expire(job)
-        body = repo.serialize_job(s, job)
+        body = _public(repo.serialize_job(s, job))
     if needs_worker:
         c.enqueue_quietly(queue.CANCEL, job_id)
     return jsonify(body), 202

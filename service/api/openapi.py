@@ -225,11 +225,13 @@ ERROR_TEXT = {
     "403": "The caller's roles do not allow this (reader writing, all_projects without admin).",
     "404": "No such resource in the caller's project.",
     "405": "The route does not take this method.",
-    "409": "The resource's state does not allow this.",
+    "409": "The resource's state does not allow this (for a submission: output_exists, the "
+    "output prefix holds objects or another job's output).",
     "411": "Length required.",
     "413": "The body is too large.",
     "415": "Unsupported Content-Type.",
-    "422": "Semantically invalid: `details.fields` lists each wrong field.",
+    "422": "Semantically invalid: `details.fields` lists each wrong field (not_implemented: "
+    "a field asks for something not available yet).",
     "429": "Too many requests; see Retry-After.",
     "500": "Internal error; quote the request id.",
     "503": "Unavailable (database, backend, or Keystone cannot validate tokens); see Retry-After.",
@@ -372,7 +374,7 @@ def _paths() -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ref(JobSpec)}},
                 },
                 "responses": _responses(
-                    {"202": _json(Job, "Accepted; the job is QUEUED.")}, *JSON_BODY, "429"
+                    {"202": _json(Job, "Accepted; the job is QUEUED.")}, *JSON_BODY, "409", "429"
                 ),
             },
             "get": {

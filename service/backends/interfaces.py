@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -179,6 +179,29 @@ class ObjectStore(abc.ABC):
         for info in infos:
             self.delete(info.key)
         return len(infos)
+
+    def delete_keys(self, keys: Iterable[str], *, within: str | None = None) -> int:
+        """Delete exactly these objects and nothing else (a large object's manifest takes its
+        segments with it); idempotent: a key with no object is no error. Returns how many of
+        them existed. With `within`, every key must start with it, or ValueError is raised
+        before anything is deleted (a job's export removing only what it wrote)."""
+        # every key is checked (info raises ValueError for a malformed one) before any goes
+        existing = [k for k in self._keys_to_delete(keys, within) if self.info(k) is not None]
+        for key in existing:
+            self.delete(key)
+        return len(existing)
+
+    @staticmethod
+    def _keys_to_delete(keys: Iterable[str], within: str | None) -> tuple[str, ...]:
+        if isinstance(keys, str | bytes):
+            raise TypeError("delete_keys takes a collection of keys, not one key")
+        todo = tuple(dict.fromkeys(keys))
+        for key in todo:
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"not an object key: {key!r}")
+            if within is not None and not key.startswith(within):
+                raise ValueError(f"{key!r} is outside {within!r}; nothing was deleted")
+        return todo
 
     def project_prefix(self, project_id: str) -> str:
         """The key prefix that holds everything of one project (its staging area, models)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,6 +20,7 @@ ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 URI_RE = r"^(local|swift)://[^\x00-\x1f\x7f]+$"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 RESERVED_ENV_PREFIXES = ("STACKML_", "TF_CONFIG")
+MASKED = "***"  # what responses show for each env value
 
 Name = Annotated[str, StringConstraints(pattern=NAME_RE)]
 Uri = Annotated[str, StringConstraints(pattern=URI_RE, max_length=1024)]
@@ -79,8 +80,18 @@ class Resources(_Strict):
     flavor: Name | None = Field(default=None, description="A flavor name from GET /v1/flavors.")
     gpus: int | None = Field(default=None, ge=0, le=64)
     gpu_type: Name | None = None
-    workers: int = Field(default=1, ge=1, le=64)
-    parameter_servers: int = Field(default=0, ge=0, le=16)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Not available yet: any value but 1 is refused (422 not_implemented).",
+    )
+    parameter_servers: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="Not available yet: any value but 0 is refused (422 not_implemented).",
+    )
 
     @model_validator(mode="after")
     def _one_way(self) -> Resources:
@@ -102,9 +113,15 @@ class Inputs(_Strict):
 
 class Output(_Strict):
     model_uri: Uri | None = Field(
-        default=None, description="Where the model goes; defaults to the project's models area."
+        default=None,
+        description="Where the model goes: a new prefix inside the project's area that nothing "
+        "is stored under and no other job writes to (409 output_exists otherwise); not the "
+        "staging area, the models area itself or a job's own models/job-* prefix. Default: "
+        "models/<job id>/ in the project's area.",
     )
-    register_as: Name | None = None
+    register_as: Name | None = Field(
+        default=None, description="Not available yet: refused (422 not_implemented)."
+    )
 
     @field_validator("model_uri")
     @classmethod
@@ -119,7 +136,11 @@ class JobSpec(_Strict):
     """What a client submits to POST /v1/jobs."""
 
     name: Name
-    type: Literal["training", "batch_prediction"] = "training"
+    type: Literal["training", "batch_prediction"] = Field(
+        default="training",
+        description="Only training is available yet: batch_prediction is refused "
+        "(422 not_implemented).",
+    )
     trainer: Trainer
     runtime: Runtime = Field(default_factory=Runtime)
     resources: Resources = Field(default_factory=Resources)
@@ -129,7 +150,10 @@ class JobSpec(_Strict):
         default_factory=dict, max_length=128
     )
     env: dict[Annotated[str, StringConstraints(pattern=ENV_NAME_RE)], str] = Field(
-        default_factory=dict, max_length=128
+        default_factory=dict,
+        max_length=128,
+        description=f"Environment of the trainer. Values are never shown again: responses "
+        f"carry the names with {MASKED!r} for each value.",
     )
     max_runtime_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     labels: dict[Name, Annotated[str, StringConstraints(max_length=256)]] = Field(
@@ -164,6 +188,33 @@ class JobSpec(_Strict):
         """`args` then hyperparameters as `--name=value` (the trainer contract)."""
         hp = [f"--{k}={_hp_str(v)}" for k, v in sorted(self.hyperparameters.items())]
         return [*self.trainer.args, *hp]
+
+
+def unbuilt_fields(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, message) for each field of `spec` asking for something stackml does not do
+    yet; such a spec is refused (422 not_implemented) before anything is stored or charged.
+    The values the schema defaults to (and a stored spec repeats) are accepted."""
+    out = []
+    if spec.type != "training":
+        out.append(("type", f"type {spec.type!r} is not available yet; only 'training' is"))
+    if spec.output.register_as is not None:
+        out.append(("output.register_as", "registering a model is not available yet"))
+    if spec.resources.workers != 1:
+        out.append(
+            ("resources.workers", "distributed training is not available yet: one worker only")
+        )
+    if spec.resources.parameter_servers != 0:
+        out.append(("resources.parameter_servers", "parameter servers are not available yet"))
+    return out
+
+
+def masked_spec(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec (JSON) as it may be shown: `env` names with every value masked. The
+    real values stay in the database row, where the workers read them."""
+    env = data.get("env")
+    if not isinstance(env, dict) or not env:
+        return data
+    return {**data, "env": dict.fromkeys(env, MASKED)}
 
 
 def _hp_str(v: Scalar) -> str:

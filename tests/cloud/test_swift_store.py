@@ -120,6 +120,27 @@ def test_large_objects_are_slos_with_swift_etags(
     assert store.list(segs_container) == []  # deleting an SLO deletes its segments
 
 
+def test_delete_keys_deletes_exactly_those_keys(store: SwiftStore, prefix: str) -> None:
+    """What a failed export removes: the objects its run wrote (an SLO with its segments, the
+    runner's own segment objects), never a neighbour under the same prefix."""
+    m = prefix + "models/shared/"
+    store.put(m + "mine/a.pb", b"a")
+    big = store.put(m + "mine/big.bin", os.urandom(SEGMENT * 2 + 1))
+    runner_seg = m + f"{SEGMENTS_DIR}/mine/x.bin/00000000"
+    store.put(runner_seg, b"segment")
+    store.put(m + "theirs/a.pb", b"theirs")
+    segs_container = prefix.rstrip("/") + "_segments/"
+    assert len(store.list(segs_container)) == 3
+    mine = [m + "mine/a.pb", big.key, runner_seg, m + "mine/never-written"]
+    with pytest.raises(ValueError, match="outside"):
+        store.delete_keys([*mine, prefix + "staging/pkg.tgz"], within=m)
+    assert len(list(store._list(m))) == 4  # nothing went
+    assert store.delete_keys(mine, within=m) == 3
+    assert [o.key for o in store._list(m)] == [m + "theirs/a.pb"]
+    assert store.list(segs_container) == []  # the SLO took its segments
+    assert store.delete_keys(mine, within=m) == 0  # idempotent
+
+
 # -- grants -------------------------------------------------------------------------------
 
 

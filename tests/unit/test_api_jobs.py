@@ -77,6 +77,146 @@ def test_submit_keeps_given_model_uri(client, package_uri, spec):
     assert job["output"]["model_uri"] == "local://projects/local/my/model/"
 
 
+def test_default_output_prefix_is_the_jobs_own(client, package_uri, spec):
+    a, b = (submit(client, spec(package_uri)).get_json() for _ in range(2))
+    for job in (a, b):
+        assert job["output"]["model_uri"] == f"local://projects/local/models/{job['id']}/"
+    assert a["output"]["model_uri"] != b["output"]["model_uri"]
+
+
+def test_output_prefix_with_objects_under_it_is_409(
+    client, package_uri, spec, store, error_of, db_url, enqueued
+):
+    store.put("projects/local/out/theirs/saved_model.pb", b"model")
+    for uri in ("local://projects/local/out/theirs", "local://projects/local/out/theirs/"):
+        err = error_of(submit(client, spec(package_uri, output={"model_uri": uri})), 409)
+        assert err["code"] == "output_exists"
+        assert err["details"]["model_uri"] == "local://projects/local/out/theirs/"
+        assert err["details"]["objects"] == 1
+    # a prefix above it shares that object too
+    err = error_of(
+        submit(client, spec(package_uri, output={"model_uri": "local://projects/local/out/"})),
+        409,
+        "output_exists",
+    )
+    assert err["details"]["model_uri"] == "local://projects/local/out/"
+    assert job_count(db_url) == 0 and enqueued.calls == []
+    assert store.get("projects/local/out/theirs/saved_model.pb") == b"model"
+    # beside it is new
+    new = {"model_uri": "local://projects/local/out/mine/"}
+    assert submit(client, spec(package_uri, output=new)).status_code == 202
+
+
+def test_an_output_prefix_another_job_holds_is_409(client, package_uri, spec, error_of, db_url):
+    uri = "local://projects/local/models/shared/"
+    first = submit(client, spec(package_uri, output={"model_uri": uri})).get_json()
+    for taken in (uri, uri.rstrip("/"), uri + "sub/", "local://projects/local/"):
+        resp = submit(client, spec(package_uri, output={"model_uri": taken}))
+        if taken == "local://projects/local/":
+            error_of(resp, 422, "validation_failed")  # the area itself is never a prefix
+            continue
+        err = error_of(resp, 409, "output_exists")
+        assert err["details"]["job_id"] == first["id"]
+    assert job_count(db_url) == 1
+    # a prefix beside it is free; one above both is held by them
+    beside = submit(client, spec(package_uri, output={"model_uri": "local://projects/local/x/"}))
+    assert beside.status_code == 202
+    above = {"model_uri": "local://projects/local/models/sh"}  # a string prefix, not a parent
+    assert submit(client, spec(package_uri, output=above)).status_code == 202
+    # a succeeded job's model is there: still held; a failed one's upload was removed: free
+    advance(db_url, first["id"], JobState.ALLOCATING, JobState.FAILED)
+    again = submit(client, spec(package_uri, output={"model_uri": uri + "sub/"})).get_json()
+    advance(db_url, again["id"], JobState.ALLOCATING, JobState.PROVISIONING, JobState.RUNNING)
+    advance(db_url, again["id"], JobState.EXPORTING, JobState.SUCCEEDED)
+    err = error_of(submit(client, spec(package_uri, output={"model_uri": uri})), 409)
+    assert err["details"]["job_id"] == again["id"]
+
+
+def test_two_submissions_racing_for_one_prefix_one_wins(
+    app, package_uri, spec, db_url, monkeypatch
+):
+    """Both pass the early check; the reservation under the lock lets only one insert."""
+    real_create = repo.create_job
+    both_checked = threading.Barrier(2)
+
+    def create_job(*args: Any, **kwargs: Any) -> Any:
+        try:
+            both_checked.wait(timeout=2)  # without the lock both get here, then both insert
+        except threading.BrokenBarrierError:
+            pass  # the other one waits for our transaction: it checks after we commit
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "create_job", create_job)
+    body = spec(package_uri, output={"model_uri": "local://projects/local/models/race/"})
+    statuses: list[int] = []
+
+    def post() -> None:
+        statuses.append(app.test_client().post("/v1/jobs", json=body).status_code)
+
+    threads = [threading.Thread(target=post) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(statuses) == [202, 409]
+    assert job_count(db_url) == 1
+
+
+UNBUILT = [
+    ({"type": "batch_prediction"}, "type"),
+    ({"output": {"register_as": "mnist"}}, "output.register_as"),
+    ({"resources": {"workers": 2}}, "resources.workers"),
+    ({"resources": {"parameter_servers": 1}}, "resources.parameter_servers"),
+    ({"resources": {"workers": 3, "parameter_servers": 2}}, "resources.parameter_servers"),
+]
+
+
+@pytest.mark.parametrize(("over", "field"), UNBUILT)
+def test_unbuilt_fields_are_422_not_implemented(
+    client, package_uri, spec, error_of, db_url, enqueued, over, field
+):
+    before = client.get("/v1/quotas").get_json()
+    err = error_of(submit(client, spec(package_uri, **over)), 422, "not_implemented")
+    assert field in [f["field"] for f in err["details"]["fields"]]
+    assert "not available yet" in err["message"]
+    assert job_count(db_url) == 0 and enqueued.calls == []
+    assert client.get("/v1/quotas").get_json() == before
+
+
+def test_the_values_a_stored_spec_repeats_are_accepted(client, package_uri, spec):
+    """A spec read back from GET (workers 1, no parameter servers, register_as null,
+    type training) may be submitted again."""
+    job = submit(client, spec(package_uri)).get_json()
+    again = dict(job["spec"])
+    again["output"] = {"model_uri": None, "register_as": None}
+    resp = submit(client, again)
+    assert resp.status_code == 202, resp.get_json()
+    assert resp.get_json()["spec"]["resources"] == job["spec"]["resources"]
+
+
+def test_env_values_are_never_shown(client, package_uri, spec, db_url):
+    secret = "s3cr3t-token-value"
+    resp = submit(client, spec(package_uri, env={"API_TOKEN": secret, "MODE": "fast"}))
+    job = resp.get_json()
+    assert job["spec"]["env"] == {"API_TOKEN": "***", "MODE": "***"}
+    job_id = job["id"]
+    with session_scope(db_url) as s:  # the workers read the real values from the row
+        assert repo.get_job(s, job_id).spec["env"] == {"API_TOKEN": secret, "MODE": "fast"}
+    shown = [
+        resp,
+        client.get("/v1/jobs"),
+        client.get(f"/v1/jobs/{job_id}"),
+        client.get(f"/v1/jobs/{job_id}/events"),
+        client.post(f"/v1/jobs/{job_id}/cancel"),
+        client.get("/v1/jobs?state=CANCELLED"),
+    ]
+    for r in shown:
+        assert r.status_code in (200, 202)
+        assert secret not in r.get_data(as_text=True) and "fast" not in r.get_data(as_text=True)
+    listed = client.get("/v1/jobs").get_json()["jobs"][0]
+    assert listed["spec"]["env"] == {"API_TOKEN": "***", "MODE": "***"}
+
+
 def test_submit_survives_a_dead_broker(client, package_uri, spec, enqueued, db_url):
     enqueued.fail = True
     resp = submit(client, spec(package_uri))
@@ -120,6 +260,29 @@ BAD_FIELDS = [
     ),
     (lambda b: b.update(output={"model_uri": "local://elsewhere/model/"}), "output.model_uri"),
     (lambda b: b.update(output={"model_uri": "local://projects/local//m/"}), "output.model_uri"),
+    # shared prefixes: the project's area, its staging area (packages), the models area, a
+    # job's own default prefix
+    (lambda b: b.update(output={"model_uri": "local://projects/local"}), "output.model_uri"),
+    (
+        lambda b: b.update(output={"model_uri": "local://projects/local/staging"}),
+        "output.model_uri",
+    ),
+    (
+        lambda b: b.update(output={"model_uri": "local://projects/local/staging/abc/"}),
+        "output.model_uri",
+    ),
+    (
+        lambda b: b.update(output={"model_uri": "local://projects/local/staging/new/"}),
+        "output.model_uri",
+    ),
+    (
+        lambda b: b.update(output={"model_uri": "local://projects/local/models/"}),
+        "output.model_uri",
+    ),
+    (
+        lambda b: b.update(output={"model_uri": "local://projects/local/models/job-0123abcd/x/"}),
+        "output.model_uri",
+    ),
     (
         lambda b: b["trainer"].update(package_uri="local://projects/local//p.tgz"),
         "trainer.package_uri",

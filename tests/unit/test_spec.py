@@ -9,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from service.api.openapi import document
-from service.domain.spec import JobSpec
+from service.domain import outputs
+from service.domain.spec import MASKED, JobSpec, masked_spec, unbuilt_fields
 
 PKG = "local://projects/p/staging/x/pkg.tar.gz"
 
@@ -135,3 +136,87 @@ def test_openapi_lists_every_route(app):
         names = {p["name"] for p in item.get("parameters", [])}
         for seg in (s[1:-1] for s in path.split("/") if s.startswith("{")):
             assert seg in names, (path, seg)
+
+
+# -- what is not built yet, masked env, output prefixes -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("over", "fields"),
+    [
+        ({"type": "batch_prediction"}, ["type"]),
+        ({"output": {"register_as": "mnist"}}, ["output.register_as"]),
+        ({"resources": {"workers": 2}}, ["resources.workers"]),
+        ({"resources": {"parameter_servers": 1}}, ["resources.parameter_servers"]),
+        (
+            {"type": "batch_prediction", "resources": {"workers": 64, "parameter_servers": 16}},
+            ["type", "resources.workers", "resources.parameter_servers"],
+        ),
+    ],
+)
+def test_unbuilt_fields_are_named(over, fields):
+    assert [f for f, _ in unbuilt_fields(make(**over))] == fields
+
+
+def test_defaults_and_their_explicit_values_are_built():
+    assert unbuilt_fields(make()) == []
+    explicit = make(
+        type="training",
+        resources={"workers": 1, "parameter_servers": 0},
+        output={"register_as": None},
+    )
+    assert unbuilt_fields(explicit) == []
+
+
+def test_masked_spec_keeps_names_not_values():
+    data = make(env={"TOKEN": "hunter2", "MODE": "x"}).model_dump(mode="json")
+    shown = masked_spec(data)
+    assert shown["env"] == {"TOKEN": MASKED, "MODE": MASKED}
+    assert "hunter2" not in str(shown)
+    assert data["env"]["TOKEN"] == "hunter2"  # the stored spec is not changed
+    assert masked_spec({"name": "x"}) == {"name": "x"}
+
+
+AREA = "projects/p/"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "why"),
+    [
+        (AREA + "staging/", "staging area"),
+        (AREA + "staging/abc/", "staging area"),
+        (AREA + "models/", "models area"),
+        (AREA + "models/job-0123/", "default prefixes"),
+        (AREA + "models/job-0123/deeper/", "default prefixes"),
+        (AREA + "models/mine/", None),
+        (AREA + "stagingx/", None),
+        (AREA + "exports/v1/", None),
+    ],
+)
+def test_output_prefix_problems(prefix, why):
+    problem = outputs.prefix_problem(prefix, AREA)
+    assert (problem is None) if why is None else (why in str(problem))
+
+
+def test_output_prefix_helpers():
+    assert outputs.default_prefix(AREA, "job-1") == AREA + "models/job-1/"
+    assert outputs.as_prefix("a/b") == outputs.as_prefix("a/b/") == "a/b/"
+    assert outputs.ancestors("a/b/c/") == ["a/", "a/b/", "a/b/c/"]
+    assert outputs.overlaps("a/b/", "a/b/c/") and outputs.overlaps("a/b/c", "a/b")
+    assert not outputs.overlaps("a/b/", "a/bc/")
+
+
+def test_openapi_documents_what_a_submission_may_answer():
+    doc = document()
+    post = doc["paths"]["/v1/jobs"]["post"]["responses"]
+    assert {"202", "409", "422"} <= set(post)
+    props = doc["components"]["schemas"]
+    for model, field in [
+        ("JobSpec", "type"),
+        ("Resources", "workers"),
+        ("Resources", "parameter_servers"),
+        ("Output", "register_as"),
+    ]:
+        assert "not_implemented" in props[model]["properties"][field]["description"]
+    assert "output_exists" in props["Output"]["properties"]["model_uri"]["description"]
+    assert MASKED in props["JobSpec"]["properties"]["env"]["description"]

@@ -30,7 +30,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 from urllib.parse import quote, urlencode, urlparse
 
@@ -431,6 +431,10 @@ class SwiftStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         """Idempotent; a large object goes with its segments (`?multipart-manifest=delete`)."""
+        self._delete(key)
+
+    def _delete(self, key: str) -> bool:
+        """Delete one object (a manifest with its segments); True when there was one."""
         container, obj = self.split(key)
         resp = self._request(
             "DELETE",
@@ -438,26 +442,41 @@ class SwiftStore(ObjectStore):
             params={"multipart-manifest": "delete"},
             headers={"Accept": "application/json"},
         )
-        if resp.status_code in (204, 404):
-            return
+        if resp.status_code == 404:
+            return False
+        if resp.status_code == 204:
+            return True
         if resp.status_code != 200:
             raise self._fail(f"cannot delete {key}", resp)
         try:
             result = resp.json()
         except ValueError:
-            return
+            return True
         errors = result.get("Errors") or []
         if errors and all("Not an SLO manifest" in str(e) for e in errors):
-            self._delete_plain(key)  # a plain object: delete it as one
-            return
+            return self._delete_plain(key)  # a plain object: delete it as one
         if errors or not str(result.get("Response Status", "200")).startswith(("2", "404")):
             raise StoreError(f"deleting {key} left errors: {errors or result}")
+        return int(result.get("Number Deleted") or 0) > 0
 
-    def _delete_plain(self, key: str) -> None:
+    def _delete_plain(self, key: str) -> bool:
         container, obj = self.split(key)
         resp = self._request("DELETE", self._url(container, obj))
         if resp.status_code not in (204, 404):
             raise self._fail(f"cannot delete {key}", resp)
+        return bool(resp.status_code == 204)
+
+    def delete_keys(self, keys: Iterable[str], *, within: str | None = None) -> int:
+        """See interfaces.py: exactly these objects, one DELETE each (a missing one is no
+        error); a runner segment (`.stackml-segments/`) is deleted as a plain object, a
+        manifest with its segments. Returns how many existed."""
+        todo = self._keys_to_delete(keys, within)
+        for key in todo:
+            self.split(key)  # a malformed key is a ValueError before anything is deleted
+        n = 0
+        for key in todo:
+            n += self._delete_plain(key) if _is_segment(key) else self._delete(key)
+        return n
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under `prefix`, runner segments included; returns how many."""
