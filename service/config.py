@@ -149,7 +149,7 @@ class Settings(BaseSettings):
     orphan_grace: float = 120.0
     # The package index a VM installs its runtime from when its image lacks it ("" = pip's).
     runtime_index_url: str = ""
-    # Built runtimes (large; shared between data dirs if you like). Empty: <data_dir>/runtimes.
+    # Built runtimes (large; shared between data dirs if you like). Empty: see runtime_dir.
     runtime_root: Path | None = None
     # Per-project quotas (concurrent jobs, servers, GPUs) where no override is stored.
     quota_defaults: QuotaDefaults = Field(default_factory=QuotaDefaults)
@@ -191,7 +191,12 @@ class Settings(BaseSettings):
 
     @property
     def runtime_dir(self) -> Path:
-        return self.runtime_root or self.data_dir / "runtimes"
+        if self.runtime_root:
+            return self.runtime_root
+        # as root, outside the data dir: that is private (0700) and the sandbox users run these
+        if os.geteuid() == 0:
+            return Path("/var/cache/stackml/runtimes")
+        return self.data_dir / "runtimes"
 
     def signing_key(self) -> bytes:
         """The key that signs grants and encrypts SSH keys at rest; made once per data dir."""

@@ -70,6 +70,7 @@ class LocalPlatform:
         self._failure: str | None = None
         self._monitor: threading.Thread | None = None
         self._saved_env: dict[str, str | None] = {}
+        self._saved_umask: int | None = None  # restored by stop()
         self.log_dir = settings.data_dir / "logs"
 
     @property
@@ -100,8 +101,12 @@ class LocalPlatform:
     def _start(self) -> None:
         s = self.settings
         self._check_sandbox_network()
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(s.data_dir, 0o755)  # sandboxes run as another user and read the runtimes
+        from service.datadir import secure_data_dir
+
+        # a private data dir (0700), umask 077 for the API, the worker and beat (datadir.py)
+        previous = secure_data_dir(s)
+        if self._saved_umask is None:
+            self._saved_umask = previous
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._start_redis()
         self._set_env("STACKML_REDIS_URL", self.redis_url)
@@ -371,6 +376,9 @@ class LocalPlatform:
             else:
                 os.environ[name] = value
         self._saved_env.clear()
+        if self._saved_umask is not None:
+            os.umask(self._saved_umask)
+            self._saved_umask = None
         reset_settings()
 
 

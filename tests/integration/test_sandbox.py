@@ -39,8 +39,8 @@ def root() -> Iterator[Path]:
     assert Path(sandbox.SSHD).exists(), (
         "openssh-server is required (apt-get install openssh-server)"
     )
+    # 0700 (mkdtemp's mode), like a data dir: the sandbox users need nothing below it
     base = Path(tempfile.mkdtemp(prefix="stackml-sbtest-", dir="/var/tmp"))
-    os.chmod(base, 0o755)  # the sandbox users traverse it (mkdtemp makes 0700)
     sandboxes = base / "sandboxes"
     yield sandboxes
     leaks = leak_report(sandboxes)
@@ -215,22 +215,32 @@ def test_user_home_and_runtime_access(
     backend: SandboxBackend, root: Path, keypair: tuple[str, str]
 ):
     pem, pub = keypair
-    runtime = root.parent / "runtimes" / "rt"
-    runtime.mkdir(parents=True)
-    for p in (root.parent / "runtimes", runtime):
-        os.chmod(p, 0o755)
+    # runtimes live outside the private data dir and outside the private tmp dirs
+    # (like the default runtime_root /var/cache/stackml/runtimes)
+    runtimes = Path(tempfile.mkdtemp(prefix="stackml-rt-test-", dir="/var/cache"))
+    runtime = runtimes / "rt"
+    runtime.mkdir(mode=0o755)
+    os.chmod(runtimes, 0o755)
     (runtime / "hello.py").write_text("import sys; print('hello from', sys.executable)\n")
+    os.chmod(runtime / "hello.py", 0o644)
     ref = backend.create_server(spec(pub))
     st = backend.get_server(ref.id)
+    try:
+        with ssh.wait_for_ssh(target(st, pem), 10) as conn:
+            out = conn.run(["/usr/bin/python3", str(runtime / "hello.py")], timeout=10).text
+    finally:
+        shutil.rmtree(runtimes)
+    assert out == "hello from /usr/bin/python3\n"
     with ssh.wait_for_ssh(target(st, pem), 10) as conn:
-        out = conn.run(["/usr/bin/python3", str(runtime / "hello.py")], timeout=10).text
-        assert out == "hello from /usr/bin/python3\n"
         assert conn.run('stat -c %a:%U "$HOME"; pwd', timeout=10).text.split() == [
             f"700:{st.username}",
             str(sandbox.SLOT_HOME),
         ]
-        conn.put_bytes(b"data", "x.txt", 0o600)  # lands in <root>/<id>/home on the host
-        assert (root / ref.id / "home" / "x.txt").read_bytes() == b"data"
+        conn.put_bytes(b"data", "x.txt", 0o600)  # lands in the home image, not on the host
+        sshd = record(root, ref.id)["sshd_pid"]
+        inside = Path(f"/proc/{sshd}/root") / str(sandbox.SLOT_HOME).lstrip("/") / "x.txt"
+        assert inside.read_bytes() == b"data"
+        assert not (sandbox.SLOT_HOME / "x.txt").exists()
         # its own PID namespace and /proc: sshd is PID 1 and nothing of the host shows
         assert conn.run("cat /proc/1/comm", timeout=10).text == "sshd\n"
         assert len(conn.run("ps -e --no-headers", timeout=10).text.splitlines()) < 10
@@ -313,21 +323,22 @@ def test_isolation_none_boots_and_deletes(root: Path, keypair: tuple[str, str]):
 
 
 @needs_root
-@pytest.mark.skipif(
-    not Path("/sys/fs/cgroup/unified/cgroup.controllers").exists(),
-    reason="no separate cgroup2 mount: on a pure v2 machine the tests above cover v2",
-)
-def test_pure_v2_layout_on_the_unified_mount(
-    root: Path, keypair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
-):
-    """Point the backend at the cgroup2 mount as if it were a pure v2 machine: one cgroup per
-    sandbox, limits only for the controllers that can be delegated, cgroup.kill on delete."""
+def test_pure_v2_layout(root: Path, keypair: tuple[str, str]):
+    """The backend on a pure v2 tree (the host's own on a pure v2 machine, else the cgroup2
+    mount beside the v1 controllers, injected as cgroup_root): one cgroup per sandbox, limits
+    only for the controllers that can be delegated, cgroup.kill on delete. (Freezing on both
+    layouts: test_sandbox_fs.py.)"""
     pem, pub = keypair
-    monkeypatch.setattr(sandbox, "CGROUP_ROOT", Path("/sys/fs/cgroup/unified"))
-    v2 = SandboxBackend(root, [SMALL])
+    cg_root = next(
+        (p for p in (sandbox.CGROUP_ROOT, sandbox.CGROUP_ROOT / "unified")
+         if (p / "cgroup.controllers").exists()),
+        None,
+    )  # fmt: skip
+    assert cg_root is not None, f"no cgroup v2 hierarchy at {sandbox.CGROUP_ROOT}"
+    v2 = SandboxBackend(root, [SMALL], cgroup_root=cg_root)
     ref = v2.create_server(spec(pub))
     cgroups = record(root, ref.id)["cgroups"]
-    assert cgroups == [f"/sys/fs/cgroup/unified/stackml/{sandbox._root_tag(root)}-{ref.id}"]
+    assert cgroups == [f"{cg_root}/stackml/{sandbox._root_tag(root)}-{ref.id}"]
     st = v2.get_server(ref.id)
     with ssh.wait_for_ssh(target(st, pem), 10) as conn:
         conn.run("setsid nohup sleep 1000 >/dev/null 2>&1 &", timeout=10)
@@ -335,3 +346,4 @@ def test_pure_v2_layout_on_the_unified_mount(
     assert f"0::/stackml/{sandbox._root_tag(root)}-{ref.id}" in own
     v2.delete_server(ref.id)
     assert not Path(cgroups[0]).exists()
+    assert leak_report(root, cg_root) == []

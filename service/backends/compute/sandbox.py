@@ -101,15 +101,34 @@ KILL_TIMEOUT = 10.0
 BUILD_GRACE = 60.0  # a BUILD record older than boot timeout + this has lost its creator
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
-# PID 1 of the sandbox namespace: bind the read-only extra mounts, join the cgroups, give the
-# login user its home, exec sshd. Arguments: cfg home homedir host N (src dst)*N cgroup.procs...
+SETPRIV = "/usr/bin/setpriv"
+MKFS_EXT4 = "/usr/sbin/mkfs.ext4"
+SANDBOX_MNT = RUN_DIR / "sandbox"  # where the sandbox's own dir shows inside its namespace
+HOME_IMAGE = "home.img"  # the disk-quota'd home: a sparse ext4 image, loop-mounted inside
+DEFAULT_HOME_MB = 10240  # home size for flavors without disk_gb
+PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # world-writable host dirs
+TMPFS_SOURCE = "stackml-sandbox"  # the source name of every private tmpfs (leak_report)
+
+# PID 1 of the sandbox namespace (all mounts private to it, gone with it): join the cgroups,
+# show its own dir at SANDBOX_MNT (sshd's config, host key, authorized_keys: the data dir
+# above it is 0700), bind the read-only extra mounts, loop-mount the home image on the login
+# user's home, put private tmpfs on the world-writable dirs (last: sources may live below
+# them), exec sshd with no_new_privs (setuid binaries do not elevate, for every descendant).
+# Arguments: dir image homedir host tmp_mb N (src dst)*N cgroup.procs...
 _NS_INIT = """set -e
-cfg=$1 home=$2 homedir=$3 host=$4 n=$5; shift 5
+umask 022
+d=$1 img=$2 homedir=$3 host=$4 tmpmb=$5 n=$6; shift 6
 while [ "$n" -gt 0 ]; do mount --bind -o ro "$1" "$2"; shift 2; n=$((n - 1)); done
 for f in "$@"; do echo 0 >"$f"; done
-mount --bind "$home" "$homedir"
+mount --bind -o ro "$d" {sandbox_mnt}
+mount -o loop,nosuid,nodev "$img" "$homedir"
+rmdir "$homedir/lost+found" 2>/dev/null || true
+chmod 700 "$homedir"  # mkfs made it the login user's
+for t in {private_tmp}; do
+  mount -t tmpfs -o "size=${{tmpmb}}m,mode=1777,nosuid,nodev" {tmpfs_source} "$t"
+done
 echo "$host" >/proc/sys/kernel/hostname
-exec {sshd} -D -e -f "$cfg"
+exec {setpriv} --no-new-privs {sshd} -D -e -f {sandbox_mnt}/sshd_config
 """
 LOGIN_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 Mounts = Callable[[ServerSpec], Sequence[tuple[str | Path, str]]]
@@ -132,7 +151,7 @@ class _AddressInUse(Exception):
 # --------------------------------------------------------------------------- small helpers
 
 
-def _write(path: Path, data: str, mode: int = 0o644) -> None:
+def _write(path: Path, data: str, mode: int = 0o600) -> None:
     """Write a file atomically (tmp + rename), so concurrent readers never see half of it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -268,18 +287,29 @@ def _free_port(address: str) -> int:
 # --------------------------------------------------------------------------- cgroups
 
 
-def _cgroup_bases() -> dict[str, Path]:
-    """Where stackml's cgroups live: {"v2": ...} on a pure v2 tree, else one base per v1
-    controller (memory, pids, cpu) plus "unified" when a v2 hierarchy is mounted beside them."""
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
-        return {"v2": CGROUP_ROOT / "stackml"}
+def _cgroup_bases(cgroup_root: Path | None = None) -> dict[str, Path]:
+    """Where stackml's cgroups live under `cgroup_root` (default CGROUP_ROOT): {"v2": ...} on a
+    pure v2 tree (Debian 12's default), else one base per v1 controller (memory, pids, cpu)
+    plus "unified" when a v2 hierarchy is mounted beside them (a mixed/hybrid host)."""
+    cg_root = CGROUP_ROOT if cgroup_root is None else cgroup_root
+    if (cg_root / "cgroup.controllers").exists():
+        return {"v2": cg_root / "stackml"}
     bases: dict[str, Path] = {}
     for ctrl in ("memory", "pids", "cpu"):
-        if (CGROUP_ROOT / ctrl / "cgroup.procs").exists():
-            bases[ctrl] = CGROUP_ROOT / ctrl / "stackml"
-    if (CGROUP_ROOT / "unified" / "cgroup.controllers").exists():
-        bases["unified"] = CGROUP_ROOT / "unified" / "stackml"
+        if (cg_root / ctrl / "cgroup.procs").exists():
+            bases[ctrl] = cg_root / ctrl / "stackml"
+    if (cg_root / "unified" / "cgroup.controllers").exists():
+        bases["unified"] = cg_root / "unified" / "stackml"
     return bases
+
+
+def v2_cgroup(dirs: Sequence[str]) -> Path | None:
+    """The cgroup v2 group among a sandbox's cgroups (the pure v2 one, or the `unified` one on
+    a mixed host): the one with cgroup.freeze and cgroup.kill. None without a v2 hierarchy."""
+    for d in dirs:
+        if (Path(d) / "cgroup.freeze").exists():
+            return Path(d)
+    return None
 
 
 LIMIT_CONTROLLERS = ("memory", "pids", "cpu")
@@ -319,12 +349,12 @@ def _enable_v2_controllers(base: Path) -> frozenset[str]:
         return _v2_ready[base]
 
 
-def _make_cgroups(name: str, flavor: Flavor) -> list[str]:
+def _make_cgroups(name: str, flavor: Flavor, cgroup_root: Path | None = None) -> list[str]:
     """Create the sandbox's cgroups with the flavor's limits; returns their directories."""
     made: list[str] = []
     memory = flavor.ram_mb * 1024 * 1024
     try:
-        for role, base in _cgroup_bases().items():
+        for role, base in _cgroup_bases(cgroup_root).items():
             controllers = _enable_v2_controllers(base) if role == "v2" else frozenset()
             base.mkdir(exist_ok=True)
             cg = base / name
@@ -458,6 +488,97 @@ def _ensure_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
 
 
+# --------------------------------------------------------------------------- filesystem
+
+
+def _mount_point(path: Path) -> None:
+    """A root-owned 0755 dir the login user can traverse (whatever the umask): mount points
+    live on the host's filesystem, which every mount namespace shares."""
+    path.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o755 != 0o755:
+        os.chmod(path, path.stat().st_mode | 0o755)
+
+
+def _prepare_root_mode(root: Path) -> None:
+    """The sandbox root is private (0700: nothing there is for the login users; their
+    sandbox's own dir is bound at SANDBOX_MNT inside); the machine-wide mount points exist."""
+    if root.stat().st_mode & 0o077:
+        os.chmod(root, 0o700)
+    for p in (RUN_DIR, SLOT_HOME, SANDBOX_MNT, Path("/run/sshd")):  # sshd: /run/sshd (privsep)
+        _mount_point(p)
+
+
+def _tmp_mb(flavor: Flavor) -> int:
+    """Size of each private tmpfs (/tmp, /var/tmp, /dev/shm, /run/lock): half the flavor's RAM,
+    like Linux's /dev/shm default; its pages count against the sandbox's memory limit anyway."""
+    return max(16, flavor.ram_mb // 2)
+
+
+def _make_home_image(path: Path, size_mb: int, user: pwd.struct_passwd) -> None:
+    """A sparse ext4 image of `size_mb` MiB whose root dir belongs to `user`: the sandbox's home,
+    loop-mounted in its namespace. Writing past it is ENOSPC inside, not a full host disk.
+    No journal (the home dies with the sandbox), no reserved blocks, no discard at mkfs."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size_mb * 1024 * 1024)
+    finally:
+        os.close(fd)
+    cmd = [
+        MKFS_EXT4, "-q", "-F", "-m", "0", "-O", "^has_journal",
+        "-E", f"root_owner={user.pw_uid}:{user.pw_gid},lazy_itable_init=1,nodiscard",
+        "-L", "stackml-home", str(path),
+    ]  # fmt: skip
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SandboxError(f"cannot make the home image {path}: {e}") from e
+    if r.returncode != 0:
+        raise SandboxError(f"mkfs.ext4 {path} failed: {(r.stderr or r.stdout).strip()[-500:]}")
+
+
+def _loop_backing_files(prefix: str) -> list[str]:
+    """Loop devices whose backing file lies under `prefix`: "loopN: <file>" (a file removed
+    while attached reads "<file> (deleted)")."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for dev in sorted(os.listdir("/sys/block")):
+            if not dev.startswith("loop"):
+                continue
+            try:
+                backing = Path(f"/sys/block/{dev}/loop/backing_file").read_text().strip()
+            except OSError:
+                continue  # not attached
+            if backing.startswith(prefix):
+                found.append(f"{dev}: {backing}")
+    return found
+
+
+def _wait_loop_detached(d: Path, deadline: float) -> None:
+    """The home image's loop device detaches itself (autoclear) once the namespace holding its
+    mount is gone, i.e. once every process of the sandbox exited: wait for that."""
+    pause = 0.001
+    while loops := _loop_backing_files(f"{d}/"):
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"sandbox {d.name}: home image still attached: {loops}")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+def _host_mounts(root: Path) -> list[str]:
+    """Mounts in this (the host's) mount namespace that a sandbox made: private tmpfs, or
+    anything mounted below `root`. Sandbox mounts live in their own namespaces: none belong here."""
+    found = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            pre, _, post = line.partition(" - ")
+            point = pre.split()[4].replace("\\040", " ")
+            source = post.split()[1] if len(post.split()) > 1 else ""
+            if source == TMPFS_SOURCE or point.startswith(f"{root}/"):
+                found.append(f"mount {point} ({source}) remains on the host")
+    return found
+
+
+# --------------------------------------------------------------------------- slots
 # --------------------------------------------------------------------------- slots
 
 
@@ -532,6 +653,8 @@ class SandboxBackend(ComputeBackend):
         login_user: str | None = None,
         mounts: Mounts | None = None,
         network: SandboxNetwork | None = None,
+        cgroup_root: Path | str | None = None,
+        default_disk_mb: int = DEFAULT_HOME_MB,
     ) -> None:
         self.root = Path(os.path.realpath(root))
         self._flavors = list(flavors)
@@ -555,6 +678,11 @@ class SandboxBackend(ComputeBackend):
         self.login_user = login_user
         self._mounts = mounts
         self.network = network  # None: the host's network (loopback included)
+        # where the cgroup hierarchies are mounted (tests point it at a pure v2 tree)
+        self.cgroup_root = Path(cgroup_root) if cgroup_root is not None else None
+        if default_disk_mb < 16:
+            raise ValueError("default_disk_mb must be at least 16")
+        self.default_disk_mb = default_disk_mb  # the home quota of flavors without disk_gb
         self._tag = _root_tag(self.root)
         self._slots = _Slots(RUN_DIR / "slots" if is_root else self.root / ".slots")
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -622,6 +750,7 @@ class SandboxBackend(ComputeBackend):
             self._net_down(server_id, d, None)
             with contextlib.suppress(OSError, ValueError):
                 self._slots.release(int((d / "slot").read_text()), d)
+        _wait_loop_detached(d, deadline)
         self._remove_dir(server_id)
 
     def _net_down(self, sid: str, d: Path, rec: dict[str, Any] | None) -> None:
@@ -646,6 +775,26 @@ class SandboxBackend(ComputeBackend):
                 refs.append(ServerRef(id=sid, name=rec["name"], tags=tags))
         return refs
 
+    def freeze(self, server_id: str, frozen: bool = True, timeout: float = KILL_TIMEOUT) -> None:
+        """Freeze (or thaw) every process of a sandbox through its cgroup v2 group's
+        cgroup.freeze, on a pure v2 host and on a mixed one alike; returns once the kernel
+        reports it done (cgroup.events "frozen")."""
+        rec = self._record(server_id)
+        if rec is None:
+            raise ServerNotFound(f"sandbox {server_id} does not exist")
+        cg = v2_cgroup(rec.get("cgroups") or [])
+        if cg is None:
+            raise SandboxError(f"sandbox {server_id} has no cgroup v2 group to freeze")
+        _cg_write(cg / "cgroup.freeze", "1" if frozen else "0")
+        want = f"frozen {int(frozen)}"
+        deadline = time.monotonic() + timeout
+        pause = 0.001
+        while want not in (cg / "cgroup.events").read_text().splitlines():
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"sandbox {server_id}: {cg} not {want} after {timeout}s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
     def console_log(self, server_id: str, tail_bytes: int = 8192) -> str:
         if not ID_RE.fullmatch(server_id) or not (self.root / server_id).is_dir():
             raise ServerNotFound(f"sandbox {server_id} does not exist")
@@ -654,25 +803,24 @@ class SandboxBackend(ComputeBackend):
     # ---- creation
 
     def _prepare_root(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.isolation == "root":
-            # the slot users must traverse to their sandbox dir and read runtimes beside root
-            for p in (self.root, self.root.parent):
-                mode = p.stat().st_mode & 0o7777
-                if mode & 0o055 != 0o055:
-                    os.chmod(p, mode | 0o055)
-            for p in (RUN_DIR, SLOT_HOME, Path("/run/sshd")):  # sshd needs /run/sshd (privsep)
-                p.mkdir(mode=0o755, parents=True, exist_ok=True)
+            _prepare_root_mode(self.root)
+
+    def _home_mb(self, flavor: Flavor) -> int:
+        """The home's disk quota: the flavor's disk_gb, else the backend's default."""
+        return flavor.disk_gb * 1024 if flavor.disk_gb > 0 else self.default_disk_mb
 
     def _new_dir(self) -> tuple[str, Path]:
         while True:
             sid = f"sb-{secrets.token_hex(4)}"
             d = self.root / sid
             try:
-                d.mkdir(mode=0o755)
+                d.mkdir(mode=0o700)
             except FileExistsError:
                 continue
-            os.chmod(d, 0o755)  # whatever the umask
+            # root mode: sshd reads authorized_keys as the login user, through SANDBOX_MNT
+            os.chmod(d, 0o711 if self.isolation == "root" else 0o700)
             return sid, d
 
     def _create_once(self, spec: ServerSpec, public_key: str) -> ServerRef:
@@ -694,14 +842,14 @@ class SandboxBackend(ComputeBackend):
             if port is None:
                 port = _free_port(address)
 
-            home = d / "home"
-            home.mkdir(mode=0o700)
             if is_root_mode:
                 user = _ensure_user(self.login_user or f"{USER_PREFIX}{slot}")
-                os.chown(home, user.pw_uid, user.pw_gid)
-                os.chmod(home, 0o700)
-                Path(user.pw_dir).mkdir(mode=0o755, parents=True, exist_ok=True)
+                _mount_point(Path(user.pw_dir))
+                home = d / HOME_IMAGE
+                _make_home_image(home, self._home_mb(spec.flavor), user)
             else:
+                home = d / "home"
+                home.mkdir(mode=0o700)
                 user = pwd.getpwuid(os.geteuid())
             mounts = self._resolve_mounts(spec)
 
@@ -714,7 +862,7 @@ class SandboxBackend(ComputeBackend):
             _write(d / "sshd_config", self._sshd_config(d, sid, spec, address, port, user))
 
             if is_root_mode:
-                cgroups = _make_cgroups(f"{self._tag}-{sid}", spec.flavor)
+                cgroups = _make_cgroups(f"{self._tag}-{sid}", spec.flavor, self.cgroup_root)
 
             rec: dict[str, Any] = {
                 "id": sid,
@@ -727,6 +875,9 @@ class SandboxBackend(ComputeBackend):
                 "port": port,
                 "user": user.pw_name,
                 "home": str(home) if is_root_mode else user.pw_dir,
+                "home_mb": self._home_mb(spec.flavor) if is_root_mode else None,
+                "tmp_mb": _tmp_mb(spec.flavor) if is_root_mode else None,
+                "cgroup_root": str(self.cgroup_root or CGROUP_ROOT),
                 "host_key": host_key,
                 "mounts": [list(m) for m in mounts],
                 "network_isolated": self.network is not None,
@@ -800,6 +951,7 @@ class SandboxBackend(ComputeBackend):
                 sandbox_net.teardown(self._net_info(sid, slot), d)
             if slot is not None:
                 self._slots.release(slot, d)
+            _wait_loop_detached(d, deadline)
             self._remove_dir(sid)
 
     def _net_info(self, sid: str, slot: int) -> dict[str, str]:
@@ -819,11 +971,14 @@ class SandboxBackend(ComputeBackend):
         user: pwd.struct_passwd,
     ) -> str:
         flavor = re.sub(r"[^A-Za-z0-9._-]", "_", spec.flavor.name)
+        # root mode: sshd sees its dir at SANDBOX_MNT (the host path is not reachable by the
+        # login user, and may lie below a dir that gets a private tmpfs)
+        base = SANDBOX_MNT if self.isolation == "root" else d
         lines = [
             f"ListenAddress {address}:{port}",
-            f"HostKey {d}/ssh_host_ed25519_key",
-            f"AuthorizedKeysFile {d}/authorized_keys",
-            f"PidFile {d}/sshd.pid",
+            f"HostKey {base}/ssh_host_ed25519_key",
+            f"AuthorizedKeysFile {base}/authorized_keys",
+            "PidFile none" if self.isolation == "root" else f"PidFile {d}/sshd.pid",
             f"AllowUsers {user.pw_name}",
             "PermitRootLogin " + ("prohibit-password" if user.pw_uid == 0 else "no"),
             "PubkeyAuthentication yes",
@@ -858,7 +1013,9 @@ class SandboxBackend(ComputeBackend):
                 raise SandboxError(f"mount source {src} is not a directory")
             if not target.startswith("/") or target == "/" or "\n" in target:
                 raise SandboxError(f"mount target {dst!r} must be an absolute path below /")
-            os.makedirs(target, mode=0o755, exist_ok=True)
+            if any(target == t or target.startswith(t + "/") for t in PRIVATE_TMP):
+                raise SandboxError(f"mount target {dst!r} lies in a private tmp dir")
+            _mount_point(Path(target))
             resolved.append((real, target))
         return resolved
 
@@ -874,13 +1031,18 @@ class SandboxBackend(ComputeBackend):
         cfg = str(d / "sshd_config")
         sshd = [SSHD, "-D", "-e", "-f", cfg]
         if self.isolation == "root":
-            init = _NS_INIT.format(sshd=SSHD)
+            init = _NS_INIT.format(
+                sshd=SSHD, setpriv=SETPRIV, sandbox_mnt=SANDBOX_MNT,
+                private_tmp=" ".join(PRIVATE_TMP), tmpfs_source=TMPFS_SOURCE,
+            )  # fmt: skip
             procs = [f"{cg}/cgroup.procs" for cg in cgroups]
             argv = [
                 UNSHARE, "--pid", "--mount", "--mount-proc", "--uts", "--ipc", "--fork",
                 "--kill-child", "--",
-                "/bin/sh", "-c", init, "sandbox-init", cfg, str(d / "home"), homedir,
-                _hostname(spec.name), str(len(mounts)), *(p for m in mounts for p in m), *procs,
+                "/bin/sh", "-c", init, "sandbox-init", str(d), str(d / HOME_IMAGE), homedir,
+                _hostname(spec.name),
+                str(_tmp_mb(spec.flavor)), str(len(mounts)), *(p for m in mounts for p in m),
+                *procs,
             ]  # fmt: skip
         elif self.isolation == "rootless":
             argv = [
@@ -1022,7 +1184,8 @@ class SandboxBackend(ComputeBackend):
     def _cgroup_dirs(self, sid: str) -> list[str]:
         """The sandbox's cgroups that exist, found by name (a record may predate them)."""
         name = f"{self._tag}-{sid}"
-        return [str(b / name) for b in _cgroup_bases().values() if (b / name).is_dir()]
+        bases = _cgroup_bases(self.cgroup_root).values()
+        return [str(b / name) for b in bases if (b / name).is_dir()]
 
     def _remove_dir(self, sid: str) -> None:
         d = self.root / sid
@@ -1066,8 +1229,10 @@ def _pids_with_arg(prefix: str) -> list[int]:
     return found
 
 
-def leak_report(root: Path | str) -> list[str]:
-    """What sandboxes under `root` left behind: processes, cgroups, dirs, slots. Empty = clean."""
+def leak_report(root: Path | str, cgroup_root: Path | str | None = None) -> list[str]:
+    """What sandboxes under `root` left behind: processes, cgroups (under `cgroup_root`, default
+    CGROUP_ROOT), dirs (with their home images), attached loop devices, mounts on the host,
+    slots. Empty = clean."""
     root = Path(os.path.realpath(root))
     problems: list[str] = []
     for pid in _pids_with_arg(f"{root}/"):
@@ -1079,7 +1244,7 @@ def leak_report(root: Path | str) -> list[str]:
         if cmd:
             problems.append(f"process {pid} still runs: {cmd[:200]}")
     tag = _root_tag(root)
-    for base in _cgroup_bases().values():
+    for base in _cgroup_bases(Path(cgroup_root) if cgroup_root else None).values():
         with contextlib.suppress(FileNotFoundError):
             for name in sorted(os.listdir(base)):
                 if name.startswith(f"{tag}-") and (base / name).is_dir():
@@ -1088,6 +1253,9 @@ def leak_report(root: Path | str) -> list[str]:
         for name in sorted(os.listdir(root)):
             if ID_RE.fullmatch(name) or name.startswith(".trash-"):
                 problems.append(f"sandbox dir {root / name} remains")
+    for loop in _loop_backing_files(f"{root}/"):
+        problems.append(f"loop device {loop} still attached")
+    problems.extend(_host_mounts(root))
     problems.extend(sandbox_net.leaks(root, tag))
     for registry in (RUN_DIR / "slots", root / ".slots"):
         problems.extend(_Slots(registry).owned_under(root))

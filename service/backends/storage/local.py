@@ -73,8 +73,13 @@ class LocalStore(ObjectStore):
         self._signing_key = signing_key
         self._tmp = self.root / RESERVED / "tmp"
         self._etags = self.root / RESERVED / "etag"
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        self._etags.mkdir(parents=True, exist_ok=True)
+        # private: objects are 0600 in 0700 dirs, whatever the umask (sandboxes run as other
+        # users on this machine and must read nothing here)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.root.stat().st_mode & 0o077:
+            os.chmod(self.root, 0o700)
+        for d in (self.root / RESERVED, self._tmp, self._etags):
+            d.mkdir(mode=0o700, exist_ok=True)
 
     # -- paths --------------------------------------------------------------------------
 
@@ -109,7 +114,7 @@ class LocalStore(ObjectStore):
         size = 0
         tmp = self._tmp / f"{uuid.uuid4().hex}.part"
         try:
-            with open(tmp, "wb") as fh:
+            with _private_file(tmp) as fh:
                 for chunk in chunks:
                     md5.update(chunk)
                     size += len(chunk)
@@ -134,7 +139,8 @@ class LocalStore(ObjectStore):
     def _atomic_text(self, dest: Path, text: str) -> None:
         tmp = self._tmp / f"{uuid.uuid4().hex}.meta"
         try:
-            tmp.write_text(text)
+            with _private_file(tmp) as fh:
+                fh.write(text.encode())
             self._rename_into(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
@@ -144,7 +150,7 @@ class LocalStore(ObjectStore):
         # a concurrent delete may prune the parent between mkdir and rename: retry
         for attempt in range(5):
             try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.replace(src, dest)
                 return
             except FileNotFoundError:
@@ -297,6 +303,13 @@ class LocalStore(ObjectStore):
             if hmac.compare_digest(sign(self._signing_key, m, exp, prefix).encode(), given):
                 return
         raise GrantDenied("the signature does not match")
+
+
+def _private_file(path: Path) -> IO[bytes]:
+    """A new file only its owner can read (0600, whatever the umask), open for writing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
