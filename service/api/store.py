@@ -95,13 +95,18 @@ def _no_enqueue(task: str, job_id: str) -> None:
     raise RuntimeError("the store gateway enqueues nothing")
 
 
-def create_gateway_app(settings: Settings, store: ObjectStore | None = None) -> Flask:
+def create_gateway_app(settings: Settings | None = None, store: ObjectStore | None = None) -> Flask:
     """The sandbox store gateway (sandbox_net.py): the signed `/v1/store` routes and nothing
     else (no jobs, no packages, no health), for the one host address isolated sandboxes reach.
-    Open to any peer and any Host: the signature is the authorisation."""
+    Open to any peer and any Host: the signature is the authorisation. `stackml up` serves it;
+    elsewhere serve it on <gateway>:<store port>, e.g. gunicorn -b 10.253.0.1:8080
+    'service.api.store:create_gateway_app()'."""
     from service.api import EXTENSION, Context
     from service.api import errors as api_errors
     from service.backends import registry
+    from service.config import get_settings
+
+    settings = settings or get_settings()
 
     app = Flask("stackml.store_gateway", static_folder=None)
     app.url_map.strict_slashes = False

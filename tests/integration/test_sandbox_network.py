@@ -105,6 +105,19 @@ def _probe(conn: ssh.SSHConnection, targets: list[str]) -> dict[str, str]:
     return result
 
 
+def _host_ip() -> str:
+    """The host's own (non-loopback, non-sandbox) address: services on 0.0.0.0 answer there."""
+    out = subprocess.run(
+        ["ip", "-o", "-4", "addr", "show", "scope", "global"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for line in out.splitlines():
+        addr = line.split()[3].split("/")[0]
+        if not addr.startswith("10.253."):
+            return addr
+    raise AssertionError(f"this host has no global IPv4 address: {out}")
+
+
 class _Listener:
     """A throwaway TCP service on the host (what a service on 0.0.0.0 or the API would be)."""
 
@@ -155,14 +168,7 @@ def test_sandbox_reaches_only_the_store_gateway(
 
     wildcard = _Listener("0.0.0.0")  # a host service on every address, the gateway's included
     api = _Listener("127.0.0.1")  # what the API is to a sandbox: a loopback port
-    host_ip = next(
-        line.split()[3].split("/")[0]
-        for line in subprocess.run(
-            ["ip", "-o", "-4", "addr", "show", "scope", "global"],
-            capture_output=True, text=True, check=True,
-        ).stdout.splitlines()
-        if not line.split()[3].startswith("10.253.")
-    )  # fmt: skip
+    host_ip = _host_ip()
     targets = {
         "redis": f"{REDIS[0]}:{REDIS[1]}",
         "postgres": f"{POSTGRES[0]}:{POSTGRES[1]}",
@@ -284,3 +290,28 @@ def test_keystone_with_sandboxes_refuses_to_start_without_isolation(
     assert not (base / "data").exists()  # refused before anything started
     with pytest.raises(sandbox_net.SandboxNetError, match="auth=keystone"):
         sandbox_net.from_settings(settings)  # a worker building the backend refuses too
+
+
+def test_the_allow_list_opens_exactly_its_entries(base: Path, keypair: tuple[str, str]) -> None:
+    """sandbox_allow (package mirrors): a listed host:port is reachable, the same host's other
+    ports are not; a loopback entry is refused (127.0.0.0/8 is the sandbox's own)."""
+    pem, pub = keypair
+    host_ip = _host_ip()
+    mirror, other = _Listener(host_ip), _Listener(host_ip)
+    try:
+        allow = sandbox_net.parse_allow([f"{host_ip}:{mirror.port}"])
+        net = SandboxNetwork(store_port=free_port(), allow=allow)
+        backend = SandboxBackend(base / "sandboxes", [SMALL], network=net)
+        st = backend.get_server(backend.create_server(_spec(pub, "mirrored")).id)
+        with ssh.wait_for_ssh(_target(st, pem), 10) as conn:
+            got = _probe(conn, [f"{host_ip}:{mirror.port}", f"{host_ip}:{other.port}"])
+        assert got[f"{host_ip}:{mirror.port}"] == "connected", got
+        assert got[f"{host_ip}:{other.port}"].startswith("ConnectionRefusedError"), got
+        backend.delete_server(st.id)
+    finally:
+        mirror.close()
+        other.close()
+    with pytest.raises(ValueError, match="loopback"):
+        sandbox_net.parse_allow(["127.0.0.1:3141"])
+    with pytest.raises(ValueError, match="host:port"):
+        sandbox_net.parse_allow(["mirror.example"])

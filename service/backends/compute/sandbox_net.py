@@ -122,6 +122,12 @@ def parse_allow(entries: list[str]) -> tuple[tuple[str, int], ...]:
         except OSError as e:
             raise ValueError(f"sandbox_allow entry {entry!r}: cannot resolve {host}: {e}") from e
         for info in infos:
+            if ipaddress.IPv4Address(info[4][0]).is_loopback:
+                raise ValueError(
+                    f"sandbox_allow entry {entry!r} is a loopback address: inside a sandbox "
+                    "127.0.0.0/8 is its own loopback; serve the mirror on the host's address "
+                    "or the gateway's instead"
+                )
             pair = (str(info[4][0]), int(port_s))
             if pair not in out:
                 out.append(pair)
