@@ -1,15 +1,19 @@
 """Sandbox compute backend: each "VM" is an isolated OpenSSH server here (see interfaces.py).
 
-Layout of one sandbox, `<root>/<id>/` (root = `settings.sandbox_dir`; every dir 0755 except home):
+Layout of one sandbox, `<root>/<id>/` (root = `settings.sandbox_dir`, 0700 like the data dir
+above it; `<id>/` is 0711 in root mode, 0700 otherwise; every file 0600 unless said):
 
-    server.json             the record any process reads: name, tags, address, port, user, flavor,
-                            host key, pids (+ their start times), cgroups, state BUILD|ACTIVE
+    server.json             the record root (the platform) reads: name, tags, address, port, user,
+                            flavor, host key, pids (+ their start times), cgroups, home size,
+                            state BUILD|ACTIVE
     slot                    the slot index this sandbox holds (address 127.77.x.y and user)
-    sshd_config             ListenAddress, HostKey, AuthorizedKeysFile, AllowUsers, PidFile, ...
-    ssh_host_ed25519_key    a fresh host key per sandbox (0600); clients pin its public line
+    sshd_config             ListenAddress, HostKey, AuthorizedKeysFile, AllowUsers, ...
+    ssh_host_ed25519_key    a fresh host key per sandbox; clients pin its public line
     authorized_keys         ServerSpec.public_key (0644: sshd reads it as the sandbox user)
     console.log             sshd's stderr (`sshd -D -e`), the sandbox's "serial console"
-    home/                   the login user's $HOME (0700, owned by that user)
+    home.img                root mode: the login user's $HOME, a sparse ext4 image of the
+                            flavor's disk_gb (else `default_disk_mb`): its disk quota
+    home/                   rootless/none: unused (the current user's own $HOME is the home)
 
 Slots. Slot N >= 1 is the loopback address 127.77.((N-1) // 254).((N-1) % 254 + 1) and, as
 root, the dedicated user `stackml-sbN` (created on demand, with a usable password-less entry).
@@ -23,11 +27,17 @@ Isolation (`isolation=`):
   wildcard :22) and runs as `unshare --pid --mount --mount-proc --uts --ipc --fork --kill-child
   sh -c <init>`; the init joins the sandbox's cgroups (memory = ram_mb, pids, cpu = vcpus as a
   CFS quota: cgroup v1 controllers plus the v2 `unified` mount for cgroup.kill, or one pure-v2
-  cgroup), bind-mounts `home/` on the slot users' passwd home /run/stackml/home (private to the
-  mount namespace, so that is the path the job sees), sets the hostname to the server name and
-  execs sshd. sshd is PID 1 of its namespace (PidFile therefore says 1): killing it kills every
-  process the job started, detached ones included; the sandbox sees only its own processes.
-  Logins get STACKML_SERVER_ID and STACKML_FLAVOR in their environment.
+  cgroup; `cgroup_root=` says where the hierarchies are), bind-mounts `<id>/` read-only at
+  /run/stackml/sandbox (sshd_config points there: the host path is unreachable for the login
+  user), loop-mounts home.img (nosuid, nodev) on the slot users' passwd home /run/stackml/home,
+  mounts private tmpfs (half the flavor's RAM each) on /tmp, /var/tmp, /dev/shm and /run/lock,
+  sets the hostname to the server name and execs sshd under `setpriv --no-new-privs` (no
+  setuid or file-capability elevation for anything in the sandbox). Every mount is private to
+  the mount namespace and goes with it: nothing a job writes outlives the sandbox, and the
+  image's loop device detaches itself (delete waits for that). sshd is PID 1 of its namespace:
+  killing it kills every process the job started, detached ones included; the sandbox sees only
+  its own processes. Logins get STACKML_SERVER_ID and STACKML_FLAVOR in their environment.
+  `freeze()` freezes/thaws it through its cgroup v2 group (pure v2 or the unified one).
 - `rootless` (auto otherwise): `unshare --user --map-current-user --pid --mount --mount-proc
   --fork --kill-child sshd` as the current user (whose own $HOME is the home), on a free port
   >= 1024, without cgroups.
@@ -37,15 +47,17 @@ Isolation (`isolation=`):
 Two options exist for the Nova emulator (devcloud/emulator), whose sandboxes must look like
 servers booted from a stackml image; both need `root` isolation:
 - `login_user="stackml"`: every sandbox logs in as that one user (created once, shared) instead
-  of its slot user; its passwd home is where the sandbox's `home/` is bind-mounted. Sandboxes of
-  one login user share a uid, so they are isolated by their namespaces and cgroups only (one job
-  could read another's home through the host path): fine for an emulator, not for tenants.
+  of its slot user; its passwd home is where the sandbox's home image is mounted. Sandboxes of
+  one login user share a uid, so they are isolated by their namespaces and cgroups only (and
+  can signal each other's processes): fine for an emulator, not for tenants.
 - `mounts=f(spec) -> [(host dir, path inside)]`: directories bind-mounted read-only in the
   sandbox's mount namespace (e.g. a built runtime at /opt/stackml/runtimes/<key>). The mount
-  points are created (empty, 0755) on the host, since a mount namespace shares the filesystem.
+  points are created (empty, 0755) on the host, since a mount namespace shares the filesystem;
+  they may not lie in a private tmp dir.
 
-Any process can get/list/delete any sandbox from the records; `leak_report(root)` lists what a
-deleted sandbox could have left behind (processes, cgroups, dirs, slots).
+Any process of the platform's user can get/list/delete any sandbox from the records;
+`leak_report(root)` lists what a deleted sandbox could have left behind (processes, cgroups,
+dirs and their home images, attached loop devices, mounts on the host, slots).
 """
 
 from __future__ import annotations
