@@ -5,6 +5,7 @@ need=()
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v unshare >/dev/null || need+=(util-linux)
+[ -x /usr/sbin/mkfs.ext4 ] || need+=(e2fsprogs)  # sandbox homes: loop-mounted ext4 images
 # sandbox network isolation (service/backends/compute/sandbox_net.py): ip, nft, nsenter
 [ -x /usr/sbin/ip ] || command -v ip >/dev/null || need+=(iproute2)
 [ -x /usr/sbin/nft ] || command -v nft >/dev/null || need+=(nftables)
