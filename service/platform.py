@@ -149,13 +149,15 @@ class LocalPlatform:
         )
 
     def _start_api(self) -> None:
-        from werkzeug.serving import WSGIRequestHandler, make_server
+        from werkzeug.serving import make_server
 
         from service.api import create_app
+        from service.redact import AccessLogHandler
 
-        class Handler(WSGIRequestHandler):
+        class Handler(AccessLogHandler):  # access-log lines redacted (signed URLs)
             protocol_version = "HTTP/1.1"  # keep-alive, and chunked `logs?follow=true`
             disable_nagle_algorithm = True  # otherwise every small response waits ~40 ms
+            access_log = self.log_dir / "api.log" if self.quiet else None  # as worker.log
 
         if self.quiet:
             logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -189,19 +191,21 @@ class LocalPlatform:
     def _start_store_gateway(self) -> None:
         """With isolated sandboxes, serve the signed store routes (only those) on the gateway
         address: the one host address a sandbox reaches (see sandbox_net.py)."""
-        from werkzeug.serving import WSGIRequestHandler, make_server
+        from werkzeug.serving import make_server
 
         from service.api.store import create_gateway_app
         from service.backends.compute import sandbox_net
+        from service.redact import AccessLogHandler
 
         s = self.settings
         net = sandbox_net.from_settings(s)
         if net is None or s.store != "local":
             return
 
-        class Handler(WSGIRequestHandler):
+        class Handler(AccessLogHandler):  # access-log lines redacted (signed URLs)
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True
+            access_log = self.log_dir / "store-gateway.log" if self.quiet else None
 
         sandbox_net.ensure_gateway(net)
         app = create_gateway_app(s.model_copy(update={"redis_url": self.redis_url}))

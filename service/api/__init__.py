@@ -190,7 +190,19 @@ def create_app(
 ) -> Flask:
     """The API app. `enqueue(task_name, job_id)` defaults to service.queue.enqueue; tests
     inject a recorder. `store` defaults to the configured object store."""
-    from service.api import auth, errors, flavors, health, jobs, openapi, packages, quotas, usage
+    from service.api import (
+        auth,
+        errors,
+        flavors,
+        guard,
+        health,
+        jobs,
+        openapi,
+        packages,
+        quotas,
+        ratelimit,
+        usage,
+    )
     from service.api import store as store_api
     from service.backends import registry
 
@@ -210,7 +222,9 @@ def create_app(
         settings=settings, store=store or registry.store(settings), enqueue=enqueue
     )
     errors.install(app)
+    guard.install(app, settings)  # before auth: the edge checks run first
     auth.install(app, authenticator)
+    ratelimit.install(app, settings)  # after auth: it counts per project
     for bp in (
         health.bp,
         jobs.bp,

@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from service.domain.errors import (
     Conflict,
+    Forbidden,
     InvalidRequest,
     StackMLError,
     Unauthorized,
@@ -51,6 +52,24 @@ class UnsupportedMediaType(InvalidRequest):
 
     status = 415
     code = "unsupported_media_type"
+
+
+class HostNotAllowed(InvalidRequest):
+    """The Host header names none of the API's own addresses (DNS rebinding)."""
+
+    code = "host_not_allowed"
+
+
+class CrossOriginRefused(Forbidden):
+    """A browser page of another origin tried to change something."""
+
+    code = "cross_origin_refused"
+
+
+class LoopbackOnly(Forbidden):
+    """auth=noauth answers loopback peers only (whatever server it runs under)."""
+
+    code = "loopback_only"
 
 
 class JobTerminal(Conflict):
