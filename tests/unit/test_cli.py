@@ -175,7 +175,7 @@ def assert_one_sentence_error(res: Result, *needles: str) -> None:
 
 
 def test_submit_stages_the_package_and_creates_the_job(
-    run: Callable[..., Result], trainer_dir: Path, api_url: str, store: Any
+    run: Callable[..., Result], trainer_dir: Path, api_url: str, store: Any, db_url: str
 ) -> None:
     res = submit(
         run,
@@ -220,7 +220,9 @@ def test_submit_stages_the_package_and_creates_the_job(
         "shuffle": True,
     }
     assert spec["labels"] == {"team": "ml", "run": "a1"}
-    assert spec["env"] == {"FOO": "bar=baz"}
+    assert spec["env"] == {"FOO": "***"}  # the API never shows env values again
+    with session_scope(db_url) as s:  # the workers read them from the job's row
+        assert repo.get_job(s, job["id"]).spec["env"] == {"FOO": "bar=baz"}
     assert spec["resources"]["flavor"] == "local.medium"
     assert spec["runtime"] == {"framework": "tensorflow", "version": "2.21"}
     assert spec["max_runtime_seconds"] == 600
