@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, Float, and_, case, cast, func, literal, select
+from sqlalchemy import ColumnElement, Float, and_, case, cast, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -117,23 +117,25 @@ def _jobs_by_state(s: Session) -> GaugeMetricFamily:
     return fam
 
 
-def _seconds_between(s: Session, later: Any, earlier: Any) -> ColumnElement[float]:
+def _epoch(s: Session, at: Any) -> ColumnElement[float]:
+    """Seconds since 1970 of a stored timestamp, as a double."""
     if s.get_bind().dialect.name == "postgresql":
-        return cast(func.extract("epoch", later - earlier), Float)
-    # SQLite: julianday is a double of days (~50 µs of noise at today's dates): round to ms
-    return func.round((func.julianday(later) - func.julianday(earlier)) * 86400.0, 3)
+        return cast(func.extract("epoch", at), Float)
+    return (func.julianday(at) - 2440587.5) * 86400.0  # SQLite stores text; a day is 86400 s
 
 
 def _state_durations(s: Session) -> tuple[HistogramMetricFamily, HistogramMetricFamily]:
     """How long each finished stay in a state lasted: from the transition into the state to
-    the transition out of it, both from job_events; one aggregate query, grouped by state,
-    with a column per bucket."""
+    the transition out of it, both from job_events. One aggregate query: a window over the
+    transitions (each event's time taken once), then counts by state and bucket, so that the
+    answer has at most states x buckets rows whatever the number of jobs."""
     ev = JobEvent.__table__
+    at = _epoch(s, ev.c.at)
     steps = (
         select(
             ev.c.from_state.label("state"),
-            ev.c.at.label("left_at"),
-            func.lag(ev.c.at).over(partition_by=ev.c.job_id, order_by=ev.c.id).label("entered_at"),
+            at.label("left_t"),
+            func.lag(at).over(partition_by=ev.c.job_id, order_by=ev.c.id).label("entered_t"),
             func.lag(ev.c.to_state)
             .over(partition_by=ev.c.job_id, order_by=ev.c.id)
             .label("entered"),
@@ -141,22 +143,28 @@ def _state_durations(s: Session) -> tuple[HistogramMetricFamily, HistogramMetric
         .where(ev.c.kind == "transition")
         .subquery()
     )
-    seconds = _seconds_between(s, steps.c.left_at, steps.c.entered_at)
-    stays = (
-        select(steps.c.state, seconds.label("seconds"))
-        .where(and_(steps.c.entered_at.is_not(None), steps.c.entered == steps.c.state))
+    seconds: ColumnElement[float] = steps.c.left_t - steps.c.entered_t
+    if s.get_bind().dialect.name != "postgresql":
+        seconds = func.round(seconds, 3)  # SQLite's day fractions: microseconds of noise
+    bucket = case(
+        *((seconds <= bound, i) for i, bound in enumerate(DURATION_BUCKETS)),
+        else_=len(DURATION_BUCKETS),
+    )
+    binned = (
+        select(steps.c.state, bucket.label("bucket"), seconds.label("seconds"))
+        .where(and_(steps.c.entered_t.is_not(None), steps.c.entered == steps.c.state))
         .subquery()
     )
-    columns = [
-        func.sum(case((stays.c.seconds <= bound, 1), else_=0)).label(f"le{i}")
-        for i, bound in enumerate(DURATION_BUCKETS)
-    ]
     query = select(
-        stays.c.state,
-        func.count().label("n"),
-        func.coalesce(func.sum(stays.c.seconds), literal(0.0)).label("total"),
-        *columns,
-    ).group_by(stays.c.state)
+        binned.c.state, binned.c.bucket, func.count(), func.sum(binned.c.seconds)
+    ).group_by(binned.c.state, binned.c.bucket)
+    counts: dict[str, list[int]] = {}
+    sums: dict[str, float] = {}
+    for state, index, n, total in s.execute(query):
+        if not state:
+            continue
+        counts.setdefault(state, [0] * (len(DURATION_BUCKETS) + 1))[int(index)] += int(n)
+        sums[state] = sums.get(state, 0.0) + float(total or 0.0)
     queue_wait = HistogramMetricFamily(
         "stackml_job_queue_wait_seconds",
         "How long jobs waited in QUEUED (each stay: a job sent back to QUEUED waits again)",
@@ -167,20 +175,23 @@ def _state_durations(s: Session) -> tuple[HistogramMetricFamily, HistogramMetric
         "RUNNING: training; EXPORTING; CANCELLING)",
         labels=["state"],
     )
-    seen_queue = False
-    for row in s.execute(query).mappings():
-        buckets = [(_bucket_le(b), int(row[f"le{i}"] or 0)) for i, b in enumerate(DURATION_BUCKETS)]
-        buckets.append(("+Inf", int(row["n"])))
-        total = float(row["total"] or 0.0)
-        if row["state"] == JobState.QUEUED.value:
-            queue_wait.add_metric([], buckets, sum_value=total)
-            seen_queue = True
-        elif row["state"]:
-            phases.add_metric([row["state"]], buckets, sum_value=total)
-    if not seen_queue:
-        empty = [(_bucket_le(b), 0) for b in DURATION_BUCKETS] + [("+Inf", 0)]
-        queue_wait.add_metric([], empty, sum_value=0.0)
+    queued = JobState.QUEUED.value
+    queue_wait.add_metric([], _cumulative(counts.get(queued)), sum_value=sums.get(queued, 0.0))
+    for state in sorted(counts):
+        if state != queued:
+            phases.add_metric([state], _cumulative(counts[state]), sum_value=sums[state])
     return queue_wait, phases
+
+
+def _cumulative(per_bucket: list[int] | None) -> list[tuple[str, float]]:
+    """Prometheus buckets (le, count of observations <= le) from counts per bucket."""
+    per_bucket = per_bucket or [0] * (len(DURATION_BUCKETS) + 1)
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, n in zip((*DURATION_BUCKETS, None), per_bucket, strict=True):
+        running += n
+        out.append(("+Inf" if bound is None else _bucket_le(bound), running))
+    return out
 
 
 def _bucket_le(bound: float) -> str:
