@@ -15,8 +15,9 @@ above it; `<id>/` is 0711 in root mode, 0700 otherwise; every file 0600 unless s
                             flavor's disk_gb (else `default_disk_mb`): its disk quota
     home/                   rootless/none: unused (the current user's own $HOME is the home)
 
-Slots. Slot N >= 1 is the loopback address 127.77.((N-1) // 254).((N-1) % 254 + 1) and, as
-root, the dedicated user `stackml-sbN` (created on demand, with a usable password-less entry).
+Slots. Slot N >= 1 is the loopback address 127.77.((N-1) // 254).((N-1) % 254 + 1) (host
+network; isolated: <cidr>+1+N, see Network) and, as root, the dedicated user `stackml-sbN`
+(created on demand, with a usable password-less entry).
 Both are machine-wide, so as root the slot registry is too: a file per taken slot in
 /run/stackml/slots/ (content "<root>/<id>"), allocated lowest-first under an flock on
 /run/stackml/slots.lock (so few users ever get created); a slot whose owner dir is gone is
@@ -44,6 +45,15 @@ Isolation (`isolation=`):
 - `none`: a plain sshd in its own session, no namespaces, no limits (debugging only: processes
   that detach with setsid survive a delete).
 
+Network (`network=`, root isolation only; the registry passes the `sandbox_network*` settings,
+a SandboxBackend made without it keeps the host's network): None = the host's network, loopback
+included (rootless, none, the devcloud emulator, tests' own backends; server.json says
+`"network_isolated": false`). A `SandboxNetwork` gives each sandbox its own network namespace
+(sandbox_net.py): the launcher is `nsenter --net=/run/netns/stackml-<tag>-<id> unshare ...`,
+sshd listens on the sandbox's address <cidr>+1+slot port 22 (reached over a veth `smv<slot>`),
+and an nft table inside lets the job reach only the store gateway and the allow list. Delete
+removes the veth and the namespace after the processes; `leak_report` lists leftovers.
+
 Two options exist for the Nova emulator (devcloud/emulator), whose sandboxes must look like
 servers booted from a stackml image; both need `root` isolation:
 - `login_user="stackml"`: every sandbox logs in as that one user (created once, shared) instead
@@ -57,7 +67,8 @@ servers booted from a stackml image; both need `root` isolation:
 
 Any process of the platform's user can get/list/delete any sandbox from the records;
 `leak_report(root)` lists what a deleted sandbox could have left behind (processes, cgroups,
-dirs and their home images, attached loop devices, mounts on the host, slots).
+dirs and their home images, attached loop devices, mounts on the host, slots, network
+namespaces and veths).
 """
 
 from __future__ import annotations
