@@ -286,8 +286,8 @@ def _check_uri(store: ObjectStore, project: str, uri: str, must_exist: str | Non
             return f"no object {uri} in the store"
         if must_exist == "prefix" and not _prefix_exists(store, key):
             return f"nothing stored at {uri}"
-        if must_exist is None and isinstance(store, LocalStore):
-            check_key(key, prefix=True)
+        if must_exist is None:
+            check_key(key, prefix=True)  # the key rules of both stores (Swift splits with it)
     except ValueError as e:  # the store's own key rules (e.g. empty segments)
         return str(e)
     return None
