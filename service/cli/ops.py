@@ -140,7 +140,8 @@ def db() -> None:
     "--database-url",
     metavar="URL",
     default=None,
-    help="Migrate this database instead of the configured one (STACKML_DATABASE_URL).",
+    help="Migrate this database instead of the configured one (STACKML_DATABASE_URL; prefer "
+    "it: a password on the command line shows in `ps`).",
 )
 def db_upgrade(database_url: str | None) -> None:
     """Create or migrate the schema to the newest revision (idempotent: safe to run on every
