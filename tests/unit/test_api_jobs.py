@@ -118,11 +118,11 @@ def test_an_output_prefix_another_job_holds_is_409(client, package_uri, spec, er
         err = error_of(resp, 409, "output_exists")
         assert err["details"]["job_id"] == first["id"]
     assert job_count(db_url) == 1
-    # a prefix beside it is free; one above both is held by them
+    # prefixes beside it are free, including one that is only a string prefix of it
     beside = submit(client, spec(package_uri, output={"model_uri": "local://projects/local/x/"}))
     assert beside.status_code == 202
-    above = {"model_uri": "local://projects/local/models/sh"}  # a string prefix, not a parent
-    assert submit(client, spec(package_uri, output=above)).status_code == 202
+    string_prefix = {"model_uri": "local://projects/local/models/sh"}  # models/sh/, no parent
+    assert submit(client, spec(package_uri, output=string_prefix)).status_code == 202
     # a succeeded job's model is there: still held; a failed one's upload was removed: free
     advance(db_url, first["id"], JobState.ALLOCATING, JobState.FAILED)
     again = submit(client, spec(package_uri, output={"model_uri": uri + "sub/"})).get_json()
