@@ -7,8 +7,8 @@ ALLOCATING in that order, so racing workers can neither exceed a quota nor start
 one before it. It runs in the allocate step of any queued job (workers/steps/allocate.py
 `_admit`), in the reconciler every interval, and after every teardown (`admit_waiting`).
 
-Who advances a job admitted on someone else's turn: a parked job (QUEUED with a "waiting ..."
-reason) has no allocate step in flight, so admission enqueues one; any other queued job (fresh
+Who advances a job admitted on someone else's turn: a parked job (QUEUED with queue_wait
+'parked') has no allocate step in flight, so admission enqueues one; any other queued job (fresh
 from submission, or back from a backoff) has its own step coming, which finds it ALLOCATING.
 """
 
@@ -26,13 +26,13 @@ from service.db import jobs as repo
 from service.db import quotas
 from service.db.models import Job
 from service.domain.errors import BackendError
-from service.domain.states import JobState
+from service.domain.states import JobState, QueueWait
 from service.quota_policy import CAPACITY_WAIT, QUOTA_WAIT, Decision, decide
 from workers import jobctx
 from workers.jobctx import db, log
 
 HOLDS_SERVER = quotas.HOLDS_SERVER
-WAITING = "waiting"  # every reason admission writes starts with it (the reconciler skips these)
+WAITING = "waiting"  # every reason admission writes starts with it (prose for people)
 __all__ = ["CAPACITY_WAIT", "HOLDS_SERVER", "QUOTA_WAIT", "admit", "admit_waiting", "lock"]
 
 Describe = Callable[[Job], str]
@@ -83,12 +83,19 @@ def admit(s: Session, describe: Describe) -> Admitted:
     Call under `lock`; `describe(job)` is the admission event's message."""
     d, view = decision(s)
     current = {r.queued.job_id: r.reason for r in view.queue}
+    parked_ids = set(
+        s.scalars(
+            select(Job.id).where(
+                Job.state == JobState.QUEUED.value, Job.queue_wait == QueueWait.PARKED.value
+            )
+        )
+    )
     out = Admitted(waiting=dict(d.waiting))
     if d.admit:
         jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(d.admit)))}
         for job_id in d.admit:
             job = jobs[job_id]
-            parked = (current.get(job_id) or "").startswith(WAITING)
+            parked = job_id in parked_ids
             if repo.transition(
                 s,
                 job_id,
@@ -103,11 +110,7 @@ def admit(s: Session, describe: Describe) -> Admitted:
                 if parked:
                     out.enqueue.append(job_id)
     # only parked jobs: a fresh one is parked by its own step, which is on its way
-    changed = [
-        j
-        for j, why in d.waiting.items()
-        if (current.get(j) or "").startswith(WAITING) and current.get(j) != why
-    ]
+    changed = [j for j, why in d.waiting.items() if j in parked_ids and current.get(j) != why]
     if changed:
         for job in s.scalars(select(Job).where(Job.id.in_(changed))):
             if job.state == JobState.QUEUED:
@@ -117,6 +120,7 @@ def admit(s: Session, describe: Describe) -> Admitted:
 
 def park(s: Session, job: Job, reason: str) -> None:
     """Keep `job` QUEUED with `reason`; the timeline gets an event when the reason changes."""
+    job.queue_wait = QueueWait.PARKED.value
     if job.queue_reason != reason:
         job.queue_reason = reason
         repo.add_event(s, job.id, "waiting", reason)

@@ -6,10 +6,12 @@ import base64
 import hashlib
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service import queue
@@ -17,10 +19,12 @@ from service.backends import registry
 from service.backends.interfaces import ComputeBackend, ObjectStore, ServerState
 from service.config import Settings, get_settings
 from service.db import jobs as repo
-from service.db.models import Job, Resource
+from service.db.models import Job, Resource, utcnow
 from service.db.session import session_scope
 from service.domain.errors import BackendError
+from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
+from workers import chaos, pipeline
 from workers.ssh import SSHTarget
 
 log = logging.getLogger("stackml.worker")
@@ -88,49 +92,116 @@ def chief(s: Session, job_id: str) -> Resource | None:
     return rows[-1] if rows else None
 
 
-def retry_after_ssh_failure(
-    job_id: str, task: str, trust_id: str | None, server_id: str | None, error: BackendError
-) -> bool:
-    """SSH to the job's server failed in a step that may simply run again: when the server is
-    still ACTIVE and SSH has been failing in this phase for less than `heartbeat_timeout`
-    (counted from the first failure since the job entered its state, which no re-drive
-    resets), record it, re-enqueue `task` and say True (a loaded sshd may drop a handshake
-    or refuse a key for a while); False when the step should fail the job."""
+@dataclass(frozen=True)
+class StepContext:
+    """What a step knows about its job once `open_step` let it in: read once, typed."""
+
+    job_id: str
+    state: JobState
+    step: pipeline.Step
+    project_id: str
+    trust_id: str | None
+    spec: JobSpec
+    server_id: str | None  # the chief server (None: no server row)
+    backend: str | None  # the name of the backend that booted it
+    target: SSHTarget | None  # how to reach it (None: no server row)
+    lease: pipeline.Lease | None  # held while the step runs (leased steps)
+
+    @property
+    def phase(self) -> Phase:
+        return self.step.phase
+
+
+@contextmanager
+def open_step(job_id: str, state: JobState) -> Iterator[StepContext | None]:
+    """The one prologue of the server steps (provision, poll, export): None when the job is
+    not in `state` (moved on, or a cancel was asked while it runs) or when another run of a
+    leased step holds the job; else its context, with the lease held (and renewed by a
+    heartbeat) until the block ends."""
+    step = pipeline.PIPELINE[state]
     cfg = settings()
-    if server_id is None:
+    with db() as s:
+        job = repo.get_job(s, job_id)
+        if job.state != state or job.cancel_requested:
+            yield None
+            return
+    lease = None
+    if step.leased:
+        lease = pipeline.take_lease(cfg.db_url, job_id, state, pipeline.lease_ttl(cfg))
+        if lease is None:
+            log.info("job %s: another %s step holds the job; this one ends", job_id, step.step)
+            yield None
+            return
+    with pipeline.heartbeat(cfg.db_url, lease) if lease else nullcontext():
+        chaos.pause(step.step)
+        with db() as s:
+            job = repo.get_job(s, job_id)
+            res = chief(s, job_id)
+            ctx = StepContext(
+                job_id=job_id,
+                state=state,
+                step=step,
+                project_id=job.project_id,
+                trust_id=job.trust_id,
+                spec=JobSpec.model_validate(job.spec),
+                server_id=res.server_id if res else None,
+                backend=res.backend if res else None,
+                target=ssh_target(job, res) if res else None,
+                lease=lease,
+            )
+        yield ctx
+
+
+def again(ctx: StepContext, countdown: float) -> None:
+    """Hand the step back to the queue (the lease goes first: the next run must find it free)."""
+    if ctx.lease is not None:
+        pipeline.release_lease(settings().db_url, ctx.lease)
+    next_step(ctx.step.task, ctx.job_id, countdown)
+
+
+def retry_after_ssh_failure(ctx: StepContext, error: BackendError) -> bool:
+    """The one SSH-failure policy of the server steps. SSH to the job's server failed in a step
+    that may simply run again: when the server is still ACTIVE and SSH has been failing in this
+    state for less than `heartbeat_timeout` (counted from the first failure since the job
+    entered its state: jobs.ssh_failing_since, which a transition clears and no re-drive
+    resets), record it, hand the step back and say True (a loaded sshd may drop a handshake or
+    refuse a key for a while); False when the step should fail the job."""
+    cfg = settings()
+    if ctx.server_id is None:
         return False
     with db() as s:
-        since = _failing_since(s, job_id, task)
+        s.execute(
+            update(Job)
+            .where(Job.id == ctx.job_id, Job.ssh_failing_since.is_(None))
+            .values(ssh_failing_since=utcnow())
+        )
+        since = s.scalar(select(Job.ssh_failing_since).where(Job.id == ctx.job_id))
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
     if since is not None and (datetime.now(UTC) - since).total_seconds() > cfg.heartbeat_timeout:
         return False
     try:
-        state = compute(trust_id).get_server(server_id).state
+        state = compute(ctx.trust_id).get_server(ctx.server_id).state
     except BackendError as e:
-        log.warning("job %s: cannot look up server %s: %s", job_id, server_id, e)
+        log.warning("job %s: cannot look up server %s: %s", ctx.job_id, ctx.server_id, e)
         return False
     if state is not ServerState.ACTIVE:
         return False
     with db() as s:
-        repo.add_event(s, job_id, _phase(task), f"SSH failed ({error.reason}); retrying")
-    next_step(task, job_id, cfg.poll_max)
+        repo.add_event(s, ctx.job_id, ctx.step.step, f"SSH failed ({error.reason}); retrying")
+    again(ctx, cfg.poll_max)
     return True
 
 
-def _phase(task: str) -> str:
-    return task.removeprefix("stackml.")  # the event kind: provision, export
-
-
-def _failing_since(s: Session, job_id: str, task: str) -> datetime | None:
-    """When the first "SSH failed" event of `task` since the job's last transition was."""
-    since = None
-    for e in repo.events(s, job_id):
-        if e.kind == "transition":
-            since = None
-        elif e.kind == _phase(task) and since is None and e.message.startswith("SSH failed"):
-            since = e.at
-    if since is not None and since.tzinfo is None:
+def ssh_failing_for(job_id: str) -> float:
+    """Seconds SSH has been failing in the job's state (0 when it is not)."""
+    with db() as s:
+        since = s.scalar(select(Job.ssh_failing_since).where(Job.id == job_id))
+    if since is None:
+        return 0.0
+    if since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-    return since
+    return (datetime.now(UTC) - since).total_seconds()
 
 
 def next_step(task: str, job_id: str, countdown: float = 0.0) -> None:

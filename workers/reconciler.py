@@ -2,7 +2,8 @@
 trusts), reaps orphan servers.
 
 Safe to run twice at once: every re-drive is a compare-and-set on the job's progress stamp,
-so only one reconciler hands a given job on.
+so only one reconciler hands a given job on. A job whose step holds a live lease (a long
+export or provision, heartbeat-renewed) is never re-driven: see workers/pipeline.py.
 """
 
 from __future__ import annotations
@@ -20,18 +21,9 @@ from service.backends.interfaces import ServerState
 from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
 from service.domain.states import TERMINAL, JobState, ResourceState
-from workers import jobctx
+from workers import jobctx, pipeline
 from workers.jobctx import db, log
 from workers.steps import teardown
-
-NEXT_TASK = {
-    JobState.QUEUED: queue.ALLOCATE,
-    JobState.ALLOCATING: queue.ALLOCATE,
-    JobState.PROVISIONING: queue.PROVISION,
-    JobState.RUNNING: queue.POLL,
-    JobState.EXPORTING: queue.EXPORT,
-    JobState.CANCELLING: queue.CANCEL,
-}
 
 
 @dataclass
@@ -58,16 +50,13 @@ def _redrive(report: Report) -> None:
     cfg = jobctx.settings()
     before = utcnow() - timedelta(seconds=cfg.stuck_after)
     with db() as s:
-        stalled = [
-            (j.id, j.state, j.last_progress_at)
-            for j in repo.stalled_jobs(s, before)
-            if not (j.state == JobState.QUEUED and (j.queue_reason or "").startswith("waiting"))
-        ]
+        # not a job a step holds (live lease), nor one admission keeps parked
+        stalled = [(j.id, j.state, j.last_progress_at) for j in repo.stalled_jobs(s, before)]
     for job_id, state, stamp in stalled:
         with db() as s:
             won = s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.last_progress_at == stamp)
+                .where(Job.id == job_id, Job.last_progress_at == stamp, pipeline.no_live_lease())
                 .values(last_progress_at=utcnow())
             ).rowcount  # type: ignore[attr-defined]
             if won:
@@ -78,7 +67,7 @@ def _redrive(report: Report) -> None:
                     f"no progress in {state} for {cfg.stuck_after:.0f}s; re-driven",
                 )
         if won:
-            jobctx.next_step(NEXT_TASK[JobState(state)], job_id)
+            jobctx.next_step(pipeline.next_task(JobState(state)), job_id)
             report.redriven.append(job_id)
 
 

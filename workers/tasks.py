@@ -1,29 +1,36 @@
-"""Thin Celery tasks: each takes a job id and calls its phase's step (the logic lives there)."""
+"""Thin Celery tasks: each takes a job id and calls its phase's step (the logic lives there).
+Names and time limits come from the pipeline table (workers/pipeline.py)."""
 
 from __future__ import annotations
 
 from service import queue
 from workers.base import JobTask
 from workers.celery_app import app
+from workers.pipeline import limits
 from workers.steps import allocate, export, poll, provision, teardown
 
 
-@app.task(name=queue.ALLOCATE, base=JobTask, time_limit=180, soft_time_limit=150)
+def _limits(task: str) -> dict[str, int]:
+    hard, soft = limits(task)
+    return {"time_limit": hard, "soft_time_limit": soft}
+
+
+@app.task(name=queue.ALLOCATE, base=JobTask, **_limits(queue.ALLOCATE))
 def allocate_task(job_id: str) -> None:
     allocate.run(job_id)
 
 
-@app.task(name=queue.PROVISION, base=JobTask, time_limit=600, soft_time_limit=540)
+@app.task(name=queue.PROVISION, base=JobTask, **_limits(queue.PROVISION))
 def provision_task(job_id: str) -> None:
     provision.run(job_id)
 
 
-@app.task(name=queue.POLL, base=JobTask, time_limit=90, soft_time_limit=75)
+@app.task(name=queue.POLL, base=JobTask, **_limits(queue.POLL))
 def poll_task(job_id: str) -> None:
     poll.run(job_id)
 
 
-@app.task(name=queue.EXPORT, base=JobTask, time_limit=600, soft_time_limit=540)
+@app.task(name=queue.EXPORT, base=JobTask, **_limits(queue.EXPORT))
 def export_task(job_id: str) -> None:
     export.run(job_id)
 
@@ -31,9 +38,8 @@ def export_task(job_id: str) -> None:
 @app.task(
     name=queue.TEARDOWN,
     base=JobTask,
-    time_limit=180,
-    soft_time_limit=150,
     autoretry_for=(*JobTask.autoretry_for, teardown.TeardownIncomplete),
+    **_limits(queue.TEARDOWN),
 )
 def teardown_task(job_id: str) -> None:
     teardown.run(job_id)
@@ -42,15 +48,14 @@ def teardown_task(job_id: str) -> None:
 @app.task(
     name=queue.CANCEL,
     base=JobTask,
-    time_limit=180,
-    soft_time_limit=150,
     autoretry_for=(*JobTask.autoretry_for, teardown.TeardownIncomplete),
+    **_limits(queue.CANCEL),
 )
 def cancel_task(job_id: str) -> None:
     teardown.run(job_id)
 
 
-@app.task(name=queue.RECONCILE, base=JobTask, time_limit=120, soft_time_limit=100, max_retries=0)
+@app.task(name=queue.RECONCILE, base=JobTask, max_retries=0, **_limits(queue.RECONCILE))
 def reconcile_task() -> None:
     from workers import reconciler
 

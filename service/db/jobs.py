@@ -23,6 +23,7 @@ from service.domain.states import (
     FailureReason,
     JobState,
     Phase,
+    QueueWait,
     ResourceState,
     can_transition,
 )
@@ -143,7 +144,16 @@ def transition(
     if not exp:
         raise ValueError(f"no allowed transition to {to} from {expected}")
     now = utcnow()
-    vals: dict[str, Any] = {"state": to.value, "updated_at": now, "last_progress_at": now}
+    vals: dict[str, Any] = {
+        "state": to.value,
+        "updated_at": now,
+        "last_progress_at": now,
+        # the state's control state ends with it: its step's lease, its SSH failures, its wait
+        "step_lease_owner": None,
+        "step_lease_until": None,
+        "ssh_failing_since": None,
+        "queue_wait": None,
+    }
     if to is JobState.RUNNING:
         vals["started_at"] = now
     if to in TERMINAL:
@@ -371,10 +381,18 @@ def debts(s: Session, limit: int = 100) -> list[Resource]:
 
 
 def stalled_jobs(s: Session, before: datetime, limit: int = 100) -> list[Job]:
+    """Active jobs with no progress since `before` that something should move on: not those a
+    step holds (a live lease), nor those admission keeps parked (it admits them itself)."""
+    now = utcnow()
     return list(
         s.scalars(
             select(Job)
-            .where(Job.state.in_([a.value for a in ACTIVE]), Job.last_progress_at < before)
+            .where(
+                Job.state.in_([a.value for a in ACTIVE]),
+                Job.last_progress_at < before,
+                or_(Job.step_lease_until.is_(None), Job.step_lease_until < now),
+                or_(Job.queue_wait.is_(None), Job.queue_wait != QueueWait.PARKED.value),
+            )
             .order_by(Job.last_progress_at)
             .limit(limit)
         )

@@ -22,6 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from service.domain.states import OwnerKind
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -75,6 +77,15 @@ class Job(Base):
     not_before: Mapped[datetime | None]
     # index into the allocation plan (flavor x availability zone) being tried
     alloc_attempt: Mapped[int] = mapped_column(default=0, server_default="0")
+    # why a QUEUED job waits, for the machines (service.domain.states.QueueWait); the prose
+    # for people is queue_reason
+    queue_wait: Mapped[str | None] = mapped_column(String(16))
+    # the step in progress holds the job until step_lease_until (renewed by its heartbeat);
+    # the reconciler re-drives nothing while the lease is live (workers/pipeline.py)
+    step_lease_owner: Mapped[str | None] = mapped_column(String(64))
+    step_lease_until: Mapped[datetime | None]
+    # when SSH to the job's server began failing in its current state (cleared on transition)
+    ssh_failing_since: Mapped[datetime | None]
 
     __table_args__ = (
         Index("ix_jobs_project_created", "project_id", "created_at", "id"),
@@ -103,12 +114,15 @@ class JobEvent(Base):
 
 
 class Resource(Base):
-    """One server of a job. A terminal job whose resources are not all `deleted` is a debt."""
+    """One server of an owner (a job today: owner_kind 'job', owner_id its id, and job_id).
+    A terminal job whose resources are not all `deleted` is a debt."""
 
     __tablename__ = "resources"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    owner_kind: Mapped[str] = mapped_column(String(16), default="job", server_default="job")
+    owner_id: Mapped[str] = mapped_column(String(64))
     project_id: Mapped[str] = mapped_column(String(64))
     backend: Mapped[str] = mapped_column(String(16))
     role: Mapped[str] = mapped_column(String(16), default="chief")
@@ -125,6 +139,17 @@ class Resource(Base):
     deleted_at: Mapped[datetime | None]
     delete_attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # the token of the allocate run that claimed this server's creation (server_id is None
+    # until it is created); None once created, or when nobody claimed it
+    creating: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (Index("ix_resources_owner", "owner_kind", "owner_id"),)
+
+    def __init__(self, **kw: Any) -> None:
+        if "job_id" in kw:  # a job's server: the owner is the job unless said otherwise
+            kw.setdefault("owner_kind", OwnerKind.JOB.value)
+            kw.setdefault("owner_id", kw["job_id"])
+        super().__init__(**kw)
 
 
 class LogChunk(Base):

@@ -79,6 +79,20 @@ class ResourceState(StrEnum):
     DELETED = "deleted"
 
 
+class QueueWait(StrEnum):
+    """Why a QUEUED job waits (jobs.queue_wait); None: it has a step on its way."""
+
+    PARKED = "parked"  # admission keeps it for capacity, quota or its fair turn
+    BACKOFF = "backoff"  # the cloud refused for quota: it retries at not_before
+
+
+class OwnerKind(StrEnum):
+    """What owns a server row (resources.owner_kind, owner_id)."""
+
+    JOB = "job"
+    ENDPOINT = "endpoint"  # model serving (the next issue)
+
+
 class FailureReason(StrEnum):
     """Why a job failed: `failure.reason` of the REST API (a stable contract: values never
     change). The phase each one is normally seen in is in docs/architecture.md."""

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from keystoneauth1 import exceptions as ksa_exc
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from service import queue
 from service.backends.interfaces import (
@@ -29,13 +30,13 @@ from service.backends.interfaces import (
 )
 from service.db import jobs as repo
 from service.db.migrate import upgrade
-from service.db.models import Job, JobEvent, Resource
+from service.db.models import Job, JobEvent, Resource, utcnow
 from service.db.session import session_scope
 from service.domain.errors import CloudError
-from service.domain.states import JobState, ResourceState
+from service.domain.states import JobState, QueueWait, ResourceState
 from tests.integration.test_admission import FLAVORS, Env, submit
 from tests.pgutil import temp_database
-from workers import chaos, jobctx, reconciler
+from workers import admission, chaos, jobctx, reconciler
 from workers.steps import allocate, teardown
 
 
@@ -349,3 +350,60 @@ def test_a_trust_is_kept_while_its_tag_cannot_be_swept(
     # is asked and says what became of it
     assert teardown.release_trust(job, "trust-1") is True
     assert keystone == ["trust-1"]
+
+
+def _stale(env: Env, job_id: str) -> None:
+    with session_scope(env.url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(last_progress_at=utcnow() - timedelta(minutes=5))
+        )
+
+
+def test_the_reconciler_reads_the_queue_wait_column_not_the_prose(env: Env) -> None:
+    """A job admission parked is admission's to advance; one in a quota backoff, or one whose
+    message was lost, is re-driven. Decided by jobs.queue_wait, whatever queue_reason says."""
+    parked, backoff = submit(env, "p1", "parked"), submit(env, "p1", "backoff")
+    with session_scope(env.url) as s:
+        admission.park(s, repo.get_job(s, parked), "quota exceeded, as a person reads it")
+        s.execute(
+            update(Job)
+            .where(Job.id == backoff)
+            .values(queue_reason="waiting (prose only)", queue_wait=QueueWait.BACKOFF.value)
+        )
+    _stale(env, parked)
+    _stale(env, backoff)
+    report = reconciler.Report()
+    reconciler._redrive(report)
+    assert report.redriven == [backoff]
+
+
+def test_a_claimed_boot_is_not_booted_again_and_is_adopted_by_name(env: Env) -> None:
+    """The claim is a column: a second allocate run finds the row claimed (creating set, no
+    server id), boots nothing, and adopts the server by name once the first run created it."""
+    job = submit(env, "p1", "a")
+    second: list[list[tuple[str | None, str]]] = []
+
+    def during_create() -> None:
+        # inside the first run's create_server: the row is claimed, its server not recorded
+        with session_scope(env.url) as s:
+            (res,) = s.scalars(select(Resource).where(Resource.job_id == job))
+            assert (res.server_id, res.creating is not None) == (None, True)
+        allocate.run(job)  # a second run (a redelivery) while the boot is under way
+        second.append(rows(env, job))
+
+    cloud_of(env).on_create = during_create
+    allocate.run(job)
+    assert len(cloud_of(env).servers) == 1  # booted once
+    (server_id,) = cloud_of(env).servers
+    assert second == [[(server_id, ResourceState.ACTIVE.value)]]  # adopted, not booted
+    with session_scope(env.url) as s:
+        (res,) = s.scalars(select(Resource).where(Resource.job_id == job))
+        assert (res.server_id, res.creating, res.owner_kind, res.owner_id) == (
+            server_id,
+            None,
+            "job",
+            job,
+        )
+    assert job_state(env, job) == "PROVISIONING"

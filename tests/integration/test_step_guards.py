@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -35,7 +37,7 @@ from service.db.session import session_scope
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, ResourceState
 from tests.pgutil import temp_database
-from workers import jobctx, ssh
+from workers import jobctx, pipeline, reconciler, ssh
 from workers.jobctx import JOB_DIR, RUNNER
 from workers.steps import export, poll
 from workers.steps.provision import PYTHON
@@ -334,3 +336,67 @@ def test_a_metric_the_database_refuses_costs_the_log_nothing(
         assert repo.read_log(s, job_id)[0] == b'{"stackml_metric": 1, "x": 1}\n'
         assert repo.metrics(s, job_id) == {}
         assert [e.kind for e in repo.events(s, job_id)][-1] == "metrics"
+
+
+# --------------------------------------------------------------------------- the step lease
+
+
+def test_a_long_export_is_not_redriven_nor_run_twice(env: Env) -> None:
+    """An export that takes longer than stuck_after holds the job's lease: the reconciler does
+    not re-drive it, and a second export task for the job returns at once."""
+    env.settings = env.settings.model_copy(update={"stuck_after": 1.0})
+    job_id, conn = start_job(env, JobState.EXPORTING)
+    env.store.uploads = {"weights.txt": b"42\n"}
+    conn.run(["ln", "-sfn", "/usr/bin/python3", PYTHON], timeout=10)
+    manifest = {
+        "ok": True,
+        "objects": [{"key": "weights.txt", "size": 3, "etag": hashlib.md5(b"42\n").hexdigest()}],
+    }
+    # every run of the runner leaves a line in runs; it outlasts stuck_after three times over
+    src = (
+        "import sys, time\nsys.stdin.read()\n"
+        f"open('{JOB_DIR}/runs', 'a').write('run\\n')\ntime.sleep(3)\n"
+        f"print({json.dumps(json.dumps(manifest))})\n"
+    )
+    conn.put_bytes(src.encode(), RUNNER, 0o644)
+    first = threading.Thread(target=export.run, args=(job_id,))
+    first.start()
+    try:
+        deadline = time.monotonic() + 20
+        while conn.stat(f"{JOB_DIR}/runs") is None:
+            assert time.monotonic() < deadline, "the export never started its runner"
+            time.sleep(0.05)
+        time.sleep(1.5)  # past stuck_after, and past the lease's first time to live
+        report = reconciler.Report()
+        reconciler._redrive(report)
+        assert job_id not in report.redriven
+        export.run(job_id)  # a second export task (a re-drive, a redelivery): returns at once
+        assert first.is_alive()
+    finally:
+        first.join(30)
+    assert job_row(env, job_id).state == JobState.SUCCEEDED
+    assert conn.read_file_from(f"{JOB_DIR}/runs", 0, 100) == b"run\n"
+    assert job_row(env, job_id).step_lease_owner is None  # released: nothing holds the job
+
+
+def test_a_lease_whose_heartbeat_stopped_lapses_and_the_job_is_redriven(env: Env) -> None:
+    """A worker killed mid-step stops renewing its lease: once it lapses, the reconciler
+    re-drives the job as for a lost message."""
+    env.settings = env.settings.model_copy(update={"stuck_after": 1.0})
+    job_id, _ = start_job(env, JobState.EXPORTING)
+    lease = pipeline.take_lease(env.url, job_id, JobState.EXPORTING, 1.0)
+    assert lease is not None  # ... and the worker holding it dies here: no heartbeat
+    assert pipeline.take_lease(env.url, job_id, JobState.EXPORTING, 1.0) is None
+    with session_scope(env.url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(last_progress_at=utcnow() - timedelta(seconds=5))
+        )
+    report = reconciler.Report()
+    reconciler._redrive(report)
+    assert job_id not in report.redriven  # the lease is live
+    time.sleep(1.2)
+    reconciler._redrive(report)
+    assert report.redriven == [job_id]
+    assert (queue.EXPORT, job_id) in [(t, j) for t, j, _ in env.enqueued]

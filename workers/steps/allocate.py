@@ -13,7 +13,7 @@ import secrets
 import time
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -30,12 +30,11 @@ from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
 from service.domain.errors import BackendError, QuotaExceeded, TransientBackendError
 from service.domain.spec import JobSpec
-from service.domain.states import FailureReason, JobState, Phase, ResourceState
+from service.domain.states import FailureReason, JobState, Phase, QueueWait, ResourceState
 from workers import admission, chaos, jobctx, ssh
 from workers.jobctx import db, log
 
 BUILD_RECHECK = 0.5
-CREATING = "creating:"  # a resource's server_id while one allocate run boots it
 CAPACITY_WAIT = admission.CAPACITY_WAIT
 DELETE_CONFIRM = 30.0
 
@@ -155,23 +154,27 @@ def _advance(job_id: str) -> None:
         res = s.scalars(select(Resource).where(Resource.name == name)).one()
         res_id, server_id, created = res.id, res.server_id, _aware(res.created_at)
         public_key = repo.get_job(s, job_id).ssh_public_key or ""
-        if server_id is None:
+        busy = server_id is None and res.creating is not None  # another run claimed it
+        if server_id is None and not busy:
             # claim the creation: only the run that wins this compare-and-set boots a server
-            token = f"{CREATING}{secrets.token_hex(4)}"
             won = s.execute(
                 update(Resource)
-                .where(Resource.id == res_id, Resource.server_id.is_(None))
-                .values(server_id=token)
+                .where(
+                    Resource.id == res_id,
+                    Resource.server_id.is_(None),
+                    Resource.creating.is_(None),
+                )
+                .values(creating=secrets.token_hex(4))
             ).rowcount  # type: ignore[attr-defined]
-            if not won:
-                server_id = CREATING
-    if server_id is not None and server_id.startswith(CREATING):
+            busy = not won
+    if busy:
         # another run is creating this server (or died doing it: adopt it by name later)
         found = [r for r in backend.list_servers(("stackml-job", job_id)) if r.name == name]
         if found:
             server_id = found[0].id
             with db() as s:
-                s.get_one(Resource, res_id).server_id = server_id
+                row = s.get_one(Resource, res_id)
+                row.server_id, row.creating = server_id, None
         else:
             with db() as s:
                 # only while the job is ALLOCATING (its row held first): an unclaimed row of a
@@ -182,8 +185,8 @@ def _advance(job_id: str) -> None:
                     # the run that claimed it died before creating anything: claim again
                     s.execute(
                         update(Resource)
-                        .where(Resource.id == res_id, Resource.server_id.startswith(CREATING))
-                        .values(server_id=None)
+                        .where(Resource.id == res_id, Resource.server_id.is_(None))
+                        .values(creating=None)
                     )
             jobctx.next_step(queue.ALLOCATE, job_id, BUILD_RECHECK)
             return
@@ -241,7 +244,8 @@ def _advance(job_id: str) -> None:
         server_id = ref.id
         with db() as s:
             repo.touch(s, job_id)  # the job's row first, then the resource's (one lock order)
-            s.get_one(Resource, res_id).server_id = server_id
+            row = s.get_one(Resource, res_id)
+            row.server_id, row.creating = server_id, None
 
     status = backend.get_server(server_id)
     age = (datetime.now(UTC) - created).total_seconds()
@@ -361,6 +365,7 @@ def _back_to_queue(job_id: str, message: str) -> None:
             JobState.QUEUED,
             reason,
             queue_reason=reason,
+            queue_wait=QueueWait.BACKOFF.value,
             not_before=utcnow() + timedelta(seconds=backoff),
         )
     if moved:
@@ -420,12 +425,7 @@ def _drop(res_id: int) -> None:
     """Remove the row of a server that was never asked for (unclaimed, or claimed by this
     run, which then decided not to boot it)."""
     with db() as s:
-        s.execute(
-            delete(Resource).where(
-                Resource.id == res_id,
-                or_(Resource.server_id.is_(None), Resource.server_id.startswith(CREATING)),
-            )
-        )
+        s.execute(delete(Resource).where(Resource.id == res_id, Resource.server_id.is_(None)))
 
 
 def _discard(backend: ComputeBackend, res_id: int, server_id: str) -> None:

@@ -12,7 +12,7 @@ from service.db import jobs as repo
 from service.domain.errors import StoreError
 from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
-from workers import chaos, jobctx, ssh
+from workers import jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
 from workers.steps.provision import PYTHON
 
@@ -22,23 +22,21 @@ def model_uri(job_id: str, project_id: str, spec: JobSpec, store: ObjectStore) -
 
 
 def run(job_id: str) -> None:
+    with jobctx.open_step(job_id, JobState.EXPORTING) as ctx:
+        if ctx is not None:
+            _export(ctx)
+
+
+def _export(ctx: jobctx.StepContext) -> None:
+    """One export at a time per job: `open_step` holds the job's lease while this runs."""
     cfg = jobctx.settings()
-    with db() as s:
-        job = repo.get_job(s, job_id)
-        if job.state != JobState.EXPORTING:
-            return
-        store = jobctx.store(job.project_id, job.trust_id)
-        chaos.pause("export")
-        res = jobctx.chief(s, job_id)
-        if res is None:
-            jobctx.fail(
-                job_id, Phase.EXPORT, FailureReason.SERVER_LOST, "the job has no server record"
-            )
-            return
-        target = jobctx.ssh_target(job, res)
-        server_id, trust_id = res.server_id, job.trust_id
-        spec = JobSpec.model_validate(job.spec)
-        uri = model_uri(job_id, job.project_id, spec, store)
+    job_id = ctx.job_id
+    store = jobctx.store(ctx.project_id, ctx.trust_id)
+    if ctx.target is None:
+        jobctx.fail(job_id, Phase.EXPORT, FailureReason.SERVER_LOST, "the job has no server record")
+        return
+    target = ctx.target
+    uri = model_uri(job_id, ctx.project_id, ctx.spec, store)
     prefix = store.key_of(uri)
     if not prefix.endswith("/"):
         prefix += "/"
@@ -69,7 +67,7 @@ def run(job_id: str) -> None:
         return
     except (ssh.SSHUnreachable, ssh.ConnectionLost) as e:
         ssh.drop(target)
-        if jobctx.retry_after_ssh_failure(job_id, queue.EXPORT, trust_id, server_id, e):
+        if jobctx.retry_after_ssh_failure(ctx, e):
             return  # the server is up: the export runs again (it is idempotent)
         upload.fail(job_id, FailureReason.of(e.reason), f"lost the server during export: {e}")
         return

@@ -11,11 +11,9 @@ import time
 from datetime import UTC, datetime
 
 from service import queue
-from service.backends.interfaces import ServerState
 from service.db import jobs as repo
-from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
-from workers import chaos, jobctx, ssh
+from workers import jobctx, ssh
 from workers.base import TRANSIENT
 from workers.jobctx import JOB_DIR, db
 
@@ -24,23 +22,23 @@ TAIL_LINES = 20
 
 
 def run(job_id: str) -> None:
+    with jobctx.open_step(job_id, JobState.RUNNING) as ctx:
+        if ctx is not None:
+            _poll(ctx)
+
+
+def _poll(ctx: jobctx.StepContext) -> None:
     cfg = jobctx.settings()
+    job_id = ctx.job_id
+    if ctx.target is None:
+        jobctx.fail(job_id, Phase.TRAIN, FailureReason.SERVER_LOST, "the job has no server record")
+        return
+    target = ctx.target
     with db() as s:
         job = repo.get_job(s, job_id)
-        if job.state != JobState.RUNNING or job.cancel_requested:
-            return
-        chaos.pause("poll")
-        res = jobctx.chief(s, job_id)
-        if res is None:
-            jobctx.fail(
-                job_id, Phase.TRAIN, FailureReason.SERVER_LOST, "the job has no server record"
-            )
-            return
-        target = jobctx.ssh_target(job, res)
         offset, interval = job.log_offset, job.poll_interval or cfg.poll_min
         started_at = job.started_at
-        server_id = res.server_id
-        max_runtime = JobSpec.model_validate(job.spec).max_runtime_seconds
+    max_runtime = ctx.spec.max_runtime_seconds
 
     try:
         conn = ssh.connection(target, timeout=cfg.command_timeout)
@@ -49,7 +47,16 @@ def run(job_id: str) -> None:
         heartbeat = conn.stat(f"{JOB_DIR}/heartbeat")
     except ssh.SSHError as e:
         ssh.drop(target)
-        _unreachable(job_id, server_id, started_at, str(e))
+        if _past_deadline(job_id, started_at, max_runtime):
+            return
+        if not jobctx.retry_after_ssh_failure(ctx, e):
+            jobctx.fail(
+                job_id,
+                Phase.TRAIN,
+                FailureReason.SERVER_LOST,
+                f"the server {ctx.server_id} is gone or has not answered SSH for "
+                f"{jobctx.ssh_failing_for(job_id):.0f}s ({e})",
+            )
         return
 
     _store_log(job_id, offset, data, cfg.max_metric_points)
@@ -85,15 +92,9 @@ def run(job_id: str) -> None:
             )
         return
 
-    now = time.time()
-    if started_at is not None and now - _epoch(started_at) > max_runtime:
-        jobctx.fail(
-            job_id,
-            Phase.TRAIN,
-            FailureReason.TIMEOUT,
-            f"the job ran longer than max_runtime_seconds={max_runtime}",
-        )
+    if _past_deadline(job_id, started_at, max_runtime):
         return
+    now = time.time()
     if heartbeat is not None and now - heartbeat.st_mtime > cfg.heartbeat_timeout:
         jobctx.fail(
             job_id,
@@ -105,7 +106,7 @@ def run(job_id: str) -> None:
 
     interval = cfg.poll_min if data else min(cfg.poll_max, max(interval, cfg.poll_min) * 1.5)
     with db() as s:
-        repo.touch(s, job_id, poll_interval=interval)
+        repo.touch(s, job_id, poll_interval=interval, ssh_failing_since=None)
     jobctx.next_step(queue.POLL, job_id, 0 if more else interval)
 
 
@@ -148,33 +149,14 @@ def _epoch(dt: datetime) -> float:
     return dt.timestamp()
 
 
-def _unreachable(
-    job_id: str, server_id: str | None, started_at: datetime | None, error: str
-) -> None:
-    """SSH failed: the server is gone (fail now) or flaky (retry until the heartbeat deadline)."""
-    cfg = jobctx.settings()
-    with db() as s:
-        trust_id = repo.get_job(s, job_id).trust_id
-    state = (
-        jobctx.compute(trust_id).get_server(server_id).state if server_id else ServerState.DELETED
+def _past_deadline(job_id: str, started_at: datetime | None, max_runtime: int) -> bool:
+    """Fail the job when it ran past max_runtime_seconds (checked whatever else went wrong)."""
+    if started_at is None or time.time() - _epoch(started_at) <= max_runtime:
+        return False
+    jobctx.fail(
+        job_id,
+        Phase.TRAIN,
+        FailureReason.TIMEOUT,
+        f"the job ran longer than max_runtime_seconds={max_runtime}",
     )
-    if state != ServerState.ACTIVE:
-        jobctx.fail(
-            job_id,
-            Phase.TRAIN,
-            FailureReason.SERVER_LOST,
-            f"the server {server_id} is {state.value.lower()} ({error})",
-        )
-        return
-    with db() as s:
-        job = repo.get_job(s, job_id)
-        quiet_for = time.time() - _epoch(job.last_progress_at)
-    if quiet_for > cfg.heartbeat_timeout:
-        jobctx.fail(
-            job_id,
-            Phase.TRAIN,
-            FailureReason.SERVER_LOST,
-            f"no answer over SSH for {quiet_for:.0f}s: {error}",
-        )
-        return
-    jobctx.next_step(queue.POLL, job_id, cfg.poll_max)
+    return True

@@ -12,7 +12,7 @@ from service.domain.errors import BackendError
 from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
 from service.runtime import ensure_runtime
-from workers import chaos, jobctx, ssh
+from workers import jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
 
 RUNNER_SRC = Path(__file__).resolve().parents[1] / "vm" / "runner.py"
@@ -103,24 +103,23 @@ def sign(url_prefix: str, query: str, rel: str) -> str:
 
 
 def run(job_id: str) -> None:
+    with jobctx.open_step(job_id, JobState.PROVISIONING) as ctx:
+        if ctx is not None:
+            _provision(ctx)
+
+
+def _provision(ctx: jobctx.StepContext) -> None:
+    """One provision at a time per job: `open_step` holds the job's lease while this runs."""
     cfg = jobctx.settings()
-    with db() as s:
-        job = repo.get_job(s, job_id)
-        if job.state != JobState.PROVISIONING:
-            return
-        chaos.pause("provision")
-        res = jobctx.chief(s, job_id)
-        if res is None:
-            raise BackendError(f"job {job_id} is provisioning without a server")
-        target = jobctx.ssh_target(job, res)
-        backend_name = res.backend
-        server_id, trust_id = res.server_id, job.trust_id
-    spec = JobSpec.model_validate(job.spec)
+    job_id = ctx.job_id
+    if ctx.target is None or ctx.backend is None:
+        raise BackendError(f"job {job_id} is provisioning without a server")
+    target, backend_name, spec = ctx.target, ctx.backend, ctx.spec
     try:
         conn = ssh.wait_for_ssh(target, cfg.ssh_deadline)
     except ssh.SSHAuthenticationFailed as e:
         # the key was refused past the boot-time window: a loaded sshd, while the server is up
-        if jobctx.retry_after_ssh_failure(job_id, queue.PROVISION, trust_id, server_id, e):
+        if jobctx.retry_after_ssh_failure(ctx, e):
             return
         jobctx.fail(
             job_id,
@@ -162,7 +161,7 @@ def run(job_id: str) -> None:
         return
     except (ssh.SSHUnreachable, ssh.ConnectionLost) as e:
         ssh.drop(target)
-        if jobctx.retry_after_ssh_failure(job_id, queue.PROVISION, trust_id, server_id, e):
+        if jobctx.retry_after_ssh_failure(ctx, e):
             return  # the server is up: every provisioning step is idempotent, run them again
         jobctx.fail(
             job_id,

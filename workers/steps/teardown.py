@@ -38,7 +38,7 @@ def run(job_id: str) -> None:
         trust_id = job.trust_id
         backend = jobctx.compute(trust_id)
         rows = [
-            (r.id, r.server_id, r.name, r.created_at, r.host, r.port)
+            (r.id, r.server_id, r.creating, r.name, r.created_at, r.host, r.port)
             for r in repo.resources(s, job_id)
             if r.state != ResourceState.DELETED
         ]
@@ -53,15 +53,14 @@ def run(job_id: str) -> None:
             if r.state != ResourceState.DELETED:
                 r.state = ResourceState.DELETING.value
     pending = []
-    for res_id, server_id, name, created_at, host, port in rows:
-        if server_id is None:
+    for res_id, server_id, creating, name, created_at, host, port in rows:
+        if server_id is None and creating is None:
             # recorded, never claimed, and never will be: a claim needs the job ALLOCATING
             # (allocate.py holds the job's row for it), and it has moved on
             _deleted(res_id)
             continue
-        if server_id.startswith("creating:"):
-            server_id = None
-            # the boot may still be under way in another task: look the server up by name
+        if server_id is None:
+            # claimed: the boot may still be under way in another task: look it up by name
             found = [r for r in backend.list_servers(("stackml-job", job_id)) if r.name == name]
             if found:
                 server_id = found[0].id

@@ -1,0 +1,159 @@
+"""The job pipeline in one table: for each active state, the task that advances it, the step
+module that task runs, the phase a failure there is charged to, the task's time limits, and
+whether the step holds a lease while it runs. `workers/tasks.py` registers its tasks from it
+and the reconciler re-drives stalled jobs by it.
+
+The lease (jobs.step_lease_owner / step_lease_until): a leased step takes it when it starts
+(compare-and-set: free, lapsed, or already its own) and renews it from a heartbeat thread
+every third of its time to live while it runs; the reconciler re-drives no job whose lease is
+live, and a second task of the same step finds the lease taken and returns at once. A worker
+killed mid-step stops renewing: the lease lapses after `lease_ttl` and the reconciler re-drives
+the job as before. A transition clears the lease (the next state's step takes its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import ColumnElement, or_, update
+
+from service import queue
+from service.config import Settings
+from service.db.models import Job, utcnow
+from service.db.session import session_scope
+from service.domain.states import PHASE_OF_STATE, JobState, Phase
+
+log = logging.getLogger("stackml.worker")
+
+
+@dataclass(frozen=True)
+class Step:
+    state: JobState
+    task: str  # the Celery task name (service.queue)
+    step: str  # the module under workers/steps that does the work
+    phase: Phase  # where a failure in this state is charged
+    time_limit: int  # seconds: the task is killed past it
+    soft_time_limit: int
+    leased: bool  # holds a lease (heartbeat) while it runs: a long step, never run twice
+
+
+PIPELINE: dict[JobState, Step] = {
+    s.state: s
+    for s in (
+        Step(JobState.QUEUED, queue.ALLOCATE, "allocate", Phase.ADMIT, 180, 150, False),
+        Step(JobState.ALLOCATING, queue.ALLOCATE, "allocate", Phase.ALLOCATE, 180, 150, False),
+        Step(JobState.PROVISIONING, queue.PROVISION, "provision", Phase.PROVISION, 600, 540, True),
+        Step(JobState.RUNNING, queue.POLL, "poll", Phase.TRAIN, 90, 75, False),
+        Step(JobState.EXPORTING, queue.EXPORT, "export", Phase.EXPORT, 600, 540, True),
+        Step(JobState.CANCELLING, queue.CANCEL, "teardown", Phase.TEARDOWN, 180, 150, False),
+    )
+}
+
+# tasks that advance no state of their own: (time_limit, soft_time_limit)
+TEARDOWN_LIMITS = (180, 150)
+RECONCILE_LIMITS = (120, 100)
+
+assert {s: p.phase for s, p in PIPELINE.items()} == PHASE_OF_STATE
+
+
+def limits(task: str) -> tuple[int, int]:
+    """(time_limit, soft_time_limit) of a task by name."""
+    for step in PIPELINE.values():
+        if step.task == task:
+            return step.time_limit, step.soft_time_limit
+    return {queue.TEARDOWN: TEARDOWN_LIMITS, queue.RECONCILE: RECONCILE_LIMITS}[task]
+
+
+def next_task(state: JobState) -> str:
+    return PIPELINE[state].task
+
+
+def lease_ttl(cfg: Settings) -> float:
+    """How long a lease lives without a heartbeat: the reconciler's `stuck_after`, so that a
+    killed worker's step is re-driven as soon after its death as a lost message would be."""
+    return max(1.0, cfg.stuck_after)
+
+
+def no_live_lease() -> ColumnElement[bool]:
+    """The SQL condition "no step holds the job" (for the reconciler's queries)."""
+    return or_(Job.step_lease_until.is_(None), Job.step_lease_until < utcnow())
+
+
+@dataclass(frozen=True)
+class Lease:
+    job_id: str
+    owner: str
+    ttl: float
+
+
+def take_lease(url: str, job_id: str, state: JobState, ttl: float) -> Lease | None:
+    """The job's lease for a step of `state`, or None when another step holds it (or the job
+    left `state`)."""
+    owner = secrets.token_hex(8)
+    with session_scope(url) as s:
+        won = s.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.state == state.value,
+                no_live_lease(),
+            )
+            .values(step_lease_owner=owner, step_lease_until=utcnow() + timedelta(seconds=ttl))
+        ).rowcount  # type: ignore[attr-defined]
+    return Lease(job_id, owner, ttl) if won else None
+
+
+def renew_lease(url: str, lease: Lease) -> bool:
+    """Extend a lease still held by its owner; False once it was lost (lapsed and taken, or
+    cleared by a transition)."""
+    with session_scope(url) as s:
+        won = s.execute(
+            update(Job)
+            .where(Job.id == lease.job_id, Job.step_lease_owner == lease.owner)
+            .values(step_lease_until=utcnow() + timedelta(seconds=lease.ttl))
+        ).rowcount  # type: ignore[attr-defined]
+    return bool(won)
+
+
+def release_lease(url: str, lease: Lease) -> None:
+    with session_scope(url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == lease.job_id, Job.step_lease_owner == lease.owner)
+            .values(step_lease_owner=None, step_lease_until=None)
+        )
+
+
+@contextmanager
+def heartbeat(url: str, lease: Lease) -> Iterator[None]:
+    """Renew `lease` every third of its time to live until the block ends, then release it.
+    A renewal that fails for a moment (the database restarting) is tried again at the next
+    beat; one that finds the lease lost stops the heartbeat."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease.ttl / 3):
+            try:
+                if not renew_lease(url, lease):
+                    log.warning("job %s: the step's lease was lost", lease.job_id)
+                    return
+            except Exception as e:  # noqa: BLE001 - the next beat tries again
+                log.warning("job %s: could not renew the step's lease: %s", lease.job_id, e)
+
+    t = threading.Thread(target=beat, name=f"lease-{lease.job_id}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        try:
+            release_lease(url, lease)
+        except Exception as e:  # noqa: BLE001 - an unreleased lease lapses by itself
+            log.warning("job %s: could not release the step's lease: %s", lease.job_id, e)
