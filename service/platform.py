@@ -187,6 +187,14 @@ class LocalPlatform:
             raise ConfigurationError(problem)
         if sandbox_net.from_settings(self.settings) is not None:
             sandbox_net.require_tools()
+        elif self.settings.compute == "sandbox":
+            log.warning(
+                "sandboxes share this host's network, loopback included (sandbox_network=%s, "
+                "sandbox_isolation=%s): jobs can reach Redis, the database and the API; fine "
+                "for a single user, refused with auth=keystone",
+                self.settings.sandbox_network,
+                self.settings.sandbox_isolation,
+            )
 
     def _start_store_gateway(self) -> None:
         """With isolated sandboxes, serve the signed store routes (only those) on the gateway

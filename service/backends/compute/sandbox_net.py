@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import os
 import shutil
@@ -111,7 +112,13 @@ def _effective_isolation(settings: Settings) -> str:
 
 
 def parse_allow(entries: list[str]) -> tuple[tuple[str, int], ...]:
-    """`["host:port", ...]` -> ((ip, port), ...); names resolve now (IPv4 only)."""
+    """`["host:port", ...]` -> ((ip, port), ...); names resolve now (IPv4 only), once per
+    process (the settings are read on every backend lookup)."""
+    return _parse_allow(tuple(str(e) for e in entries))
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_allow(entries: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
     out: list[tuple[str, int]] = []
     for entry in entries:
         host, sep, port_s = str(entry).rpartition(":")
