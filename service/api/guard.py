@@ -1,7 +1,9 @@
 """The API's edge: what every request must pass before routing reaches auth and the views.
 
 - **Peers (auth=noauth).** Noauth answers loopback peers only, whatever WSGI server runs the
-  app (`stackml up` refuses a non-loopback bind; gunicorn does not know to).
+  app (`stackml up` refuses a non-loopback bind; gunicorn does not know to). A request whose
+  `REMOTE_ADDR` is empty or not an IP address is refused too; one without `REMOTE_ADDR` at all
+  has no network peer (an in-process WSGI call, as test tools make) and is served.
 - **Host (DNS rebinding).** A web page whose name re-resolves to 127.0.0.1 reaches the API
   with its own name in `Host`; the API answers only to its own names: the bound host,
   `localhost`, `127.0.0.1`, `[::1]` at the port the request came in on, the host of
@@ -174,7 +176,7 @@ def _guard() -> None:
         return  # signed store routes: the signature is the authorisation
     policy: EdgePolicy = current_app.extensions[EXTENSION]
     env = request.environ
-    if policy.noauth and not peer_is_loopback(env.get("REMOTE_ADDR")):
+    if policy.noauth and "REMOTE_ADDR" in env and not peer_is_loopback(env["REMOTE_ADDR"]):
         raise LoopbackOnly(
             "this API runs without authentication (auth=noauth) and answers local clients "
             "only; serve it with auth=keystone to reach it from other machines",

@@ -219,20 +219,24 @@ def _request_id_header() -> dict[str, Any]:
 
 
 ERROR_TEXT = {
-    "400": "Malformed request (bad JSON, bad query parameter).",
+    "400": "Malformed request (bad JSON, bad query parameter; host_not_allowed: a Host the "
+    "API does not answer to).",
     "401": "No token, or a token Keystone does not accept (invalid, expired, revoked); for "
     "/v1/store, a bad or expired signature.",
-    "403": "The caller's roles do not allow this (reader writing, all_projects without admin).",
+    "403": "The caller's roles do not allow this (reader writing, all_projects without admin); "
+    "cross_origin_refused: a write from a page of another origin; loopback_only: a non-loopback "
+    "peer of an auth=noauth API.",
     "404": "No such resource in the caller's project.",
     "405": "The route does not take this method.",
     "409": "The resource's state does not allow this (for a submission: output_exists, the "
     "output prefix holds objects or another job's output).",
     "411": "Length required.",
     "413": "The body is too large.",
-    "415": "Unsupported Content-Type.",
+    "415": "Unsupported Content-Type (a form type on a route that takes JSON or no body).",
     "422": "Semantically invalid: `details.fields` lists each wrong field (not_implemented: "
     "a field asks for something not available yet).",
-    "429": "Too many requests; see Retry-After.",
+    "429": "Too many job submissions or package uploads for the project (per-minute limit); "
+    "see Retry-After.",
     "500": "Internal error; quote the request id.",
     "503": "Unavailable (database, backend, or Keystone cannot validate tokens); see Retry-After.",
 }
@@ -417,7 +421,7 @@ def _paths() -> dict[str, Any]:
             "delete": {
                 "summary": "Forget a finished job whose servers are all deleted (member).",
                 "operationId": "deleteJob",
-                "responses": _responses({"204": {"description": "Deleted."}}, "404", "409"),
+                "responses": _responses({"204": {"description": "Deleted."}}, "404", "409", "415"),
             },
         },
         "/v1/jobs/{job_id}/cancel": {
@@ -426,7 +430,7 @@ def _paths() -> dict[str, Any]:
                 "summary": "Cancel a job (member; idempotent while it is cancelling).",
                 "operationId": "cancelJob",
                 "responses": _responses(
-                    {"202": _json(Job, "Cancelling or cancelled.")}, "400", "404", "409"
+                    {"202": _json(Job, "Cancelling or cancelled.")}, "400", "404", "409", "415"
                 ),
             },
         },
@@ -527,7 +531,7 @@ def _paths() -> dict[str, Any]:
                         },
                     },
                 },
-                "responses": _responses({"201": _json(Package, "Stored.")}, *JSON_BODY),
+                "responses": _responses({"201": _json(Package, "Stored.")}, *JSON_BODY, "429"),
             }
         },
         "/v1/flavors": {

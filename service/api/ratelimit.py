@@ -6,9 +6,10 @@ script on Redis's own clock, so every API process and host counts against the sa
 A request over the limit answers 429 `too_many_requests` with `Retry-After` (whole seconds)
 before the view runs; refused requests do not use up the bucket.
 
-When Redis cannot be reached the limits are not enforced (fail open: a limiter must not take
-the API down with it); this is logged at most once a minute per process, and Redis is not
-asked again for a few seconds so that every request does not wait for a dead server.
+When Redis cannot be reached (or `redis_url` is no Redis) the limits are not enforced (fail
+open: a limiter must not take the API down with it); this is logged at most once a minute per
+process, and Redis is not asked again for a few seconds so that requests do not each wait for a
+dead server.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ EXTENSION = "stackml.ratelimit"
 # (method, URL rule) -> the bucket it draws from
 LIMITED = {("POST", "/v1/jobs"): "jobs", ("POST", "/v1/packages"): "packages"}
 REDIS_TIMEOUT = 0.5
+# what redis-py connects to; another broker URL (e.g. kombu's memory://) has no shared counter
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 BACKOFF = 5.0  # seconds without asking Redis after it failed
 LOG_EVERY = 60.0
 
@@ -75,6 +78,11 @@ class Limiter:
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._logged_at = -math.inf
+        if any(self.per_minute.values()) and not self.redis_url.startswith(REDIS_SCHEMES):
+            log.warning(
+                "rate limits not enforced: redis_url %s is not a Redis server",
+                redact(self.redis_url),
+            )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limiter:
@@ -101,14 +109,14 @@ class Limiter:
     def check(self, kind: str, project: str) -> None:
         """Take one request from (kind, project)'s bucket; RateLimited when it is empty."""
         limit = self.per_minute.get(kind, 0)
-        if limit <= 0:
+        if limit <= 0 or not self.redis_url.startswith(REDIS_SCHEMES):
             return
         if time.monotonic() < self._down_until:
             return
         key = f"{self.prefix}:{kind}:{project}"
         try:
             allowed, wait = self._redis()(keys=[key], args=[60.0 / limit, limit])
-        except (redis.RedisError, OSError) as e:
+        except (redis.RedisError, OSError, ValueError) as e:  # ValueError: a bad URL
             self._unreachable(e)
             return
         if int(allowed):

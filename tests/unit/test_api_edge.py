@@ -20,6 +20,8 @@ import requests
 from flask import Flask, Request
 from flask.testing import FlaskClient
 from werkzeug.serving import make_server
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Response
 
 from service.api import auth, create_app
 from service.api.auth import Caller, NotAuthenticated
@@ -253,6 +255,13 @@ def test_noauth_serves_loopback_peers(client: FlaskClient, peer: str) -> None:
     assert client.get("/v1/jobs", environ_base={"REMOTE_ADDR": peer}).status_code == 200
 
 
+def test_an_in_process_call_without_a_peer_is_served(app: Flask) -> None:
+    env = EnvironBuilder("/v1/jobs").get_environ()
+    assert "REMOTE_ADDR" not in env  # as schemathesis and other in-process WSGI callers make
+    resp = Response.from_app(app, env)
+    assert resp.status_code == 200
+
+
 def test_keystone_serves_any_peer(settings: Settings, db_url, error_of) -> None:
     conf = {"auth_url": "http://127.0.0.1:1/v3", "username": "u", "password": "p"}
     ks = {
@@ -366,6 +375,9 @@ def test_redis_down_fails_open_and_says_so(
     codes = [c.post("/v1/jobs", json=spec(package_uri)).status_code for _ in range(3)]
     assert codes == [202, 202, 202]
     assert any("rate limits not enforced" in r.getMessage() for r in caplog.records)
+    # a broker URL that is no Redis at all (kombu's memory://): no counter, no 500
+    c = app_with(settings, redis_url="memory://", rate_limit_jobs_per_minute=1).test_client()
+    assert [c.post("/v1/jobs", json=spec(package_uri)).status_code for _ in range(2)] == [202, 202]
 
 
 def test_the_default_limit_lets_a_burst_of_500_through() -> None:
