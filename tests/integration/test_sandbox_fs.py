@@ -299,9 +299,11 @@ def test_no_new_privs_setuid_does_not_elevate(base: Path, keypair: tuple[str, st
         assert host.stdout.strip() == "0"
         backend.delete_server(ref.id)
     finally:
-        clean_up(root)
-        with contextlib.suppress(FileNotFoundError):
-            Path(mount_at).rmdir()  # the (empty) mount point made on the host
+        try:
+            clean_up(root)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                Path(mount_at).rmdir()  # the (empty) mount point made on the host
 
 
 def _uid(user: str) -> int:
