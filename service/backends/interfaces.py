@@ -6,6 +6,7 @@ import abc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,60 @@ class ServerStatus:
     created_at: float | None = None  # unix seconds; the reaper's grace period needs an age
 
 
+IMAGE_RUNTIMES_DIR = "/opt/stackml/runtimes"  # where stackml's images carry the runtimes
+
+
+class HostKeySource(StrEnum):
+    """Where the workers learn a server's SSH host key, to pin it before the first connection."""
+
+    RECORD = "record"  # the backend knows it once the server is ACTIVE (the sandbox)
+    CONSOLE = "console"  # cloud-init prints it on the console shortly after ACTIVE: wait for it
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, for the workers to read instead of branching on its name."""
+
+    host_key_source: HostKeySource = HostKeySource.CONSOLE
+    # where the image carries the runtimes (<dir>/<runtime key>); None: the server sees the
+    # worker's own runtime builds at their paths (the sandbox)
+    runtimes_dir: str | None = IMAGE_RUNTIMES_DIR
+
+
+@dataclass(frozen=True)
+class ComputeLimits:
+    """The cloud project's absolute limits and what it uses; -1 is unlimited."""
+
+    max_instances: int
+    instances_used: int
+    max_cores: int
+    cores_used: int
+    max_ram_mb: int
+    ram_used_mb: int
+
+    def fits(self, flavor: Flavor, count: int = 1) -> bool:
+        """Whether `count` more servers of `flavor` fit in what is left."""
+
+        def ok(limit: int, used: int, more: int) -> bool:
+            return limit < 0 or used + more <= limit
+
+        return (
+            ok(self.max_instances, self.instances_used, count)
+            and ok(self.max_cores, self.cores_used, count * flavor.vcpus)
+            and ok(self.max_ram_mb, self.ram_used_mb, count * flavor.ram_mb)
+        )
+
+
 class ComputeBackend(abc.ABC):
     """Boots and deletes servers (Nova VMs, or local sandboxes)."""
 
     name: str
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def limits(self) -> ComputeLimits | None:
+        """The project's limits in the cloud (Nova's absolute limits), or None for a backend
+        that has none (the sandbox); BackendError when the cloud cannot say."""
+        return None
 
     @abc.abstractmethod
     def flavors(self) -> list[Flavor]: ...

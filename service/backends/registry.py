@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from service.backends.interfaces import ComputeBackend, ObjectStore
+from service.backends.interfaces import Capabilities, ComputeBackend, ObjectStore
 from service.config import Settings, get_settings
 
 
@@ -21,6 +21,20 @@ def _compute(kind: str, sandbox_dir: Path, isolation: str, network: Any = None) 
             sandbox_dir, get_settings().flavors(), isolation=isolation, network=network
         )
     raise NotImplementedError(f"compute backend {kind!r} is not available in this build")
+
+
+def capabilities(backend_name: str) -> Capabilities:
+    """The capabilities of a compute backend by the name its servers' rows record, without
+    building one (no cloud login); an unknown name gets the defaults (a cloud's)."""
+    if backend_name == "sandbox":
+        from service.backends.compute.sandbox import SandboxBackend
+
+        return SandboxBackend.capabilities
+    if backend_name == "openstack":
+        from service.backends.compute.openstack import OpenStackBackend
+
+        return OpenStackBackend.capabilities
+    return Capabilities()
 
 
 def compute(settings: Settings | None = None, trust_id: str | None = None) -> ComputeBackend:

@@ -41,3 +41,17 @@ def test_the_registered_tasks_run_with_the_tables_limits() -> None:
             pipeline.limits(name)
         )
     assert pipeline.next_task(JobState.EXPORTING) == queue.EXPORT
+
+
+def test_backends_say_what_they_can_instead_of_being_named() -> None:
+    from service.backends import registry
+    from service.backends.compute.openstack import OpenStackBackend
+    from service.backends.compute.sandbox import SandboxBackend
+    from service.backends.interfaces import HostKeySource
+    from workers.steps import provision
+
+    assert SandboxBackend.capabilities.host_key_source is HostKeySource.RECORD
+    assert OpenStackBackend.capabilities.host_key_source is HostKeySource.CONSOLE
+    assert registry.capabilities("openstack").runtimes_dir == "/opt/stackml/runtimes"
+    assert registry.capabilities("sandbox").runtimes_dir is None
+    assert provision.runtime_on_server("openstack", "tf") == "/opt/stackml/runtimes/tf"

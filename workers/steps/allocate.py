@@ -21,6 +21,7 @@ from service import queue
 from service.backends.interfaces import (
     ComputeBackend,
     Flavor,
+    HostKeySource,
     ServerSpec,
     ServerState,
     ServerStatus,
@@ -250,7 +251,8 @@ def _advance(job_id: str) -> None:
     status = backend.get_server(server_id)
     age = (datetime.now(UTC) - created).total_seconds()
     if status.state is ServerState.ACTIVE:
-        if status.host_key is None and backend.name != "sandbox" and age <= cfg.boot_deadline:
+        console_key = backend.capabilities.host_key_source is HostKeySource.CONSOLE
+        if status.host_key is None and console_key and age <= cfg.boot_deadline:
             # cloud-init prints the host key on the console shortly after ACTIVE: wait for it
             # rather than trusting the first key that answers
             with db() as s:
@@ -294,15 +296,12 @@ def _cloud_quota_refuses(backend: ComputeBackend, flavor: Flavor) -> str | None:
     """Why the project's own cloud quota (Nova's absolute limits) has no room for one more
     server of `flavor`, or None; backends without limits (the sandbox) never refuse. A cloud
     that cannot say is not a refusal: the boot itself then answers."""
-    limits_of = getattr(backend, "limits", None)
-    if not callable(limits_of):
-        return None
     try:
-        lim = limits_of()
+        lim = backend.limits()
     except BackendError as e:
         log.warning("could not read the cloud's limits (booting anyway): %s", e)
         return None
-    if lim.fits(flavor, 1):
+    if lim is None or lim.fits(flavor, 1):
         return None
     parts = []
     for what, limit, used, more in (

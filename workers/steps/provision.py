@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from service import queue
-from service.backends.interfaces import Access
+from service.backends import registry
+from service.backends.interfaces import IMAGE_RUNTIMES_DIR, Access
 from service.db import jobs as repo
 from service.domain.errors import BackendError
 from service.domain.spec import JobSpec
@@ -16,7 +17,7 @@ from workers import jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
 
 RUNNER_SRC = Path(__file__).resolve().parents[1] / "vm" / "runner.py"
-OPENSTACK_RUNTIMES = "/opt/stackml/runtimes"
+OPENSTACK_RUNTIMES = IMAGE_RUNTIMES_DIR  # (the images build puts them there)
 
 
 PYTHON = ".stackml/python"  # a link to the runtime's python, made at provision time
@@ -24,12 +25,13 @@ SLOW_PATH_RUNTIMES = ".stackml/runtimes"
 
 
 def runtime_on_server(backend_name: str, key: str) -> str:
-    """Where the runtime is expected on the server: the local build for sandboxes, the image's
-    /opt/stackml/runtimes/<key> on a cloud."""
+    """Where the runtime is expected on the server: the image's <runtimes_dir>/<key> on a cloud,
+    the worker's own build where the server sees it (the sandbox: runtimes_dir None)."""
     cfg = jobctx.settings()
-    if backend_name == "sandbox":
+    runtimes_dir = registry.capabilities(backend_name).runtimes_dir
+    if runtimes_dir is None:
         return str(ensure_runtime(cfg, key).parent.parent)
-    return f"{OPENSTACK_RUNTIMES}/{key}"
+    return f"{runtimes_dir}/{key}"
 
 
 def ensure_runtime_on_server(conn: ssh.SSHConnection, job_id: str, runtime: str, key: str) -> str:

@@ -48,8 +48,12 @@ from openstack import exceptions as sdk_exc
 from openstack.connection import Connection
 
 from service.backends.interfaces import (
+    IMAGE_RUNTIMES_DIR,
+    Capabilities,
     ComputeBackend,
+    ComputeLimits,
     Flavor,
+    HostKeySource,
     ServerRef,
     ServerSpec,
     ServerState,
@@ -102,30 +106,6 @@ SEGMENT_IDS = {
     "_stackml",
 }
 _ID_LIKE = re.compile(r"^[0-9a-fA-F-]{16,}$")
-
-
-@dataclass(frozen=True)
-class ComputeLimits:
-    """Nova's absolute limits of the project and what it uses; -1 is unlimited."""
-
-    max_instances: int
-    instances_used: int
-    max_cores: int
-    cores_used: int
-    max_ram_mb: int
-    ram_used_mb: int
-
-    def fits(self, flavor: Flavor, count: int = 1) -> bool:
-        """Whether `count` more servers of `flavor` fit in what is left."""
-
-        def ok(limit: int, used: int, more: int) -> bool:
-            return limit < 0 or used + more <= limit
-
-        return (
-            ok(self.max_instances, self.instances_used, count)
-            and ok(self.max_cores, self.cores_used, count * flavor.vcpus)
-            and ok(self.max_ram_mb, self.ram_used_mb, count * flavor.ram_mb)
-        )
 
 
 @dataclass
@@ -263,6 +243,7 @@ class OpenStackBackend(ComputeBackend):
     """Nova servers booted from the runtime's Glance image; see the module docstring."""
 
     name = "openstack"
+    capabilities = Capabilities(HostKeySource.CONSOLE, runtimes_dir=IMAGE_RUNTIMES_DIR)
 
     def __init__(
         self,

@@ -97,8 +97,10 @@ from typing import Any
 from service.backends.compute import sandbox_net
 from service.backends.compute.sandbox_net import SandboxNetwork
 from service.backends.interfaces import (
+    Capabilities,
     ComputeBackend,
     Flavor,
+    HostKeySource,
     ServerRef,
     ServerSpec,
     ServerState,
@@ -665,6 +667,8 @@ class SandboxBackend(ComputeBackend):
     """Local OpenSSH sandboxes; see the module docstring for the layout and interfaces.py."""
 
     name = "sandbox"
+    # the host key is in the server's record at ACTIVE; runtimes are the worker's own builds
+    capabilities = Capabilities(HostKeySource.RECORD, runtimes_dir=None)
 
     def __init__(
         self,
