@@ -2,7 +2,7 @@
 and the platform's server cap; moves the chosen ones to ALLOCATING and says why the rest wait.
 
 Every decision is taken under one lock (`lock`) from one fair order over the whole queue
-(service/quota_policy.py), and applies all of it at once: the chosen jobs move QUEUED ->
+(service/domain/quota.py), and applies all of it at once: the chosen jobs move QUEUED ->
 ALLOCATING in that order, so racing workers can neither exceed a quota nor start a job ahead of
 one before it. It runs in the allocate step of any queued job (workers/steps/allocate.py
 `_admit`), in the reconciler every interval, and after every teardown (`admit_waiting`).
@@ -26,8 +26,8 @@ from service.db import jobs as repo
 from service.db import quotas
 from service.db.models import Job
 from service.domain.errors import BackendError
+from service.domain.quota import CAPACITY_WAIT, QUOTA_WAIT, Decision, decide
 from service.domain.states import JobState, QueueWait
-from service.quota_policy import CAPACITY_WAIT, QUOTA_WAIT, Decision, decide
 from workers import jobctx
 from workers.jobctx import db, log
 

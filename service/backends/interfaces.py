@@ -8,27 +8,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
-
-@dataclass(frozen=True)
-class Flavor:
-    name: str
-    vcpus: int
-    ram_mb: int
-    disk_gb: int = 0
-    gpus: int = 0
-    gpu_type: str | None = None
-    price_per_hour: float = 0.0
-    pids: int = 4096
-
-
-def gpu_candidates(flavors: Sequence[Flavor], gpus: int, gpu_type: str | None) -> list[Flavor]:
-    """Flavors with at least `gpus` GPUs (of `gpu_type` when given), best fit first."""
-    fits = [
-        f
-        for f in flavors
-        if f.gpus >= gpus and (gpu_type is None or (f.gpu_type or "").lower() == gpu_type.lower())
-    ]
-    return sorted(fits, key=lambda f: (f.gpus, f.price_per_hour, f.vcpus, f.ram_mb, f.name))
+# flavors live in the domain; imported from here too (explicit re-exports)
+from service.domain.flavors import Flavor as Flavor
+from service.domain.flavors import gpu_candidates as gpu_candidates
 
 
 @dataclass(frozen=True)

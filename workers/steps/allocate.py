@@ -30,6 +30,7 @@ from service.backends.interfaces import (
 from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
 from service.domain.errors import BackendError, QuotaExceeded, TransientBackendError
+from service.domain.flavors import allocation_plan
 from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase, QueueWait, ResourceState
 from workers import admission, chaos, jobctx, ssh
@@ -41,8 +42,9 @@ DELETE_CONFIRM = 30.0
 
 
 def plan(spec: JobSpec) -> list[tuple[str, str | None]]:
-    """The (flavor, availability zone) pairs to try, in order: the job's flavor (or the
-    best-fitting GPU flavors) then the configured fallbacks, in every configured zone."""
+    """The (flavor, availability zone) pairs to try, in order (service/domain/flavors.py): the
+    job's flavor (or the best-fitting GPU flavors) then the configured fallbacks, in every
+    configured zone."""
     cfg = jobctx.settings()
     res = spec.resources
     if res.gpus:
@@ -51,15 +53,7 @@ def plan(spec: JobSpec) -> list[tuple[str, str | None]]:
         ]
     else:
         firsts = [res.flavor or cfg.default_flavor]
-    flavors: list[str] = []
-    for first in firsts:
-        for f in [first, *cfg.flavor_fallbacks.get(first, [])]:
-            if f not in flavors:
-                flavors.append(f)
-    if not flavors:
-        flavors = [cfg.default_flavor]
-    zones: list[str | None] = list(cfg.availability_zones) or [None]
-    return [(f, z) for f in flavors for z in zones]
+    return allocation_plan(firsts, cfg.flavor_fallbacks, cfg.availability_zones, cfg.default_flavor)
 
 
 def run(job_id: str) -> None:
