@@ -21,7 +21,7 @@ from service.config import Settings, get_settings
 from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
 from service.db.session import session_scope
-from service.domain.errors import BackendError
+from service.domain.errors import BackendError, TransientBackendError
 from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
 from workers import chaos, pipeline
@@ -117,7 +117,8 @@ def open_step(job_id: str, state: JobState) -> Iterator[StepContext | None]:
     """The one prologue of the server steps (provision, poll, export): None when the job is
     not in `state` (moved on, or a cancel was asked while it runs) or when another run of a
     leased step holds the job; else its context, with the lease held (and renewed by a
-    heartbeat) until the block ends."""
+    heartbeat) until the block ends. A BackendError that is not transient escaping the block
+    fails the job with its reason (a transient one propagates: the task retries)."""
     step = pipeline.PIPELINE[state]
     cfg = settings()
     with db() as s:
@@ -149,7 +150,15 @@ def open_step(job_id: str, state: JobState) -> Iterator[StepContext | None]:
                 target=ssh_target(job, res) if res else None,
                 lease=lease,
             )
-        yield ctx
+        try:
+            yield ctx
+        except TransientBackendError:
+            raise  # the task retries with backoff
+        except BackendError as e:
+            # a backend refused for good (a store that will not list, a key that will not
+            # decrypt): the job fails with the error's reason, never sits in its state
+            log.warning("job %s: %s failed: %s", job_id, step.step, e)
+            fail(job_id, step.phase, FailureReason.of(e.reason), f"{step.step} failed: {e}")
 
 
 def again(ctx: StepContext, countdown: float) -> None:

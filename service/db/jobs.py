@@ -22,6 +22,7 @@ from service.domain.states import (
     TERMINAL,
     FailureReason,
     JobState,
+    OwnerKind,
     Phase,
     QueueWait,
     ResourceState,
@@ -342,6 +343,14 @@ def latest_metrics(s: Session, job_id: str) -> dict[str, float]:
 
 def resources(s: Session, job_id: str) -> list[Resource]:
     return list(s.scalars(select(Resource).where(Resource.job_id == job_id).order_by(Resource.id)))
+
+
+def owned_resources(s: Session, owner_kind: OwnerKind, owner_id: str) -> list[Resource]:
+    """The servers of one owner (a job today; a model-serving endpoint the same way)."""
+    q = select(Resource).where(
+        Resource.owner_kind == owner_kind.value, Resource.owner_id == owner_id
+    )
+    return list(s.scalars(q.order_by(Resource.id)))
 
 
 def trust_debts(s: Session, limit: int = 100) -> list[tuple[str, str]]:

@@ -33,7 +33,7 @@ from service.db.migrate import upgrade
 from service.db.models import Job, JobEvent, Resource, utcnow
 from service.db.session import session_scope
 from service.domain.errors import CloudError
-from service.domain.states import JobState, QueueWait, ResourceState
+from service.domain.states import JobState, OwnerKind, QueueWait, ResourceState
 from tests.integration.test_admission import FLAVORS, Env, submit
 from tests.pgutil import temp_database
 from workers import admission, chaos, jobctx, reconciler
@@ -406,4 +406,5 @@ def test_a_claimed_boot_is_not_booted_again_and_is_adopted_by_name(env: Env) -> 
             "job",
             job,
         )
+        assert repo.owned_resources(s, OwnerKind.JOB, job) == [res]
     assert job_state(env, job) == "PROVISIONING"

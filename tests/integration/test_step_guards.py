@@ -34,6 +34,7 @@ from service.db import jobs as repo
 from service.db.migrate import upgrade
 from service.db.models import Job, MetricRow, Resource, utcnow
 from service.db.session import session_scope
+from service.domain.errors import StoreError
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, ResourceState
 from tests.pgutil import temp_database
@@ -400,3 +401,20 @@ def test_a_lease_whose_heartbeat_stopped_lapses_and_the_job_is_redriven(env: Env
     reconciler._redrive(report)
     assert report.redriven == [job_id]
     assert (queue.EXPORT, job_id) in [(t, j) for t, j, _ in env.enqueued]
+
+
+def test_a_store_that_refuses_for_good_fails_the_export_with_its_reason(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-transient backend error in a step fails the job with the error's reason (it does
+    not leave the job in EXPORTING for the reconciler to re-drive every stuck_after)."""
+    job_id, _ = start_job(env, JobState.EXPORTING)
+
+    def refuse(prefix: str) -> list[object]:
+        raise StoreError("the container is gone", reason="store_error")
+
+    monkeypatch.setattr(env.store, "list", refuse)
+    export.run(job_id)  # must not raise
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_phase, job.failure_reason) == ("FAILED", "export", "store_error")
+    assert job.step_lease_owner is None
