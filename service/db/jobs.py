@@ -338,7 +338,24 @@ def metrics(s: Session, job_id: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def latest_metrics(s: Session, job_id: str) -> dict[str, float]:
-    return {k: v[-1]["value"] for k, v in metrics(s, job_id).items()}
+    """The last value of each metric (what a job's summary shows): one row per name, read
+    with a window, not the whole series (a job may hold max_metric_points of them)."""
+    ranked = (
+        select(
+            MetricRow.name,
+            MetricRow.value,
+            func.row_number()
+            .over(
+                partition_by=MetricRow.name,
+                order_by=(MetricRow.log_offset.desc(), MetricRow.id.desc()),
+            )
+            .label("rank"),
+        )
+        .where(MetricRow.job_id == job_id)
+        .subquery()
+    )
+    rows = s.execute(select(ranked.c.name, ranked.c.value).where(ranked.c.rank == 1)).all()
+    return {name: value for name, value in sorted(rows)}
 
 
 def resources(s: Session, job_id: str) -> list[Resource]:

@@ -418,3 +418,19 @@ def test_a_store_that_refuses_for_good_fails_the_export_with_its_reason(
     job = job_row(env, job_id)
     assert (job.state, job.failure_phase, job.failure_reason) == ("FAILED", "export", "store_error")
     assert job.step_lease_owner is None
+
+
+def test_latest_metrics_are_the_last_point_of_each_series(env: Env) -> None:
+    job_id, _ = start_job(env, JobState.RUNNING)
+    log = (
+        b'{"stackml_metric": 1, "step": 1, "loss": 0.9, "acc": 0.1}\n'
+        b"noise\n"
+        b'{"stackml_metric": 1, "step": 2, "loss": 0.5}\n'
+        b'{"stackml_metric": 1, "step": 3, "acc": 0.7, "lr": 0.01}\n'
+    )
+    with session_scope(env.url) as s:
+        repo.append_log(s, job_id, 0, log)
+    with session_scope(env.url) as s:
+        series = repo.metrics(s, job_id)
+        assert repo.latest_metrics(s, job_id) == {k: v[-1]["value"] for k, v in series.items()}
+        assert repo.latest_metrics(s, job_id) == {"loss": 0.5, "acc": 0.7, "lr": 0.01}
