@@ -112,6 +112,11 @@ class StepContext:
         return self.step.phase
 
 
+# reasons of errors that say "not now" rather than "never": a step failing with one of them is
+# left to the reconciler (re-driven after stuck_after) instead of failing the job
+LATER = frozenset({FailureReason.STORE_UNAVAILABLE, FailureReason.KEYSTONE_UNAVAILABLE})
+
+
 @contextmanager
 def open_step(job_id: str, state: JobState) -> Iterator[StepContext | None]:
     """The one prologue of the server steps (provision, poll, export): None when the job is
@@ -155,6 +160,8 @@ def open_step(job_id: str, state: JobState) -> Iterator[StepContext | None]:
         except TransientBackendError:
             raise  # the task retries with backoff
         except BackendError as e:
+            if FailureReason.of(e.reason) in LATER:
+                raise  # a service that does not answer now: the reconciler re-drives the step
             # a backend refused for good (a store that will not list, a key that will not
             # decrypt): the job fails with the error's reason, never sits in its state
             log.warning("job %s: %s failed: %s", job_id, step.step, e)

@@ -434,3 +434,20 @@ def test_latest_metrics_are_the_last_point_of_each_series(env: Env) -> None:
         series = repo.metrics(s, job_id)
         assert repo.latest_metrics(s, job_id) == {k: v[-1]["value"] for k, v in series.items()}
         assert repo.latest_metrics(s, job_id) == {"loss": 0.5, "acc": 0.7, "lr": 0.01}
+
+
+def test_a_store_that_does_not_answer_now_leaves_the_export_to_the_reconciler(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'Not now' (store_unavailable) is not 'never': the step ends with the error, the job stays
+    EXPORTING with its lease released, so the reconciler re-drives it after stuck_after."""
+    job_id, _ = start_job(env, JobState.EXPORTING)
+
+    def unavailable(prefix: str) -> list[object]:
+        raise StoreError("swift GET failed: connection refused", reason="store_unavailable")
+
+    monkeypatch.setattr(env.store, "list", unavailable)
+    with pytest.raises(StoreError):
+        export.run(job_id)
+    job = job_row(env, job_id)
+    assert (job.state, job.step_lease_owner) == ("EXPORTING", None)
