@@ -86,6 +86,9 @@ class Job(Base):
     step_lease_until: Mapped[datetime | None]
     # when SSH to the job's server began failing in its current state (cleared on transition)
     ssh_failing_since: Mapped[datetime | None]
+    # the output prefix's objects (key -> etag) when the job's first export began: a failed
+    # export removes only what appeared or changed since (workers/steps/export.py)
+    export_baseline: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     __table_args__ = (
         Index("ix_jobs_project_created", "project_id", "created_at", "id"),

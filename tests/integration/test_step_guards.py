@@ -451,3 +451,22 @@ def test_a_store_that_does_not_answer_now_leaves_the_export_to_the_reconciler(
         export.run(job_id)
     job = job_row(env, job_id)
     assert (job.state, job.step_lease_owner) == ("EXPORTING", None)
+
+
+def test_a_redriven_export_that_fails_removes_what_the_dead_run_uploaded(env: Env) -> None:
+    """The job's first export recorded the prefix (empty) and died mid-upload, leaving an
+    object; the re-driven export fails: the dead run's object goes too (it is the job's), while
+    what the prefix held before the job's first export stays."""
+    job_id, conn = start_job(env, JobState.EXPORTING)
+    prefix = f"projects/p/models/{job_id}/"
+    kept = env.store.put(prefix + "there-before.txt", b"old")
+    assert export.baseline(job_id, {kept.key: kept.etag}) == {kept.key: kept.etag}
+    env.store.put(prefix + "half-uploaded.bin", b"partial")  # by the run that died
+    fake_runner(conn, {"ok": True, "objects": [{"key": "../../x", "size": 1, "etag": "00"}]})
+    export.run(job_id)
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_reason) == ("FAILED", "runner_output_invalid")
+    assert env.store.info(prefix + "half-uploaded.bin") is None
+    assert env.store.info(kept.key) is not None
+    # the baseline is recorded once: a later listing does not replace it
+    assert export.baseline(job_id, {}) == {kept.key: kept.etag}

@@ -6,9 +6,12 @@ import json
 import re
 from typing import Any
 
+from sqlalchemy import select, update
+
 from service import queue
 from service.backends.interfaces import Access, ObjectInfo, ObjectStore
 from service.db import jobs as repo
+from service.db.models import Job
 from service.domain.errors import StoreError
 from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
@@ -40,9 +43,9 @@ def _export(ctx: jobctx.StepContext) -> None:
     prefix = store.key_of(uri)
     if not prefix.endswith("/"):
         prefix += "/"
-    # what the prefix held before this run: on failure only what appeared or changed since
-    # (this run's writes) is removed, never a neighbour's objects under a shared model_uri
-    upload = Upload(store, prefix, {o.key: o.etag for o in store.list(prefix)})
+    # what the prefix held before the job's first export: on failure only what appeared or
+    # changed since (what this job's exports wrote) is removed, never objects that were there
+    upload = Upload(store, prefix, baseline(job_id, {o.key: o.etag for o in store.list(prefix)}))
     grant = store.grant(prefix, Access.WRITE, max(600, int(cfg.provision_deadline) * 2))
     try:
         conn = ssh.connection(target)
@@ -131,6 +134,20 @@ def _export(ctx: jobctx.StepContext) -> None:
         jobctx.log.info("job %s left EXPORTING during the upload", job_id)
 
 
+def baseline(job_id: str, listed: dict[str, str]) -> dict[str, str]:
+    """The prefix's objects (key -> etag) when the job's first export began: recorded once
+    (jobs.export_baseline), so that an export re-driven after a worker died mid-upload counts
+    the dead run's objects as the job's own, not as what was there before."""
+    with db() as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.export_baseline.is_(None))
+            .values(export_baseline=listed)
+        )
+        recorded = s.scalar(select(Job.export_baseline).where(Job.id == job_id))
+    return {str(k): str(v) for k, v in (recorded or {}).items()}
+
+
 class ManifestInvalid(ValueError):
     """The runner's report of what it uploaded is not one the worker can trust."""
 
@@ -197,8 +214,9 @@ def _keys_of(obj: dict[str, Any]) -> list[str]:
 
 
 class Upload:
-    """What one export run wrote under `prefix`, removed when the export fails: every key that
-    appeared or changed there since `before` (the listing taken before the runner started)."""
+    """What the job's exports wrote under `prefix`, removed when the export fails: every key
+    that appeared or changed there since `before` (the listing taken when its first export
+    began, `baseline`)."""
 
     def __init__(self, store: ObjectStore, prefix: str, before: dict[str, str]) -> None:
         self.store, self.prefix, self.before = store, prefix, before

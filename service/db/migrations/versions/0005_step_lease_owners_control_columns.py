@@ -4,6 +4,8 @@
   the reconciler re-drives nothing while the lease is live.
 - jobs.queue_wait: why a QUEUED job waits ('parked' by admission, 'backoff' after a cloud
   quota refusal), instead of reading the prose of queue_reason.
+- jobs.export_baseline: the output prefix's objects when the job's first export began (a
+  failed export removes only what appeared or changed since).
 - jobs.ssh_failing_since: when SSH to the job's server started failing in its state, instead
   of scanning the events for "SSH failed".
 - resources.creating: the claim of the allocate run that boots the server, instead of a
@@ -35,6 +37,7 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("ssh_failing_since", sa.DateTime(timezone=True), nullable=True)
         )
+        batch_op.add_column(sa.Column("export_baseline", sa.JSON(), nullable=True))
     op.execute(
         "UPDATE jobs SET queue_wait = 'parked' "
         "WHERE state = 'QUEUED' AND queue_reason LIKE 'waiting%'"
@@ -69,5 +72,11 @@ def downgrade() -> None:
     op.drop_index("ix_resources_owner", table_name="resources")
     for column in ("owner_id", "owner_kind", "creating"):
         op.drop_column("resources", column)
-    for column in ("ssh_failing_since", "queue_wait", "step_lease_until", "step_lease_owner"):
+    for column in (
+        "export_baseline",
+        "ssh_failing_since",
+        "queue_wait",
+        "step_lease_until",
+        "step_lease_owner",
+    ):
         op.drop_column("jobs", column)
