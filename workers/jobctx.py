@@ -104,7 +104,7 @@ class StepContext:
     spec: JobSpec
     server_id: str | None  # the chief server (None: no server row)
     backend: str | None  # the name of the backend that booted it
-    target: SSHTarget | None  # how to reach it (None: no server row)
+    target: SSHTarget | None  # how to reach it (None: no server row, or a step without one)
     lease: pipeline.Lease | None  # held while the step runs (leased steps)
 
     @property
@@ -119,7 +119,7 @@ LATER = frozenset({FailureReason.STORE_UNAVAILABLE, FailureReason.KEYSTONE_UNAVA
 
 @contextmanager
 def open_step(job_id: str, state: JobState) -> Iterator[StepContext | None]:
-    """The one prologue of the server steps (provision, poll, export): None when the job is
+    """The one prologue of the job steps (allocate, provision, poll, export): None when the job is
     not in `state` (moved on, or a cancel was asked while it runs) or when another run of a
     leased step holds the job; else its context, with the lease held (and renewed by a
     heartbeat) until the block ends. A BackendError that is not transient escaping the block
@@ -152,7 +152,7 @@ def open_step(job_id: str, state: JobState) -> Iterator[StepContext | None]:
                 spec=JobSpec.model_validate(job.spec),
                 server_id=res.server_id if res else None,
                 backend=res.backend if res else None,
-                target=ssh_target(job, res) if res else None,
+                target=ssh_target(job, res) if res and step.server else None,
                 lease=lease,
             )
         try:

@@ -41,18 +41,22 @@ class Step:
     time_limit: int  # seconds: the task is killed past it
     soft_time_limit: int
     leased: bool  # holds a lease (heartbeat) while it runs: a long step, never run twice
+    server: bool  # works on the job's booted server (open_step gives it an SSH target)
 
 
+_S = JobState
+# (state, task, step, phase, (time limit, soft time limit), leased, server)
+_ROWS = (
+    (_S.QUEUED, queue.ALLOCATE, "allocate", Phase.ADMIT, (180, 150), False, False),
+    (_S.ALLOCATING, queue.ALLOCATE, "allocate", Phase.ALLOCATE, (180, 150), False, False),
+    (_S.PROVISIONING, queue.PROVISION, "provision", Phase.PROVISION, (600, 540), True, True),
+    (_S.RUNNING, queue.POLL, "poll", Phase.TRAIN, (90, 75), False, True),
+    (_S.EXPORTING, queue.EXPORT, "export", Phase.EXPORT, (600, 540), True, True),
+    (_S.CANCELLING, queue.CANCEL, "teardown", Phase.TEARDOWN, (180, 150), False, False),
+)
 PIPELINE: dict[JobState, Step] = {
-    s.state: s
-    for s in (
-        Step(JobState.QUEUED, queue.ALLOCATE, "allocate", Phase.ADMIT, 180, 150, False),
-        Step(JobState.ALLOCATING, queue.ALLOCATE, "allocate", Phase.ALLOCATE, 180, 150, False),
-        Step(JobState.PROVISIONING, queue.PROVISION, "provision", Phase.PROVISION, 600, 540, True),
-        Step(JobState.RUNNING, queue.POLL, "poll", Phase.TRAIN, 90, 75, False),
-        Step(JobState.EXPORTING, queue.EXPORT, "export", Phase.EXPORT, 600, 540, True),
-        Step(JobState.CANCELLING, queue.CANCEL, "teardown", Phase.TEARDOWN, 180, 150, False),
-    )
+    state: Step(state, task, step, phase, hard, soft, leased, server)
+    for state, task, step, phase, (hard, soft), leased, server in _ROWS
 }
 
 # tasks that advance no state of their own: (time_limit, soft_time_limit)

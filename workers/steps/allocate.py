@@ -33,7 +33,7 @@ from service.domain.errors import BackendError, QuotaExceeded, TransientBackendE
 from service.domain.flavors import allocation_plan
 from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase, QueueWait, ResourceState
-from workers import admission, chaos, jobctx, ssh
+from workers import admission, jobctx, ssh
 from workers.jobctx import db, log
 
 BUILD_RECHECK = 0.5
@@ -104,19 +104,21 @@ def booting_message(job: Job) -> str:
 
 
 def _advance(job_id: str) -> None:
+    with jobctx.open_step(job_id, JobState.ALLOCATING) as ctx:
+        if ctx is not None:
+            _look(ctx)
+
+
+def _look(ctx: jobctx.StepContext) -> None:
     """One look at the current attempt: create, wait, accept, or move to the next attempt."""
     cfg = jobctx.settings()
+    job_id, spec, project_id = ctx.job_id, ctx.spec, ctx.project_id
+    backend = jobctx.compute(ctx.trust_id)
+    steps = plan(spec)
     with db() as s:
         job = repo.get_job(s, job_id)
-        if job.state != JobState.ALLOCATING:
-            return
-        backend = jobctx.compute(job.trust_id)
-        chaos.pause("allocate")
-        spec = JobSpec.model_validate(job.spec)
-        steps = plan(spec)
         attempt = job.alloc_attempt
         flavor_name, zone = steps[min(attempt, len(steps) - 1)]
-        project_id = job.project_id
         if job.ssh_key_enc is None:
             # compare-and-set: two allocate runs of one job must agree on one key
             pem, pub = ssh.generate_keypair()
