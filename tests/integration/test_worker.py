@@ -23,6 +23,7 @@ from service.db.session import session_scope
 from service.domain.spec import JobSpec
 from service.domain.states import JobState
 from tests.pgutil import temp_database
+from workers import pipeline
 
 REDIS_URL = os.environ.get("STACKML_TEST_REDIS_WORKER", "redis://127.0.0.1:6379/8")
 QUEUE = f"stackml-worker-{os.getpid()}"  # apart from any other run sharing this Redis
@@ -125,6 +126,39 @@ def test_reconciler_redrives_a_job_whose_task_was_lost(
     with session_scope(url) as s:
         kinds = [e.kind for e in repo.events(s, job_id)]
     assert "reconcile" in kinds
+
+
+def test_reconciler_leaves_a_job_whose_step_holds_a_live_lease(
+    worker: tuple[str, subprocess.Popen],
+) -> None:
+    """A leased step in progress (here: a lease renewed by this test, as a long export's
+    heartbeat does) is not re-driven however stale its progress stamp; once the lease is
+    released the reconciler re-drives the job."""
+    url, _ = worker
+    with session_scope(url) as s:
+        job_id = repo.create_job(s, "p", SPEC).id
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                state=JobState.EXPORTING.value, last_progress_at=utcnow() - timedelta(minutes=5)
+            )
+        )
+    lease = pipeline.take_lease(url, job_id, JobState.EXPORTING, 3.0)
+    assert lease is not None
+    # several reconcile rounds (interval 1 s, stuck_after 2 s) while the lease is renewed
+    for _ in range(8):
+        time.sleep(0.5)
+        assert pipeline.renew_lease(url, lease)
+    with session_scope(url) as s:
+        assert "reconcile" not in [e.kind for e in repo.events(s, job_id)]
+        assert repo.get_job(s, job_id).state == JobState.EXPORTING
+    pipeline.release_lease(url, lease)
+    # re-driven: export finds no server record and fails the job
+    _wait_state(url, job_id, JobState.FAILED, timeout=30)
+    with session_scope(url) as s:
+        assert "reconcile" in [e.kind for e in repo.events(s, job_id)]
+        assert repo.get_job(s, job_id).failure_reason == "server_lost"
 
 
 def test_sigterm_stops_the_worker_cleanly(worker: tuple[str, subprocess.Popen]) -> None:
