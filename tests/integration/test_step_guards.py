@@ -470,3 +470,20 @@ def test_a_redriven_export_that_fails_removes_what_the_dead_run_uploaded(env: En
     assert env.store.info(kept.key) is not None
     # the baseline is recorded once: a later listing does not replace it
     assert export.baseline(job_id, {}) == {kept.key: kept.etag}
+
+
+def test_a_trainer_that_removes_its_log_still_meets_the_deadline(env: Env) -> None:
+    job_id, conn = start_job(env, JobState.RUNNING, ran_for=120, max_runtime_seconds=60)
+    conn.run(["rm", "-f", f"{JOB_DIR}/log"], timeout=10)
+    poll.run(job_id)  # must not raise
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_reason) == ("FAILED", "timeout")
+
+
+def test_binary_junk_in_the_exit_status_fails_the_job_with_a_reason(env: Env) -> None:
+    job_id, conn = start_job(env, JobState.RUNNING)
+    conn.put_bytes(b"ok\n", f"{JOB_DIR}/log", 0o644)
+    conn.put_bytes(b"\xff\xfe\x00junk", f"{JOB_DIR}/exit_code", 0o644)
+    poll.run(job_id)  # must not raise
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_reason) == ("FAILED", "trainer_exit_nonzero")

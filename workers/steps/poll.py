@@ -42,7 +42,7 @@ def _poll(ctx: jobctx.StepContext) -> None:
 
     try:
         conn = ssh.connection(target, timeout=cfg.command_timeout)
-        data = conn.read_file_from(f"{JOB_DIR}/log", offset, MAX_PULL)
+        data = _read_log(conn, offset)
         exit_text = _read_small(conn, f"{JOB_DIR}/exit_code")
         heartbeat = conn.stat(f"{JOB_DIR}/heartbeat")
     except ssh.SSHError as e:
@@ -138,9 +138,21 @@ def _exit_code(text: str) -> int | None:
 
 
 def _read_small(conn: ssh.SSHConnection, path: str) -> str | None:
-    if conn.stat(path) is None:
+    """A small file's text, None when it is not there (the trainer may write anything in it,
+    or remove it)."""
+    try:
+        return conn.read_file_from(path, 0, 64).decode("utf-8", "replace")
+    except FileNotFoundError:
         return None
-    return conn.read_file_from(path, 0, 64).decode()
+
+
+def _read_log(conn: ssh.SSHConnection, offset: int) -> bytes:
+    """New log bytes from `offset`; none when the trainer removed its log (the runner's own
+    checks go on: exit status, heartbeat, deadline)."""
+    try:
+        return conn.read_file_from(f"{JOB_DIR}/log", offset, MAX_PULL)
+    except FileNotFoundError:
+        return b""
 
 
 def _epoch(dt: datetime) -> float:
