@@ -41,6 +41,9 @@ log = logging.getLogger("stackml.ssh")
 EOF_GRACE = 0.5  # after exit-status, how long to wait for EOF (a detached child may hold stdout)
 AUTH_RETRY_WINDOW = 5.0  # sshd may answer before the job's key is in place: retry auth this long
 CHUNK = 65536
+# a command's stdout and stderr are kept up to this many bytes each (their tails): what a
+# server prints (a runner rewritten by the trainer, say) never grows a worker's memory unbounded
+MAX_OUTPUT = 32 << 20
 TAIL = 2000
 
 
@@ -408,8 +411,10 @@ class SSHConnection:
         while True:
             while chan.recv_ready():
                 out += chan.recv(CHUNK)
+                _keep_tail(out)
             while chan.recv_stderr_ready():
                 err += chan.recv_stderr(CHUNK)
+                _keep_tail(err)
             if pending is not None:
                 try:
                     while len(pending) and chan.send_ready():
@@ -445,8 +450,10 @@ class SSHConnection:
             select.select([fd], [], [], min(wait, deadline - now))
         while chan.recv_ready():
             out += chan.recv(CHUNK)
+            _keep_tail(out)
         while chan.recv_stderr_ready():
             err += chan.recv_stderr(CHUNK)
+            _keep_tail(err)
         return out, err
 
     # ---- SFTP
@@ -716,3 +723,10 @@ def drop_host(host: str, port: int) -> None:
         conns = [_cache.pop(k) for k in keys]
     for conn in conns:
         conn.close()
+
+
+def _keep_tail(buf: bytearray) -> None:
+    """Drop the head of a command's output past MAX_OUTPUT bytes (the tail, with its last
+    line, is what callers read)."""
+    if len(buf) > MAX_OUTPUT:
+        del buf[: len(buf) - MAX_OUTPUT]

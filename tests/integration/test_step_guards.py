@@ -487,3 +487,16 @@ def test_binary_junk_in_the_exit_status_fails_the_job_with_a_reason(env: Env) ->
     poll.run(job_id)  # must not raise
     job = job_row(env, job_id)
     assert (job.state, job.failure_reason) == ("FAILED", "trainer_exit_nonzero")
+
+
+def test_a_runner_that_floods_stdout_costs_the_worker_a_bounded_tail(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rewritten runner printing without end: the worker keeps the last MAX_OUTPUT bytes of
+    its output (the last line, where the answer is), not all of it."""
+    monkeypatch.setattr(ssh, "MAX_OUTPUT", 1 << 20)
+    _, conn = start_job(env, JobState.EXPORTING)
+    flood = "import sys\nsys.stdout.write('x' * (3 << 20) + '\\n')\nprint('last line')\n"
+    result = conn.run(["python3", "-c", flood], timeout=30)
+    assert len(result.stdout) == 1 << 20
+    assert result.stdout.endswith(b"\nlast line\n")
