@@ -87,6 +87,25 @@ class Settings(BaseSettings):
     # in Redis and shared by every API process; a whole minute's worth may come at once.
     rate_limit_jobs_per_minute: int = Field(default=600, ge=0)
     rate_limit_packages_per_minute: int = Field(default=120, ge=0)
+    # Online prediction (service/api/predict.py): predict requests a minute per project (0:
+    # none); the proxy's timeouts to a replica (seconds); the largest predict body; how long
+    # the routing table (ready replicas) is cached; how long a failed replica is avoided;
+    # keep-alive connections kept per replica.
+    rate_limit_predict_per_minute: int = Field(default=60_000, ge=0)
+    predict_connect_timeout: float = Field(default=2.0, gt=0)
+    predict_read_timeout: float = Field(default=30.0, gt=0)
+    predict_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    predict_route_cache_seconds: float = Field(default=1.0, ge=0)
+    predict_suspect_seconds: float = Field(default=5.0, ge=0)
+    predict_pool_size: int = Field(default=32, ge=1)
+    # Sampled request/response logging (service/serving_log.py): the in-memory buffer's bound
+    # (bytes; past it records are dropped and counted), a batch is written every N records or
+    # T seconds, bodies longer than this are cut, and shutdown flushes within this deadline.
+    serving_log_buffer_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    serving_log_batch_records: int = Field(default=500, ge=1)
+    serving_log_batch_seconds: float = Field(default=5.0, gt=0)
+    serving_log_max_body_bytes: int = Field(default=64 * 1024, ge=0)
+    serving_log_flush_seconds: float = Field(default=10.0, ge=0)
     # metric points stored per job; later metric lines are logged and skipped
     max_metric_points: int = Field(default=10_000, ge=0)
     boot_deadline: float = 60
