@@ -73,7 +73,7 @@ def _redrive(report: Report) -> None:
 
 def _pay_debts(report: Report) -> None:
     with db() as s:
-        owed = sorted({r.job_id for r in repo.debts(s)})
+        owed = sorted({r.job_id for r in repo.debts(s) if r.job_id is not None})
         trusts_owed = repo.trust_debts(s)
     for job_id in owed:
         jobctx.next_step(queue.TEARDOWN, job_id)

@@ -123,7 +123,10 @@ class Resource(Base):
     __tablename__ = "resources"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # the job that owns the server; None for an endpoint's replica (owner_kind 'endpoint')
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
     owner_kind: Mapped[str] = mapped_column(String(16), default="job", server_default="job")
     owner_id: Mapped[str] = mapped_column(String(64))
     project_id: Mapped[str] = mapped_column(String(64))
@@ -145,6 +148,14 @@ class Resource(Base):
     # the token of the allocate run that claimed this server's creation (server_id is None
     # until it is created); None once created, or when nobody claimed it
     creating: Mapped[str | None] = mapped_column(String(32))
+    # a serving replica (owner_kind 'endpoint', role 'replica'): the model version it serves,
+    # its REST port (`port` above is the SSH port), where it is in its life, its health
+    version: Mapped[int | None]
+    serving_port: Mapped[int | None]
+    replica_state: Mapped[str | None] = mapped_column(String(16))
+    ready_at: Mapped[datetime | None]
+    last_health_at: Mapped[datetime | None]
+    health_failures: Mapped[int] = mapped_column(default=0, server_default="0")
 
     __table_args__ = (Index("ix_resources_owner", "owner_kind", "owner_id"),)
 
@@ -200,3 +211,123 @@ class FairShare(Base):
     project_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_admitted_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
     admitted: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class Model(Base):
+    """A registered model of a project: named versions of SavedModels, labels that point at them."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the number the next version gets: versions are never reused, even after a delete
+    next_version: Mapped[int] = mapped_column(default=1, server_default="1")
+
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_models_project_name"),)
+
+
+class ModelVersion(Base):
+    """One version of a model: a SavedModel in the store, checked (checksums, signature)."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int]
+    state: Mapped[str] = mapped_column(String(16))  # CREATING | READY | FAILED
+    artifact_uri: Mapped[str] = mapped_column(Text)
+    # {"<path relative to the artifact>": {"size": int, "md5": str}}
+    checksums: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # serving_default: {"method_name", "inputs": {name: {"dtype", "shape"}}, "outputs": {...}}
+    signature: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    source_job_id: Mapped[str | None] = mapped_column(String(40))
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    failure_message: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("model_id", "version", name="uq_model_versions_model_version"),
+    )
+
+
+class ModelLabel(Base):
+    """A label (`default`, any name) pointing at a version of its model."""
+
+    __tablename__ = "model_labels"
+
+    model_id: Mapped[str] = mapped_column(
+        ForeignKey("models.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    version: Mapped[int]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelLabelHistory(Base):
+    """Every move of a label, append-only: to_version None = the label was removed."""
+
+    __tablename__ = "model_label_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    label: Mapped[str] = mapped_column(String(63))
+    from_version: Mapped[int | None]
+    to_version: Mapped[int | None]
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    by: Mapped[str] = mapped_column(String(64))  # a user id, or "system"
+    why: Mapped[str] = mapped_column(Text, default="", server_default="")
+
+    __table_args__ = (Index("ix_model_label_history_model_at", "model_id", "at", "id"),)
+
+
+class Endpoint(Base):
+    """A model's online-prediction endpoint: replicas (resources rows with owner_kind
+    'endpoint') serving the version its label points at, or a pinned version."""
+
+    __tablename__ = "endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(63), default="default", server_default="default")
+    # CREATING | READY | UPDATING | DELETING | DELETED | FAILED
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    # exactly one set: the endpoint follows a label, or pins a version
+    target_label: Mapped[str | None] = mapped_column(String(63))
+    target_version: Mapped[int | None]
+    # the version that receives traffic now (moved by the rolling switch only)
+    serving_version: Mapped[int | None]
+    # optional split {"<version>": percent, ...} summing to 100
+    traffic: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    replicas: Mapped[int] = mapped_column(default=1)
+    flavor: Mapped[str] = mapped_column(String(64))
+    log_sample_rate: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    failure_message: Mapped[str | None] = mapped_column(Text)
+    # the endpoint's own SSH key for its replicas, Fernet-encrypted (as for jobs)
+    ssh_key_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    ssh_public_key: Mapped[str | None] = mapped_column(Text)
+    # the Keystone trust the workers act through in the project (as jobs.trust_id)
+    trust_id: Mapped[str | None] = mapped_column(String(64))
+    step_lease_owner: Mapped[str | None] = mapped_column(String(64))
+    step_lease_until: Mapped[datetime | None]
+    last_progress_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        # at most one endpoint per model that is not DELETED
+        Index(
+            "uq_endpoints_model_live",
+            "model_id",
+            unique=True,
+            postgresql_where=text("state <> 'DELETED'"),
+            sqlite_where=text("state <> 'DELETED'"),
+        ),
+    )

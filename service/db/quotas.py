@@ -357,9 +357,12 @@ def usage_report(
         m = meter([iv], now, since, until)
         if m.vm_seconds <= 0:
             continue
-        row = rows.get(res.job_id)
+        job_id = res.job_id
+        if job_id is None:  # joined with its job: never None here
+            continue
+        row = rows.get(job_id)
         if row is None:
-            row = rows[res.job_id] = UsageRow(res.job_id, name, res.project_id, state)
+            row = rows[job_id] = UsageRow(job_id, name, res.project_id, state)
         row.metered = row.metered + m
     return list(rows.values())
 
