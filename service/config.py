@@ -106,6 +106,17 @@ class Settings(BaseSettings):
     serving_log_batch_seconds: float = Field(default=5.0, gt=0)
     serving_log_max_body_bytes: int = Field(default=64 * 1024, ge=0)
     serving_log_flush_seconds: float = Field(default=10.0, ge=0)
+    # Endpoint replicas (workers/steps/serve.py): the model server's REST port; a replica not
+    # AVAILABLE this long after its server started loading fails; a ready replica failing this
+    # many health checks in a row is replaced; a drained replica is deleted after this long; a
+    # version whose replicas failed this many times (none ever ready) is given up; the most
+    # replicas an endpoint may ask for.
+    serving_port: int = Field(default=8501, ge=1, le=65535)
+    serving_load_deadline: float = Field(default=300.0, gt=0)
+    serving_health_failures: int = Field(default=3, ge=1)
+    serving_drain_seconds: float = Field(default=2.0, ge=0)
+    serving_max_failures: int = Field(default=3, ge=1)
+    serving_max_replicas: int = Field(default=16, ge=1)
     # metric points stored per job; later metric lines are logged and skipped
     max_metric_points: int = Field(default=10_000, ge=0)
     boot_deadline: float = 60

@@ -16,6 +16,7 @@ EXPORT = "stackml.export"
 TEARDOWN = "stackml.teardown"
 CANCEL = "stackml.cancel"
 RECONCILE = "stackml.reconcile"
+CONVERGE_ENDPOINT = "stackml.converge_endpoint"  # an endpoint id, not a job id
 
 
 @functools.cache
