@@ -92,6 +92,7 @@ def _fields(buf: memoryview) -> list[tuple[int, int, Any]]:
     while pos < end:
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
+        value: Any
         if number == 0:
             raise SavedModelError("field number 0")
         if wire == _VARINT:
