@@ -26,6 +26,7 @@ from flask import Flask, current_app, request
 
 from service.api.auth import current_project
 from service.api.errors import RateLimited
+from service.api.predict import PREDICT_RULES
 from service.config import Settings
 from service.redact import redact
 
@@ -34,6 +35,8 @@ log = logging.getLogger("stackml.api.ratelimit")
 EXTENSION = "stackml.ratelimit"
 # (method, URL rule) -> the bucket it draws from
 LIMITED = {("POST", "/v1/jobs"): "jobs", ("POST", "/v1/packages"): "packages"}
+LIMITED.update({("POST", rule): "predict" for rule in PREDICT_RULES})
+NOUNS = {"jobs": "job submissions", "packages": "package uploads", "predict": "predictions"}
 REDIS_TIMEOUT = 0.5
 # what redis-py connects to; another broker URL (e.g. kombu's memory://) has no shared counter
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -92,6 +95,7 @@ class Limiter:
             per_minute={
                 "jobs": settings.rate_limit_jobs_per_minute,
                 "packages": settings.rate_limit_packages_per_minute,
+                "predict": settings.rate_limit_predict_per_minute,
             },
         )
 
@@ -122,7 +126,7 @@ class Limiter:
         if int(allowed):
             return
         retry_after = max(1, math.ceil(float(wait)))
-        noun = "job submissions" if kind == "jobs" else "package uploads"
+        noun = NOUNS.get(kind, kind)
         raise RateLimited(
             f"too many {noun} for project {project}: at most {limit} a minute; "
             f"retry in {retry_after}s",

@@ -1,0 +1,531 @@
+"""Online prediction: the API proxies TensorFlow Serving's REST calls to an endpoint's replicas.
+
+Routes (TF Serving's shapes; `verb` is predict, classify or regress):
+
+    POST /v1/models/<name>:<verb>                      the endpoint's default route
+    POST /v1/models/<name>/versions/<v>:<verb>         a version its replicas serve
+    POST /v1/models/<name>/labels/<label>:<verb>       the version a label points at
+    GET  /v1/models/<name>/metadata, /versions/<v>/metadata
+
+The default route goes to the endpoint's `serving_version`, or, when the endpoint has a
+`traffic` split, to the version a stable hash of the caller key picks (header
+`X-Stackml-Caller`, else the caller's Keystone user id, else the client address): the same
+caller always lands on the same version, and the split's percentages hold over many callers.
+
+A replica is a `resources` row of the model's endpoint (owner_kind 'endpoint') in
+replica_state 'ready' serving the target version; the rows are read from the database and
+cached for `predict_route_cache_seconds` (dropped at once on a failure). Each replica has a
+keep-alive connection pool (urllib3). A request is always forwarded to the replica's explicit
+version path (`/v1/models/<name>/versions/<v>:<verb>`), so the `X-Model-Version` header names
+the version that answered. A connection failure, a reset, or a 502/503 from a replica is
+retried ONCE on another ready replica of the same version (predict is idempotent), and the
+failed replica is avoided for `predict_suspect_seconds`. The replica's answer (status, body,
+TF Serving's `{"error": ...}` included) passes through unchanged; the platform's own refusals
+use the API's error shape: 404 not_found (no such model, version or label in the caller's
+project), 503 no_replica + Retry-After, 504 replica_timeout, 413, 429.
+
+Roles: predicting and reading metadata need the `reader` role (they change nothing in the
+project); see docs/security.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+from flask import Blueprint, Flask, Response, current_app, g, request
+from flask.blueprints import BlueprintSetupState
+from sqlalchemy import select
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ReadTimeoutError
+
+from service.api import auth, ctx
+from service.api.auth import READER, current, current_project, requires
+from service.api.errors import request_id
+from service.config import Settings
+from service.db.models import Endpoint, Model, ModelLabel, ModelVersion, Resource
+from service.domain.errors import NotFound, StackMLError
+from service.serving_log import Record, ServingLog
+
+log = logging.getLogger("stackml.api.predict")
+
+bp = Blueprint("predict", __name__)
+
+EXTENSION = "stackml.predict"
+LOG_EXTENSION = "stackml.serving_log"
+VERBS = ("predict", "classify", "regress")
+_VERB = "<any(predict, classify, regress):verb>"
+RULE_DEFAULT = f"/v1/models/<name>:{_VERB}"
+RULE_VERSION = f"/v1/models/<name>/versions/<int:version>:{_VERB}"
+RULE_LABEL = f"/v1/models/<name>/labels/<label>:{_VERB}"
+PREDICT_RULES = (RULE_DEFAULT, RULE_VERSION, RULE_LABEL)
+NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+CALLER_HEADER = "X-Stackml-Caller"
+VERSION_HEADER = "X-Model-Version"
+RETRY_STATUSES = frozenset({502, 503})
+NO_REPLICA_RETRY_AFTER = 1
+# what passes from a replica's answer to the client (hop-by-hop and length are ours)
+PASSED_HEADERS = ("Content-Type",)
+
+
+class NoReplica(StackMLError):
+    """No ready replica serves the version the request goes to (or none answered)."""
+
+    status = 503
+    code = "no_replica"
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = NO_REPLICA_RETRY_AFTER
+
+
+class ReplicaTimeout(StackMLError):
+    status = 504
+    code = "replica_timeout"
+
+
+@dataclass(frozen=True)
+class Replica:
+    host: str
+    port: int
+    version: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the database says about one model, as the proxy needs it (cached briefly)."""
+
+    model_id: str
+    versions: frozenset[int]
+    labels: dict[str, int]
+    endpoint_id: str | None
+    serving_version: int | None
+    traffic: tuple[tuple[int, int], ...]  # (version, percent), by version
+    log_sample_rate: float
+    replicas: dict[int, tuple[Replica, ...]]
+    read_at: float
+
+
+def split_version(traffic: tuple[tuple[int, int], ...], key: str) -> int | None:
+    """The version of a traffic split a caller key lands on: a stable hash of the key picks a
+    point in [0, 100); the versions own consecutive ranges of their percent, by version."""
+    total = sum(p for _, p in traffic)
+    if total <= 0:
+        return None
+    digest = hashlib.sha256(key.encode("utf-8", errors="replace")).digest()
+    point = int.from_bytes(digest[:8], "big") % total
+    upto = 0
+    for version, percent in traffic:
+        upto += percent
+        if point < upto:
+            return version
+    return traffic[-1][0]
+
+
+def _traffic(raw: Any) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            try:
+                version, percent = int(k), int(v)
+            except (TypeError, ValueError):
+                continue
+            if percent > 0:
+                out.append((version, percent))
+    return tuple(sorted(out))
+
+
+class Proxy:
+    """The routing cache, the connection pools and the suspect list of one app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache_seconds = settings.predict_route_cache_seconds
+        self.suspect_seconds = settings.predict_suspect_seconds
+        self.timeout = urllib3.Timeout(
+            connect=settings.predict_connect_timeout, read=settings.predict_read_timeout
+        )
+        self._routes: dict[tuple[str, str], Route] = {}
+        self._pools: dict[tuple[str, int], urllib3.HTTPConnectionPool] = {}
+        self._suspect: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()
+        self._turn = itertools.count()
+
+    # -- routing table ------------------------------------------------------------------
+
+    def route(self, project: str, name: str) -> Route:
+        key = (project, name)
+        now = time.monotonic()
+        cached = self._routes.get(key)
+        if cached is not None and now - cached.read_at < self.cache_seconds:
+            return cached
+        route = self._read(project, name, now)
+        with self._lock:
+            self._routes[key] = route
+        return route
+
+    def forget(self, project: str, name: str) -> None:
+        with self._lock:
+            self._routes.pop((project, name), None)
+
+    def _read(self, project: str, name: str, now: float) -> Route:
+        with ctx().session() as s:
+            model_id = s.scalar(
+                select(Model.id).where(Model.project_id == project, Model.name == name)
+            )
+            if model_id is None:
+                raise NotFound(f"no model {name!r} in this project", details={"model": name})
+            versions = frozenset(
+                s.scalars(select(ModelVersion.version).where(ModelVersion.model_id == model_id))
+            )
+            labels = {
+                n: v
+                for n, v in s.execute(
+                    select(ModelLabel.name, ModelLabel.version).where(
+                        ModelLabel.model_id == model_id
+                    )
+                )
+            }
+            ep = s.scalars(
+                select(Endpoint)
+                .where(Endpoint.model_id == model_id, Endpoint.state != "DELETED")
+                .order_by(Endpoint.created_at.desc())
+                .limit(1)
+            ).first()
+            replicas: dict[int, list[Replica]] = {}
+            if ep is not None:
+                rows = s.execute(
+                    select(Resource.host, Resource.serving_port, Resource.version)
+                    .where(
+                        Resource.owner_kind == "endpoint",
+                        Resource.owner_id == ep.id,
+                        Resource.replica_state == "ready",
+                    )
+                    .order_by(Resource.id)
+                )
+                for host, port, version in rows:
+                    if host and port and version is not None:
+                        replicas.setdefault(int(version), []).append(
+                            Replica(str(host), int(port), int(version))
+                        )
+            return Route(
+                model_id=model_id,
+                versions=versions,
+                labels=labels,
+                endpoint_id=ep.id if ep is not None else None,
+                serving_version=ep.serving_version if ep is not None else None,
+                traffic=_traffic(ep.traffic) if ep is not None else (),
+                log_sample_rate=float(ep.log_sample_rate or 0.0) if ep is not None else 0.0,
+                replicas={v: tuple(r) for v, r in replicas.items()},
+                read_at=now,
+            )
+
+    # -- replicas -----------------------------------------------------------------------
+
+    def pick(self, replicas: tuple[Replica, ...], avoid: Replica | None = None) -> Replica:
+        """Round robin over the replicas that are not suspect (all of them if every one is);
+        never `avoid` while another exists."""
+        now = time.monotonic()
+        pool = [r for r in replicas if r != avoid] or list(replicas)
+        healthy = [r for r in pool if self._suspect.get(r.key, 0.0) <= now] or pool
+        return healthy[next(self._turn) % len(healthy)]
+
+    def suspect(self, replica: Replica) -> None:
+        with self._lock:
+            self._suspect[replica.key] = time.monotonic() + self.suspect_seconds
+
+    def pool(self, replica: Replica) -> urllib3.HTTPConnectionPool:
+        pool = self._pools.get(replica.key)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.get(replica.key)
+                if pool is None:
+                    pool = urllib3.HTTPConnectionPool(
+                        replica.host,
+                        replica.port,
+                        maxsize=self.settings.predict_pool_size,
+                        block=False,
+                        timeout=self.timeout,
+                        retries=False,
+                    )
+                    self._pools[replica.key] = pool
+        return pool
+
+    def call(
+        self, replica: Replica, method: str, path: str, body: bytes | None
+    ) -> urllib3.BaseHTTPResponse:
+        headers = {"X-Request-Id": request_id()}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        return self.pool(replica).urlopen(
+            method,
+            path,
+            body=body,
+            headers=headers,
+            retries=False,
+            redirect=False,
+            preload_content=True,
+            timeout=self.timeout,
+        )
+
+    def forward(
+        self, project: str, name: str, route: Route, version: int, method: str, suffix: str,
+        body: bytes | None,
+    ) -> urllib3.BaseHTTPResponse:  # fmt: skip
+        """The answer of a ready replica of `version` (one retry on another on a failure)."""
+        replicas = route.replicas.get(version, ())
+        if not replicas:
+            raise NoReplica(
+                f"no ready replica of model {name!r} serves version {version}; retry later",
+                details={"model": name, "version": version},
+            )
+        path = f"/v1/models/{name}/versions/{version}{suffix}"
+        first = self.pick(replicas)
+        try:
+            resp = self.call(first, method, path, body)
+            if resp.status not in RETRY_STATUSES:
+                return resp
+            failed: str = f"HTTP {resp.status}"
+        except ReadTimeoutError as e:
+            raise ReplicaTimeout(
+                f"the replica serving version {version} did not answer within "
+                f"{self.settings.predict_read_timeout:g}s",
+                details={"model": name, "version": version},
+            ) from e
+        except Urllib3Error as e:
+            resp = None
+            failed = type(e).__name__
+        self.suspect(first)
+        self.forget(project, name)
+        log.warning(
+            "predict %s: replica %s:%d (%s v%d) failed (%s); retrying once on another",
+            request_id(), first.host, first.port, name, version, failed,
+        )  # fmt: skip
+        second = self.pick(replicas, avoid=first)
+        try:
+            again = self.call(second, method, path, body)
+        except ReadTimeoutError as e:
+            raise ReplicaTimeout(
+                f"the replica serving version {version} did not answer within "
+                f"{self.settings.predict_read_timeout:g}s",
+                details={"model": name, "version": version},
+            ) from e
+        except Urllib3Error as e:
+            self.suspect(second)
+            if resp is not None:
+                return resp  # the first replica's own 502/503 answer passes through
+            raise NoReplica(
+                f"no replica of model {name!r} version {version} answered; retry later",
+                details={"model": name, "version": version, "tried": 2},
+            ) from e
+        if again.status in RETRY_STATUSES:
+            self.suspect(second)
+        return again
+
+
+def proxy() -> Proxy:
+    p: Proxy = current_app.extensions[EXTENSION]
+    return p
+
+
+def serving_log() -> ServingLog:
+    s: ServingLog = current_app.extensions[LOG_EXTENSION]
+    return s
+
+
+def _setup(state: BlueprintSetupState) -> None:
+    app = state.app
+    assert isinstance(app, Flask)
+    context = app.extensions["stackml"]
+    settings: Settings = context.settings
+    app.extensions[EXTENSION] = Proxy(settings)
+    app.extensions[LOG_EXTENSION] = ServingLog(
+        context.store_for,
+        buffer_bytes=settings.serving_log_buffer_bytes,
+        batch_records=settings.serving_log_batch_records,
+        batch_seconds=settings.serving_log_batch_seconds,
+        max_body_bytes=settings.serving_log_max_body_bytes,
+        flush_seconds=settings.serving_log_flush_seconds,
+    )
+
+
+bp.record_once(_setup)
+
+
+@bp.after_request
+def _stamp_version(resp: Response) -> Response:
+    """Every answer of these routes names the model version (empty when none was chosen)."""
+    if VERSION_HEADER not in resp.headers:
+        version = g.get("stackml_model_version")
+        resp.headers[VERSION_HEADER] = "" if version is None else str(version)
+    return resp
+
+
+# -- the views ------------------------------------------------------------------------------
+
+
+@bp.post(RULE_DEFAULT)
+@requires(READER)
+def predict_default(name: str, verb: str) -> Response:
+    return _predict(name, verb)
+
+
+@bp.post(RULE_VERSION)
+@requires(READER)
+def predict_version(name: str, version: int, verb: str) -> Response:
+    return _predict(name, verb, version=version)
+
+
+@bp.post(RULE_LABEL)
+@requires(READER)
+def predict_label(name: str, label: str, verb: str) -> Response:
+    return _predict(name, verb, label=label)
+
+
+@bp.get("/v1/models/<name>/metadata")
+def metadata_default(name: str) -> Response:
+    return _metadata(name)
+
+
+@bp.get("/v1/models/<name>/versions/<int:version>/metadata")
+def metadata_version(name: str, version: int) -> Response:
+    return _metadata(name, version=version)
+
+
+def _caller_key() -> str:
+    given = request.headers.get(CALLER_HEADER)
+    if given:
+        return given
+    # noauth's one user says nothing about who calls
+    if not isinstance(current_app.extensions[auth.EXTENSION], auth.NoAuth):
+        user = current().user_id
+        if user:
+            return f"user:{user}"
+    return f"addr:{request.remote_addr or ''}"
+
+
+def _target(
+    name: str, route: Route, version: int | None, label: str | None
+) -> tuple[int, str | None]:
+    """(the version the request goes to, the caller key when the split decided)."""
+    if version is not None:
+        if version not in route.versions:
+            raise NotFound(
+                f"model {name!r} has no version {version}",
+                details={"model": name, "version": version},
+            )
+        return version, None
+    if label is not None:
+        target = route.labels.get(label)
+        if target is None:
+            raise NotFound(
+                f"model {name!r} has no label {label!r}", details={"model": name, "label": label}
+            )
+        return target, None
+    if route.endpoint_id is None:
+        raise NoReplica(
+            f"model {name!r} has no endpoint: deploy a version first",
+            details={"model": name, "reason": "no_endpoint"},
+        )
+    if route.traffic:
+        key = _caller_key()
+        chosen = split_version(route.traffic, f"{route.endpoint_id}\0{key}")
+        if chosen is not None and route.replicas.get(chosen):
+            return chosen, key
+    if route.serving_version is None:
+        raise NoReplica(
+            f"the endpoint of model {name!r} serves no version yet; retry later",
+            details={"model": name, "reason": "not_serving"},
+        )
+    return route.serving_version, None
+
+
+def _lookup(name: str) -> tuple[Proxy, str, Route]:
+    if not NAME_RE.match(name):
+        raise NotFound(f"no model {name[:64]!r} in this project", details={"model": name[:64]})
+    p = proxy()
+    project = current_project()
+    return p, project, p.route(project, name)
+
+
+def _predict(
+    name: str, verb: str, *, version: int | None = None, label: str | None = None
+) -> Response:
+    started = time.perf_counter()
+    if version is not None:
+        g.stackml_model_version = version
+    p, project, route = _lookup(name)
+    target, key = _target(name, route, version, label)
+    g.stackml_model_version = target
+    request.max_content_length = ctx().settings.predict_max_body_bytes
+    body = request.get_data(cache=False)
+    upstream = p.forward(project, name, route, target, "POST", f":{verb}", body)
+    resp = _answer(upstream, target)
+    slog = serving_log()
+    if route.log_sample_rate > 0 and slog.sampled(route.log_sample_rate):
+        _log(slog, project, name, route, target, key, body, resp, started)
+    return resp
+
+
+def _metadata(name: str, *, version: int | None = None) -> Response:
+    if version is not None:
+        g.stackml_model_version = version
+    p, project, route = _lookup(name)
+    target, _ = _target(name, route, version, None)
+    g.stackml_model_version = target
+    upstream = p.forward(project, name, route, target, "GET", "/metadata", None)
+    return _answer(upstream, target)
+
+
+def _answer(upstream: urllib3.BaseHTTPResponse, version: int) -> Response:
+    resp = Response(upstream.data, status=upstream.status)
+    resp.headers["Content-Type"] = upstream.headers.get("Content-Type", "application/json")
+    resp.headers[VERSION_HEADER] = str(version)
+    return resp
+
+
+def _log(
+    slog: ServingLog,
+    project: str,
+    name: str,
+    route: Route,
+    version: int,
+    key: str | None,
+    body: bytes,
+    resp: Response,
+    started: float,
+) -> None:
+    caller = key if key is not None else _caller_key()
+    req, req_cut = slog.cut(body)
+    out, out_cut = slog.cut(resp.get_data())
+    slog.record(
+        Record(
+            project_id=project,
+            model=name,
+            version=version,
+            endpoint=route.endpoint_id,
+            request_id=request_id(),
+            at=time.time(),
+            caller=hashlib.sha256(caller.encode("utf-8", errors="replace")).hexdigest()[:16],
+            status=resp.status_code,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+            request=req,
+            response=out,
+            request_truncated=req_cut,
+            response_truncated=out_cut,
+        )
+    )
+
+
+__all__ = ["PREDICT_RULES", "NoReplica", "Proxy", "Route", "bp", "split_version"]
