@@ -673,6 +673,12 @@ def _schemas() -> dict[str, Any]:
     return schemas
 
 
+def _predict_paths() -> dict[str, Any]:
+    from service.api.openapi_predict import paths
+
+    return paths()
+
+
 @functools.cache
 def _document() -> dict[str, Any]:
     return {
@@ -683,7 +689,7 @@ def _document() -> dict[str, Any]:
             "description": "Cloud ML on OpenStack: training jobs, packages, models.",
         },
         "servers": [{"url": "/"}],
-        "paths": _paths(),
+        "paths": {**_paths(), **_predict_paths()},
         "components": {
             "schemas": _schemas(),
             "headers": {

@@ -61,7 +61,7 @@ bp = Blueprint("predict", __name__)
 EXTENSION = "stackml.predict"
 LOG_EXTENSION = "stackml.serving_log"
 VERBS = ("predict", "classify", "regress")
-_VERB = "<any(predict, classify, regress):verb>"
+_VERB = "<verb>"  # predict, classify or regress (checked by the view: anything else is a 404)
 RULE_DEFAULT = f"/v1/models/<name>:{_VERB}"
 RULE_VERSION = f"/v1/models/<name>/versions/<int:version>:{_VERB}"
 RULE_LABEL = f"/v1/models/<name>/labels/<label>:{_VERB}"
@@ -465,6 +465,11 @@ def _predict(
     started = time.perf_counter()
     if version is not None:
         g.stackml_model_version = version
+    if verb not in VERBS:
+        raise NotFound(
+            f"no such method {verb[:32]!r}: use :predict, :classify or :regress",
+            details={"method": verb[:32]},
+        )
     p, project, route = _lookup(name)
     target, key = _target(name, route, version, label)
     g.stackml_model_version = target
