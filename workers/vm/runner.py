@@ -19,6 +19,10 @@ Commands (each prints one JSON object on stdout):
     start JOBDIR        start the trainer detached (idempotent)
     export JOBDIR       upload model/ with the write grant read from stdin
     kill JOBDIR         stop the trainer's process group
+    serve JOBDIR        fetch serve.json's model versions (size + md5 checked) into models/<V>/
+                        and start the model server detached (idempotent; log, heartbeat, pid,
+                        exit_code as for a trainer)
+    stop-serving JOBDIR SIGTERM the model server, SIGKILL after STOP_GRACE seconds
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -426,7 +432,284 @@ def kill(job_dir: str) -> dict:
     return {"ok": True, "killed": True}
 
 
-COMMANDS = {"prepare": prepare, "start": start, "export": export, "kill": kill}
+# -- serve -----------------------------------------------------------------------------------
+
+SERVE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
+MODEL_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_server.py")
+TF_SERVING_BIN = "tensorflow_model_server"
+STOP_GRACE = 10.0
+
+
+def _load_serving(job_dir: str) -> dict:
+    """serve.json, checked: a model name, a port, versions of files with safe relative paths."""
+    try:
+        with open(os.path.join(job_dir, "serve.json")) as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise RunnerError(f"cannot read serve.json: {e}") from e
+    if not isinstance(cfg, dict):
+        raise RunnerError("serve.json is not a JSON object")
+    name, port = cfg.get("model_name"), cfg.get("port")
+    if not isinstance(name, str) or not SERVE_NAME.match(name):
+        raise RunnerError(f"serve.json: model_name {name!r} is not a model name")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise RunnerError(f"serve.json: port {port!r} is not a TCP port")
+    if not isinstance(cfg.get("runtime"), str) or not os.path.isabs(cfg["runtime"]):
+        raise RunnerError("serve.json: runtime must be an absolute path")
+    versions = cfg.get("versions")
+    if not isinstance(versions, list) or not versions:
+        raise RunnerError("serve.json: versions must be a non-empty list")
+    seen: set[int] = set()
+    for v in versions:
+        number = v.get("version") if isinstance(v, dict) else None
+        if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+            raise RunnerError(f"serve.json: version {number!r} is not an integer >= 1")
+        if number in seen:
+            raise RunnerError(f"serve.json: version {number} is listed twice")
+        seen.add(number)
+        files = v.get("files")
+        if not isinstance(files, list) or not files:
+            raise RunnerError(f"serve.json: version {number} has no files")
+        paths = set()
+        for f in files:
+            if not isinstance(f, dict):
+                raise RunnerError(f"serve.json: version {number}: a file is not an object")
+            _check_rel_path(f.get("path"))
+            url, size, md5 = f.get("url"), f.get("size"), f.get("md5")
+            if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in (
+                "http",
+                "https",
+            ):
+                raise RunnerError(f"serve.json: {f['path']}: url must be http(s)")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise RunnerError(f"serve.json: {f['path']}: size must be an integer >= 0")
+            if not isinstance(md5, str) or not MD5_HEX.match(md5):
+                raise RunnerError(f"serve.json: {f['path']}: md5 must be 32 hex digits")
+            paths.add(f["path"])
+        if "saved_model.pb" not in paths:
+            raise RunnerError(f"serve.json: version {number} has no saved_model.pb at its root")
+    return cfg
+
+
+def _check_rel_path(path: object) -> None:
+    if not isinstance(path, str) or not path or len(path) > 1024:
+        raise RunnerError(f"serve.json: file path {path!r} is not a path")
+    if any(ord(c) < 32 or ord(c) == 127 for c in path) or "\\" in path:
+        raise RunnerError(f"serve.json: file path {path!r} has control characters")
+    parts = path.split("/")
+    if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise RunnerError(f"serve.json: file path {path!r} must be relative, without . or ..")
+
+
+def _file_md5(path: str) -> str:
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def _fetch_verified(url: str, target: str, size: int, md5_hex: str) -> bool:
+    """GET url into target, checking size and md5; False when target already holds it."""
+    if os.path.isfile(target) and os.path.getsize(target) == size:
+        if _file_md5(target) == md5_hex:
+            return False
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    md5 = hashlib.md5(usedforsecurity=False)
+    got = 0
+    part = target + ".part"
+    try:
+        with _http("GET", url) as resp, open(part, "wb") as out:
+            while chunk := resp.read(1 << 20):
+                got += len(chunk)
+                if got > size:
+                    break
+                md5.update(chunk)
+                out.write(chunk)
+        if got != size:
+            raise RunnerError(
+                f"{os.path.basename(target)}: fetched {'more than ' if got > size else ''}"
+                f"{got} bytes, expected {size}"
+            )
+        if md5.hexdigest() != md5_hex:
+            raise RunnerError(
+                f"{os.path.basename(target)}: md5 {md5.hexdigest()} != expected {md5_hex}"
+            )
+    except BaseException:
+        if os.path.exists(part):
+            os.unlink(part)
+        raise
+    os.replace(part, target)
+    return True
+
+
+def model_server_argv(job_dir: str, cfg: dict) -> list[str]:
+    """tensorflow_model_server when the image has it, else stackml's model server (same flags)."""
+    flags = [
+        f"--rest_api_port={cfg['port']}",
+        f"--model_name={cfg['model_name']}",
+        f"--model_base_path={os.path.join(job_dir, 'models')}",
+    ]
+    choice = cfg.get("server", "auto")
+    if choice not in ("auto", "tfserving", "stackml"):
+        raise RunnerError(f"serve.json: server {choice!r} is not auto, tfserving or stackml")
+    tfs = shutil.which(TF_SERVING_BIN, path="/usr/bin:/usr/local/bin:/bin")
+    if choice == "tfserving" or (choice == "auto" and tfs):
+        if tfs is None:
+            raise RunnerError(f"serve.json asks for {TF_SERVING_BIN}, which is not installed")
+        # gRPC on the REST port + 1: two replicas on one host network do not collide on 8500
+        return [tfs, f"--port={int(cfg['port']) + 1}", *flags]
+    return [os.path.join(job_dir, "env", "bin", "python"), MODEL_SERVER, *flags]
+
+
+def serve(job_dir: str) -> dict:
+    """Fetch the versions' files (size + md5 checked), then start the server detached."""
+    cfg = _load_serving(job_dir)
+    t0 = time.monotonic()
+    attach_runtime(cfg["runtime"], os.path.join(job_dir, "env"))
+    fetched = 0
+    models = os.path.join(job_dir, "models")
+    for v in cfg["versions"]:
+        for f in v["files"]:
+            target = os.path.join(models, str(v["version"]), *f["path"].split("/"))
+            fetched += _fetch_verified(f["url"], target, f["size"], f["md5"])
+    argv = model_server_argv(job_dir, cfg)
+    t_fetch = time.monotonic() - t0
+    try:
+        fd = os.open(os.path.join(job_dir, "started"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return {"ok": True, "already_started": True, "pid": _read_pid(job_dir), **_exited(job_dir)}
+    os.close(fd)
+    child = os.fork()
+    if child > 0:
+        os.waitpid(child, 0)
+        pid = _wait_pid(job_dir, 10.0)
+        return {
+            "ok": True,
+            "already_started": False,
+            "pid": pid,
+            "server": os.path.basename(argv[0] if argv[0].endswith(TF_SERVING_BIN) else argv[1]),
+            "fetched": fetched,
+            "fetch_seconds": round(t_fetch, 3),
+        }
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    code = 1
+    try:
+        code = _supervise_argv(job_dir, argv, {"VIRTUAL_ENV": os.path.join(job_dir, "env")})
+    finally:
+        _write_atomic(os.path.join(job_dir, "exit_code"), f"{code}\n")
+        os._exit(0)
+
+
+def _supervise_argv(job_dir: str, argv: list[str], extra_env: dict[str, str]) -> int:
+    """Run argv in its own session with log, heartbeat and pid files, as _supervise does."""
+    env = {
+        "HOME": os.environ.get("HOME", job_dir),
+        "PATH": f"{job_dir}/env/bin:/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "1",
+        **extra_env,
+    }
+    log = open(os.path.join(job_dir, "log"), "ab")
+    stop = threading.Event()
+    hb = os.path.join(job_dir, "heartbeat")
+
+    def beat() -> None:
+        while not stop.is_set():
+            with open(hb, "w") as fh:
+                fh.write(f"{time.time()}\n")
+            stop.wait(HEARTBEAT)
+
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=job_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as e:
+        log.write(f"stackml-runner: cannot start {argv[0]}: {e}\n".encode())
+        log.close()
+        stop.set()
+        return 127
+    _write_atomic(os.path.join(job_dir, "pid"), f"{proc.pid}\n")
+    code = proc.wait()
+    stop.set()
+    if code < 0:
+        log.write(f"stackml-runner: the server was killed by signal {-code}\n".encode())
+        code = 128 - code
+    log.close()
+    return code
+
+
+def _read_pid(job_dir: str) -> int | None:
+    try:
+        with open(os.path.join(job_dir, "pid")) as fh:
+            return int(fh.read().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _wait_pid(job_dir: str, timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = _read_pid(job_dir)
+        if pid is not None or os.path.exists(os.path.join(job_dir, "exit_code")):
+            return pid
+        time.sleep(0.02)
+    return None
+
+
+def _exited(job_dir: str) -> dict:
+    try:
+        with open(os.path.join(job_dir, "exit_code")) as fh:
+            return {"exit_code": int(fh.read().strip())}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def stop_serving(job_dir: str) -> dict:
+    """SIGTERM the server's process group, SIGKILL it after STOP_GRACE seconds."""
+    pgid = _read_pid(job_dir)
+    if pgid is None:
+        return {"ok": True, "stopped": False}
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return {"ok": True, "stopped": False}
+    deadline = time.monotonic() + STOP_GRACE
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return {"ok": True, "stopped": True, "forced": False}
+        time.sleep(0.05)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return {"ok": True, "stopped": True, "forced": True}
+
+
+COMMANDS = {
+    "prepare": prepare,
+    "start": start,
+    "export": export,
+    "kill": kill,
+    "serve": serve,
+    "stop-serving": stop_serving,
+}
 
 
 def main(argv: list[str]) -> int:
