@@ -668,9 +668,18 @@ def _paths() -> dict[str, Any]:
 
 
 def _schemas() -> dict[str, Any]:
-    _, top = models_json_schema([(m, "validation") for m in MODELS], ref_template=REF)
+    from service.api.openapi_endpoints import MODELS as ENDPOINT_MODELS
+
+    models = (*MODELS, *ENDPOINT_MODELS)
+    _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     return schemas
+
+
+def _endpoint_paths() -> dict[str, Any]:
+    from service.api.openapi_endpoints import paths
+
+    return paths()
 
 
 def _predict_paths() -> dict[str, Any]:
@@ -689,7 +698,7 @@ def _document() -> dict[str, Any]:
             "description": "Cloud ML on OpenStack: training jobs, packages, models.",
         },
         "servers": [{"url": "/"}],
-        "paths": {**_paths(), **_predict_paths()},
+        "paths": {**_paths(), **_endpoint_paths(), **_predict_paths()},
         "components": {
             "schemas": _schemas(),
             "headers": {

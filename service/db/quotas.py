@@ -17,7 +17,7 @@ from service.backends.interfaces import Flavor
 from service.config import CONFIG_DIR, Settings, get_settings
 from service.db.models import FairShare, Job, ProjectQuota, Resource, utcnow
 from service.domain.errors import BackendError
-from service.domain.states import JobState, ResourceState
+from service.domain.states import JobState, OwnerKind, ResourceState
 from service.quota_policy import (
     KEYS,
     Demand,
@@ -176,13 +176,19 @@ def in_use(
         .join(Job, Job.id == Resource.job_id)
         .where(Resource.state != ResourceState.DELETED.value, Job.state.not_in(_HOLDING))
     )
+    # an endpoint's replica servers are servers the project holds, like a job's
+    serving = select(Resource.project_id, Resource.flavor).where(
+        Resource.owner_kind == OwnerKind.ENDPOINT.value,
+        Resource.state != ResourceState.DELETED.value,
+    )
     if wanted is not None:
         q = q.where(Job.project_id.in_(wanted))
         owing = owing.where(Resource.project_id.in_(wanted))
+        serving = serving.where(Resource.project_id.in_(wanted))
     out: dict[str, Usage] = {p: Usage() for p in wanted or ()}
     for project, spec in s.execute(q):
         out[project] = out.get(project, Usage()).plus(job_demand(spec, flavors, default_flavor))
-    for project, flavor in s.execute(owing):
+    for project, flavor in [*s.execute(owing), *s.execute(serving)]:
         f = flavors.get(flavor)
         out[project] = out.get(project, Usage()).plus(
             Demand(servers=1, gpus=f.gpus if f else 0), jobs=0
