@@ -23,6 +23,9 @@ class ServerSpec:
     public_key: str  # OpenSSH "ssh-ed25519 AAAA..." line, the job's own key
     tags: tuple[tuple[str, str], ...] = ()
     availability_zone: str | None = None
+    # TCP ports the server must accept connections on from the platform (a serving replica's
+    # REST port), besides SSH: the sandbox's network namespace admits them, Nova a rule
+    ingress_ports: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

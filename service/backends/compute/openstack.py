@@ -491,6 +491,38 @@ class OpenStackBackend(ComputeBackend):
             c.sg_id = sg.id
         return str(sg.id)
 
+    def _ensure_ingress(self, sg_id: str, ports: tuple[int, ...]) -> None:
+        """A rule in the group admitting TCP to each of `ports` (ServerSpec.ingress_ports: a
+        serving replica's REST port) from `ssh_cidr`, where the workers and the API are; made
+        once per port (idempotent across workers)."""
+        wanted = sorted({int(p) for p in ports if int(p) != self.ssh_port})
+        if not wanted:
+            return
+        conn = self._conn()
+        with self._translate(f"ensuring ingress rules {wanted} in security group {sg_id}"):
+            sg = conn.network.get_security_group(sg_id)
+            rules = sg.security_group_rules or []
+            for port in wanted:
+                if any(
+                    r.get("direction") == "ingress"
+                    and r.get("protocol") == "tcp"
+                    and (r.get("port_range_min") or 0) <= port <= (r.get("port_range_max") or 65535)
+                    and r.get("remote_ip_prefix") == self.ssh_cidr
+                    for r in rules
+                ):
+                    continue
+                with contextlib.suppress(sdk_exc.ConflictException):
+                    conn.network.create_security_group_rule(
+                        security_group_id=sg_id,
+                        direction="ingress",
+                        ethertype="IPv4",
+                        protocol="tcp",
+                        port_range_min=port,
+                        port_range_max=port,
+                        remote_ip_prefix=self.ssh_cidr,
+                        description="stackml: the API reaches serving replicas",
+                    )
+
     # ------------------------------------------------------------------ servers
 
     def create_server(self, spec: ServerSpec) -> ServerRef:
@@ -499,6 +531,7 @@ class OpenStackBackend(ComputeBackend):
         image_id = self._image_id(spec.image)
         net_id = self._network_id(self.network)
         sg_id = self._security_group_id()
+        self._ensure_ingress(sg_id, spec.ingress_ports)
         conn = self._conn()
         kp = keypair_name(spec.name)
         with self._translate(f"creating keypair {kp}"):

@@ -921,7 +921,9 @@ class SandboxBackend(ComputeBackend):
             if self.network is not None:
                 rec["network"] = self._net_info(sid, slot)  # first: a crash mid-setup is traceable
                 _write(d / "server.json", json.dumps(rec, indent=1))
-                rec["network"] = sandbox_net.setup(self.network, self._tag, sid, slot, d)
+                rec["network"] = sandbox_net.setup(
+                    self.network, self._tag, sid, slot, d, ingress_ports=spec.ingress_ports
+                )
                 _write(d / "server.json", json.dumps(rec, indent=1))
 
             proc = self._spawn(d, spec, cgroups, user.pw_dir, mounts, rec["network"])

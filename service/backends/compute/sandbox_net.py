@@ -240,8 +240,12 @@ def launcher(netns: str) -> list[str]:
     return ["nsenter", f"--net={NETNS_DIR / netns}", "--"]
 
 
-def ruleset(net: SandboxNetwork) -> str:
+def ruleset(net: SandboxNetwork, ingress_ports: tuple[int, ...] = ()) -> str:
+    """The namespace's nft table: out only to the store gateway and the allow list; in only
+    SSH and `ingress_ports` (a serving replica's REST port, ServerSpec.ingress_ports)."""
     allow = "".join(f"    ip daddr {ip} tcp dport {port} accept\n" for ip, port in net.allow)
+    ports = sorted({int(p) for p in ingress_ports if 0 < int(p) < 65536 and int(p) != SSH_PORT})
+    ingress = "".join(f"    tcp dport {p} accept\n" for p in ports)
     return (
         "table inet stackml {\n"
         "  chain output {\n"
@@ -258,12 +262,20 @@ def ruleset(net: SandboxNetwork) -> str:
         '    iifname "lo" accept\n'
         "    ct state established,related accept\n"
         f"    tcp dport {SSH_PORT} accept\n"
+        f"{ingress}"
         "  }\n"
         "}\n"
     )
 
 
-def setup(net: SandboxNetwork, tag: str, sid: str, slot: int, owner: Path) -> dict[str, str]:
+def setup(
+    net: SandboxNetwork,
+    tag: str,
+    sid: str,
+    slot: int,
+    owner: Path,
+    ingress_ports: tuple[int, ...] = (),
+) -> dict[str, str]:
     """Make the sandbox's namespace, veth, routes and nft table; returns what server.json
     records. On failure nothing is left."""
     ensure_gateway(net)
@@ -287,7 +299,7 @@ def setup(net: SandboxNetwork, tag: str, sid: str, slot: int, owner: Path) -> di
             *(f"route replace {ip}/32 via {net.gateway} dev eth0" for ip, _ in net.allow),
         ]
         _run(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(inside) + "\n")
-        _run([*launcher(ns), "nft", "-f", "-"], stdin=ruleset(net))
+        _run([*launcher(ns), "nft", "-f", "-"], stdin=ruleset(net, ingress_ports))
     except BaseException:
         teardown(info, owner)
         raise
