@@ -266,6 +266,51 @@ class ServingLog:
             }
 
 
+# (metric name, stats key, help) of the counters /metrics exports
+COUNTERS = (
+    ("stackml_serving_log_sampled", "sampled", "Sampled predictions accepted into the buffer"),
+    ("stackml_serving_log_written", "written", "Sampled predictions written to the store"),
+    ("stackml_serving_log_batches", "batches", "JSONL objects written to the store"),
+    (
+        "stackml_serving_log_dropped_full",
+        "dropped_full",
+        "Sampled predictions dropped because the buffer was full (a slow or dead store)",
+    ),
+    (
+        "stackml_serving_log_dropped_store",
+        "dropped_store",
+        "Sampled predictions dropped because the store refused their batch",
+    ),
+    (
+        "stackml_serving_log_dropped_shutdown",
+        "dropped_shutdown",
+        "Sampled predictions still buffered when the shutdown flush deadline passed",
+    ),
+    ("stackml_serving_log_store_errors", "store_errors", "Batch writes the store refused"),
+)
+GAUGES = (
+    ("stackml_serving_log_buffered_records", "buffered_records", "Records waiting in the buffer"),
+    ("stackml_serving_log_buffered_bytes", "buffered_bytes", "Bytes the buffer holds now"),
+)
+
+
+class StatsCollector:
+    """A prometheus_client collector of one API process's serving log (its counters)."""
+
+    def __init__(self, get: Callable[[], ServingLog | None]) -> None:
+        self._get = get
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        slog = self._get()
+        stats = slog.stats() if slog is not None else {}
+        for name, key, text in COUNTERS:
+            yield CounterMetricFamily(name, f"{text} (this API process)", value=stats.get(key, 0))
+        for name, key, text in GAUGES:
+            yield GaugeMetricFamily(name, f"{text} (this API process)", value=stats.get(key, 0))
+
+
 def _decode(body: bytes) -> Any:
     """A body as the log line holds it: its JSON when it parses whole, else its text."""
     if not body:
@@ -295,4 +340,4 @@ def _flush_all() -> None:
         slog.close()
 
 
-__all__ = ["Record", "ServingLog"]
+__all__ = ["Record", "ServingLog", "StatsCollector"]

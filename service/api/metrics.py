@@ -283,6 +283,9 @@ def _setup(state: BlueprintSetupState) -> None:
         registry=registry,
     )
     registry.register(PlatformCollector(lambda: app.extensions["stackml"]))
+    from service.serving_log import StatsCollector  # the sampled prediction log's counters
+
+    registry.register(StatsCollector(lambda: app.extensions.get("stackml.serving_log")))
     app.extensions[EXTENSION] = _AppMetrics(registry=registry, latency=latency)
     # first of all before-request hooks, so that requests refused early (401, 413) are timed too
     app.before_request_funcs.setdefault(None, []).insert(0, _start_timer)
