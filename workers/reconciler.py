@@ -20,6 +20,7 @@ from service import queue
 from service.backends.interfaces import ServerState
 from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
+from service.domain.errors import BackendError
 from service.domain.states import TERMINAL, JobState, ResourceState
 from workers import jobctx, pipeline
 from workers.jobctx import db, log
@@ -33,6 +34,7 @@ class Report:
     reaped: list[str] = field(default_factory=list)
     admitted: list[str] = field(default_factory=list)
     trusts: list[str] = field(default_factory=list)  # jobs whose Keystone trust was deleted
+    endpoints: list[str] = field(default_factory=list)  # endpoints re-driven
 
 
 def run() -> Report:
@@ -43,7 +45,66 @@ def run() -> Report:
     _redrive(report)
     _pay_debts(report)
     _reap_orphans(report)
+    _endpoints(report)
     return report
+
+
+def _endpoints(report: Report) -> None:
+    """Endpoints: probe every ready replica (a replica failing `serving_health_failures`
+    checks in a row, or whose server vanished, gets its endpoint re-driven: replaced), re-drive
+    endpoints that stalled (or whose label moved), reap endpoint servers no live row names."""
+    from workers.steps import serve
+
+    cfg = jobctx.settings()
+    for endpoint_id in serve.ready_endpoints():
+        try:
+            if serve.check_health(endpoint_id):
+                with db() as s:
+                    from service.db import endpoints as ep_repo
+                    from service.domain.endpoints import EndpointState
+
+                    ep_repo.set_state(s, endpoint_id, EndpointState.UPDATING, [EndpointState.READY])
+                serve.enqueue(endpoint_id)
+                report.endpoints.append(endpoint_id)
+        except BackendError as e:
+            log.warning("endpoint %s: health check failed: %s", endpoint_id, e)
+    for endpoint_id in serve.stalled(utcnow() - timedelta(seconds=cfg.stuck_after)):
+        serve.enqueue(endpoint_id)
+        report.endpoints.append(endpoint_id)
+    _reap_endpoint_servers(report)
+
+
+def _reap_endpoint_servers(report: Report) -> None:
+    """A server tagged `stackml-endpoint` that no live resource row names, past
+    `orphan_grace`: a replica's row is written before its server is booted, so nothing will
+    delete such a server (its endpoint is DELETED or unknown, or its create answered an error
+    after the cloud had made it)."""
+    backend = jobctx.compute()
+    servers = [r for r in backend.list_servers() if "stackml-endpoint" in dict(r.tags)]
+    if not servers:
+        return
+    with db() as s:
+        live = s.execute(
+            select(Resource.server_id, Resource.name).where(
+                Resource.state != ResourceState.DELETED.value
+            )
+        ).all()
+    covered = {x for row in live for x in row if x}
+    grace = jobctx.settings().orphan_grace
+    for ref in servers:
+        if ref.id in covered or ref.name in covered:
+            continue
+        status = backend.get_server(ref.id)
+        if status.state is ServerState.DELETED:
+            continue
+        if status.created_at is not None and time.time() - status.created_at < grace:
+            continue
+        backend.delete_server(ref.id)
+        report.reaped.append(ref.id)
+        endpoint_id = dict(ref.tags).get("stackml-endpoint")
+        log.warning(
+            "reaped server %s (%s) of endpoint %s: no record", ref.id, ref.name, endpoint_id
+        )
 
 
 def _redrive(report: Report) -> None:

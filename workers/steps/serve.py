@@ -1,0 +1,680 @@
+"""Converge an endpoint: boot, provision, health-check, replace, scale, switch, drain, delete.
+
+One task (`stackml.converge_endpoint`, an endpoint id in) holds the endpoint's lease while it
+runs (as export holds a job's), reads the endpoint and its replica rows, asks the pure plan
+(service/domain/endpoints.py) what to do, does each action once (every one short and bounded:
+one look at a booting server, one provisioning, one health probe), and hands itself back with
+a countdown until the plan is empty. A killed worker loses nothing: the lease lapses and the
+reconciler re-drives the endpoint; every action is idempotent.
+
+A replica is a `resources` row (owner_kind 'endpoint', role 'replica'), written before its
+server is booted (a crash between the two leaves a row: the server is adopted by name or the
+row fails and is replaced), with the tags `stackml-endpoint`, `stackml-role`, `stackml-project`.
+The endpoint's own SSH key (encrypted as jobs' are) opens its replicas; provisioning ships
+runner.py and model_server.py, writes serve.json with signed GET URLs for the version's files
+(from model_versions.checksums) and runs `runner serve`. The replica is ready once
+`GET /v1/models/<name>` answers AVAILABLE for its version and one warm-up predict answered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, select, update
+
+from service import queue
+from service.backends.interfaces import (
+    Access,
+    ComputeBackend,
+    HostKeySource,
+    ServerSpec,
+    ServerState,
+)
+from service.db import endpoints as repo
+from service.db.models import Endpoint, Model, Resource, utcnow
+from service.domain import endpoints as dom
+from service.domain.errors import BackendError, TransientBackendError
+from service.domain.states import OwnerKind, ResourceState
+from workers import jobctx, ssh
+from workers.jobctx import db
+from workers.steps.provision import runtime_on_server, sign
+
+log = logging.getLogger("stackml.worker.serve")
+
+VM_DIR = Path(__file__).resolve().parents[1] / "vm"
+SERVE_DIR = ".stackml/serve"
+RUNNER = ".stackml/runner.py"
+MODEL_SERVER = ".stackml/model_server.py"
+TAG = "stackml-endpoint"
+CONVERGE_AGAIN = 0.5  # seconds between rounds while converging
+HTTP_TIMEOUT = 5.0
+DELETE_DEADLINE = 60.0
+# replicas are reached directly, never through an HTTP proxy of the environment
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# -- the endpoint's lease (as a job's: workers/pipeline.py) --------------------------------
+
+
+@dataclass(frozen=True)
+class Lease:
+    endpoint_id: str
+    owner: str
+    ttl: float
+
+
+def _no_live_lease() -> Any:
+    return or_(Endpoint.step_lease_until.is_(None), Endpoint.step_lease_until < utcnow())
+
+
+def take_lease(endpoint_id: str, ttl: float) -> Lease | None:
+    owner = secrets.token_hex(8)
+    with db() as s:
+        won = s.execute(
+            update(Endpoint)
+            .where(
+                Endpoint.id == endpoint_id,
+                Endpoint.state != dom.EndpointState.DELETED.value,
+                _no_live_lease(),
+            )
+            .values(step_lease_owner=owner, step_lease_until=utcnow() + timedelta(seconds=ttl))
+        ).rowcount  # type: ignore[attr-defined]
+    return Lease(endpoint_id, owner, ttl) if won else None
+
+
+def _renew(lease: Lease) -> bool:
+    with db() as s:
+        won = s.execute(
+            update(Endpoint)
+            .where(Endpoint.id == lease.endpoint_id, Endpoint.step_lease_owner == lease.owner)
+            .values(step_lease_until=utcnow() + timedelta(seconds=lease.ttl))
+        ).rowcount  # type: ignore[attr-defined]
+    return bool(won)
+
+
+def release_lease(lease: Lease) -> None:
+    with db() as s:
+        s.execute(
+            update(Endpoint)
+            .where(Endpoint.id == lease.endpoint_id, Endpoint.step_lease_owner == lease.owner)
+            .values(step_lease_owner=None, step_lease_until=None)
+        )
+
+
+@contextmanager
+def heartbeat(lease: Lease) -> Iterator[None]:
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease.ttl / 3):
+            try:
+                if not _renew(lease):
+                    return
+            except Exception as e:  # noqa: BLE001 - the next beat tries again
+                log.warning("endpoint %s: could not renew its lease: %s", lease.endpoint_id, e)
+
+    t = threading.Thread(target=beat, name=f"lease-{lease.endpoint_id}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        try:
+            release_lease(lease)
+        except Exception as e:  # noqa: BLE001 - an unreleased lease lapses by itself
+            log.warning("endpoint %s: could not release its lease: %s", lease.endpoint_id, e)
+
+
+def enqueue(endpoint_id: str, countdown: float = 0.0) -> None:
+    jobctx.next_step(queue.CONVERGE_ENDPOINT, endpoint_id, countdown)
+
+
+# -- the task -----------------------------------------------------------------------------
+
+
+def run(endpoint_id: str) -> None:
+    cfg = jobctx.settings()
+    lease = take_lease(endpoint_id, max(1.0, cfg.stuck_after))
+    if lease is None:
+        return  # another converge holds it (or the endpoint is gone)
+    again = False
+    with heartbeat(lease):
+        _ensure_key(endpoint_id)
+        again = converge(endpoint_id)
+    if again:
+        enqueue(endpoint_id, CONVERGE_AGAIN)
+
+
+def _ensure_key(endpoint_id: str) -> None:
+    with db() as s:
+        ep = s.get_one(Endpoint, endpoint_id)
+        if ep.ssh_key_enc is not None or ep.state == dom.EndpointState.DELETING.value:
+            return
+        pem, pub = ssh.generate_keypair(comment=f"stackml-{endpoint_id}")
+        s.execute(
+            update(Endpoint)
+            .where(Endpoint.id == endpoint_id, Endpoint.ssh_key_enc.is_(None))
+            .values(ssh_key_enc=jobctx.encrypt_key(pem), ssh_public_key=pub)
+        )
+
+
+def limits() -> dom.Limits:
+    cfg = jobctx.settings()
+    return dom.Limits(
+        max_health_failures=cfg.serving_health_failures,
+        drain_seconds=cfg.serving_drain_seconds,
+        stuck_after=cfg.serving_load_deadline + cfg.boot_deadline + cfg.provision_deadline,
+        max_failures=cfg.serving_max_failures,
+    )
+
+
+def converge(endpoint_id: str) -> bool:
+    """One round: plan, act. True while there is more to do (the caller hands it back)."""
+    backend = jobctx.compute()
+    with db() as s:
+        ep = s.get(Endpoint, endpoint_id)
+        if ep is None or ep.state == dom.EndpointState.DELETED.value:
+            return False
+        rows = repo.replicas(s, endpoint_id)
+        desired = repo.desired(s, ep)
+        failures = repo.failures(s, endpoint_id)
+        ready_servers = [
+            (r.id, r.server_id)
+            for r in rows
+            if r.replica_state == dom.ReplicaState.READY.value and r.server_id
+        ]
+        repo.touch(s, endpoint_id)
+    gone = set()
+    for rid, server_id in ready_servers:
+        if backend.get_server(server_id).state in (ServerState.DELETED, ServerState.ERROR):
+            gone.add(rid)
+    with db() as s:
+        view = repo.plan_view(repo.replicas(s, endpoint_id), gone)
+    p = dom.plan(desired, view, limits(), failures)
+    for action in p.actions:
+        try:
+            _act(endpoint_id, backend, action)
+        except TransientBackendError:
+            raise
+        except BackendError as e:
+            log.warning("endpoint %s: %s failed: %s", endpoint_id, action, e)
+    if p.settle is not None:
+        _settle(endpoint_id, p.settle, p)
+    if p.settle is dom.EndpointState.DELETED:
+        return False
+    if p.settle is dom.EndpointState.READY and not p.actions:
+        return False
+    if p.settle is dom.EndpointState.FAILED and not any(
+        isinstance(a, dom.Boot | dom.Advance | dom.Delete | dom.Drain) for a in p.actions
+    ):
+        return False
+    return True
+
+
+def _settle(endpoint_id: str, to: dom.EndpointState, p: dom.Plan) -> None:
+    with db() as s:
+        values: dict[str, Any] = {}
+        if to is dom.EndpointState.DELETED:
+            values = {"ssh_key_enc": None}  # the key dies with the servers it opened
+        if to is dom.EndpointState.FAILED:
+            why = "; ".join(a.why for a in p.of(dom.GiveUp) if isinstance(a, dom.GiveUp))
+            values = {"failure_message": why}
+        if to is dom.EndpointState.READY:
+            values = {"failure_message": None}
+        moved = repo.set_state(s, endpoint_id, to, **values)
+    if moved:
+        log.info("endpoint %s is %s", endpoint_id, to)
+
+
+def _act(endpoint_id: str, backend: ComputeBackend, action: dom.Action) -> None:
+    if isinstance(action, dom.Boot):
+        _boot(endpoint_id, backend, action.version)
+    elif isinstance(action, dom.Advance):
+        _advance(endpoint_id, backend, action.replica_id)
+    elif isinstance(action, dom.MarkFailed):
+        _replica_failed(action.replica_id, action.why)
+    elif isinstance(action, dom.Drain):
+        with db() as s:
+            r = s.get_one(Resource, action.replica_id)
+            if r.replica_state == dom.ReplicaState.READY.value:
+                r.replica_state = dom.ReplicaState.DRAINING.value
+                r.last_health_at = utcnow()  # the drain's start (repo.state_since)
+    elif isinstance(action, dom.Delete):
+        delete_replica(backend, action.replica_id)
+    elif isinstance(action, dom.Serve):
+        with db() as s:
+            s.execute(
+                update(Endpoint)
+                .where(Endpoint.id == endpoint_id)
+                .values(serving_version=action.version, updated_at=utcnow())
+            )
+        log.info("endpoint %s now serves version %d", endpoint_id, action.version)
+    elif isinstance(action, dom.GiveUp):
+        log.warning("endpoint %s: %s", endpoint_id, action.why)
+
+
+def _replica_failed(replica_id: int, why: str) -> None:
+    with db() as s:
+        r = s.get_one(Resource, replica_id)
+        if r.state != ResourceState.DELETED.value:
+            r.replica_state = dom.ReplicaState.FAILED.value
+            r.last_error = why[:2000]
+    log.warning("replica %d failed: %s", replica_id, why)
+
+
+# -- boot ---------------------------------------------------------------------------------
+
+
+def _boot(endpoint_id: str, backend: ComputeBackend, version: int) -> None:
+    """Record the replica's row, then create its server (the row first: crash safety)."""
+    with db() as s:
+        ep = s.get_one(Endpoint, endpoint_id)
+        if ep.state == dom.EndpointState.DELETING.value:
+            return
+        project_id, flavor_name, public_key = ep.project_id, ep.flavor, ep.ssh_public_key or ""
+        name = f"stackml-{endpoint_id}-v{version}-{secrets.token_hex(3)}"
+        row = Resource(
+            owner_kind=OwnerKind.ENDPOINT.value,
+            owner_id=endpoint_id,
+            project_id=project_id,
+            backend=backend.name,
+            role=repo.ROLE,
+            name=name,
+            flavor=flavor_name,
+            state=ResourceState.BOOTING.value,
+            version=version,
+            replica_state=dom.ReplicaState.BOOTING.value,
+            creating=secrets.token_hex(4),
+        )
+        s.add(row)
+        s.flush()
+        rid = row.id
+    flavor = backend.find_flavor(flavor_name)
+    if flavor is None:
+        _replica_failed(rid, f"flavor {flavor_name!r} is not offered by the {backend.name} backend")
+        return
+    cfg = jobctx.settings()
+    try:
+        ref = backend.create_server(
+            ServerSpec(
+                name=name,
+                flavor=flavor,
+                image=cfg.default_runtime,
+                public_key=public_key,
+                tags=(
+                    (TAG, endpoint_id),
+                    ("stackml-role", "replica"),
+                    ("stackml-project", project_id),
+                ),
+                ingress_ports=(cfg.serving_port,),
+            )
+        )
+    except TransientBackendError:
+        raise  # the row stays booting without a server: adopted by name or replaced
+    except BackendError as e:
+        _replica_failed(rid, f"could not boot the server: {e}")
+        return
+    with db() as s:
+        r = s.get_one(Resource, rid)
+        r.server_id, r.creating = ref.id, None
+    log.info("endpoint %s: booting replica %s (version %d)", endpoint_id, ref.id, version)
+
+
+# -- advance ------------------------------------------------------------------------------
+
+
+def _advance(endpoint_id: str, backend: ComputeBackend, replica_id: int) -> None:
+    with db() as s:
+        r = s.get_one(Resource, replica_id)
+        state = r.replica_state
+    if state == dom.ReplicaState.BOOTING.value:
+        _look_at_boot(endpoint_id, backend, replica_id)
+    elif state == dom.ReplicaState.PROVISIONING.value:
+        _provision(endpoint_id, replica_id)
+    elif state == dom.ReplicaState.LOADING.value:
+        _check_loaded(endpoint_id, replica_id)
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def _look_at_boot(endpoint_id: str, backend: ComputeBackend, replica_id: int) -> None:
+    cfg = jobctx.settings()
+    with db() as s:
+        r = s.get_one(Resource, replica_id)
+        server_id, name, created = r.server_id, r.name, _aware(r.created_at)
+    age = (datetime.now(UTC) - created).total_seconds()
+    if server_id is None:
+        # a boot that died between the row and the create: adopt its server by name
+        found = [ref for ref in backend.list_servers((TAG, endpoint_id)) if ref.name == name]
+        if found:
+            with db() as s:
+                row = s.get_one(Resource, replica_id)
+                row.server_id, row.creating = found[0].id, None
+            server_id = found[0].id
+        elif age > cfg.boot_deadline:
+            _replica_failed(replica_id, "its server was never created")
+            return
+        else:
+            return
+    status = backend.get_server(server_id)
+    if status.state is ServerState.ACTIVE:
+        console_key = backend.capabilities.host_key_source is HostKeySource.CONSOLE
+        if status.host_key is None and console_key and age <= cfg.boot_deadline:
+            return  # cloud-init prints the host key shortly after ACTIVE
+        with db() as s:
+            row = s.get_one(Resource, replica_id)
+            row.state = ResourceState.ACTIVE.value
+            row.active_at = utcnow()
+            row.host, row.port, row.username = status.host, status.port, status.username
+            row.host_key = status.host_key
+            row.serving_port = cfg.serving_port
+            row.replica_state = dom.ReplicaState.PROVISIONING.value
+        return
+    if status.state is ServerState.BUILD and age <= cfg.boot_deadline:
+        return
+    why = (
+        f"still building after {cfg.boot_deadline:.0f}s"
+        if status.state is ServerState.BUILD
+        else f"server {server_id} is {status.state}: {status.fault or ''}".strip()
+    )
+    _replica_failed(replica_id, why)
+
+
+def _target(endpoint_id: str, replica_id: int) -> ssh.SSHTarget:
+    with db() as s:
+        ep = s.get_one(Endpoint, endpoint_id)
+        r = s.get_one(Resource, replica_id)
+        if ep.ssh_key_enc is None or r.host is None:
+            raise BackendError(f"replica {replica_id} has no reachable server")
+        return ssh.SSHTarget(
+            host=r.host,
+            port=r.port or 22,
+            username=r.username or "root",
+            private_key_pem=jobctx.decrypt_key(ep.ssh_key_enc),
+            host_key=r.host_key,
+        )
+
+
+def serve_document(endpoint_id: str, version: int, runtime: str, host: str) -> dict[str, Any]:
+    """serve.json: the model's name, the port, and signed GET URLs for every file of the
+    version (from its recorded checksums)."""
+    cfg = jobctx.settings()
+    with db() as s:
+        ep = s.get_one(Endpoint, endpoint_id)
+        model = s.get_one(Model, ep.model_id)
+        row = repo.version_row(s, ep.model_id, version)
+        if row is None:
+            raise BackendError(f"model {model.name} has no version {version}")
+        project_id, trust_id = ep.project_id, ep.trust_id
+        artifact, checksums, name = row.artifact_uri, dict(row.checksums or {}), model.name
+    store = jobctx.store(project_id, trust_id)
+    prefix = store.key_of(artifact)
+    if not prefix.endswith("/"):
+        prefix += "/"
+    grant = store.grant(prefix, Access.READ, cfg.grant_ttl)
+    files = [
+        {
+            "path": rel,
+            "url": sign(grant.url_prefix, grant.query, rel),
+            "size": int(meta["size"]),
+            "md5": str(meta["md5"]),
+        }
+        for rel, meta in sorted(checksums.items())
+    ]
+    return {
+        "runtime": runtime,
+        "model_name": name,
+        "port": cfg.serving_port,
+        "bind": host,
+        "versions": [{"version": version, "files": files}],
+    }
+
+
+def _provision(endpoint_id: str, replica_id: int) -> None:
+    cfg = jobctx.settings()
+    with db() as s:
+        r = s.get_one(Resource, replica_id)
+        version, backend_name, host = r.version or 0, r.backend, r.host or ""
+    target = _target(endpoint_id, replica_id)
+    try:
+        conn = ssh.wait_for_ssh(target, cfg.ssh_deadline)
+        conn.run(["mkdir", "-p", SERVE_DIR], timeout=cfg.command_timeout)
+        conn.put_bytes((VM_DIR / "runner.py").read_bytes(), RUNNER, 0o644)
+        conn.put_bytes((VM_DIR / "model_server.py").read_bytes(), MODEL_SERVER, 0o644)
+        runtime = runtime_on_server(backend_name, cfg.default_runtime)
+        doc = serve_document(endpoint_id, version, runtime, host)
+        conn.put_bytes(json.dumps(doc).encode(), f"{SERVE_DIR}/serve.json", 0o600)
+        python = f"{runtime}/bin/python"
+        conn.run([python, RUNNER, "serve", SERVE_DIR], timeout=cfg.provision_deadline)
+    except ssh.RemoteCommandError as e:
+        _replica_failed(replica_id, f"starting the model server failed: {e.stderr_tail.strip()}")
+        return
+    except ssh.SSHError as e:
+        ssh.drop(target)
+        # the server may be slow to answer: the next round tries again, until the plan's
+        # stuck_after calls the replica dead
+        log.info("replica %d: SSH not yet usable (%s); retrying", replica_id, e)
+        return
+    with db() as s:
+        row = s.get_one(Resource, replica_id)
+        if row.replica_state == dom.ReplicaState.PROVISIONING.value:
+            row.replica_state = dom.ReplicaState.LOADING.value
+
+
+def health(host: str, port: int, model: str, version: int) -> str | None:
+    """The state TF Serving's status API gives `version` (AVAILABLE when loaded), or None
+    when the server does not answer."""
+    url = f"http://{host}:{port}/v1/models/{model}"
+    try:
+        with _OPENER.open(url, timeout=HTTP_TIMEOUT) as resp:
+            body = json.loads(resp.read(1 << 20) or b"{}")
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+    for st in body.get("model_version_status") or []:
+        if str(st.get("version")) == str(version):
+            return str(st.get("state"))
+    return "UNKNOWN"
+
+
+def warm_up_body(signature: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One instance of zeros in the shape of serving_default's inputs (None: no signature)."""
+    inputs = (signature or {}).get("inputs") or {}
+    if not inputs:
+        return None
+
+    def zeros(spec: dict[str, Any]) -> Any:
+        dtype = str(spec.get("dtype", "DT_FLOAT"))
+        zero: Any = (
+            "" if dtype == "DT_STRING" else (0 if "INT" in dtype or dtype == "DT_BOOL" else 0.0)
+        )
+        if dtype == "DT_BOOL":
+            zero = False
+        value = zero
+        for dim in reversed(list(spec.get("shape") or [])[1:]):
+            value = [value] * (int(dim) if isinstance(dim, int) and dim > 0 else 1)
+        return value
+
+    if len(inputs) == 1:
+        (spec,) = inputs.values()
+        return {"instances": [zeros(spec)]}
+    return {"instances": [{k: zeros(v) for k, v in inputs.items()}]}
+
+
+def _check_loaded(endpoint_id: str, replica_id: int) -> None:
+    cfg = jobctx.settings()
+    with db() as s:
+        r = s.get_one(Resource, replica_id)
+        ep = s.get_one(Endpoint, endpoint_id)
+        model = s.get_one(Model, ep.model_id)
+        vrow = repo.version_row(s, ep.model_id, r.version or 0)
+        host, port, version = r.host or "", r.serving_port or cfg.serving_port, r.version or 0
+        since = _aware(r.active_at or r.created_at)
+        signature, name = (vrow.signature if vrow else None), model.name
+    state = health(host, port, name, version)
+    if state != "AVAILABLE":
+        if (datetime.now(UTC) - since).total_seconds() > cfg.serving_load_deadline:
+            _replica_failed(
+                replica_id,
+                f"version {version} not AVAILABLE after {cfg.serving_load_deadline:.0f}s "
+                f"(status: {state or 'no answer'})",
+            )
+        return
+    body = warm_up_body(signature)
+    if body is not None:
+        url = f"http://{host}:{port}/v1/models/{name}/versions/{version}:predict"
+        req = urllib.request.Request(
+            url,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with _OPENER.open(req, timeout=cfg.command_timeout) as resp:
+                resp.read()
+        except urllib.error.HTTPError as e:
+            if e.code >= 500:
+                return  # not warm yet: the next round tries again
+            # a 4xx: our guess of an input did not fit the model; it loaded all the same
+        except OSError:
+            return
+    with db() as s:
+        row = s.get_one(Resource, replica_id)
+        if row.replica_state == dom.ReplicaState.LOADING.value:
+            row.replica_state = dom.ReplicaState.READY.value
+            row.ready_at = row.last_health_at = utcnow()
+            row.health_failures = 0
+    log.info("endpoint %s: replica %d ready (version %d)", endpoint_id, replica_id, version)
+
+
+# -- delete -------------------------------------------------------------------------------
+
+
+def delete_replica(backend: ComputeBackend, replica_id: int) -> bool:
+    """Delete the replica's server until the backend confirms; True once the row is deleted."""
+    cfg = jobctx.settings()
+    with db() as s:
+        r = s.get_one(Resource, replica_id)
+        if r.state == ResourceState.DELETED.value:
+            return True
+        r.state = ResourceState.DELETING.value
+        server_id, name, owner, created = r.server_id, r.name, r.owner_id, _aware(r.created_at)
+        host, port = r.host, r.port
+    if server_id is None:
+        found = [ref for ref in backend.list_servers((TAG, owner)) if ref.name == name]
+        if found:
+            server_id = found[0].id
+        elif (datetime.now(UTC) - created).total_seconds() < cfg.boot_deadline + 30:
+            return False  # a create may still be under way: look again later
+    if server_id is not None:
+        backend.delete_server(server_id)
+        deadline = time.monotonic() + DELETE_DEADLINE
+        while backend.get_server(server_id).state is not ServerState.DELETED:
+            if time.monotonic() > deadline:
+                with db() as s:
+                    s.get_one(Resource, replica_id).delete_attempts += 1
+                return False
+            time.sleep(0.2)
+    if host:
+        ssh.drop_host(host, port or 22)
+    with db() as s:
+        r = s.get_one(Resource, replica_id)
+        r.state, r.deleted_at = ResourceState.DELETED.value, utcnow()
+    return True
+
+
+# -- the reconciler's part ----------------------------------------------------------------
+
+
+def check_health(endpoint_id: str) -> bool:
+    """Probe every ready replica once: a success resets its count, a failure (or a vanished
+    server) adds one. True when some replica now needs the converge step."""
+    cfg = jobctx.settings()
+    backend = jobctx.compute()
+    with db() as s:
+        ep = s.get(Endpoint, endpoint_id)
+        if ep is None:
+            return False
+        name = s.get_one(Model, ep.model_id).name
+        rows = [
+            (r.id, r.server_id, r.host, r.serving_port, r.version)
+            for r in repo.replicas(s, endpoint_id)
+            if r.replica_state == dom.ReplicaState.READY.value
+        ]
+    needs = False
+    for rid, server_id, host, port, version in rows:
+        ok = False
+        if server_id is not None and host and port:
+            gone = backend.get_server(server_id).state is not ServerState.ACTIVE
+            ok = not gone and health(host, port, name, version or 0) == "AVAILABLE"
+        with db() as s:
+            r = s.get_one(Resource, rid)
+            if r.replica_state != dom.ReplicaState.READY.value:
+                continue
+            r.last_health_at = utcnow()
+            r.health_failures = 0 if ok else (r.health_failures or 0) + 1
+            if r.health_failures >= cfg.serving_health_failures:
+                needs = True
+    return needs
+
+
+def stalled(before: datetime) -> list[str]:
+    """Live endpoints without a live lease that are not settled (or whose label moved), whose
+    last progress is older than `before`; and READY ones whose target moved at once."""
+    out = []
+    with db() as s:
+        eps = list(
+            s.scalars(
+                select(Endpoint).where(
+                    Endpoint.state != dom.EndpointState.DELETED.value, _no_live_lease()
+                )
+            )
+        )
+        for ep in eps:
+            moved = (
+                ep.state in (dom.EndpointState.READY.value,)
+                and ep.traffic is None
+                and repo.target_of(s, ep) not in (None, ep.serving_version)
+            )
+            if moved:
+                repo.set_state(s, ep.id, dom.EndpointState.UPDATING)
+                out.append(ep.id)
+                continue
+            if ep.state in (dom.EndpointState.READY.value, dom.EndpointState.FAILED.value):
+                continue
+            last = _aware(ep.last_progress_at)
+            if last < _aware(before):
+                out.append(ep.id)
+    return out
+
+
+def ready_endpoints() -> list[str]:
+    with db() as s:
+        return list(
+            s.scalars(
+                select(Endpoint.id).where(
+                    Endpoint.state.in_(
+                        [dom.EndpointState.READY.value, dom.EndpointState.UPDATING.value]
+                    )
+                )
+            )
+        )
+
+
+def known_endpoints() -> dict[str, str]:
+    with db() as s:
+        return dict(s.execute(select(Endpoint.id, Endpoint.state)).all())
