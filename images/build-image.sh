@@ -10,12 +10,13 @@
 #   STACKML_IMAGE_FIRMWARE    uefi (default; q35 + OVMF, for GPU passthrough) or bios
 #   STACKML_IMAGE_MIN_DISK    the smallest flavor disk in GB it boots on (default 20)
 #   STACKML_IMAGE_VISIBILITY  public (default), community, shared or private
+#   STACKML_IMAGE_TFSERVING   1: add the tensorflow-serving element (tensorflow_model_server)
 # and the DIB_* variables of the elements (see images/README.md).
 set -eu
 set -o pipefail
 
 usage() {
-    sed -n '2,13s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 show() { # a command line, quoted so that it can be pasted into a shell
@@ -83,6 +84,22 @@ export DIB_STACKML_RUNTIME=$runtime
 export DIB_STACKML_RUNNER=${DIB_STACKML_RUNNER:-$repo/workers/vm/runner.py}
 
 elements=(debian-minimal vm stackml-base nvidia-driver stackml-tensorflow)
+# tensorflow_model_server for serving replicas (needs DIB_TFSERVING_REPO_KEY_FINGERPRINT)
+case "${STACKML_IMAGE_TFSERVING:-0}" in
+    0) ;;
+    1)
+        if [ -z "${DIB_TFSERVING_REPO_KEY_FINGERPRINT:-}" ]; then
+            echo "build-image.sh: STACKML_IMAGE_TFSERVING=1 needs DIB_TFSERVING_REPO_KEY_FINGERPRINT" >&2
+            echo "(see elements/tensorflow-serving/README.rst)" >&2
+            exit 2
+        fi
+        elements+=(tensorflow-serving)
+        ;;
+    *)
+        echo "build-image.sh: STACKML_IMAGE_TFSERVING is 0 or 1, not $STACKML_IMAGE_TFSERVING" >&2
+        exit 2
+        ;;
+esac
 properties=(
     --property "stackml_runtime=$runtime"
     --property "stackml_commit=$commit"

@@ -22,6 +22,7 @@ IMAGES = REPO_ROOT / "images"
 ELEMENTS = IMAGES / "elements"
 BUILD = IMAGES / "build-image.sh"
 OURS = {"stackml-base", "nvidia-driver", "stackml-tensorflow"}
+OPTIONAL = {"tensorflow-serving"}  # build-image.sh adds it on request
 # diskimage-builder's own elements that ours and build-image.sh use
 DIB_ELEMENTS = {
     "block-device-efi",
@@ -93,10 +94,10 @@ def requirements(path: Path) -> list[str]:
 
 
 def test_our_elements_are_there():
-    assert OURS <= {e.name for e in elements()}
+    assert OURS | OPTIONAL <= {e.name for e in elements()}
 
 
-@pytest.mark.parametrize("element", sorted(OURS))
+@pytest.mark.parametrize("element", sorted(OURS | OPTIONAL))
 def test_element_has_readme_and_sorted_existing_deps(element):
     path = ELEMENTS / element
     readme = (path / "README.rst").read_text()
@@ -321,3 +322,56 @@ def test_build_script_refuses_an_unknown_runtime():
     r = _dry_run("tensorflow-0.1")
     assert r.returncode != 0
     assert "no runtime tensorflow-0.1" in r.stderr
+
+
+# -- tensorflow-serving (optional element) ---------------------------------------------------
+
+
+def test_tensorflow_serving_defaults_and_required_fingerprint():
+    element = ELEMENTS / "tensorflow-serving"
+    env = sourced(
+        element / "environment.d/10-tensorflow-serving.bash",
+        "DIB_TFSERVING_REPO",
+        "DIB_TFSERVING_PACKAGE",
+        "DIB_TFSERVING_REPO_KEY_FINGERPRINT",
+    )
+    assert env["DIB_TFSERVING_REPO"] == "https://storage.googleapis.com/tensorflow-serving-apt"
+    assert env["DIB_TFSERVING_PACKAGE"] == "tensorflow-model-server"
+    assert env["DIB_TFSERVING_REPO_KEY_FINGERPRINT"] == ""  # no unverified default
+    install = (element / "install.d/55-tensorflow-serving").read_text()
+    assert 'if [ -z "$DIB_TFSERVING_REPO_KEY_FINGERPRINT" ]' in install
+    assert "signed-by=$keyring" in install
+    commands = [ln for ln in install.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert commands[-1] == "tensorflow_model_server --version", "the binary must run"
+    # where the runner looks for it
+    from workers.vm import runner
+
+    assert runner.TF_SERVING_BIN == "tensorflow_model_server"
+
+
+def _dry_run_env(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIB_", "STACKML_"))}
+    env.pop("ELEMENTS_PATH", None)
+    return subprocess.run(
+        ["bash", str(BUILD), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env={**env, **extra},
+        timeout=60,
+    )
+
+
+def test_build_script_adds_tensorflow_serving_on_request():
+    def build_line(r: subprocess.CompletedProcess[str]) -> list[str]:
+        assert r.returncode == 0, r.stderr
+        return next(ln for ln in r.stdout.splitlines() if ln.startswith("disk-image-create "))
+
+    assert "tensorflow-serving" not in build_line(_dry_run_env({})).split()
+    fpr = "0" * 40
+    with_it = _dry_run_env(
+        {"STACKML_IMAGE_TFSERVING": "1", "DIB_TFSERVING_REPO_KEY_FINGERPRINT": fpr}
+    )
+    assert "tensorflow-serving" in build_line(with_it).split()
+    missing = _dry_run_env({"STACKML_IMAGE_TFSERVING": "1"})
+    assert missing.returncode == 2 and "DIB_TFSERVING_REPO_KEY_FINGERPRINT" in missing.stderr
+    assert _dry_run_env({"STACKML_IMAGE_TFSERVING": "yes"}).returncode == 2
