@@ -362,7 +362,7 @@ def _dry_run_env(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_build_script_adds_tensorflow_serving_on_request():
-    def build_line(r: subprocess.CompletedProcess[str]) -> list[str]:
+    def build_line(r: subprocess.CompletedProcess[str]) -> str:
         assert r.returncode == 0, r.stderr
         return next(ln for ln in r.stdout.splitlines() if ln.startswith("disk-image-create "))
 
