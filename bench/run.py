@@ -13,6 +13,7 @@ BENCHES = [
     "bench_swift.py",
     "bench_openstack_calls.py",
     "bench_trusts.py",
+    "bench_serving.py",
 ]
 
 
