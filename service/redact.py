@@ -22,6 +22,8 @@ _SECRET_PARAM = re.compile(
     r"(?i)((?:^|[?&;\s\"'])(?:[\w.-]*?(?:sig|signature|token|password|passwd|secret|"
     r"credential|api[_-]?key)[\w.-]*)=)([^&;\s\"'#]*)"
 )
+# werkzeug colours its console lines; a file gets them plain
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # scheme://user:password@ -> scheme://user:REDACTED@
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)([^/\s@]+)(@)")
 
@@ -50,7 +52,7 @@ class AccessLogHandler(WSGIRequestHandler):
             super().log(type, "%s", line)
             return
         address = self.address_string()
-        entry = f"{address} - - [{self.log_date_time_string()}] {line}\n"
+        entry = f"{address} - - [{self.log_date_time_string()}] {_ANSI.sub('', line)}\n"
         with self._write_lock, open(path, "a", encoding="utf-8", errors="replace") as fh:
             fh.write(entry)
 

@@ -7,20 +7,27 @@ grants (`temp_url_sig=` values, taken from the VM's job.json, where they belong,
 `temp_url_sig=<hex>` anywhere else), the platform's signing key (data_dir/secret.key) and a
 canary X-Auth-Token sent with every API call.
 
-Places: every file under the data dir (worker.log, ...; not the VM's files, the signing key,
-the built runtimes), the VM's files captured while it ran (console.log, its home; the job's
-private key must not be there, only its public half), every API response of the job (job
-JSON, listing, logs, events, metrics, flavors, health), every row of every table, every key in
-the Redis database, and every log record of the API (served in this process)."""
+Places: every file under the data dir, the platform's own log files among them (the worker's
+logs/worker.log, the API's access log logs/api.log, the store gateway's; not the VM's files, the
+signing key, the built runtimes), the VM's files captured while it ran (console.log, its home;
+the job's private key must not be there, only its public half; a home that is a disk image is
+read from the image), every API response of the job
+(job JSON, listing, logs, events, metrics, flavors, health), every row of every table, every
+key in the Redis database, and every log record of the API (served in this process). The
+package's signed URL is also fetched through the API here: the access log must show that
+request with its signature redacted."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
+import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -40,12 +47,13 @@ from tests.e2e.conftest import (
 )
 
 SIG_RE = re.compile(rb"temp_url_sig=([0-9a-fA-F]{16,})")
+HOME_IMAGE = "home.img"  # service/backends/compute/sandbox.py: a root sandbox's home
 SKIP_DIRS = {"runtimes", "sandboxes"}  # built runtimes (huge); the VMs (captured separately)
 # long enough to look at the VM while it runs; exports a model (the write grant is used too)
 SLOW_OK = """
     import json, os, sys, time
     print("argv", json.dumps(sys.argv[1:]), flush=True)
-    for i in range(100):
+    for i in range(300):
         time.sleep(0.1)
     print(json.dumps({"stackml_metric": 1, "epoch": 1, "loss": 0.25}), flush=True)
     with open(os.path.join(os.environ["STACKML_MODEL_DIR"], "weights.txt"), "w") as fh:
@@ -96,6 +104,31 @@ def read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""  # a socket, or gone meanwhile
+
+
+def vm_home_files(server_dir: Path, dest: Path, deadline_s: float = 20) -> dict[str, bytes]:
+    """The files of the VM's home where it is a disk image mounted only inside the VM (root
+    sandboxes: home.img, ext4), read from the image itself (debugfs, read-only) after a sync;
+    until the VM's ext4 commits its journal the image may not show job.json yet: read again."""
+    image = server_dir / HOME_IMAGE
+    if not image.exists():
+        return {}  # the home is a plain directory of server_dir, already read
+    deadline = time.monotonic() + deadline_s
+    for attempt in itertools.count():
+        subprocess.run(["sync"], check=True, timeout=120)
+        out = dest / str(attempt)
+        out.mkdir(parents=True)
+        subprocess.run(
+            ["debugfs", "-R", f"rdump / {out}", str(image)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        files = {f"{image}:/{p.relative_to(out)}": read(p) for p in files_under(out)}
+        if any(k.endswith("/job.json") for k in files) or time.monotonic() > deadline:
+            return files
+        time.sleep(1)
+    raise AssertionError("itertools.count() ended")
 
 
 def db_dump(db_url: str) -> dict[str, bytes]:
@@ -159,6 +192,13 @@ def test_no_secret_reaches_logs_events_responses_or_rows(
         client, job_id, {"RUNNING", "EXPORTING", "SUCCEEDED", "FAILED"}, timeout=120
     )
     assert running["state"] in ("RUNNING", "EXPORTING"), running  # the VM is still there
+    # first the VM's files, while it runs: the server the job runs on now
+    active = [r for r in running["resources"] if r["state"] == "active" and r["role"] == "chief"]
+    assert len(active) == 1, running["resources"]
+    server_dir = e2e_settings.sandbox_dir / active[0]["server_id"]
+    # (a home image is read file by file from inside it, not as 10 GiB of sparse bytes)
+    vm_files = {str(p): read(p) for p in files_under(server_dir) if p.name != HOME_IMAGE}
+    vm_files.update(vm_home_files(server_dir, tmp_path / "vm-home"))
     with session_scope(e2e_settings.db_url) as s:
         enc = repo.get_job(s, job_id).ssh_key_enc
     assert enc is not None and enc.startswith(b"gAAAAA"), "the key is stored Fernet-encrypted"
@@ -166,12 +206,19 @@ def test_no_secret_reaches_logs_events_responses_or_rows(
     assert "PRIVATE KEY" in pem
     key_parts = pem_fragments(pem)
     assert not any(f in enc for f in key_parts)
-    server_dir = e2e_settings.sandbox_dir / running["resources"][0]["server_id"]
-    vm_files = {str(p): read(p) for p in files_under(server_dir)}
     job_docs = [v for k, v in vm_files.items() if k.endswith("/job.json")]
     assert job_docs, f"no job.json among the VM's files: {sorted(vm_files)}"
     sigs = {m.group(1) for doc in job_docs for m in SIG_RE.finditer(doc)}
     assert sigs, "the VM's job.json carries the grant's signed URLs"
+    # the package's signed URL, fetched through the API itself (sandboxes may use the gateway)
+    package_url = urlsplit(json.loads(job_docs[0])["package_url"])
+    own_client_log = logging.getLogger("urllib3.connectionpool")  # this test's, not the API's:
+    own_client_log.setLevel(logging.INFO)  # at DEBUG it would print the URL this test fetches
+    try:
+        fetched = client.session.get(f"{platform.url}{package_url.path}?{package_url.query}")
+    finally:
+        own_client_log.setLevel(logging.NOTSET)
+    assert fetched.status_code == 200 and fetched.content[:2] == b"\x1f\x8b", fetched.status_code
 
     # -- after it ended -------------------------------------------------------------------------
     done = wait_state(client, job_id, {"SUCCEEDED", "FAILED"}, timeout=120)
@@ -217,6 +264,12 @@ def test_no_secret_reaches_logs_events_responses_or_rows(
         f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records
     ).encode()
     assert any("worker.log" in k for k in sources), sorted(sources)[:20]
+    # the API's access log is one of the files scanned, and it logged the signed fetch redacted
+    access_log = e2e_settings.data_dir / "logs" / "api.log"
+    assert f"file:{access_log}" in sources, sorted(sources)[:20]
+    access = sources[f"file:{access_log}"].decode()
+    assert '"POST /v1/jobs HTTP/1.1" 202' in access, access[-2000:]
+    assert f"GET {package_url.path}?temp_url_sig=REDACTED&" in access, access[-2000:]
 
     found: list[str] = []
     for where, data in sources.items():

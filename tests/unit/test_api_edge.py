@@ -435,3 +435,5 @@ def test_the_access_log_shows_signed_urls_only_redacted(
     for where in (text, logged):
         assert "/v1/store/projects/local/staging/s/obj.bin?temp_url_sig=REDACTED&" in where
         assert sig not in where
+    assert '" 401 ' in text and "\x1b" not in text  # werkzeug colours a 401; the file is plain
+    assert len(text.splitlines()) == 2
