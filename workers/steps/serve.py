@@ -617,7 +617,7 @@ def check_health(endpoint_id: str) -> bool:
         ]
     needs = False
     for rid, server_id, host, port, version in rows:
-        ok = False
+        ok, gone = False, False
         if server_id is not None and host and port:
             gone = backend.get_server(server_id).state is not ServerState.ACTIVE
             ok = not gone and health(host, port, name, version or 0) == "AVAILABLE"
@@ -627,6 +627,8 @@ def check_health(endpoint_id: str) -> bool:
                 continue
             r.last_health_at = utcnow()
             r.health_failures = 0 if ok else (r.health_failures or 0) + 1
+            if gone:  # its server vanished: nothing to wait for
+                r.health_failures = max(r.health_failures, cfg.serving_health_failures)
             if r.health_failures >= cfg.serving_health_failures:
                 needs = True
     return needs
