@@ -476,6 +476,53 @@ def test_malformed_paths_and_methods(ours):
     ours.error(400, "DELETE", "/v1/models/lin")
 
 
+def test_a_version_that_cannot_load_is_reported_and_the_others_serve(
+    runtime_python, models, expected, tmp_path
+):
+    base = tmp_path / "base"
+    shutil.copytree(models / "linear" / "1", base / "1")
+    (base / "3").mkdir()
+    (base / "3" / "saved_model.pb").write_bytes(b"\x00not a SavedModel")
+    port = free_port()
+    argv = [str(runtime_python), str(SERVER), f"--rest_api_port={port}", "--model_name=lin"]
+    argv += [f"--model_base_path={base}", "--rest_api_bind=127.0.0.1"]
+    log = tmp_path / "server.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = None
+        deadline = time.monotonic() + READY_DEADLINE
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/v1/models/lin")
+                answer = json.loads(c.getresponse().read())
+                c.close()
+            except OSError:
+                time.sleep(0.25)
+                continue
+            states = {s["version"]: s["state"] for s in answer["model_version_status"]}
+            if "START" not in states.values() and "LOADING" not in states.values():
+                break
+            time.sleep(0.25)
+        assert states == {"1": "AVAILABLE", "3": "END"}, states
+        failed = next(s for s in answer["model_version_status"] if s["version"] == "3")
+        assert failed["status"]["error_code"] != "OK" and failed["status"]["error_message"]
+        client = Client(Running(proc, port, log))
+        client.error(404, "POST", "/v1/models/lin/versions/3:predict", {"instances": [[0.0] * 20]})
+        status, got = client.call(
+            "POST", "/v1/models/lin:predict", {"instances": expected["rows"]}
+        )  # the latest AVAILABLE version
+        assert status == 200, got
+        close(got["predictions"], expected["linear"]["1"]["direct"])
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 # -- runner.py serve ------------------------------------------------------------------------
 
 
@@ -533,6 +580,7 @@ def test_runner_serve_fetches_verifies_starts_and_is_idempotent(
         "runtime": str(runtime_python.parent.parent),
         "model_name": "lin",
         "port": port,
+        "bind": "127.0.0.1",
         "server": "stackml",
         "versions": [
             {"version": v, "files": version_files(models, file_server, v)} for v in (1, 2)
@@ -632,10 +680,15 @@ def test_runner_chooses_tf_serving_when_the_image_has_it(tmp_path, monkeypatch):
         "--rest_api_port=8501",
         "--model_name=m",
         "--model_base_path=/job/models",
+        "--rest_api_bind=0.0.0.0",
     ]
     assert ours[0] == "/job/env/bin/python"
     tfs = str(fake_bin / "tensorflow_model_server")
     monkeypatch.setattr(shutil, "which", lambda name, path=None: tfs)
     argv = runner.model_server_argv("/job", cfg)
-    assert argv[0] == tfs and argv[2:] == ours[2:]
+    assert argv[0] == tfs and argv[2:] == ours[2:-1]  # TF Serving has no bind flag
     assert runner.model_server_argv("/job", {**cfg, "server": "stackml"})[0] == ours[0]
+    bound = runner.model_server_argv("/job", {**cfg, "server": "stackml", "bind": "10.0.0.5"})
+    assert bound[-1] == "--rest_api_bind=10.0.0.5"
+    with pytest.raises(runner.RunnerError, match="bind"):
+        runner.model_server_argv("/job", {**cfg, "server": "stackml", "bind": "0.0.0.0 --x"})

@@ -28,6 +28,7 @@ Commands (each prints one JSON object on stdout):
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -545,7 +546,8 @@ def _fetch_verified(url: str, target: str, size: int, md5_hex: str) -> bool:
 
 
 def model_server_argv(job_dir: str, cfg: dict) -> list[str]:
-    """tensorflow_model_server when the image has it, else stackml's model server (same flags)."""
+    """tensorflow_model_server when the image has it, else stackml's model server (same flags;
+    ours also binds to serve.json's `bind`, TF Serving listens on every address)."""
     flags = [
         f"--rest_api_port={cfg['port']}",
         f"--model_name={cfg['model_name']}",
@@ -560,12 +562,24 @@ def model_server_argv(job_dir: str, cfg: dict) -> list[str]:
             raise RunnerError(f"serve.json asks for {TF_SERVING_BIN}, which is not installed")
         # gRPC on the REST port + 1: two replicas on one host network do not collide on 8500
         return [tfs, f"--port={int(cfg['port']) + 1}", *flags]
-    return [os.path.join(job_dir, "env", "bin", "python"), MODEL_SERVER, *flags]
+    bind = cfg.get("bind") or "0.0.0.0"
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError as e:
+        raise RunnerError(f"serve.json: bind {bind!r} is not an IP address") from e
+    return [
+        os.path.join(job_dir, "env", "bin", "python"),
+        MODEL_SERVER,
+        *flags,
+        f"--rest_api_bind={bind}",
+    ]
 
 
 def serve(job_dir: str) -> dict:
     """Fetch the versions' files (size + md5 checked), then start the server detached."""
     cfg = _load_serving(job_dir)
+    if os.path.exists(os.path.join(job_dir, "started")):  # started before: fetch nothing again
+        return {"ok": True, "already_started": True, "pid": _read_pid(job_dir), **_exited(job_dir)}
     t0 = time.monotonic()
     attach_runtime(cfg["runtime"], os.path.join(job_dir, "env"))
     fetched = 0
