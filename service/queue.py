@@ -17,6 +17,7 @@ TEARDOWN = "stackml.teardown"
 CANCEL = "stackml.cancel"
 RECONCILE = "stackml.reconcile"
 CONVERGE_ENDPOINT = "stackml.converge_endpoint"  # an endpoint id, not a job id
+REGISTER_VERSION = "stackml.register_version"  # a model_versions.id, not a job id
 
 
 @functools.cache

@@ -239,6 +239,9 @@ def create_app(
     from service.api import metrics as metrics_api  # GET /metrics (Prometheus)
 
     app.register_blueprint(metrics_api.bp)
+    from service.api import models as models_api  # /v1/models (the registry)
+
+    app.register_blueprint(models_api.bp)
     from service.api import endpoints as endpoints_api  # /v1/models/<name>/endpoints
 
     app.register_blueprint(endpoints_api.bp)

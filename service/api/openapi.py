@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from service.api.auth import public
+from service.api.openapi_models import MODELS as REGISTRY_MODELS
 from service.api.quotas import QuotaUpdate
 from service.domain.spec import JobSpec
 from service.domain.states import JobState
@@ -197,6 +198,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     QuotaUpdate,
     UsageReport,
     Error,
+    *REGISTRY_MODELS,
 )
 
 # -- the document -------------------------------------------------------------------------
@@ -315,8 +317,11 @@ JSON_BODY = "400", "413", "415", "422"
 
 
 def _paths() -> dict[str, Any]:
+    from service.api.openapi_models import paths as model_paths
+
     job_states = [s.value for s in JobState]
     return {
+        **model_paths(),
         "/healthz": {
             "get": {
                 "summary": "The process is alive.",
