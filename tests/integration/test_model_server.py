@@ -112,7 +112,25 @@ def start_server(
     if ours or not TFSERVING_BIN:
         argv = [str(runtime_python), str(SERVER), *flags, "--rest_api_bind=127.0.0.1", *extra]
     else:
-        argv = [TFSERVING_BIN, f"--port={free_port()}", *flags]
+        # TF Serving serves only a base path's latest version unless a model config says all;
+        # labels come from the config too
+        labels = "".join(
+            f' version_labels {{ key: "{k}" value: {v} }}'
+            for flag in extra
+            if flag.startswith("--version_labels=")
+            for k, v in (kv.split("=") for kv in flag.split("=", 1)[1].split(","))
+        )
+        config = tmp / f"{name}.config"
+        config.write_text(
+            f'model_config_list {{ config {{ name: "{name}" base_path: "{base}" '
+            f'model_platform: "tensorflow" model_version_policy {{ all {{}} }}{labels} }} }}\n'
+        )
+        argv = [
+            TFSERVING_BIN,
+            f"--port={free_port()}",
+            f"--rest_api_port={port}",
+            f"--model_config_file={config}",
+        ]
     log = tmp / f"{name}-{port}.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -687,6 +705,15 @@ def test_runner_chooses_tf_serving_when_the_image_has_it(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name, path=None: tfs)
     argv = runner.model_server_argv("/job", cfg)
     assert argv[0] == tfs and argv[2:] == ours[2:-1]  # TF Serving has no bind flag
+    # several versions: a model config file, or TF Serving would serve only the latest
+    job = tmp_path / "job"
+    job.mkdir()
+    two = {**cfg, "versions": [{"version": 1}, {"version": 3}]}
+    argv = runner.model_server_argv(str(job), two)
+    assert argv[2:] == ["--rest_api_port=8501", f"--model_config_file={job}/models.config"]
+    config = (job / "models.config").read_text()
+    assert 'name: "m"' in config and f'base_path: "{job}/models"' in config
+    assert "specific { versions: 1 versions: 3 }" in config
     assert runner.model_server_argv("/job", {**cfg, "server": "stackml"})[0] == ours[0]
     bound = runner.model_server_argv("/job", {**cfg, "server": "stackml", "bind": "10.0.0.5"})
     assert bound[-1] == "--rest_api_bind=10.0.0.5"

@@ -561,7 +561,12 @@ def model_server_argv(job_dir: str, cfg: dict) -> list[str]:
         if tfs is None:
             raise RunnerError(f"serve.json asks for {TF_SERVING_BIN}, which is not installed")
         # gRPC on the REST port + 1: two replicas on one host network do not collide on 8500
-        return [tfs, f"--port={int(cfg['port']) + 1}", *flags]
+        argv = [tfs, f"--port={int(cfg['port']) + 1}", *flags]
+        if len(cfg.get("versions") or []) > 1:
+            # TF Serving serves only the latest version of a base path unless told otherwise
+            argv = [*argv[:2], f"--rest_api_port={cfg['port']}"]
+            argv.append(f"--model_config_file={_tfserving_config(job_dir, cfg)}")
+        return argv
     bind = cfg.get("bind") or "0.0.0.0"
     try:
         ipaddress.ip_address(bind)
@@ -573,6 +578,20 @@ def model_server_argv(job_dir: str, cfg: dict) -> list[str]:
         *flags,
         f"--rest_api_bind={bind}",
     ]
+
+
+def _tfserving_config(job_dir: str, cfg: dict) -> str:
+    """A model config file that makes tensorflow_model_server serve every listed version."""
+    path = os.path.join(job_dir, "models.config")
+    base = os.path.join(job_dir, "models")
+    versions = " ".join(f"versions: {int(v['version'])}" for v in cfg["versions"])
+    _write_atomic(
+        path,
+        "model_config_list { config { "
+        f'name: "{cfg["model_name"]}" base_path: "{base}" model_platform: "tensorflow" '
+        f"model_version_policy {{ specific {{ {versions} }} }} }} }}\n",
+    )
+    return path
 
 
 def serve(job_dir: str) -> dict:
