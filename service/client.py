@@ -488,6 +488,60 @@ class StackMLClient:
             name = Path(directory).resolve().name or "package"
             return self._upload(tmp, f"{name}.tar.gz")
 
+    # -- endpoints (online prediction) ---------------------------------------------------------
+
+    def deploy(
+        self,
+        model: str,
+        *,
+        label: str | None = None,
+        version: int | None = None,
+        replicas: int | None = None,
+        flavor: str | None = None,
+        traffic: Mapping[str, int] | None = None,
+        log_sample_rate: float | None = None,
+    ) -> Json:
+        """Create the model's endpoint (202, CREATING): follow `label` (default: `default`)
+        or pin `version`."""
+        body: dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("label", label),
+                ("version", version),
+                ("replicas", replicas),
+                ("flavor", flavor),
+                ("traffic", dict(traffic) if traffic is not None else None),
+                ("log_sample_rate", log_sample_rate),
+            )
+            if v is not None
+        }
+        result: Json = self._json("POST", f"/v1/models/{_seg(model)}/endpoints", json=body)
+        return result
+
+    def list_endpoints(self, model: str) -> list[Json]:
+        return _items(self._json("GET", f"/v1/models/{_seg(model)}/endpoints"), "endpoints")
+
+    def get_endpoint(self, model: str, endpoint_id: str) -> Json:
+        result: Json = self._json("GET", f"/v1/models/{_seg(model)}/endpoints/{_seg(endpoint_id)}")
+        return result
+
+    def update_endpoint(self, model: str, endpoint_id: str, **fields: Any) -> Json:
+        """PATCH: replicas, label | version, traffic (None clears a split), log_sample_rate."""
+        result: Json = self._json(
+            "PATCH", f"/v1/models/{_seg(model)}/endpoints/{_seg(endpoint_id)}", json=fields
+        )
+        return result
+
+    def scale(self, model: str, endpoint_id: str, replicas: int) -> Json:
+        return self.update_endpoint(model, endpoint_id, replicas=replicas)
+
+    def undeploy(self, model: str, endpoint_id: str) -> Json:
+        """DELETE: every replica drained and deleted (202, DELETING)."""
+        result: Json = self._json(
+            "DELETE", f"/v1/models/{_seg(model)}/endpoints/{_seg(endpoint_id)}"
+        )
+        return result
+
     # -- health ------------------------------------------------------------------------------------
 
     def healthz(self) -> Json:

@@ -29,6 +29,7 @@ EXAMPLE = REPO_ROOT / "examples" / "keras_regression"
 TF_ENV = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"}
 TOLERANCE = 1e-4
 MODEL = "regress"
+SERVE_MODELS = ".stackml/serve/models"  # where a replica's runner puts the versions (serve.py)
 
 
 def rows(width: int) -> list[list[float]]:
@@ -107,6 +108,84 @@ def assert_all_ok(answers: list[tuple[int, str | None, Any]], expected: dict[str
         )
 
 
+def exercise(
+    api: Callable[..., Any],
+    base_url: str,
+    settings: Settings,
+    model: str,
+    body: dict[str, Any],
+    expected: dict[str, list[float]],
+) -> None:
+    """Versions 1 and 2 of `model` are READY and `default` points at 1: deploy 2 replicas,
+    predict, kill a replica under load, switch default to 2 under load, delete."""
+    # deploy 2 replicas following the default label
+    ep = api("POST", f"/v1/models/{model}/endpoints", json={"replicas": 2, "label": "default"})
+    path = f"/v1/models/{model}/endpoints/{ep['id']}"
+
+    def settled(version: int) -> dict[str, Any] | None:
+        e = api("GET", path)
+        assert e["state"] != "FAILED", e
+        ready = [s for s in e["servers"] if s["replica_state"] == "ready"]
+        ok = (
+            e["state"] == "READY"
+            and e["serving_version"] == version
+            and len(e["servers"]) == 2
+            and len(ready) == 2
+            and all(s["version"] == version for s in ready)
+        )
+        return e if ok else None
+
+    first = until("2 ready replicas of version 1", lambda: settled(1), 600)
+    predict_url = f"{base_url}/v1/models/{model}:predict"
+    r = requests.post(predict_url, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Model-Version"] == "1" and r.headers.get("X-Request-Id")
+    assert_all_ok([(200, "1", r.json())], {"1": expected["1"]})
+
+    # kill one replica's server under a steady load: no request fails, the replica is replaced
+    backend = SandboxBackend(settings.sandbox_dir, settings.flavors())
+    victim = first["servers"][0]["server_id"]
+    load = Load(predict_url, body).start()
+    until("some answers before the kill", lambda: len(load.answers) >= 5, 60, 0.1)
+    backend.delete_server(victim)
+    replaced = until(
+        "the killed replica replaced",
+        lambda: (e := settled(1)) and victim not in {s["server_id"] for s in e["servers"]} and e,
+        600,
+    )
+    answers = load.finish()
+    assert len(answers) >= 10
+    assert_all_ok(answers, {"1": expected["1"]})
+    assert len({s["server_id"] for s in replaced["servers"]}) == 2
+
+    # switch the default label to version 2 under a steady load: zero failed requests, every
+    # answer names the version that produced it and matches that version's SavedModel
+    load = Load(predict_url, body).start()
+    until("some answers before the switch", lambda: len(load.answers) >= 5, 60, 0.1)
+    api("PUT", f"/v1/models/{model}/labels/default", json={"version": 2, "why": "e2e switch"})
+    until("2 ready replicas of version 2", lambda: settled(2), 600)
+    until("answers after the switch", lambda: load.answers[-1][1] == "2", 60, 0.1)
+    answers = load.finish()
+    assert_all_ok(answers, expected)
+    versions = [a[1] for a in answers]
+    assert versions[0] == "1" and versions[-1] == "2"
+    # once version 2 answered, version 1 never did again (the switch is one way)
+    assert "1" not in versions[versions.index("2") :]
+
+    # delete: every replica drained and deleted, nothing left behind
+    api("DELETE", path)
+    until("endpoint DELETED", lambda: api("GET", path)["state"] == "DELETED", 300)
+    assert api("GET", path)["servers"] == []
+    assert backend.list_servers(("stackml-endpoint", ep["id"])) == []
+    assert leak_report(settings.sandbox_dir) == []
+    left = subprocess.run(
+        ["pgrep", "-af", f"model_base_path={SERVE_MODELS}"], capture_output=True, text=True
+    ).stdout.strip()
+    assert not left, f"model servers still run: {left}"
+    dead = requests.post(predict_url, json=body, timeout=60)
+    assert dead.status_code == 503 and dead.json()["error"]["code"] == "no_replica"
+
+
 def train(client: StackMLClient, epochs: int) -> str:
     pkg = client.stage_package(EXAMPLE)
     job = client.create_job(
@@ -151,72 +230,7 @@ def test_deploy_predict_replace_switch_delete(
     body = {"instances": rows(width)}
     api("PUT", f"/v1/models/{MODEL}/labels/default", json={"version": 1, "why": "e2e"})
 
-    # deploy 2 replicas following the default label
-    ep = api("POST", f"/v1/models/{MODEL}/endpoints", json={"replicas": 2, "label": "default"})
-    path = f"/v1/models/{MODEL}/endpoints/{ep['id']}"
-
-    def settled(version: int) -> dict[str, Any] | None:
-        e = api("GET", path)
-        assert e["state"] != "FAILED", e
-        ready = [s for s in e["servers"] if s["replica_state"] == "ready"]
-        ok = (
-            e["state"] == "READY"
-            and e["serving_version"] == version
-            and len(e["servers"]) == 2
-            and len(ready) == 2
-            and all(s["version"] == version for s in ready)
-        )
-        return e if ok else None
-
-    first = until("2 ready replicas of version 1", lambda: settled(1), 600)
-    predict_url = f"{platform.url}/v1/models/{MODEL}:predict"
-    r = requests.post(predict_url, json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    assert r.headers["X-Model-Version"] == "1" and r.headers.get("X-Request-Id")
-    assert_all_ok([(200, "1", r.json())], {"1": direct["1"]})
-
-    # kill one replica's server under a steady load: no request fails, the replica is replaced
-    backend = SandboxBackend(e2e_settings.sandbox_dir, e2e_settings.flavors())
-    victim = first["servers"][0]["server_id"]
-    load = Load(predict_url, body).start()
-    until("some answers before the kill", lambda: len(load.answers) >= 5, 60, 0.1)
-    backend.delete_server(victim)
-    replaced = until(
-        "the killed replica replaced",
-        lambda: (e := settled(1)) and victim not in {s["server_id"] for s in e["servers"]} and e,
-        600,
-    )
-    answers = load.finish()
-    assert len(answers) >= 10
-    assert_all_ok(answers, {"1": direct["1"]})
-    assert len({s["server_id"] for s in replaced["servers"]}) == 2
-
-    # switch the default label to version 2 under a steady load: zero failed requests, every
-    # answer names the version that produced it and matches that version's SavedModel
-    load = Load(predict_url, body).start()
-    until("some answers before the switch", lambda: len(load.answers) >= 5, 60, 0.1)
-    api("PUT", f"/v1/models/{MODEL}/labels/default", json={"version": 2, "why": "e2e switch"})
-    until("2 ready replicas of version 2", lambda: settled(2), 600)
-    until("answers after the switch", lambda: load.answers[-1][1] == "2", 60, 0.1)
-    answers = load.finish()
-    assert_all_ok(answers, direct)
-    versions = [a[1] for a in answers]
-    assert versions[0] == "1" and versions[-1] == "2"
-    # once version 2 answered, version 1 never did again (the switch is one way)
-    assert "1" not in versions[versions.index("2") :]
-
-    # delete: every replica drained and deleted, nothing left behind
-    api("DELETE", path)
-    until("endpoint DELETED", lambda: api("GET", path)["state"] == "DELETED", 300)
-    assert api("GET", path)["servers"] == []
-    assert backend.list_servers(("stackml-endpoint", ep["id"])) == []
-    assert leak_report(e2e_settings.sandbox_dir) == []
-    left = subprocess.run(
-        ["pgrep", "-af", "model_server.py"], capture_output=True, text=True
-    ).stdout.strip()
-    assert not left, f"model servers still run: {left}"
-    dead = requests.post(predict_url, json=body, timeout=60)
-    assert dead.status_code == 503 and dead.json()["error"]["code"] == "no_replica"
+    exercise(api, platform.url, e2e_settings, MODEL, body, direct)
 
 
 TINY = """
@@ -327,3 +341,18 @@ def test_replicas_of_a_recorded_version_serve_scale_and_go(
     backend = SandboxBackend(e2e_settings.sandbox_dir, e2e_settings.flavors())
     assert backend.list_servers(("stackml-endpoint", ep["id"])) == []
     assert leak_report(e2e_settings.sandbox_dir) == []
+
+
+def test_recorded_versions_survive_a_killed_replica_and_switch_without_a_failed_request(
+    client: StackMLClient,
+    e2e_settings: Settings,
+    runtime_python: Path,
+    platform: LocalPlatform,
+    tmp_path: Path,
+) -> None:
+    """The replica machinery of the proof on tiny recorded versions (y = x·[1,2,3]·scale,
+    scale 1 and 2): two replicas, a kill under load, a switch under load, a delete."""
+    seed_tiny_model(e2e_settings, runtime_python, tmp_path, "tiny2", [1.0, 2.0])
+    body = {"instances": [[1.0, 1.0, 1.0], [0.0, 0.5, 2.0]]}
+    expected = {"1": [6.0, 7.0], "2": [12.0, 14.0]}
+    exercise(client._json, platform.url, e2e_settings, "tiny2", body, expected)
