@@ -7,7 +7,7 @@ from service import queue
 from workers.base import JobTask
 from workers.celery_app import app
 from workers.pipeline import limits
-from workers.steps import allocate, export, poll, provision, serve, teardown
+from workers.steps import allocate, export, poll, provision, register, serve, teardown
 
 
 def _limits(task: str) -> dict[str, int]:
@@ -58,6 +58,11 @@ def cancel_task(job_id: str) -> None:
 @app.task(name=queue.CONVERGE_ENDPOINT, base=JobTask, time_limit=600, soft_time_limit=540)
 def converge_endpoint_task(endpoint_id: str) -> None:
     serve.run(endpoint_id)  # an endpoint id, leased like export (workers/steps/serve.py)
+
+
+@app.task(name=queue.REGISTER_VERSION, base=JobTask, time_limit=300, soft_time_limit=270)
+def register_version_task(version_id: str) -> None:
+    register.run(version_id)  # a model_versions.id (workers/steps/register.py)
 
 
 @app.task(name=queue.RECONCILE, base=JobTask, max_retries=0, **_limits(queue.RECONCILE))

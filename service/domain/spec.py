@@ -24,6 +24,8 @@ MASKED = "***"  # what responses show for each env value
 
 Name = Annotated[str, StringConstraints(pattern=NAME_RE)]
 Uri = Annotated[str, StringConstraints(pattern=URI_RE, max_length=1024)]
+# a registered model's name (service/db/registry.py NAME_RE): no ":" (name:predict), no "/"
+ModelName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
 
 
 def _check_text(value: str, what: str, max_len: int = 4096) -> str:
@@ -119,8 +121,11 @@ class Output(_Strict):
         "staging area, the models area itself or a job's own models/job-* prefix. Default: "
         "models/<job id>/ in the project's area.",
     )
-    register_as: Name | None = Field(
-        default=None, description="Not available yet: refused (422 not_implemented)."
+    register_as: ModelName | None = Field(
+        default=None,
+        description="When the job SUCCEEDS, register its model as a new version of this model "
+        "of the project (created if missing); the version is CREATING until a worker has "
+        "checked it (READY or FAILED). A model name: ^[a-z][a-z0-9_-]{0,62}$.",
     )
 
     @field_validator("model_uri")
@@ -197,8 +202,6 @@ def unbuilt_fields(spec: JobSpec) -> list[tuple[str, str]]:
     out = []
     if spec.type != "training":
         out.append(("type", f"type {spec.type!r} is not available yet; only 'training' is"))
-    if spec.output.register_as is not None:
-        out.append(("output.register_as", "registering a model is not available yet"))
     if spec.resources.workers != 1:
         out.append(
             ("resources.workers", "distributed training is not available yet: one worker only")

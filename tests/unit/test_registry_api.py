@@ -426,3 +426,20 @@ def test_readers_read_members_write(rc: FlaskClient, error_of: Any) -> None:
         403,
     )
     assert [m["name"] for m in rc.get("/v1/models", headers=member).get_json()["models"]] == ["m"]
+
+
+# -- output.register_as -------------------------------------------------------------------------
+
+
+def test_a_job_may_ask_to_register_its_model(
+    client: FlaskClient, package_uri: str, spec: Any, error_of: Any
+) -> None:
+    r = client.post("/v1/jobs", json=spec(package_uri, output={"register_as": "mnist"}))
+    assert r.status_code == 202, r.get_json()
+    assert r.get_json()["spec"]["output"]["register_as"] == "mnist"
+    # a model name, not a job name: no capitals, dots or ':'
+    for bad in ("Mnist", "m.v2", "m:predict"):
+        err = error_of(
+            client.post("/v1/jobs", json=spec(package_uri, output={"register_as": bad})), 422
+        )
+        assert "output.register_as" in [f["field"] for f in err["details"]["fields"]]

@@ -59,6 +59,8 @@ def test_trainer_argv_appends_sorted_hyperparameters():
         ({"resources": {"parameter_servers": 17}}, "resources.parameter_servers"),
         ({"inputs": {"data_uri": "local://a/../b"}}, "inputs.data_uri"),
         ({"output": {"register_as": "bad name"}}, "output.register_as"),
+        ({"output": {"register_as": "Mnist"}}, "output.register_as"),
+        ({"output": {"register_as": "m:predict"}}, "output.register_as"),
         ({"env": {"TF_CONFIG": "{}"}}, "env"),
         ({"env": {"1BAD": "x"}}, "env.1BAD.[key]"),
         ({"hyperparameters": {"lr": [1]}}, "hyperparameters.lr.str"),
@@ -145,7 +147,6 @@ def test_openapi_lists_every_route(app):
     ("over", "fields"),
     [
         ({"type": "batch_prediction"}, ["type"]),
-        ({"output": {"register_as": "mnist"}}, ["output.register_as"]),
         ({"resources": {"workers": 2}}, ["resources.workers"]),
         ({"resources": {"parameter_servers": 1}}, ["resources.parameter_servers"]),
         (
@@ -166,6 +167,8 @@ def test_defaults_and_their_explicit_values_are_built():
         output={"register_as": None},
     )
     assert unbuilt_fields(explicit) == []
+    # registering the model is built (issue 9): a model name is accepted, not refused
+    assert unbuilt_fields(make(output={"register_as": "mnist"})) == []
 
 
 def test_masked_spec_keeps_names_not_values():
@@ -215,8 +218,8 @@ def test_openapi_documents_what_a_submission_may_answer():
         ("JobSpec", "type"),
         ("Resources", "workers"),
         ("Resources", "parameter_servers"),
-        ("Output", "register_as"),
     ]:
         assert "not_implemented" in props[model]["properties"][field]["description"]
+    assert "SUCCEEDS" in props["Output"]["properties"]["register_as"]["description"]
     assert "output_exists" in props["Output"]["properties"]["model_uri"]["description"]
     assert MASKED in props["JobSpec"]["properties"]["env"]["description"]

@@ -17,6 +17,7 @@ from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
 from workers import jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
+from workers.steps import register
 from workers.steps.provision import PYTHON
 
 
@@ -120,6 +121,7 @@ def _export(ctx: jobctx.StepContext) -> None:
         )
         return
     output = {"model_uri": uri, "objects": objects, "size": sum(int(o["size"]) for o in objects)}
+    version_id = None
     with db() as s:
         moved = repo.transition(
             s,
@@ -129,7 +131,11 @@ def _export(ctx: jobctx.StepContext) -> None:
             f"model exported to {uri} ({len(objects)} files)",
             output=output,
         )
+        if moved:  # output.register_as: a new model version, in the same transaction
+            version_id = register.register_job_output(s, repo.get_job(s, job_id))
     jobctx.next_step(queue.TEARDOWN, job_id)
+    if version_id is not None:
+        register.enqueue(version_id)
     if not moved:
         jobctx.log.info("job %s left EXPORTING during the upload", job_id)
 

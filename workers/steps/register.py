@@ -1,0 +1,136 @@
+"""Register a model version: check its artifact in the store and record what it holds.
+
+Task `stackml.register_version` takes a model_versions.id. For a version in CREATING it lists
+the artifact's objects (their size and md5/etag become the version's checksums), reads
+`saved_model.pb` from the store and decodes its `serving_default` signature without
+TensorFlow (service/domain/savedmodel.py), then marks the version READY, or FAILED with a
+sentence saying what is wrong. A version that is no longer CREATING is left alone, so the
+task may run twice. A store that does not answer now raises (the task is retried).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+
+from service import queue
+from service.backends.interfaces import ObjectInfo, ObjectStore
+from service.db import jobs as jobs_repo
+from service.db import registry as repo
+from service.db.models import Job, Model, ModelVersion
+from service.domain import savedmodel
+from service.domain.errors import StoreError, TransientBackendError
+from workers import jobctx
+
+log = logging.getLogger("stackml.worker.register")
+
+SAVED_MODEL = "saved_model.pb"
+MAX_OBJECTS = 100_000
+
+
+class ArtifactInvalid(Exception):
+    """What is wrong with the artifact, as the version's failure_message."""
+
+
+def run(version_id: str) -> None:
+    try:
+        vid = int(version_id)
+    except ValueError:
+        log.warning("register_version: %r is not a version id; nothing done", version_id)
+        return
+    with jobctx.db() as s:
+        mv = s.get(ModelVersion, vid)
+        if mv is None or mv.state != repo.CREATING:
+            return  # deleted, or already registered by an earlier run
+        model = s.get(Model, mv.model_id)
+        assert model is not None
+        project, uri = model.project_id, mv.artifact_uri
+        trust_id = None
+        if mv.source_job_id is not None:
+            trust_id = s.scalar(select(Job.trust_id).where(Job.id == mv.source_job_id))
+    store = jobctx.store(project, trust_id)
+    try:
+        checksums, signature = inspect_artifact(store, uri)
+    except ArtifactInvalid as e:
+        _finish(vid, failure=str(e))
+        return
+    except TransientBackendError:
+        raise  # retried by the task (workers/base.py)
+    except StoreError as e:
+        _finish(vid, failure=f"the store refused to read {uri}: {e}")
+        return
+    _finish(vid, checksums=checksums, signature=signature)
+
+
+def _finish(vid: int, **outcome: Any) -> None:
+    with jobctx.db() as s:
+        mv = s.get(ModelVersion, vid)
+        if mv is None:
+            return
+        if repo.finish_version(s, mv, **outcome):
+            what = "READY" if outcome.get("failure") is None else f"FAILED: {outcome['failure']}"
+            log.info("model version %s (%s) is %s", vid, mv.artifact_uri, what)
+
+
+def inspect_artifact(store: ObjectStore, uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(checksums, signature) of the SavedModel at `uri`, or ArtifactInvalid."""
+    try:
+        prefix = store.key_of(uri)
+    except ValueError as e:
+        raise ArtifactInvalid(f"{uri} is not on this platform's store ({store.scheme}://)") from e
+    if not prefix.endswith("/"):
+        prefix += "/"
+    objects: list[ObjectInfo] = store.list(prefix)
+    if not objects:
+        raise ArtifactInvalid(f"nothing is stored at {uri}")
+    if len(objects) > MAX_OBJECTS:
+        raise ArtifactInvalid(
+            f"{uri} holds {len(objects)} objects; a SavedModel of more than {MAX_OBJECTS} "
+            "is not registered"
+        )
+    checksums: dict[str, Any] = {
+        o.key[len(prefix) :]: {"size": int(o.size), "md5": o.etag.strip('"')}
+        for o in sorted(objects, key=lambda o: o.key)
+    }
+    pb = next((o for o in objects if o.key == prefix + SAVED_MODEL), None)
+    if pb is None:
+        raise ArtifactInvalid(
+            f"{uri} holds no {SAVED_MODEL} at its top: it is not a SavedModel directory"
+        )
+    if pb.size > savedmodel.MAX_BYTES:
+        raise ArtifactInvalid(
+            f"{SAVED_MODEL} is {pb.size} bytes, more than the {savedmodel.MAX_BYTES} "
+            "read to find its signature"
+        )
+    data = store.get(prefix + SAVED_MODEL)
+    try:
+        signature = savedmodel.read_signature(data)
+    except savedmodel.SavedModelError as e:
+        raise ArtifactInvalid(f"{uri}{SAVED_MODEL} cannot be read: {e}") from e
+    return checksums, signature
+
+
+def register_job_output(s: Any, job: Job, by: str = repo.SYSTEM) -> int | None:
+    """For a job that just SUCCEEDED with output.register_as: its model (created when
+    missing) gets a new CREATING version of the job's output, with the job's final metrics.
+    Returns the version's id for stackml.register_version, or None when nothing is asked."""
+    name = ((job.spec or {}).get("output") or {}).get("register_as")
+    uri = (job.output or {}).get("model_uri")
+    if not isinstance(name, str) or not isinstance(uri, str):
+        return None
+    model = repo.ensure_model(s, job.project_id, name, by=by)
+    mv = repo.create_version(
+        s,
+        model,
+        artifact_uri=uri if uri.endswith("/") else uri + "/",
+        by=by,
+        source_job_id=job.id,
+        metrics=jobs_repo.latest_metrics(s, job.id),
+    )
+    return mv.id
+
+
+def enqueue(version_id: int) -> None:
+    jobctx.next_step(queue.REGISTER_VERSION, str(version_id))
