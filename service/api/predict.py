@@ -48,7 +48,7 @@ from urllib3.exceptions import ReadTimeoutError
 
 from service.api import auth, ctx
 from service.api.auth import READER, current, current_project, requires
-from service.api.errors import request_id
+from service.api.errors import RateLimited, request_id
 from service.config import Settings
 from service.db.models import Endpoint, Model, ModelLabel, ModelVersion, Resource
 from service.domain.errors import NotFound, StackMLError
@@ -60,6 +60,7 @@ bp = Blueprint("predict", __name__)
 
 EXTENSION = "stackml.predict"
 LOG_EXTENSION = "stackml.serving_log"
+TOKENS_EXTENSION = "stackml.predict.tokens"
 VERBS = ("predict", "classify", "regress")
 _VERB = "<verb>"  # predict, classify or regress (checked by the view: anything else is a 404)
 RULE_DEFAULT = f"/v1/models/<name>:{_VERB}"
@@ -115,6 +116,44 @@ class Route:
     log_sample_rate: float
     replicas: dict[int, tuple[Replica, ...]]
     read_at: float
+
+
+class Tokens:
+    """The per-project predict rate limit, on the shared Redis bucket of service/api/ratelimit.py
+    (kind "predict"), taken in chunks so that most predictions do not wait on Redis: a process
+    takes `chunk` requests at once (1% of a minute's limit, at most 50) and spends them within
+    HOLD seconds (unspent ones are dropped: the limit is never exceeded, a process may at worst
+    leave part of a chunk unused). Near the limit it falls back to one at a time."""
+
+    HOLD = 1.0
+
+    def __init__(self, limiter: Any, per_minute: int) -> None:
+        self.limiter = limiter
+        self.per_minute = per_minute
+        self.chunk = max(1, min(50, per_minute // 100))
+        self._held: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, project: str) -> None:
+        """One prediction of `project`; RateLimited (429) when its bucket is empty."""
+        if self.per_minute <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            left, since = self._held.get(project, (0, 0.0))
+            if left > 0 and now - since < self.HOLD:
+                self._held[project] = (left - 1, since)
+                return
+        got = self.chunk
+        try:
+            self.limiter.check("predict", project, cost=got)
+        except RateLimited:
+            if got == 1:
+                raise
+            got = 1
+            self.limiter.check("predict", project, cost=1)  # raises when none is left
+        with self._lock:
+            self._held[project] = (got - 1, now)
 
 
 def split_version(traffic: tuple[tuple[int, int], ...], key: str) -> int | None:
@@ -339,6 +378,17 @@ def proxy() -> Proxy:
     return p
 
 
+def _tokens() -> Tokens:
+    tokens: Tokens | None = current_app.extensions.get(TOKENS_EXTENSION)
+    if tokens is None:
+        from service.api import ratelimit
+
+        limiter = current_app.extensions[ratelimit.EXTENSION]
+        tokens = Tokens(limiter, ctx().settings.rate_limit_predict_per_minute)
+        current_app.extensions[TOKENS_EXTENSION] = tokens
+    return tokens
+
+
 def serving_log() -> ServingLog:
     s: ServingLog = current_app.extensions[LOG_EXTENSION]
     return s
@@ -350,6 +400,7 @@ def _setup(state: BlueprintSetupState) -> None:
     context = app.extensions["stackml"]
     settings: Settings = context.settings
     app.extensions[EXTENSION] = Proxy(settings)
+    app.extensions[TOKENS_EXTENSION] = None  # made on first use: ratelimit installs its limiter
     app.extensions[LOG_EXTENSION] = ServingLog(
         context.store_for,
         buffer_bytes=settings.serving_log_buffer_bytes,
@@ -470,6 +521,7 @@ def _predict(
             f"no such method {verb[:32]!r}: use :predict, :classify or :regress",
             details={"method": verb[:32]},
         )
+    _tokens().take(current_project())
     p, project, route = _lookup(name)
     target, key = _target(name, route, version, label)
     g.stackml_model_version = target

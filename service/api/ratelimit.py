@@ -26,7 +26,6 @@ from flask import Flask, current_app, request
 
 from service.api.auth import current_project
 from service.api.errors import RateLimited
-from service.api.predict import PREDICT_RULES
 from service.config import Settings
 from service.redact import redact
 
@@ -35,7 +34,6 @@ log = logging.getLogger("stackml.api.ratelimit")
 EXTENSION = "stackml.ratelimit"
 # (method, URL rule) -> the bucket it draws from
 LIMITED = {("POST", "/v1/jobs"): "jobs", ("POST", "/v1/packages"): "packages"}
-LIMITED.update({("POST", rule): "predict" for rule in PREDICT_RULES})
 NOUNS = {"jobs": "job submissions", "packages": "package uploads", "predict": "predictions"}
 REDIS_TIMEOUT = 0.5
 # what redis-py connects to; another broker URL (e.g. kombu's memory://) has no shared counter
@@ -110,8 +108,9 @@ class Limiter:
                 self._script = self._client.register_script(GCRA)
             return self._script
 
-    def check(self, kind: str, project: str) -> None:
-        """Take one request from (kind, project)'s bucket; RateLimited when it is empty."""
+    def check(self, kind: str, project: str, cost: int = 1) -> None:
+        """Take `cost` requests at once from (kind, project)'s bucket (GCRA with a cost: the
+        interval times cost, the burst over cost); RateLimited when it holds fewer."""
         limit = self.per_minute.get(kind, 0)
         if limit <= 0 or not self.redis_url.startswith(REDIS_SCHEMES):
             return
@@ -119,7 +118,7 @@ class Limiter:
             return
         key = f"{self.prefix}:{kind}:{project}"
         try:
-            allowed, wait = self._redis()(keys=[key], args=[60.0 / limit, limit])
+            allowed, wait = self._redis()(keys=[key], args=[60.0 * cost / limit, limit / cost])
         except (redis.RedisError, OSError, ValueError) as e:  # ValueError: a bad URL
             self._unreachable(e)
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ from flask.testing import FlaskClient
 
 from service.api import auth, create_app
 from service.api.auth import Caller, NotAuthenticated
-from service.api.predict import Proxy, split_version
+from service.api.errors import RateLimited
+from service.api.predict import Proxy, Tokens, split_version
+from service.api.ratelimit import Limiter
 from service.config import Settings
 from service.db.models import Resource
 from service.db.session import session_scope
@@ -370,3 +373,26 @@ def test_predictions_are_rate_limited_per_project(
     assert err["details"]["kind"] == "predict" and int(r.headers["Retry-After"]) >= 1
     assert "X-Model-Version" in r.headers
     assert predict(client, "/v1/models/m:predict", **{"X-Test-Project": "p2"}).status_code == 200
+
+
+def test_the_limit_holds_when_tokens_are_taken_in_chunks(settings, shared_redis):
+    """1000 a minute: each process takes 10 at a time from the shared Redis bucket; two
+    processes together get the minute's 1000 (plus what refilled meanwhile), then 429."""
+    redis_url, queue = shared_redis
+    changed = {"redis_url": redis_url, "queue": queue, "rate_limit_predict_per_minute": 1000}
+    limited = Settings(**{**settings.model_dump(), **changed})
+    procs = [Tokens(Limiter.from_settings(limited), 1000) for _ in range(2)]  # two processes
+    assert procs[0].chunk == 10
+    started = time.monotonic()
+    granted = 0
+    for i in range(1200):
+        try:
+            procs[i % 2].take("p1")
+            granted += 1
+        except RateLimited:
+            pass
+    refill = (time.monotonic() - started) * 1000 / 60
+    assert 1000 - 2 * procs[0].chunk <= granted <= 1000 + refill + 1
+    with pytest.raises(RateLimited):
+        procs[0].take("p1")
+    procs[1].take("p2")  # another project has its own bucket
