@@ -44,7 +44,9 @@ def _assemble() -> None:
     from devcloud.cli import devcloud
 
     # the operator's commands (run and migrate the platform), then the user's
-    for command in (ops.up, ops.demo, ops.runtime, ops.db, devcloud, jobs):
+    from service.cli.models import models
+
+    for command in (ops.up, ops.demo, ops.runtime, ops.db, devcloud, jobs, models):
         cli.add_command(command)
 
 

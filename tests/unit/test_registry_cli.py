@@ -1,0 +1,112 @@
+"""`stackml models ...` against the real API (served on a loopback port, SQLite): create,
+list, describe, versions (register from a URI), set-label with --expect, history; `-o json`
+is the API's JSON; user-controlled text reaches the terminal without its escape sequences."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from click.testing import CliRunner, Result
+from flask import Flask
+from werkzeug.serving import make_server
+
+from service.cli import cli
+from service.db import registry as repo
+from service.db.session import session_scope
+
+EVIL = "digits \x1b]0;pwned\x07\x1b[2Jcleared \x1b]8;;http://evil.example/\x1b\\link"
+
+
+@pytest.fixture
+def api_url(app: Flask) -> Iterator[str]:
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def run(api_url: str) -> Callable[..., Result]:
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Result:
+        return runner.invoke(cli, ["--url", api_url, *args], env={"COLUMNS": "200"})
+
+    return invoke
+
+
+def _ready(db_url: str, name: str, version: int) -> None:
+    with session_scope(db_url) as s:
+        model = repo.find_model(s, "local", name)
+        mv = repo.get_version(s, model, version)
+        sig = {
+            "method_name": "tensorflow/serving/predict",
+            "inputs": {"features": {"dtype": "DT_FLOAT", "shape": [-1, 20]}},
+            "outputs": {"output_0": {"dtype": "DT_FLOAT", "shape": None}},
+        }
+        repo.finish_version(
+            s, mv, checksums={"saved_model.pb": {"size": 5, "md5": "x"}}, signature=sig
+        )
+
+
+def test_models_commands_end_to_end(run: Callable[..., Result], db_url: str) -> None:
+    res = run("models", "create", "mnist", "--description", EVIL)
+    assert res.exit_code == 0, res.output
+    assert "created model mnist (mdl-" in res.output
+    res = run("models", "list")
+    assert res.exit_code == 0 and "mnist" in res.output
+    assert "\x1b" not in res.output and "\x07" not in res.output
+    assert "digits" in res.output and "cleared" in res.output
+
+    res = run("models", "versions", "mnist", "--uri", "local://projects/local/models/a/")
+    assert res.exit_code == 0, res.output
+    assert "version 1 of mnist is CREATING" in res.output
+    _ready(db_url, "mnist", 1)
+    res = run("models", "versions", "mnist", "--version", "1")
+    assert res.exit_code == 0, res.output
+    assert "READY" in res.output and "input features: DT_FLOAT [-1, 20]" in res.output
+    assert "output output_0: DT_FLOAT unknown rank" in res.output
+
+    res = run("models", "set-label", "mnist", "default", "1", "--why", "ship", "--expect", "none")
+    assert res.exit_code == 0, res.output
+    assert "default: nothing -> version 1" in res.output
+    # compare-and-set refused: one sentence, exit 1, nothing moved
+    res = run("models", "set-label", "mnist", "default", "1", "--expect", "3")
+    assert res.exit_code == 1, res.output
+    assert "points at version 1, not version 3" in res.output
+    res = run("models", "set-label", "mnist", "default", "1", "--expect", "x")
+    assert res.exit_code == 2
+
+    res = run("models", "describe", "mnist")
+    assert res.exit_code == 0, res.output
+    assert "labels: default=1" in res.output and "endpoint: none" in res.output
+    assert "\x1b" not in res.output
+
+    res = run("models", "history", "mnist")
+    assert res.exit_code == 0 and "ship" in res.output and "default" in res.output
+    res = run("models", "history", "mnist", "--at", "2000-01-01T00:00:00Z")
+    assert res.exit_code == 0 and "no label existed" in res.output
+
+    res = run("models", "history", "mnist", "-o", "json")
+    body = json.loads(res.output)
+    assert [(h["from_version"], h["to_version"], h["why"]) for h in body["history"]] == [
+        (None, 1, "ship")
+    ]
+    res = run("models", "list", "-o", "json")
+    assert json.loads(res.output)["models"][0]["description"] == EVIL  # exactly the API's
+
+
+def test_models_errors_are_one_sentence(run: Callable[..., Result]) -> None:
+    res = run("models", "describe", "nope")
+    assert res.exit_code == 1 and "no model 'nope'" in res.output
+    res = run("models", "create", "Bad:Name")
+    assert res.exit_code == 1 and "name" in res.output
+    run("models", "create", "m")
+    res = run("models", "versions", "m", "--register", "job-x", "--uri", "local://x/")
+    assert res.exit_code == 2 and "not both" in res.output
