@@ -488,6 +488,88 @@ class StackMLClient:
             name = Path(directory).resolve().name or "package"
             return self._upload(tmp, f"{name}.tar.gz")
 
+    # -- model registry ---------------------------------------------------------------------------
+
+    def create_model(self, name: str, description: str = "") -> Json:
+        result: Json = self._json(
+            "POST", "/v1/models", json={"name": name, "description": description}
+        )
+        return result
+
+    def list_models(self) -> list[Json]:
+        return _items(self._json("GET", "/v1/models"), "models")
+
+    def get_model(self, name: str) -> Json:
+        result: Json = self._json("GET", f"/v1/models/{_seg(name)}")
+        return result
+
+    def delete_model(self, name: str) -> None:
+        self._json("DELETE", f"/v1/models/{_seg(name)}")
+
+    def create_version(
+        self, model: str, *, job_id: str | None = None, artifact_uri: str | None = None
+    ) -> Json:
+        """A new version (202, CREATING) from a SUCCEEDED job or a store URI."""
+        body = {"job_id": job_id} if job_id is not None else {"artifact_uri": artifact_uri}
+        result: Json = self._json("POST", f"/v1/models/{_seg(model)}/versions", json=body)
+        return result
+
+    def list_versions(self, model: str) -> list[Json]:
+        return _items(self._json("GET", f"/v1/models/{_seg(model)}/versions"), "versions")
+
+    def get_version(self, model: str, version: int) -> Json:
+        result: Json = self._json("GET", f"/v1/models/{_seg(model)}/versions/{int(version)}")
+        return result
+
+    def delete_version(self, model: str, version: int) -> None:
+        self._json("DELETE", f"/v1/models/{_seg(model)}/versions/{int(version)}")
+
+    def set_label(
+        self,
+        model: str,
+        label: str,
+        version: int,
+        *,
+        why: str = "",
+        expected_version: int | None | object = ...,
+    ) -> Json:
+        """Point `label` at `version`; with `expected_version` (None: the label must not
+        exist yet), only when the label points there now (409 label_moved otherwise)."""
+        body: dict[str, Any] = {"version": int(version), "why": why}
+        if expected_version is not ...:
+            body["expected_version"] = expected_version
+        result: Json = self._json(
+            "PUT", f"/v1/models/{_seg(model)}/labels/{_seg(label)}", json=body
+        )
+        return result
+
+    def delete_label(self, model: str, label: str, *, why: str = "") -> Json:
+        result: Json = self._json(
+            "DELETE", f"/v1/models/{_seg(model)}/labels/{_seg(label)}", params={"why": why}
+        )
+        return result
+
+    def model_history(self, model: str, *, label: str | None = None, at: str | None = None) -> Json:
+        params = {k: v for k, v in (("label", label), ("at", at)) if v is not None}
+        result: Json = self._json("GET", f"/v1/models/{_seg(model)}/history", params=params)
+        return result
+
+    def wait_version(
+        self, model: str, version: int, timeout: float = 300, interval: float = 0.5
+    ) -> Json:
+        """Poll until the version leaves CREATING (READY or FAILED); TimeoutError after
+        `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.get_version(model, version)
+            if v["state"] != "CREATING":
+                return v
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"version {version} of {model} still CREATING after {timeout:.0f}s"
+                )
+            time.sleep(interval)
+
     # -- endpoints (online prediction) ---------------------------------------------------------
 
     def deploy(
