@@ -183,6 +183,10 @@ class UsageReport(BaseModel):
     totals: UsageTotals
     projects: list[ProjectUsage]
     jobs: list[JobUsage]
+    endpoints: list[JobUsage] = Field(
+        description="Model-serving endpoints (id, name <model>/<endpoint>, state): their "
+        "replica servers, counted in totals and projects like jobs' servers."
+    )
 
 
 MODELS: tuple[type[BaseModel], ...] = (

@@ -46,7 +46,9 @@ def get() -> Response:
     else:
         project = readable_project(request.args.get("project") or None)
     with c.session() as s:
-        rows = repo.usage_report(s, repo.flavor_table(c.settings), since, until, project, now)
+        table = repo.flavor_table(c.settings)
+        rows = repo.usage_report(s, table, since, until, project, now)
+        served = repo.endpoint_usage_report(s, table, since, until, project, now)
     totals = Metered()
     per_project: dict[str, tuple[Metered, int]] = {}
     for r in rows:
@@ -55,6 +57,11 @@ def get() -> Response:
         totals = totals + shown
         m, n = per_project.get(r.project_id, (Metered(), 0))
         per_project[r.project_id] = (m + shown, n + 1)
+    for r in served:  # endpoints' replica servers (online prediction) cost like jobs' servers
+        shown = r.metered.rounded()
+        totals = totals + shown
+        m, n = per_project.get(r.project_id, (Metered(), 0))
+        per_project[r.project_id] = (m + shown, n)
     return jsonify(
         {
             "project_id": project,
@@ -66,6 +73,7 @@ def get() -> Response:
                 for p, (m, n) in sorted(per_project.items())
             ],
             "jobs": [_row(r) for r in rows],
+            "endpoints": [_row(r) for r in served],
         }
     )
 

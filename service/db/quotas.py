@@ -373,5 +373,53 @@ def usage_report(
     return list(rows.values())
 
 
+def endpoint_usage_report(
+    s: Session,
+    flavors: Mapping[str, Flavor],
+    since: datetime,
+    until: datetime,
+    project: str | None,
+    now: datetime | None = None,
+) -> list[UsageRow]:
+    """Per endpoint (job_id: its id, name: "<model>/<endpoint name>"), the usage inside
+    [since, until) of its replica servers, as `usage_report` counts a job's."""
+    from service.db.models import Endpoint, Model
+
+    now = now or utcnow()
+    q = (
+        select(Resource, Endpoint.name, Endpoint.state, Model.name)
+        .join(Endpoint, Endpoint.id == Resource.owner_id)
+        .join(Model, Model.id == Endpoint.model_id)
+        .where(
+            Resource.owner_kind == OwnerKind.ENDPOINT.value,
+            Resource.active_at.is_not(None),
+            Resource.active_at < until,
+            or_(
+                Resource.state != ResourceState.DELETED.value,
+                Resource.deleted_at.is_(None),
+                Resource.deleted_at > since,
+            ),
+        )
+        .order_by(Endpoint.created_at, Endpoint.id, Resource.id)
+    )
+    if project is not None:
+        q = q.where(Resource.project_id == project)
+    rows: dict[str, UsageRow] = {}
+    for res, name, state, model in s.execute(q):
+        iv = _interval(res, flavors)
+        if iv is None:
+            continue
+        m = meter([iv], now, since, until)
+        if m.vm_seconds <= 0:
+            continue
+        row = rows.get(res.owner_id)
+        if row is None:
+            row = rows[res.owner_id] = UsageRow(
+                res.owner_id, f"{model}/{name}", res.project_id, state
+            )
+        row.metered = row.metered + m
+    return list(rows.values())
+
+
 def _aware(dt: datetime) -> datetime:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)

@@ -170,3 +170,48 @@ def test_endpoint_servers_count_in_job_admission(client: FlaskClient, db_url: st
         assert mid
         usage = quotas.in_use(s, quotas.flavor_table(), "local.small")
     assert usage["local"].servers == 1
+
+
+def test_endpoint_servers_show_in_usage_and_cost(client: FlaskClient, db_url: str) -> None:
+    from datetime import timedelta
+
+    from service.db.models import utcnow
+
+    mid = seed(db_url)
+    now = utcnow()
+    with session_scope(db_url) as s:
+        s.add(
+            Endpoint(
+                id="ep-0000000000aa",
+                project_id="local",
+                model_id=mid,
+                state="READY",
+                target_label="default",
+                replicas=1,
+                flavor="local.small",
+                created_by="u",
+            )
+        )
+        s.add(
+            Resource(
+                owner_kind="endpoint",
+                owner_id="ep-0000000000aa",
+                project_id="local",
+                backend="sandbox",
+                role="replica",
+                name="stackml-ep-0000000000aa-v1-aaaaaa",
+                flavor="local.small",
+                state=ResourceState.ACTIVE.value,
+                active_at=now - timedelta(hours=1),
+                version=1,
+            )
+        )
+    r = client.get("/v1/usage")
+    assert r.status_code == 200, r.json
+    report = js(r)
+    assert [e["id"] for e in report["endpoints"]] == ["ep-0000000000aa"]
+    (row,) = report["endpoints"]
+    assert row["name"] == "m/default" and row["state"] == "READY"
+    assert 3590 < row["vm_seconds"] < 3700
+    assert report["totals"]["vm_seconds"] == row["vm_seconds"]
+    assert report["projects"][0]["vm_seconds"] == row["vm_seconds"]
