@@ -14,6 +14,7 @@ BENCHES = [
     "bench_openstack_calls.py",
     "bench_trusts.py",
     "bench_serving.py",
+    "bench_proxy.py",
 ]
 
 

@@ -1,0 +1,376 @@
+"""Prediction proxy overhead: single-row predicts through the API's proxy against the same model
+server (workers/vm/model_server.py, the runtime's python, a small SavedModel) called directly,
+in the same run. Targets: proxy throughput >= 0.9x direct, <= 1 ms added p99.
+
+Phases, each BENCH_PROXY_SECONDS long (default 8), after a warm-up:
+- latency: one client, sequential requests (p50/p99 direct vs proxied: the added latency);
+- throughput: BENCH_PROXY_CLIENTS clients (default 4) on keep-alive connections (requests/s,
+  p50/p99), direct then proxied, twice, interleaved;
+- switch: a steady load on the default route while the endpoint switches from version 1 to
+  version 2 the way the rolling switch moves the rows (v2 replica ready, serving_version moved,
+  v1 replica draining, then its server killed): requests failed during the switch (target 0),
+  and every answer's X-Model-Version checked against its body.
+
+The API runs in its own process (werkzeug's threaded server, as `stackml up` runs it; SQLite;
+the real Redis rate limiter when one answers on 127.0.0.1:6379), the load in this one. Prints
+the figures, then one JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SECONDS = float(os.environ.get("BENCH_PROXY_SECONDS", "8"))
+CLIENTS = int(os.environ.get("BENCH_PROXY_CLIENTS", "4"))
+RUNTIME_ROOT = os.environ.get("STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes")
+SERVER = REPO / "workers" / "vm" / "model_server.py"
+BUILDER = REPO / "tests" / "integration" / "savedmodels.py"
+PROJECT = "local"
+MODEL = "lin"
+ROW = json.dumps({"instances": [[0.5] * 20]}).encode()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def _wait_http(port: int, path: str, deadline: float, proc: subprocess.Popen[bytes]) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited {proc.returncode} before answering {path}")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("GET", path)
+            r = c.getresponse()
+            r.read()
+            c.close()
+            if r.status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing answered 200 at 127.0.0.1:{port}{path} within {deadline}s")
+
+
+# -- the API process --------------------------------------------------------------------------
+
+
+def serve_api(config: str) -> None:
+    """Run in a child: the API on a real port (as `stackml up` runs it)."""
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    from service.api import create_app
+    from service.config import Settings
+    from service.db.models import Base
+    from service.db.session import engine_for
+
+    cfg = json.loads(config)
+    settings = Settings(**cfg["settings"])
+    Base.metadata.create_all(engine_for(settings.db_url))
+
+    class Handler(WSGIRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def log_request(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    app = create_app(settings, enqueue=lambda t, j: None)
+    server = make_server("127.0.0.1", cfg["port"], app, threaded=True, request_handler=Handler)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    server.serve_forever()
+
+
+# -- load -------------------------------------------------------------------------------------
+
+
+class Load:
+    """`clients` threads, each on one keep-alive connection, posting ROW for `seconds`."""
+
+    def __init__(
+        self, port: int, path: str, clients: int, seconds: float,
+        expect: dict[str, float] | None = None,
+    ) -> None:  # fmt: skip
+        self.port, self.path, self.clients, self.seconds = port, path, clients, seconds
+        self.expect = expect  # version -> the prediction ROW gets from it
+        self.latencies: list[float] = []
+        self.failed: list[str] = []
+        self.versions: dict[str, int] = {}
+        self.mismatched = 0
+        self._lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def _one(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        lat: list[float] = []
+        end = time.monotonic() + self.seconds
+        while time.monotonic() < end and not self.stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", self.path, ROW, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                body = r.read()
+            except (OSError, http.client.HTTPException) as e:
+                with self._lock:
+                    self.failed.append(f"{type(e).__name__}: {e}")
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                continue
+            lat.append(time.perf_counter() - t0)
+            version = r.getheader("X-Model-Version") or ""
+            with self._lock:
+                if r.status != 200:
+                    self.failed.append(f"{r.status}: {body[:200]!r}")
+                self.versions[version] = self.versions.get(version, 0) + 1
+            if self.expect is not None and r.status == 200:
+                got = json.loads(body)["predictions"][0][0]
+                want = self.expect.get(version)
+                if want is None or abs(got - want) > 1e-4 * max(1.0, abs(want)):
+                    with self._lock:
+                        self.mismatched += 1  # the header names another version than answered
+        conn.close()
+        with self._lock:
+            self.latencies += lat
+
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        threads = [threading.Thread(target=self._one) for _ in range(self.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self.seconds + 120)
+        took = time.perf_counter() - started
+        ms = [x * 1000 for x in self.latencies]
+        return {
+            "requests": len(ms),
+            "rps": round(len(ms) / took, 1),
+            "p50_ms": round(_pct(ms, 0.5), 3),
+            "p99_ms": round(_pct(ms, 0.99), 3),
+            "failed": len(self.failed),
+        }
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve-api":
+        serve_api(sys.argv[2])
+        return 0
+    from service.config import Settings
+    from service.runtime import ensure_runtime
+    from tests.envutil import environ
+
+    with environ({"STACKML_RUNTIME_ROOT": RUNTIME_ROOT}):
+        settings = Settings()
+        python = ensure_runtime(settings, settings.default_runtime, echo=print)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        r = subprocess.run(
+            [str(python), str(BUILDER), str(tmp / "models")],
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+        if r.returncode != 0:
+            print(r.stderr.decode()[-3000:], file=sys.stderr)
+            return 1
+
+        def model_server() -> tuple[subprocess.Popen[bytes], int]:
+            port = _port()
+            log = open(tmp / f"server-{port}.log", "wb")
+            p = subprocess.Popen(
+                [str(python), str(SERVER), f"--rest_api_port={port}", f"--model_name={MODEL}",
+                 f"--model_base_path={tmp / 'models' / 'linear'}", "--rest_api_bind=127.0.0.1"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            procs.append(p)
+            _wait_http(port, f"/v1/models/{MODEL}", 300, p)
+            return p, port
+
+        (_, direct_port), (old_proc, old_port) = model_server(), model_server()
+        db = f"sqlite:///{tmp / 'stackml.db'}"
+        redis_ok = _redis_answers()
+        api_port = _port()
+        cfg = {
+            "port": api_port,
+            "settings": {
+                "data_dir": str(tmp / "data"),
+                "database_url": db,
+                "redis_url": "redis://127.0.0.1:6379/14" if redis_ok else "redis://127.0.0.1:1/0",
+                "queue": f"bench-{uuid.uuid4().hex[:8]}",
+                "secret_key": "bench-proxy",
+                "auth": "noauth",
+                "store": "local",
+                "host": "127.0.0.1",
+                "local_project": PROJECT,
+                "rate_limit_predict_per_minute": 100_000_000,
+            },
+        }
+        api_log = open(tmp / "api.log", "wb")
+        api = subprocess.Popen(
+            [sys.executable, __file__, "--serve-api", json.dumps(cfg)],
+            stdout=api_log, stderr=subprocess.STDOUT, cwd=REPO,
+        )  # fmt: skip
+        procs.append(api)
+        _wait_http(api_port, "/healthz", 60, api)
+        from tests.unit.replicas import add_model, add_replica
+
+        _, ep = add_model(db, MODEL, project=PROJECT, versions=(1, 2), serving_version=1)
+        # the proxied replica is the very server the direct phases call
+        direct_rid = add_replica(db, ep, direct_port, 1, project=PROJECT)
+
+        direct = f"/v1/models/{MODEL}/versions/1:predict"
+        proxied = f"/v1/models/{MODEL}:predict"
+        Load(direct_port, direct, 1, 1.0).run()  # warm-up
+        Load(api_port, proxied, 1, 1.0).run()
+        figures: dict[str, Any] = {"clients": CLIENTS, "seconds": SECONDS, "redis": redis_ok}
+        figures["latency_direct"] = Load(direct_port, direct, 1, SECONDS).run()
+        figures["latency_proxy"] = Load(api_port, proxied, 1, SECONDS).run()
+        runs: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": []}
+        for _ in range(2):
+            runs["direct"].append(Load(direct_port, direct, CLIENTS, SECONDS).run())
+            runs["proxy"].append(Load(api_port, proxied, CLIENTS, SECONDS).run())
+        for k, v in runs.items():
+            figures[f"throughput_{k}"] = {
+                "rps": round(sum(x["rps"] for x in v) / len(v), 1),
+                "p50_ms": round(sum(x["p50_ms"] for x in v) / len(v), 3),
+                "p99_ms": round(sum(x["p99_ms"] for x in v) / len(v), 3),
+                "failed": sum(x["failed"] for x in v),
+            }
+        figures["throughput_ratio"] = round(
+            figures["throughput_proxy"]["rps"] / figures["throughput_direct"]["rps"], 3
+        )
+        figures["added_p99_ms_sequential"] = round(
+            figures["latency_proxy"]["p99_ms"] - figures["latency_direct"]["p99_ms"], 3
+        )
+        figures["added_p50_ms_sequential"] = round(
+            figures["latency_proxy"]["p50_ms"] - figures["latency_direct"]["p50_ms"], 3
+        )
+        weights = json.loads((tmp / "models" / "expected.json").read_text())["linear"]
+        expect = {v: 0.5 * sum(w["w"]) + w["b"] for v, w in weights.items()}
+        figures["switch"] = switch(db, ep, api_port, direct_rid, old_proc, old_port, expect)
+        _report(figures)
+        ok = figures["switch"]["failed"] == 0 and figures["switch"]["mismatched"] == 0
+        return 0 if ok else 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def switch(
+    db: str, ep: str, api_port: int, direct_rid: int, old_proc: subprocess.Popen[bytes],
+    old_port: int, expect: dict[str, float],
+) -> dict[str, Any]:  # fmt: skip
+    """Version 1 -> 2 under load, as the rolling switch moves the rows: a v1 replica on
+    `old_port` joins, then a v2 replica (the direct server) is ready, serving_version moves to
+    2, the v1 replicas drain, and the old server is killed."""
+    from service.db.models import Endpoint, Resource
+    from service.db.session import session_scope
+    from tests.unit.replicas import add_replica
+
+    with session_scope(db) as s:
+        row = s.get(Resource, direct_rid)
+        assert row is not None
+        row.version = 2  # the direct server serves both versions; here it is "the v2 replica"
+        row.replica_state = "booting"
+    old_rid = add_replica(db, ep, old_port, 1, project=PROJECT)
+    time.sleep(1.5)  # the proxy's cache sees the v1 replica
+    load = Load(api_port, f"/v1/models/{MODEL}:predict", CLIENTS, 60, expect)
+    t = threading.Thread(target=load.run)
+    t.start()
+    time.sleep(SECONDS / 4)
+    with session_scope(db) as s:  # v2 replica loaded and warmed: ready
+        r2 = s.get(Resource, direct_rid)
+        assert r2 is not None
+        r2.replica_state = "ready"
+    time.sleep(SECONDS / 4)
+    with session_scope(db) as s:  # traffic moves
+        e = s.get(Endpoint, ep)
+        assert e is not None
+        e.serving_version = 2
+    time.sleep(SECONDS / 4)
+    with session_scope(db) as s:  # the old replica drains ...
+        r1 = s.get(Resource, old_rid)
+        assert r1 is not None
+        r1.replica_state = "draining"
+    time.sleep(SECONDS / 4)
+    old_proc.kill()  # ... and its server is deleted
+    time.sleep(SECONDS / 4)
+    load.stop.set()
+    t.join(120)
+    return {
+        "requests": len(load.latencies),
+        "failed": len(load.failed),
+        "failures": load.failed[:5],
+        "versions": load.versions,
+        "mismatched": load.mismatched,
+        "p99_ms": round(_pct([x * 1000 for x in load.latencies], 0.99), 3),
+    }
+
+
+def _redis_answers() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _report(f: dict[str, Any]) -> None:
+    ld, lp = f["latency_direct"], f["latency_proxy"]
+    td, tp = f["throughput_direct"], f["throughput_proxy"]
+    print(f"one client:  direct p50 {ld['p50_ms']} ms p99 {ld['p99_ms']} ms ({ld['rps']} req/s)")
+    print(f"             proxy  p50 {lp['p50_ms']} ms p99 {lp['p99_ms']} ms ({lp['rps']} req/s)")
+    print(
+        f"             added p50 {f['added_p50_ms_sequential']} ms, "
+        f"p99 {f['added_p99_ms_sequential']} ms (target <= 1 ms)"
+    )
+    print(
+        f"{f['clients']} clients:   direct {td['rps']} req/s "
+        f"p50 {td['p50_ms']} p99 {td['p99_ms']} ms"
+    )
+    print(f"             proxy  {tp['rps']} req/s p50 {tp['p50_ms']} p99 {tp['p99_ms']} ms")
+    print(f"             throughput ratio {f['throughput_ratio']} (target >= 0.9)")
+    sw = f["switch"]
+    print(
+        f"switch v1->v2 under load: {sw['requests']} requests, {sw['failed']} failed "
+        f"(target 0), versions {sw['versions']}, {sw['mismatched']} answers not from the "
+        "version their X-Model-Version names"
+    )
+    print(json.dumps(f))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
