@@ -741,13 +741,15 @@ def test_describe_and_events_strip_terminal_escapes(
 
 
 def test_operator_and_user_commands_live_in_their_own_modules() -> None:
+    from service.cli import models as model_cmds
     from service.cli import ops
     from service.cli import user as user_cmds
 
-    assert set(cli.commands) == {"up", "demo", "runtime", "db", "devcloud", "jobs"}
+    assert set(cli.commands) == {"up", "demo", "runtime", "db", "devcloud", "jobs", "models"}
     for name in ("up", "demo", "runtime", "db"):
         assert cli.commands[name] is getattr(ops, name)
     assert cli.commands["jobs"] is user_cmds.jobs
+    assert cli.commands["models"] is model_cmds.models
     assert set(user_cmds.jobs.commands) == {
         "submit",
         "list",
