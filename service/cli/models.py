@@ -306,3 +306,8 @@ def _version_detail(v: Json) -> None:
 from service.cli.predict import predict as _predict  # noqa: E402 - the proxy's command
 
 models.add_command(_predict)
+
+from service.cli.endpoints import COMMANDS as _ENDPOINT_COMMANDS  # noqa: E402 - deploy & co.
+
+for _command in _ENDPOINT_COMMANDS:
+    models.add_command(_command)
