@@ -24,7 +24,7 @@ from service.domain.errors import BackendError
 from service.domain.states import TERMINAL, JobState, ResourceState
 from workers import jobctx, pipeline
 from workers.jobctx import db, log
-from workers.steps import teardown
+from workers.steps import register, teardown
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Report:
     admitted: list[str] = field(default_factory=list)
     trusts: list[str] = field(default_factory=list)  # jobs whose Keystone trust was deleted
     endpoints: list[str] = field(default_factory=list)  # endpoints re-driven
+    versions: list[int] = field(default_factory=list)  # model versions re-registered
 
 
 def run() -> Report:
@@ -46,6 +47,8 @@ def run() -> Report:
     _pay_debts(report)
     _reap_orphans(report)
     _endpoints(report)
+    stuck = utcnow() - timedelta(seconds=jobctx.settings().stuck_after)
+    report.versions = register.redrive_stalled(stuck)  # lost stackml.register_version tasks
     return report
 
 

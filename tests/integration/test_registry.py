@@ -9,6 +9,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,20 @@ def test_concurrent_version_creators_get_distinct_numbers(pg: str) -> None:
         )
         assert count == 30
         assert s.scalar(select(func.count()).select_from(Job)) is not None
+
+
+def test_versions_whose_task_was_lost_are_re_enqueued_once(pg: str, store: Any) -> None:
+    _, sent = store
+    _model(pg, "lost")
+    vid = _version(pg, "lost", "local://projects/x/models/lost/")
+    fresh = _version(pg, "lost", "local://projects/x/models/fresh/")
+    with session_scope(pg) as s:
+        mv = s.get(ModelVersion, vid)
+        assert mv is not None
+        mv.updated_at = mv.updated_at - timedelta(hours=1)
+    cutoff = datetime.now(UTC) - timedelta(minutes=5)
+    assert register.redrive_stalled(cutoff) == [vid]
+    assert ("stackml.register_version", str(vid)) in sent
+    assert ("stackml.register_version", str(fresh)) not in sent
+    # its stamp was renewed: the next round (or a second reconciler) leaves it alone
+    assert register.redrive_stalled(cutoff) == []

@@ -11,15 +11,16 @@ task may run twice. A store that does not answer now raises (the task is retried
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from service import queue
 from service.backends.interfaces import ObjectInfo, ObjectStore
 from service.db import jobs as jobs_repo
 from service.db import registry as repo
-from service.db.models import Job, Model, ModelVersion
+from service.db.models import Job, Model, ModelVersion, utcnow
 from service.domain import savedmodel
 from service.domain.errors import StoreError, TransientBackendError
 from workers import jobctx
@@ -134,3 +135,31 @@ def register_job_output(s: Any, job: Job, by: str = repo.SYSTEM) -> int | None:
 
 def enqueue(version_id: int) -> None:
     jobctx.next_step(queue.REGISTER_VERSION, str(version_id))
+
+
+def redrive_stalled(before: datetime) -> list[int]:
+    """Versions CREATING since before `before` (their task was lost: a broker outage, a
+    worker killed): re-enqueued, each by one reconciler only (a compare-and-set on
+    updated_at). Returns their ids."""
+    won = []
+    with jobctx.db() as s:
+        stale = s.scalars(
+            select(ModelVersion.id).where(
+                ModelVersion.state == repo.CREATING, ModelVersion.updated_at < before
+            )
+        ).all()
+        for vid in stale:
+            moved = s.execute(
+                update(ModelVersion)
+                .where(
+                    ModelVersion.id == vid,
+                    ModelVersion.state == repo.CREATING,
+                    ModelVersion.updated_at < before,
+                )
+                .values(updated_at=utcnow())
+            ).rowcount  # type: ignore[attr-defined]
+            if moved:
+                won.append(vid)
+    for vid in won:
+        enqueue(vid)
+    return won
