@@ -15,14 +15,17 @@ caller always lands on the same version, and the split's percentages hold over m
 A replica is a `resources` row of the model's endpoint (owner_kind 'endpoint') in
 replica_state 'ready' serving the target version; the rows are read from the database and
 cached for `predict_route_cache_seconds` (dropped at once on a failure). Each replica has a
-keep-alive connection pool (urllib3). A request is always forwarded to the replica's explicit
-version path (`/v1/models/<name>/versions/<v>:<verb>`), so the `X-Model-Version` header names
-the version that answered. A connection failure, a reset, or a 502/503 from a replica is
-retried ONCE on another ready replica of the same version (predict is idempotent), and the
-failed replica is avoided for `predict_suspect_seconds`. The replica's answer (status, body,
-TF Serving's `{"error": ...}` included) passes through unchanged; the platform's own refusals
-use the API's error shape: 404 not_found (no such model, version or label in the caller's
-project), 503 no_replica + Retry-After, 504 replica_timeout, 413, 429.
+keep-alive connection pool (http.client: headers and body leave in one send, TCP_NODELAY; an
+idle connection the replica closed is noticed before reuse). A request is always forwarded to
+the replica's explicit version path (`/v1/models/<name>/versions/<v>:<verb>`), so the
+`X-Model-Version` header names the version that answered. A connection failure, a reset, or a
+502/503 from a replica is retried ONCE on another ready replica of the same version (predict
+is idempotent), and the failed replica is avoided for `predict_suspect_seconds`; a replica
+that took the request and did not answer within `predict_read_timeout` is not retried (504
+replica_timeout). The replica's answer (status, body, TF Serving's `{"error": ...}` included)
+passes through unchanged; the platform's own refusals use the API's error shape: 404
+not_found (no such model, version, label or method in the caller's project), 503 no_replica
++ Retry-After, 504 replica_timeout, 413, 429.
 
 Roles: predicting and reading metadata need the `reader` role (they change nothing in the
 project); see docs/security.md.
@@ -31,20 +34,20 @@ project); see docs/security.md.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import itertools
 import logging
 import re
+import select as selectors_
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import urllib3
 from flask import Blueprint, Flask, Response, current_app, g, request
 from flask.blueprints import BlueprintSetupState
 from sqlalchemy import select
-from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import ReadTimeoutError
 
 from service.api import auth, ctx
 from service.api.auth import READER, current, current_project, requires
@@ -101,6 +104,89 @@ class Replica:
     @property
     def key(self) -> tuple[str, int]:
         return (self.host, self.port)
+
+
+class ReplicaDown(Exception):
+    """The replica could not be reached, or the connection broke before an answer: the
+    request had no effect there (safe to send to another replica)."""
+
+
+class ReplicaSlow(Exception):
+    """The replica took the request and did not answer within the read timeout."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A replica's answer."""
+
+    status: int
+    content_type: str | None
+    data: bytes
+
+
+class ReplicaPool:
+    """Keep-alive connections to one replica (LIFO: the warmest first; at most `size` idle)."""
+
+    def __init__(self, host: str, port: int, size: int, connect: float, read: float) -> None:
+        self.host, self.port, self.size = host, port, size
+        self.connect_timeout, self.read_timeout = connect, read
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _checkout(self) -> http.client.HTTPConnection:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                break
+            sock = conn.sock
+            # an idle keep-alive connection has nothing to read: readable means the replica
+            # closed it (or sent junk); never reuse it
+            if sock is not None and not selectors_.select([sock], [], [], 0)[0]:
+                return conn
+            conn.close()
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        try:
+            conn.connect()
+        except OSError as e:
+            conn.close()
+            raise ReplicaDown(f"connect: {e}") from e
+        assert conn.sock is not None
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sock.settimeout(self.read_timeout)
+        return conn
+
+    def request(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> Upstream:
+        conn = self._checkout()
+        sent = False
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            sent = True
+            resp = conn.getresponse()
+            data = resp.read()
+        except TimeoutError as e:
+            conn.close()
+            if sent:
+                raise ReplicaSlow(str(e)) from e
+            raise ReplicaDown(f"send: {e}") from e
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, closed, garbled
+            conn.close()
+            raise ReplicaDown(f"{type(e).__name__}: {e}") from e
+        except BaseException:
+            conn.close()
+            raise
+        if resp.will_close:
+            conn.close()
+        else:
+            with self._lock:
+                if len(self._idle) < self.size:
+                    self._idle.append(conn)
+                    conn = None  # type: ignore[assignment]
+            if conn is not None:
+                conn.close()
+        return Upstream(resp.status, resp.getheader("Content-Type"), data)
 
 
 @dataclass(frozen=True)
@@ -192,11 +278,8 @@ class Proxy:
         self.settings = settings
         self.cache_seconds = settings.predict_route_cache_seconds
         self.suspect_seconds = settings.predict_suspect_seconds
-        self.timeout = urllib3.Timeout(
-            connect=settings.predict_connect_timeout, read=settings.predict_read_timeout
-        )
         self._routes: dict[tuple[str, str], Route] = {}
-        self._pools: dict[tuple[str, int], urllib3.HTTPConnectionPool] = {}
+        self._pools: dict[tuple[str, int], ReplicaPool] = {}
         self._suspect: dict[tuple[str, int], float] = {}
         self._lock = threading.Lock()
         self._turn = itertools.count()
@@ -284,44 +367,32 @@ class Proxy:
         with self._lock:
             self._suspect[replica.key] = time.monotonic() + self.suspect_seconds
 
-    def pool(self, replica: Replica) -> urllib3.HTTPConnectionPool:
+    def pool(self, replica: Replica) -> ReplicaPool:
         pool = self._pools.get(replica.key)
         if pool is None:
             with self._lock:
                 pool = self._pools.get(replica.key)
                 if pool is None:
-                    pool = urllib3.HTTPConnectionPool(
+                    pool = ReplicaPool(
                         replica.host,
                         replica.port,
-                        maxsize=self.settings.predict_pool_size,
-                        block=False,
-                        timeout=self.timeout,
-                        retries=False,
+                        self.settings.predict_pool_size,
+                        self.settings.predict_connect_timeout,
+                        self.settings.predict_read_timeout,
                     )
                     self._pools[replica.key] = pool
         return pool
 
-    def call(
-        self, replica: Replica, method: str, path: str, body: bytes | None
-    ) -> urllib3.BaseHTTPResponse:
+    def call(self, replica: Replica, method: str, path: str, body: bytes | None) -> Upstream:
         headers = {"X-Request-Id": request_id()}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        return self.pool(replica).urlopen(
-            method,
-            path,
-            body=body,
-            headers=headers,
-            retries=False,
-            redirect=False,
-            preload_content=True,
-            timeout=self.timeout,
-        )
+        return self.pool(replica).request(method, path, body, headers)
 
     def forward(
         self, project: str, name: str, route: Route, version: int, method: str, suffix: str,
         body: bytes | None,
-    ) -> urllib3.BaseHTTPResponse:  # fmt: skip
+    ) -> Upstream:  # fmt: skip
         """The answer of a ready replica of `version` (one retry on another on a failure)."""
         replicas = route.replicas.get(version, ())
         if not replicas:
@@ -336,15 +407,15 @@ class Proxy:
             if resp.status not in RETRY_STATUSES:
                 return resp
             failed: str = f"HTTP {resp.status}"
-        except ReadTimeoutError as e:
+        except ReplicaSlow as e:
             raise ReplicaTimeout(
                 f"the replica serving version {version} did not answer within "
                 f"{self.settings.predict_read_timeout:g}s",
                 details={"model": name, "version": version},
             ) from e
-        except Urllib3Error as e:
+        except ReplicaDown as e:
             resp = None
-            failed = type(e).__name__
+            failed = str(e)
         self.suspect(first)
         self.forget(project, name)
         log.warning(
@@ -354,13 +425,13 @@ class Proxy:
         second = self.pick(replicas, avoid=first)
         try:
             again = self.call(second, method, path, body)
-        except ReadTimeoutError as e:
+        except ReplicaSlow as e:
             raise ReplicaTimeout(
                 f"the replica serving version {version} did not answer within "
                 f"{self.settings.predict_read_timeout:g}s",
                 details={"model": name, "version": version},
             ) from e
-        except Urllib3Error as e:
+        except ReplicaDown as e:
             self.suspect(second)
             if resp is not None:
                 return resp  # the first replica's own 502/503 answer passes through
@@ -545,9 +616,9 @@ def _metadata(name: str, *, version: int | None = None) -> Response:
     return _answer(upstream, target)
 
 
-def _answer(upstream: urllib3.BaseHTTPResponse, version: int) -> Response:
+def _answer(upstream: Upstream, version: int) -> Response:
     resp = Response(upstream.data, status=upstream.status)
-    resp.headers["Content-Type"] = upstream.headers.get("Content-Type", "application/json")
+    resp.headers["Content-Type"] = upstream.content_type or "application/json"
     resp.headers[VERSION_HEADER] = str(version)
     return resp
 

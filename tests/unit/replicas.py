@@ -20,11 +20,13 @@ PATH_RE = re.compile(r"^/v1/models/([^/:]+)/versions/(\d+)(:predict|:classify|:r
 
 class FakeReplica:
     """One replica: answers predictions with which replica and version served them.
-    `mode`: "ok", "error" (TF Serving's 400 {"error"}), "unavailable" (503)."""
+    `mode`: "ok", "error" (TF Serving's 400 {"error"}), "unavailable" (503), "slow" (answers
+    when `release` is set)."""
 
     def __init__(self, name: str = "replica") -> None:
         self.name = name
         self.mode = "ok"
+        self.release = threading.Event()  # ends a "slow" answer
         self.seen: list[dict[str, Any]] = []
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -79,6 +81,9 @@ class FakeReplica:
                     self._send(404, {"error": f"no route {self.path}"})
                 elif replica.mode == "error":
                     self._send(400, {"error": "Failed to process element: 0 of 'instances' list"})
+                elif replica.mode == "slow":
+                    replica.release.wait(30)  # longer than the proxy's read timeout
+                    self._send(200, {"predictions": [], "served_by": replica.name})
                 elif replica.mode == "unavailable":
                     self._send(503, {"error": "Servable not available"})
                 else:
@@ -105,6 +110,7 @@ class FakeReplica:
 
     def kill(self) -> None:
         """Die like a crashed process: the listener closes and open connections are reset."""
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
         with self._lock:

@@ -232,6 +232,25 @@ def test_when_every_replica_is_down_the_answer_is_no_replica(app, client, db_url
     assert r.headers["Retry-After"] == "1" and r.headers["X-Model-Version"] == "1"
 
 
+def test_a_replica_that_does_not_answer_in_time_is_504_not_retried(
+    settings, db_url, replicas, error_of
+):
+    app = create_app(
+        Settings(**{**settings.model_dump(), "predict_read_timeout": 0.3}),
+        enqueue=lambda t, j: None,
+    )
+    _, ep = add_model(db_url, "m")
+    slow, other = start(replicas, "slow"), start(replicas, "other")
+    slow.mode = "slow"
+    add_replica(db_url, ep, slow.port, 1)
+    add_replica(db_url, ep, other.port, 1)
+    r = predict(app.test_client(), "/v1/models/m:predict")
+    err = error_of(r, 504, "replica_timeout")
+    assert err["details"] == {"model": "m", "version": 1}
+    assert len(slow.seen) == 1 and other.seen == []  # it may have had an effect: no retry
+    slow.release.set()
+
+
 def test_no_ready_replica_is_503_no_replica(app, client, db_url, replicas, error_of):
     _, ep = add_model(db_url, "m", versions=(1, 2))
     booting = start(replicas, "booting")
