@@ -1,4 +1,4 @@
-"""The Python REST client of the stackml API (DESIGN.md §6): one method per route, typed errors."""
+"""The Python REST client of the stackml API (docs/api.md): one method per route, typed errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Enqueue worker tasks by name: the API never imports `workers` (DESIGN.md §1)."""
+"""Enqueue worker tasks by name: the API never imports `workers` (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError, Transi
 
 
 class JobTask(Task):
-    """Shared options of every job task (DESIGN.md §3). Tasks take a job id and re-read state."""
+    """Shared options of every job task (docs/architecture.md): a job id in, state re-read."""
 
     abstract = True
     acks_late = True

@@ -1,4 +1,4 @@
-"""A Nova/Neutron/Glance emulator that backs every server with a sandbox (see DESIGN.md §8).
+"""A Nova/Neutron/Glance emulator that backs every server with a sandbox (docs/architecture.md).
 
 It speaks Nova's wire API at microversion 2.100 for the subset openstacksdk uses, with Nova's
 status codes and error bodies, plus the Neutron and Glance calls a stackml server needs, and

@@ -434,7 +434,7 @@ def delete_job(s: Session, job_id: str) -> None:
 def serialize_job(
     s: Session, job: Job, *, flavors: Mapping[str, Flavor] | None = None
 ) -> dict[str, Any]:
-    """The job as GET /v1/jobs/{id} returns it (DESIGN.md §6); `usage` prices its servers'
+    """The job as GET /v1/jobs/{id} returns it (docs/api.md); `usage` prices its servers'
     time with `flavors` (default: the configured catalogue, service.db.quotas.flavor_table)."""
     from service.db import quotas
 

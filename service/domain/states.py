@@ -6,7 +6,7 @@ from enum import StrEnum
 
 
 class JobState(StrEnum):
-    """States a job moves through (DESIGN.md §2)."""
+    """States a job moves through (docs/architecture.md)."""
 
     QUEUED = "QUEUED"  # recorded, waiting to be admitted and allocated
     ALLOCATING = "ALLOCATING"  # servers are being booted
