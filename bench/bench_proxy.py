@@ -3,7 +3,8 @@ server (workers/vm/model_server.py, the runtime's python, a small SavedModel) ca
 in the same run. Targets: proxy throughput >= 0.9x direct, <= 1 ms added p99.
 
 Phases, each BENCH_PROXY_SECONDS long (default 8), after a warm-up:
-- latency: one client, sequential requests (p50/p99 direct vs proxied: the added latency);
+- latency: one client, sequential requests (p50/p99 direct vs proxied: the added latency;
+  and GET /healthz on the same API server: what any request costs there, proxy or not);
 - throughput: BENCH_PROXY_CLIENTS clients (default 4) on keep-alive connections (requests/s,
   p50/p99), direct then proxied, twice, interleaved;
 - switch: a steady load on the default route while the endpoint switches from version 1 to
@@ -130,7 +131,10 @@ class Load:
         while time.monotonic() < end and not self.stop.is_set():
             t0 = time.perf_counter()
             try:
-                conn.request("POST", self.path, ROW, {"Content-Type": "application/json"})
+                if self.path == "/healthz":  # the API's own floor: no proxying
+                    conn.request("GET", self.path)
+                else:
+                    conn.request("POST", self.path, ROW, {"Content-Type": "application/json"})
                 r = conn.getresponse()
                 body = r.read()
             except (OSError, http.client.HTTPException) as e:
@@ -248,6 +252,7 @@ def main() -> int:
         figures: dict[str, Any] = {"clients": CLIENTS, "seconds": SECONDS, "redis": redis_ok}
         figures["latency_direct"] = Load(direct_port, direct, 1, SECONDS).run()
         figures["latency_proxy"] = Load(api_port, proxied, 1, SECONDS).run()
+        figures["latency_api_healthz"] = Load(api_port, "/healthz", 1, SECONDS).run()
         runs: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": []}
         for _ in range(2):
             runs["direct"].append(Load(direct_port, direct, CLIENTS, SECONDS).run())
@@ -353,6 +358,8 @@ def _report(f: dict[str, Any]) -> None:
     td, tp = f["throughput_direct"], f["throughput_proxy"]
     print(f"one client:  direct p50 {ld['p50_ms']} ms p99 {ld['p99_ms']} ms ({ld['rps']} req/s)")
     print(f"             proxy  p50 {lp['p50_ms']} ms p99 {lp['p99_ms']} ms ({lp['rps']} req/s)")
+    lh = f["latency_api_healthz"]
+    print(f"             API floor (GET /healthz) p50 {lh['p50_ms']} ms p99 {lh['p99_ms']} ms")
     print(
         f"             added p50 {f['added_p50_ms_sequential']} ms, "
         f"p99 {f['added_p99_ms_sequential']} ms (target <= 1 ms)"
