@@ -19,6 +19,7 @@ from service.api import ctx, json_body
 from service.api.auth import current, current_project
 from service.api.errors import field_error, fields_failed
 from service.backends.interfaces import ObjectStore
+from service.backends.storage.local import check_key
 from service.db import jobs as jobs_repo
 from service.db import registry as repo
 from service.db.models import Model, iso
@@ -204,6 +205,10 @@ def _from_uri(store: ObjectStore, project: str, uri: str) -> tuple[str, dict[str
                 )
             ]
         )
+    try:
+        check_key(key, prefix=True)  # the key rules of both stores
+    except ValueError as e:
+        raise fields_failed([field_error("artifact_uri", str(e))]) from e
     return store.uri(key), {}, None
 
 
