@@ -138,6 +138,7 @@ def plan_view(
             health_failures=r.health_failures or 0,
             server_gone=r.id in gone,
             in_state_for=max(0.0, (now - state_since(r)).total_seconds()),
+            was_ready=r.ready_at is not None,
         )
         for r in rows
     ]

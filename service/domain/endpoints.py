@@ -11,8 +11,8 @@ Rules of the plan (docs/architecture.md, "Serving"):
   surplus is drained (ready ones) or deleted (not ready yet, newest first);
 - a replica that failed, whose server vanished, whose health checks failed `max_health_failures`
   times in a row, or that is stuck in a boot phase past `stuck_after`, is dead: a new one is
-  booted first, and the dead one is deleted once its version has its count ready again (at
-  once when its server is gone: there is nothing left to keep);
+  booted; a dead one that served once is deleted when its version has its count ready again
+  (new one first), one that never served (or whose server is gone) at once;
 - rolling switch (no traffic split): while the new target has fewer than its count ready, the
   serving version keeps its own count (dead ones replaced); `serving_version` moves to the
   target only when the target has its count ready and warmed; the old replicas are then drained
@@ -98,6 +98,7 @@ class Replica:
     health_failures: int = 0
     server_gone: bool = False  # the backend says its server is DELETED or in ERROR
     in_state_for: float = 0.0  # seconds since it entered `state`
+    was_ready: bool = False  # it served once (a failing one is kept until replaced)
 
 
 @dataclass(frozen=True)
@@ -309,8 +310,17 @@ def plan(
 
     for r in replicas:
         if r.id in dead:
+            # one that served is kept until its version has its count ready again (a sick
+            # replica may still answer some); one that never served, or whose server is gone,
+            # has nothing to keep
             version_ok = len(ready.get(r.version, [])) >= wanted.get(r.version, 0)
-            if r.server_gone or r.version not in wanted or version_ok:
+            if (
+                r.server_gone
+                or not (r.was_ready or r.state is ReplicaState.READY)
+                or r.version not in wanted
+                or r.version in given_up
+                or version_ok
+            ):
                 actions.append(Delete(r.id))
         elif r.state is ReplicaState.DRAINING:
             if r.in_state_for >= lim.drain_seconds:

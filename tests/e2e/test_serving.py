@@ -356,3 +356,38 @@ def test_recorded_versions_survive_a_killed_replica_and_switch_without_a_failed_
     body = {"instances": [[1.0, 1.0, 1.0], [0.0, 0.5, 2.0]]}
     expected = {"1": [6.0, 7.0], "2": [12.0, 14.0]}
     exercise(client._json, platform.url, e2e_settings, "tiny2", body, expected)
+
+
+def test_a_version_that_cannot_load_fails_the_endpoint_with_its_reason(
+    client: StackMLClient,
+    e2e_settings: Settings,
+    runtime_python: Path,
+    platform: LocalPlatform,
+    tmp_path: Path,
+) -> None:
+    """A version whose stored files do not match their recorded checksums: every replica fails
+    to start, the version is given up after serving_max_failures replicas, the endpoint is
+    FAILED with the reason, its failed replicas are deleted, and DELETE leaves nothing."""
+    from sqlalchemy import update
+
+    from service.db.models import ModelVersion
+    from service.db.session import session_scope
+
+    seed_tiny_model(e2e_settings, runtime_python, tmp_path, "broken", [1.0])
+    with session_scope(e2e_settings.db_url) as s:
+        mv = s.query(ModelVersion).filter_by(model_id="mdl-broken", version=1).one()
+        sums = dict(mv.checksums)
+        sums["saved_model.pb"] = {**sums["saved_model.pb"], "md5": "0" * 32}
+        s.execute(update(ModelVersion).where(ModelVersion.id == mv.id).values(checksums=sums))
+    api = client._json
+    ep = api("POST", "/v1/models/broken/endpoints", json={"replicas": 1})
+    path = f"/v1/models/broken/endpoints/{ep['id']}"
+    failed = until(
+        "endpoint FAILED", lambda: (e := api("GET", path))["state"] == "FAILED" and e, 300
+    )
+    assert "version 1: 3 replicas failed and none became ready" in failed["failure_message"]
+    until("failed replicas deleted", lambda: api("GET", path)["servers"] == [], 120)
+    api("DELETE", path)
+    until("endpoint DELETED", lambda: api("GET", path)["state"] == "DELETED", 120)
+    backend = SandboxBackend(e2e_settings.sandbox_dir, e2e_settings.flavors())
+    assert backend.list_servers(("stackml-endpoint", ep["id"])) == []

@@ -122,8 +122,12 @@ def test_a_dead_new_replica_mid_switch_is_replaced_and_the_switch_waits() -> Non
     assert Boot(2) in p.actions
     assert not p.of(Serve)
     assert not p.of(Drain)
-    # the failed one is kept until its version has its count ready again (new one first)
-    assert Delete(4) not in p.actions
+    # it never served: nothing to keep, it goes at once
+    assert Delete(4) in p.actions
+    # one that served is kept until its version has its count ready again (new one first)
+    served = [*reps[:3], rep(4, 2, R.FAILED, was_ready=True)]
+    p2 = plan(Desired(target=2, replicas=2, serving_version=1), served, LIM)
+    assert Boot(2) in p2.actions and Delete(4) not in p2.actions
 
 
 def test_failing_health_checks_replace_then_delete() -> None:
@@ -132,7 +136,9 @@ def test_failing_health_checks_replace_then_delete() -> None:
     p = plan(d, sick, LIM)
     assert p.actions == (MarkFailed(1, "3 health checks failed in a row"), Boot(1))
     # once the replacement is ready, the dead one goes
-    later = [rep(1, 1, R.FAILED), rep(2, 1, R.READY), rep(3, 1, R.READY)]
+    later = [rep(1, 1, R.FAILED, was_ready=True), rep(2, 1, R.READY), rep(3, 1, R.READY)]
+    kept = [rep(1, 1, R.FAILED, was_ready=True), rep(2, 1, R.READY), rep(3, 1, R.BOOTING)]
+    assert plan(d, kept, LIM).actions == (Advance(3),)
     assert plan(d, later, LIM).actions == (Delete(1),)
 
 
@@ -149,6 +155,7 @@ def test_a_version_that_never_comes_up_is_given_up() -> None:
     p = plan(d, reps, LIM, failures={2: 3})
     assert GiveUp(2, "version 2: 3 replicas failed and none became ready") in p.actions
     assert Boot(2) not in p.actions
+    assert Delete(5) in p.actions  # a given-up version's failed replicas go
     assert not p.of(Drain)  # the serving version stays
     assert p.settle is EndpointState.FAILED
 
