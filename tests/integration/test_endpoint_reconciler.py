@@ -106,7 +106,7 @@ def _server(backend: SandboxBackend, name: str, ep_id: str) -> str:
     return backend.create_server(ServerSpec(name, FLAVOR, "tensorflow-2.21", pub, tags=tags)).id
 
 
-def _row(pg: str, ep_id: str, name: str, server_id: str, **kw: Any) -> int:
+def _row(pg: str, ep_id: str, name: str, server_id: str | None, **kw: Any) -> int:
     with session_scope(pg) as s:
         r = Resource(
             owner_kind="endpoint",
@@ -185,4 +185,55 @@ def test_a_ready_replica_whose_server_vanished_is_replaced(
     with session_scope(pg) as s:
         assert s.get_one(Endpoint, "ep-000000000011").state == "UPDATING"
         assert s.get_one(Resource, rid).health_failures >= 3
+        s.execute(update(Endpoint).values(state="DELETED"))
+
+
+def test_a_boot_that_died_between_its_row_and_its_server_is_adopted_or_replaced(
+    pg: str, backend: SandboxBackend, enqueued: list[tuple[str, str]]
+) -> None:
+    """Crash safety of a replica's boot (workers/steps/serve.py): the row is written before the
+    server is created. A worker that died after creating the server is followed by a round
+    that adopts the server by name (no second server); one that died before creating it is
+    followed by a round that fails the row once boot_deadline has passed and boots another."""
+    from workers.steps import serve
+
+    _endpoint(pg, "ep-000000000012", "CREATING")
+    _pem, pub = ssh.generate_keypair()
+    with session_scope(pg) as s:
+        s.execute(
+            update(Endpoint)
+            .where(Endpoint.id == "ep-000000000012")
+            .values(ssh_public_key=pub, ssh_key_enc=jobctx.encrypt_key(_pem))
+        )
+    made = _server(backend, "stackml-ep-000000000012-v1-aaaaaa", "ep-000000000012")
+    adopted = _row(
+        pg, "ep-000000000012", "stackml-ep-000000000012-v1-aaaaaa", None, state="booting",
+        replica_state="booting", creating="dead0001",
+    )  # fmt: skip
+    long_ago = utcnow() - timedelta(seconds=120)  # past boot_deadline (60 s)
+    lost = _row(
+        pg, "ep-000000000012", "stackml-ep-000000000012-v1-bbbbbb", None, state="booting",
+        replica_state="booting", creating="dead0002", created_at=long_ago,
+    )  # fmt: skip
+    with session_scope(pg) as s:
+        s.execute(update(Endpoint).values(replicas=2))
+    assert serve.converge("ep-000000000012") is True
+    with session_scope(pg) as s:
+        a = s.get_one(Resource, adopted)
+        assert a.server_id == made and a.replica_state == "provisioning"
+        b = s.get_one(Resource, lost)
+        assert b.replica_state == "failed" and "never created" in (b.last_error or "")
+    # the next round deletes the failed row and boots its replacement: still 2 servers
+    assert serve.converge("ep-000000000012") is True
+    with session_scope(pg) as s:
+        assert s.get_one(Resource, lost).state == "deleted"
+        live = [
+            r
+            for r in s.query(Resource).filter_by(owner_id="ep-000000000012")
+            if r.state != "deleted"
+        ]
+    assert len(live) == 2 and all(r.server_id for r in live)
+    servers = backend.list_servers(("stackml-endpoint", "ep-000000000012"))
+    assert sorted(r.id for r in servers) == sorted(r.server_id for r in live if r.server_id)
+    with session_scope(pg) as s:
         s.execute(update(Endpoint).values(state="DELETED"))
