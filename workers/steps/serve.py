@@ -464,6 +464,11 @@ def _provision(endpoint_id: str, replica_id: int) -> None:
     except ssh.RemoteCommandError as e:
         _replica_failed(replica_id, f"starting the model server failed: {e.stderr_tail.strip()}")
         return
+    except (ValueError, KeyError, TypeError) as e:
+        # a version record the worker cannot turn into signed URLs (its artifact URI or its
+        # checksums): the replica fails with why, its version is given up after a few
+        _replica_failed(replica_id, f"cannot stage version {version}: {e}")
+        return
     except ssh.SSHError as e:
         ssh.drop(target)
         # the server may be slow to answer: the next round tries again, until the plan's
