@@ -86,13 +86,13 @@ def _responses(post: bool) -> dict[str, Any]:
         "401": _reply("No token, or a token Keystone does not accept.", ERROR),
         "403": _reply("The caller lacks the reader role in the project.", ERROR),
         "404": _reply(
-            "No such model, version, label or method in the caller's project (not_found), or "
-            "the replica's own 404.",
+            "No such model, version, label or method in the caller's project (not_found); "
+            "no_endpoint: the model has no endpoint (deploy first); or the replica's own 404.",
             EITHER,
         ),
         "500": _reply("Internal error, or the replica's own 500.", EITHER),
         "503": _reply(
-            "no_replica: no ready replica serves the version (none answered, no endpoint); or "
+            "no_replica: no ready replica serves the version (yet), or none answered; or "
             "the database or Keystone is unavailable; or the replica's own 503. See Retry-After.",
             EITHER,
             retry=True,

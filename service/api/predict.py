@@ -24,8 +24,9 @@ is idempotent), and the failed replica is avoided for `predict_suspect_seconds`;
 that took the request and did not answer within `predict_read_timeout` is not retried (504
 replica_timeout). The replica's answer (status, body, TF Serving's `{"error": ...}` included)
 passes through unchanged; the platform's own refusals use the API's error shape: 404
-not_found (no such model, version, label or method in the caller's project), 503 no_replica
-+ Retry-After, 504 replica_timeout, 413, 429.
+not_found (no such model, version, label or method in the caller's project), 404 no_endpoint
+(the model has no endpoint), 503 no_replica + Retry-After (no ready replica serves the
+version yet, or none answered), 504 replica_timeout, 413, 429.
 
 Roles: predicting and reading metadata need the `reader` role (they change nothing in the
 project); see docs/security.md.
@@ -88,6 +89,12 @@ class NoReplica(StackMLError):
     def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
         super().__init__(message, details=details)
         self.retry_after = NO_REPLICA_RETRY_AFTER
+
+
+class NoEndpoint(NotFound):
+    """The model exists but has no endpoint (nothing deployed): not a transient state."""
+
+    code = "no_endpoint"
 
 
 class ReplicaTimeout(StackMLError):
@@ -541,6 +548,12 @@ def _target(
     name: str, route: Route, version: int | None, label: str | None
 ) -> tuple[int, str | None]:
     """(the version the request goes to, the caller key when the split decided)."""
+    if route.endpoint_id is None:
+        raise NoEndpoint(
+            f"model {name!r} has no endpoint: deploy a version first "
+            f"(POST /v1/models/{name}/endpoints)",
+            details={"model": name},
+        )
     if version is not None:
         if version not in route.versions:
             raise NotFound(
@@ -555,11 +568,6 @@ def _target(
                 f"model {name!r} has no label {label!r}", details={"model": name, "label": label}
             )
         return target, None
-    if route.endpoint_id is None:
-        raise NoReplica(
-            f"model {name!r} has no endpoint: deploy a version first",
-            details={"model": name, "reason": "no_endpoint"},
-        )
     if route.traffic:
         key = _caller_key()
         chosen = split_version(route.traffic, f"{route.endpoint_id}\0{key}")

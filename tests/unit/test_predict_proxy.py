@@ -262,10 +262,12 @@ def test_no_ready_replica_is_503_no_replica(app, client, db_url, replicas, error
     r = predict(client, "/v1/models/m/versions/2:predict")
     error_of(r, 503, "no_replica")
     assert r.headers["X-Model-Version"] == "2"
-    # a model without an endpoint
+    # a model without an endpoint: nothing is deployed, retrying will not help
     add_model(db_url, "bare", endpoint=False)
-    err = error_of(predict(client, "/v1/models/bare:predict"), 503, "no_replica")
-    assert err["details"]["reason"] == "no_endpoint"
+    for path in ("/v1/models/bare:predict", "/v1/models/bare/versions/1:predict"):
+        err = error_of(predict(client, path), 404, "no_endpoint")
+        assert err["details"] == {"model": "bare"}
+    error_of(client.get("/v1/models/bare/metadata"), 404, "no_endpoint")
 
 
 def test_replica_errors_pass_through_unchanged(app, client, db_url, replicas):
