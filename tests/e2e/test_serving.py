@@ -183,7 +183,9 @@ def exercise(
     ).stdout.strip()
     assert not left, f"model servers still run: {left}"
     dead = requests.post(predict_url, json=body, timeout=60)
-    assert dead.status_code == 503 and dead.json()["error"]["code"] == "no_replica"
+    # the model has no endpoint any more (404 no_endpoint; 503 no_replica is for an endpoint
+    # whose replicas are not ready)
+    assert dead.status_code == 404 and dead.json()["error"]["code"] == "no_endpoint"
 
 
 def train(client: StackMLClient, epochs: int) -> str:
