@@ -76,6 +76,7 @@ CALLER_HEADER = "X-Stackml-Caller"
 VERSION_HEADER = "X-Model-Version"
 RETRY_STATUSES = frozenset({502, 503})
 NO_REPLICA_RETRY_AFTER = 1
+PRUNE_EVERY = 30.0  # seconds between two sweeps of the pools of replicas no longer in use
 # what passes from a replica's answer to the client (hop-by-hop and length are ours)
 PASSED_HEADERS = ("Content-Type",)
 
@@ -139,6 +140,12 @@ class ReplicaPool:
         self.connect_timeout, self.read_timeout = connect, read
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def _checkout(self) -> http.client.HTTPConnection:
         while True:
@@ -290,6 +297,7 @@ class Proxy:
         self._suspect: dict[tuple[str, int], float] = {}
         self._lock = threading.Lock()
         self._turn = itertools.count()
+        self._pruned_at = time.monotonic()
 
     # -- routing table ------------------------------------------------------------------
 
@@ -302,7 +310,22 @@ class Proxy:
         route = self._read(project, name, now)
         with self._lock:
             self._routes[key] = route
+        if now - self._pruned_at >= PRUNE_EVERY:
+            self._prune(now)
         return route
+
+    def _prune(self, now: float) -> None:
+        """Close the pools (and forget the suspects) of replicas no fresh route names any
+        more: replaced or deleted replicas must not keep sockets open in this process."""
+        with self._lock:
+            self._pruned_at = now
+            fresh = {k: r for k, r in self._routes.items() if now - r.read_at < PRUNE_EVERY}
+            self._routes = fresh
+            live = {rep.key for r in fresh.values() for reps in r.replicas.values() for rep in reps}
+            gone = [self._pools.pop(k) for k in list(self._pools) if k not in live]
+            self._suspect = {k: t for k, t in self._suspect.items() if t > now}
+        for pool in gone:
+            pool.close()
 
     def forget(self, project: str, name: str) -> None:
         with self._lock:

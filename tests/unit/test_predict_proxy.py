@@ -19,6 +19,7 @@ from flask import Flask, Request
 from flask.testing import FlaskClient
 
 from service.api import auth, create_app
+from service.api import predict as predict_mod
 from service.api.auth import Caller, NotAuthenticated
 from service.api.errors import RateLimited
 from service.api.predict import Proxy, Tokens, split_version
@@ -417,3 +418,22 @@ def test_the_limit_holds_when_tokens_are_taken_in_chunks(settings, shared_redis)
     with pytest.raises(RateLimited):
         procs[0].take("p1")
     procs[1].take("p2")  # another project has its own bucket
+
+
+def test_pools_of_replicas_gone_are_closed(app, client, db_url, replicas, monkeypatch):
+    monkeypatch.setattr(predict_mod, "PRUNE_EVERY", 0.0)
+    p = no_cache(app)
+    _, ep = add_model(db_url, "m")
+    a, b = start(replicas, "a"), start(replicas, "b")
+    rid = add_replica(db_url, ep, a.port, 1)
+    assert predict(client, "/v1/models/m:predict").get_json()["served_by"] == "a"
+    pool_a = p._pools[("127.0.0.1", a.port)]
+    assert len(pool_a._idle) == 1  # kept alive
+    with session_scope(db_url) as s:
+        row = s.get(Resource, rid)
+        assert row is not None
+        row.replica_state = "failed"  # replaced by b
+    add_replica(db_url, ep, b.port, 1)
+    assert predict(client, "/v1/models/m:predict").get_json()["served_by"] == "b"
+    assert set(p._pools) == {("127.0.0.1", b.port)}
+    assert pool_a._idle == []  # its kept-alive connection was closed
