@@ -393,3 +393,54 @@ def test_a_version_that_cannot_load_fails_the_endpoint_with_its_reason(
     until("endpoint DELETED", lambda: api("GET", path)["state"] == "DELETED", 120)
     backend = SandboxBackend(e2e_settings.sandbox_dir, e2e_settings.flavors())
     assert backend.list_servers(("stackml-endpoint", ep["id"])) == []
+
+
+def test_a_traffic_split_runs_both_versions_and_each_caller_sticks_to_one(
+    client: StackMLClient,
+    e2e_settings: Settings,
+    runtime_python: Path,
+    platform: LocalPlatform,
+    tmp_path: Path,
+) -> None:
+    """traffic {"1": 50, "2": 50} with 1 replica: one replica of each version; callers are
+    split between them, each caller always to the same version, each answer from its version;
+    dropping the split drains version 2's replica."""
+    from service.api.predict import CALLER_HEADER
+
+    seed_tiny_model(e2e_settings, runtime_python, tmp_path, "split", [1.0, 2.0])
+    api = client._json
+    ep = api(
+        "POST", "/v1/models/split/endpoints", json={"replicas": 1, "traffic": {"1": 50, "2": 50}}
+    )
+    path = f"/v1/models/split/endpoints/{ep['id']}"
+
+    def versions_ready() -> list[int] | None:
+        e = api("GET", path)
+        assert e["state"] != "FAILED", e
+        got = sorted(s["version"] for s in e["servers"] if s["replica_state"] == "ready")
+        return got if e["state"] == "READY" and got == [1, 2] else None
+
+    until("one ready replica of each version", versions_ready, 300)
+    body = {"instances": [[1.0, 1.0, 1.0]]}
+    expected = {"1": [6.0], "2": [12.0]}
+    url = f"{platform.url}/v1/models/split:predict"
+    seen: dict[str, set[str]] = {}
+    with requests.Session() as http:
+        for caller in range(24):
+            for _ in range(3):
+                r = http.post(url, json=body, headers={CALLER_HEADER: f"c{caller}"}, timeout=60)
+                assert r.status_code == 200, r.text
+                version = r.headers["X-Model-Version"]
+                assert_all_ok([(200, version, r.json())], expected)
+                seen.setdefault(f"c{caller}", set()).add(version)
+    assert all(len(v) == 1 for v in seen.values()), seen  # sticky per caller
+    assert set().union(*seen.values()) == {"1", "2"}  # both versions serve
+    api("PATCH", path, json={"traffic": None, "version": 1})
+
+    def only_v1() -> bool:
+        e = api("GET", path)
+        return e["state"] == "READY" and [s["version"] for s in e["servers"]] == [1]
+
+    until("version 2's replica drained and deleted", only_v1, 120)
+    api("DELETE", path)
+    until("endpoint DELETED", lambda: api("GET", path)["state"] == "DELETED", 120)
