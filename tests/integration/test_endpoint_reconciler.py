@@ -237,3 +237,20 @@ def test_a_boot_that_died_between_its_row_and_its_server_is_adopted_or_replaced(
     assert sorted(r.id for r in servers) == sorted(r.server_id for r in live if r.server_id)
     with session_scope(pg) as s:
         s.execute(update(Endpoint).values(state="DELETED"))
+
+
+def test_an_endpoint_with_nothing_to_do_does_not_spin(
+    pg: str, backend: SandboxBackend, enqueued: list[tuple[str, str]]
+) -> None:
+    """Its label points nowhere (removed): no action, nothing under way, so the round does not
+    hand itself back (the reconciler looks again every stuck_after)."""
+    from service.db.models import ModelLabel
+    from workers.steps import serve
+
+    _endpoint(pg, "ep-000000000013", "CREATING")
+    with session_scope(pg) as s:
+        s.query(ModelLabel).filter_by(model_id="mdl-000000000013").delete()
+    assert serve.converge("ep-000000000013") is False
+    with session_scope(pg) as s:
+        assert s.get_one(Endpoint, "ep-000000000013").state == "CREATING"
+        s.execute(update(Endpoint).values(state="DELETED"))

@@ -217,6 +217,11 @@ def converge(endpoint_id: str) -> bool:
         return False
     if p.settle is dom.EndpointState.READY and not p.actions:
         return False
+    waiting = any(r.state in (*dom.COMING, dom.ReplicaState.DRAINING) for r in view)
+    if not p.actions and not waiting:
+        # nothing to do and nothing under way (a label that points nowhere yet): the
+        # reconciler looks again every stuck_after instead of a round every half second
+        return False
     if p.settle is dom.EndpointState.FAILED and not any(
         isinstance(a, dom.Boot | dom.Advance | dom.Delete | dom.Drain) for a in p.actions
     ):
