@@ -47,7 +47,7 @@ from service.db.models import Endpoint, Model, Resource, utcnow
 from service.domain import endpoints as dom
 from service.domain.errors import BackendError, TransientBackendError
 from service.domain.states import OwnerKind, ResourceState
-from workers import jobctx, ssh
+from workers import chaos, jobctx, ssh
 from workers.jobctx import db
 from workers.steps.provision import runtime_on_server, sign
 
@@ -152,6 +152,7 @@ def run(endpoint_id: str) -> None:
         return  # another converge holds it (or the endpoint is gone)
     again = False
     with heartbeat(lease):
+        chaos.pause("serve")  # tests/chaos: a worker killed while it holds the endpoint
         _ensure_key(endpoint_id)
         again = converge(endpoint_id)
     if again:
