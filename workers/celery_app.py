@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import beat_init, worker_init, worker_process_init
 
 from service.config import get_settings
 
@@ -33,6 +33,16 @@ app.conf.update(
         },
     },
 )
+
+
+@worker_init.connect
+@beat_init.connect
+def _private_data_dir(**_: object) -> None:
+    """A worker or beat writes into a private data dir with umask 077, however it was started
+    (`stackml up` did this already; `celery worker` / `celery beat` directly did not)."""
+    from service.datadir import secure_data_dir
+
+    secure_data_dir(get_settings())
 
 
 @worker_process_init.connect

@@ -100,7 +100,7 @@ def create_gateway_app(settings: Settings | None = None, store: ObjectStore | No
     else (no jobs, no packages, no health), for the one host address isolated sandboxes reach.
     Open to any peer and any Host: the signature is the authorisation. `stackml up` serves it;
     elsewhere serve it on <gateway>:<store port>, e.g. gunicorn -b 10.253.0.1:8080
-    'service.api.store:create_gateway_app()'."""
+    'service.wsgi:gateway'."""
     from service.api import EXTENSION, Context
     from service.api import errors as api_errors
     from service.backends import registry

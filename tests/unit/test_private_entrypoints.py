@@ -1,0 +1,87 @@
+"""Production entry points make the data dir private as `stackml up` does: gunicorn's
+`service.wsgi` and a celery worker or beat started directly (docs/operations.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# prints the process umask after the entry point ran, then the app's class
+WSGI = """
+import json, os
+os.umask(0o022)  # whatever the test process had: the entry point must set it
+import service.wsgi as w
+flask_app = w.{attr}
+rules = sorted(r.rule for r in flask_app.url_map.iter_rules())
+print(json.dumps([oct(os.umask(0o022)), type(flask_app).__name__, rules]))
+"""
+SIGNAL = """
+import os
+os.umask(0o022)
+import celery.signals as sig, workers.celery_app
+sig.{signal}.send(sender=None)
+print(oct(os.umask(0o022)))
+"""
+
+
+def _run(code: str, data_dir: Path) -> str:
+    env = {
+        **os.environ,
+        "STACKML_DATA_DIR": str(data_dir),
+        "STACKML_DATABASE_URL": f"sqlite:///{data_dir}/stackml.db",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("attr", ["app", "gateway"])
+def test_wsgi_entry_point_makes_a_new_data_dir_private(tmp_path: Path, attr: str) -> None:
+    data_dir = tmp_path / "data"
+    umask, kind, rules = json.loads(_run(WSGI.format(attr=attr), data_dir))
+    assert umask == "0o77"
+    assert kind == "Flask"
+    assert _mode(data_dir) == 0o700
+    if attr == "gateway":  # the gateway serves the signed store routes and nothing else
+        assert all(r.startswith("/v1/store") or r.startswith("/static") for r in rules)
+
+
+def test_wsgi_entry_point_tightens_a_loose_data_dir_and_database(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o755)
+    os.chmod(data_dir, 0o755)
+    db = data_dir / "stackml.db"
+    db.write_bytes(b"")
+    os.chmod(db, 0o644)
+    _run(WSGI.format(attr="app"), data_dir)
+    assert _mode(data_dir) == 0o700
+    assert _mode(db) == 0o600
+
+
+@pytest.mark.parametrize("signal", ["worker_init", "beat_init"])
+def test_celery_worker_and_beat_make_the_data_dir_private(tmp_path: Path, signal: str) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o755)
+    os.chmod(data_dir, 0o755)
+    assert _run(SIGNAL.format(signal=signal), data_dir) == "0o77"
+    assert _mode(data_dir) == 0o700
