@@ -80,6 +80,10 @@ def paths() -> dict[str, Any]:
             "post": {
                 "summary": "Deploy the model on replicas (member): follow a label (default: "
                 "`default`) or pin a version; quota-checked.",
+                "description": "409 codes: endpoint_exists (the model has a live endpoint: "
+                "PATCH it), version_not_ready (the version, the label's version or a split's "
+                "version is not READY), quota_exceeded (the project's servers or GPUs, or the "
+                "platform's max_servers, counting jobs' servers and live endpoints' replicas).",
                 "operationId": "createEndpoint",
                 "requestBody": body(EndpointCreate),
                 "responses": _responses(
@@ -105,6 +109,9 @@ def paths() -> dict[str, Any]:
             "patch": {
                 "summary": "Scale, switch (label or version), split traffic, set the log "
                 "sample rate (member).",
+                "description": "409 codes: endpoint_deleting, version_not_ready, "
+                "quota_exceeded. The switch is rolling: serving_version moves only once the "
+                "new version's replicas are ready and warmed.",
                 "operationId": "updateEndpoint",
                 "requestBody": body(EndpointUpdate),
                 "responses": _responses(
