@@ -42,6 +42,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from typing import NoReturn
 
 HEARTBEAT = 2.0
 HTTP_TIMEOUT = 60
@@ -172,7 +174,15 @@ def start(job_dir: str) -> dict:
     os.close(fd)
     if os.fork() > 0:
         return {"ok": True, "already_started": False}
-    # the detached supervisor: own session, no terminal, survives the SSH channel
+    _detach_and_supervise(job_dir, lambda: _supervise(job_dir))
+
+
+def _detach_and_supervise(job_dir: str, supervise: Callable[[], int]) -> NoReturn:
+    """In a forked child: become the detached supervisor and never return.
+
+    Own session, no terminal, survives the SSH channel; runs `supervise` and writes its code to
+    exit_code atomically (1 when it raised).
+    """
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
@@ -181,7 +191,7 @@ def start(job_dir: str) -> dict:
         os.dup2(devnull, fd)
     code = 1
     try:
-        code = _supervise(job_dir)
+        code = supervise()
     finally:
         _write_atomic(os.path.join(job_dir, "exit_code"), f"{code}\n")
         os._exit(0)
@@ -204,6 +214,31 @@ def _supervise(job_dir: str) -> int:
     }
     env.update(job.get("env", {}))
     argv = [os.path.join(env_dir, "bin", "python"), "-m", job["module"], *job.get("argv", [])]
+    return _run_supervised(
+        job_dir,
+        argv,
+        env,
+        cwd=os.path.join(job_dir, "package"),
+        start_label="the trainer",
+        kill_label="the trainer",
+    )
+
+
+def _run_supervised(
+    job_dir: str,
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    cwd: str,
+    start_label: str,
+    kill_label: str,
+) -> int:
+    """Run argv in its own session, appending to log, touching heartbeat, writing pid.
+
+    Returns the exit code (127 when it cannot start, 128+N when killed by signal N); the labels
+    name the program in the lines written to log ("cannot start <start_label>",
+    "<kill_label> was killed by signal N").
+    """
     log = open(os.path.join(job_dir, "log"), "ab")
     stop = threading.Event()
     hb = os.path.join(job_dir, "heartbeat")
@@ -218,7 +253,7 @@ def _supervise(job_dir: str) -> int:
     try:
         proc = subprocess.Popen(
             argv,
-            cwd=os.path.join(job_dir, "package"),
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -226,7 +261,7 @@ def _supervise(job_dir: str) -> int:
             start_new_session=True,
         )
     except OSError as e:
-        log.write(f"stackml-runner: cannot start the trainer: {e}\n".encode())
+        log.write(f"stackml-runner: cannot start {start_label}: {e}\n".encode())
         log.close()
         stop.set()
         return 127
@@ -234,7 +269,7 @@ def _supervise(job_dir: str) -> int:
     code = proc.wait()
     stop.set()
     if code < 0:
-        log.write(f"stackml-runner: the trainer was killed by signal {-code}\n".encode())
+        log.write(f"stackml-runner: {kill_label} was killed by signal {-code}\n".encode())
         code = 128 - code
     log.close()
     return code
@@ -626,18 +661,10 @@ def serve(job_dir: str) -> dict:
             "fetched": fetched,
             "fetch_seconds": round(t_fetch, 3),
         }
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    code = 1
-    try:
-        code = _supervise_argv(job_dir, argv, {"VIRTUAL_ENV": os.path.join(job_dir, "env")})
-    finally:
-        _write_atomic(os.path.join(job_dir, "exit_code"), f"{code}\n")
-        os._exit(0)
+    _detach_and_supervise(
+        job_dir,
+        lambda: _supervise_argv(job_dir, argv, {"VIRTUAL_ENV": os.path.join(job_dir, "env")}),
+    )
 
 
 def _supervise_argv(job_dir: str, argv: list[str], extra_env: dict[str, str]) -> int:
@@ -650,40 +677,9 @@ def _supervise_argv(job_dir: str, argv: list[str], extra_env: dict[str, str]) ->
         "TF_CPP_MIN_LOG_LEVEL": "1",
         **extra_env,
     }
-    log = open(os.path.join(job_dir, "log"), "ab")
-    stop = threading.Event()
-    hb = os.path.join(job_dir, "heartbeat")
-
-    def beat() -> None:
-        while not stop.is_set():
-            with open(hb, "w") as fh:
-                fh.write(f"{time.time()}\n")
-            stop.wait(HEARTBEAT)
-
-    threading.Thread(target=beat, daemon=True).start()
-    try:
-        proc = subprocess.Popen(
-            argv,
-            cwd=job_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    except OSError as e:
-        log.write(f"stackml-runner: cannot start {argv[0]}: {e}\n".encode())
-        log.close()
-        stop.set()
-        return 127
-    _write_atomic(os.path.join(job_dir, "pid"), f"{proc.pid}\n")
-    code = proc.wait()
-    stop.set()
-    if code < 0:
-        log.write(f"stackml-runner: the server was killed by signal {-code}\n".encode())
-        code = 128 - code
-    log.close()
-    return code
+    return _run_supervised(
+        job_dir, argv, env, cwd=job_dir, start_label=argv[0], kill_label="the server"
+    )
 
 
 def _read_pid(job_dir: str) -> int | None:
