@@ -4,7 +4,7 @@ fair-share bookkeeping, and metered usage (VM-seconds, GPU-hours, cost) of jobs 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -338,39 +338,26 @@ def usage_report(
 ) -> list[UsageRow]:
     """Per job, the usage inside [since, until) of every server that was up in that window
     (`project` None: every project), oldest job first."""
-    now = now or utcnow()
     q = (
-        select(Resource, Job.name, Job.state, Job.created_at)
+        select(Resource, Job.name, Job.state)
         .join(Job, Job.id == Resource.job_id)
-        .where(
-            Resource.active_at.is_not(None),
-            Resource.active_at < until,
-            or_(
-                Resource.state != ResourceState.DELETED.value,
-                Resource.deleted_at.is_(None),
-                Resource.deleted_at > since,
-            ),
-        )
+        .where(*_up_in_window(since, until))
         .order_by(Job.created_at, Job.id, Resource.id)
     )
-    if project is not None:
-        q = q.where(Resource.project_id == project)
-    rows: dict[str, UsageRow] = {}
-    for res, name, state, _created in s.execute(q):
-        iv = _interval(res, flavors)
-        if iv is None:
-            continue
-        m = meter([iv], now, since, until)
-        if m.vm_seconds <= 0:
-            continue
-        job_id = res.job_id
-        if job_id is None:  # joined with its job: never None here
-            continue
-        row = rows.get(job_id)
-        if row is None:
-            row = rows[job_id] = UsageRow(job_id, name, res.project_id, state)
-        row.metered = row.metered + m
-    return list(rows.values())
+    # joined with its job: res.job_id is never None here
+    return _metered_rows(
+        s,
+        q,
+        flavors,
+        since,
+        until,
+        project,
+        now,
+        lambda res, name, state: (
+            res.job_id,
+            lambda: UsageRow(res.job_id, name, res.project_id, state),
+        ),
+    )
 
 
 def endpoint_usage_report(
@@ -385,38 +372,72 @@ def endpoint_usage_report(
     [since, until) of its replica servers, as `usage_report` counts a job's."""
     from service.db.models import Endpoint, Model
 
-    now = now or utcnow()
     q = (
         select(Resource, Endpoint.name, Endpoint.state, Model.name)
         .join(Endpoint, Endpoint.id == Resource.owner_id)
         .join(Model, Model.id == Endpoint.model_id)
-        .where(
-            Resource.owner_kind == OwnerKind.ENDPOINT.value,
-            Resource.active_at.is_not(None),
-            Resource.active_at < until,
-            or_(
-                Resource.state != ResourceState.DELETED.value,
-                Resource.deleted_at.is_(None),
-                Resource.deleted_at > since,
-            ),
-        )
+        .where(Resource.owner_kind == OwnerKind.ENDPOINT.value, *_up_in_window(since, until))
         .order_by(Endpoint.created_at, Endpoint.id, Resource.id)
     )
+    return _metered_rows(
+        s,
+        q,
+        flavors,
+        since,
+        until,
+        project,
+        now,
+        lambda res, name, state, model: (
+            res.owner_id,
+            lambda: UsageRow(res.owner_id, f"{model}/{name}", res.project_id, state),
+        ),
+    )
+
+
+def _up_in_window(since: datetime, until: datetime) -> list[Any]:
+    """The conditions "this server was up at some moment of [since, until)"."""
+    return [
+        Resource.active_at.is_not(None),
+        Resource.active_at < until,
+        or_(
+            Resource.state != ResourceState.DELETED.value,
+            Resource.deleted_at.is_(None),
+            Resource.deleted_at > since,
+        ),
+    ]
+
+
+def _metered_rows(
+    s: Session,
+    q: Any,
+    flavors: Mapping[str, Flavor],
+    since: datetime,
+    until: datetime,
+    project: str | None,
+    now: datetime | None,
+    owner: Callable[..., tuple[str | None, Callable[[], UsageRow]]],
+) -> list[UsageRow]:
+    """Meter each (Resource, *columns) row of `q` inside [since, until) and sum the servers of
+    one owner into one UsageRow; `owner(res, *columns)` gives the owner's key and how to make
+    its row. Servers with no usage in the window, or no owner, are left out; rows come in the
+    order of `q`."""
+    now = now or utcnow()
     if project is not None:
         q = q.where(Resource.project_id == project)
     rows: dict[str, UsageRow] = {}
-    for res, name, state, model in s.execute(q):
+    for res, *cols in s.execute(q):
         iv = _interval(res, flavors)
         if iv is None:
             continue
         m = meter([iv], now, since, until)
         if m.vm_seconds <= 0:
             continue
-        row = rows.get(res.owner_id)
+        key, make = owner(res, *cols)
+        if key is None:
+            continue
+        row = rows.get(key)
         if row is None:
-            row = rows[res.owner_id] = UsageRow(
-                res.owner_id, f"{model}/{name}", res.project_id, state
-            )
+            row = rows[key] = make()
         row.metered = row.metered + m
     return list(rows.values())
 
