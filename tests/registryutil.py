@@ -11,14 +11,9 @@ from typing import Any
 
 RUNTIME_ROOT = Path(os.environ.get("STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes"))
 
-# TF's view of one SavedModel directory: tf.saved_model.load for the structured signature,
-# TF's own protobuf classes for the method name
-_VIEW = r"""
-import json, sys
-import tensorflow as tf
-from tensorflow.core.framework import types_pb2
-from tensorflow.core.protobuf import saved_model_pb2
-
+# TF's view of one SavedModel directory (`view(path)`, for the scripts below):
+# tf.saved_model.load for the structured signature, TF's own protobuf classes for the method name
+_VIEW_DEFS = r"""
 def dtype(spec):
     return types_pb2.DataType.Name(spec.dtype.as_datatype_enum)
 
@@ -38,12 +33,24 @@ def view(path):
             k: {"dtype": dtype(v), "shape": shape(v)} for k, v in sig.structured_outputs.items()
         },
     }
-
-print("TFVIEW " + json.dumps(view(sys.argv[1])))
 """
 
+_VIEW = (
+    r"""
+import json, sys
+import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import saved_model_pb2
+"""
+    + _VIEW_DEFS
+    + r"""
+print("TFVIEW " + json.dumps(view(sys.argv[1])))
+"""
+)
+
 # builds two SavedModels and prints TF's view of their serving_default signatures
-_BUILD = r"""
+_BUILD = (
+    r"""
 import json, sys
 import numpy as np
 import tensorflow as tf
@@ -71,29 +78,12 @@ class M(tf.Module):
 
 m = M()
 tf.saved_model.save(m, out + "/module", signatures={"serving_default": m.serve})
-
-def dtype(spec):
-    return types_pb2.DataType.Name(spec.dtype.as_datatype_enum)
-
-def view(path):
-    proto = saved_model_pb2.SavedModel()
-    with open(path + "/saved_model.pb", "rb") as f:
-        proto.ParseFromString(f.read())
-    (graph,) = [g for g in proto.meta_graphs if "serve" in g.meta_info_def.tags]
-    sig = tf.saved_model.load(path).signatures["serving_default"]
-    _, kwargs = sig.structured_input_signature
-    def shape(s):
-        return None if s.shape.rank is None else [-1 if d is None else d for d in s.shape.as_list()]
-    return {
-        "method_name": graph.signature_def["serving_default"].method_name,
-        "inputs": {k: {"dtype": dtype(v), "shape": shape(v)} for k, v in kwargs.items()},
-        "outputs": {
-            k: {"dtype": dtype(v), "shape": shape(v)} for k, v in sig.structured_outputs.items()
-        },
-    }
-
+"""
+    + _VIEW_DEFS
+    + r"""
 print("TFVIEW " + json.dumps({"keras": view(out + "/keras"), "module": view(out + "/module")}))
 """
+)
 
 
 def runtime_python() -> Path:

@@ -44,6 +44,24 @@ def _ready(url: str, name: str, version: int, project: str = P) -> None:
         assert repo.finish_version(s, mv, checksums={}, signature={"method_name": "m"})
 
 
+def _add_endpoint(url: str, name: str, **target: Any) -> None:
+    """A READY endpoint `ep-0123456789ab` of model `name` (project P) following `target`."""
+    with session_scope(url) as s:
+        m = repo.find_model(s, P, name)
+        s.add(
+            Endpoint(
+                id="ep-0123456789ab",
+                project_id=P,
+                model_id=m.id,
+                state="READY",
+                replicas=1,
+                flavor="m1.small",
+                created_by="u",
+                **target,
+            )
+        )
+
+
 def _history_rows(url: str) -> int:
     with session_scope(url) as s:
         return int(s.scalar(select(func.count()).select_from(ModelLabelHistory)) or 0)
@@ -105,20 +123,7 @@ def test_bad_model_bodies_are_422_and_create_nothing(
 def test_model_delete_refused_while_an_endpoint_exists(
     client: FlaskClient, db_url: str, model: str, error_of: Any
 ) -> None:
-    with session_scope(db_url) as s:
-        m = repo.find_model(s, P, model)
-        s.add(
-            Endpoint(
-                id="ep-0123456789ab",
-                project_id=P,
-                model_id=m.id,
-                state="READY",
-                target_label="default",
-                replicas=1,
-                flavor="m1.small",
-                created_by="u",
-            )
-        )
+    _add_endpoint(db_url, model, target_label="default")
     error_of(client.delete(f"/v1/models/{model}"), 409, "endpoint_exists")
     assert client.get(f"/v1/models/{model}").get_json()["endpoint"]["id"] == "ep-0123456789ab"
     with session_scope(db_url) as s:
@@ -290,21 +295,7 @@ def test_labelled_or_served_versions_cannot_be_deleted(
     client.put(f"/v1/models/{model}/labels/default", json={"version": v1})
     err = error_of(client.delete(f"/v1/models/{model}/versions/{v1}"), 409, "version_in_use")
     assert err["details"]["labels"] == ["default"]
-    with session_scope(db_url) as s:
-        m = repo.find_model(s, P, model)
-        s.add(
-            Endpoint(
-                id="ep-0123456789ab",
-                project_id=P,
-                model_id=m.id,
-                state="READY",
-                target_version=v2,
-                serving_version=v2,
-                replicas=1,
-                flavor="m1.small",
-                created_by="u",
-            )
-        )
+    _add_endpoint(db_url, model, target_version=v2, serving_version=v2)
     error_of(client.delete(f"/v1/models/{model}/versions/{v2}"), 409, "version_in_use")
     assert len(client.get(f"/v1/models/{model}/versions").get_json()["versions"]) == 2
 
@@ -315,20 +306,7 @@ def test_a_label_an_endpoint_follows_cannot_be_removed(
     v1 = _version(client, model)
     _ready(db_url, model, v1)
     client.put(f"/v1/models/{model}/labels/default", json={"version": v1})
-    with session_scope(db_url) as s:
-        m = repo.find_model(s, P, model)
-        s.add(
-            Endpoint(
-                id="ep-0123456789ab",
-                project_id=P,
-                model_id=m.id,
-                state="READY",
-                target_label="default",
-                replicas=1,
-                flavor="m1.small",
-                created_by="u",
-            )
-        )
+    _add_endpoint(db_url, model, target_label="default")
     error_of(client.delete(f"/v1/models/{model}/labels/default"), 409, "label_in_use")
     assert client.get(f"/v1/models/{model}").get_json()["labels"] == {"default": v1}
 
