@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.serving import make_server
 
 from service.api import create_app
 from service.backends.storage.local import LocalStore
+from service.cli import cli
 from service.config import Settings
 from service.db.models import Base
 from service.db.session import dispose_all, engine_for
@@ -78,6 +82,35 @@ def app(settings: Settings, db_url: str, enqueued: EnqueueRecorder) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def api_url(app: Flask) -> Iterator[str]:
+    """The app served over real HTTP on an ephemeral loopback port (werkzeug, threaded)."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def run(api_url: str) -> Callable[..., Result]:
+    """`run(*args, stdin=None, env=None)`: the `stackml` CLI (CliRunner) with `--url api_url`,
+    200 columns wide, `stdin` as its input and `env` added to its environment."""
+    runner = CliRunner()
+
+    def invoke(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> Result:
+        return runner.invoke(
+            cli,
+            ["--url", api_url, *args],
+            input=stdin,
+            env={"COLUMNS": "200", **(env or {})},
+        )
+
+    return invoke
 
 
 @pytest.fixture

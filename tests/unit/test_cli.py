@@ -14,8 +14,6 @@ from typing import Any
 import pytest
 import requests
 from click.testing import CliRunner, Result
-from flask import Flask
-from werkzeug.serving import make_server
 
 from service import demo as demo_mod
 from service.cli import cli
@@ -55,17 +53,6 @@ def enqueued() -> Iterator[DrivingRecorder]:
     yield rec
     for t in rec.threads:
         t.join(timeout=10)
-
-
-@pytest.fixture
-def api_url(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
 
 
 def drive(
@@ -109,16 +96,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def run(api_url: str) -> Callable[..., Result]:
-    runner = CliRunner()
-
-    def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
-        return runner.invoke(cli, ["--url", api_url, *args], env={"COLUMNS": "200", **(env or {})})
-
-    return invoke
 
 
 @pytest.fixture

@@ -5,31 +5,15 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner, Result
-from flask import Flask
-from werkzeug.serving import make_server
 
-from service.cli import cli
 from service.cli.predict import read_instances
 from service.client import APIError, StackMLClient
 from tests.unit.replicas import FakeReplica, add_model, add_replica
-
-
-@pytest.fixture
-def api_url(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -37,16 +21,6 @@ def replica() -> Iterator[FakeReplica]:
     r = FakeReplica("r")
     yield r
     r.kill()
-
-
-@pytest.fixture
-def run(api_url: str) -> Callable[..., Result]:
-    runner = CliRunner()
-
-    def invoke(*args: str, stdin: str | None = None) -> Result:
-        return runner.invoke(cli, ["--url", api_url, *args], input=stdin, env={"COLUMNS": "200"})
-
-    return invoke
 
 
 @pytest.fixture

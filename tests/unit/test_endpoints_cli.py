@@ -5,41 +5,15 @@ SQLite, a queue recorder): each command's request reaches the API and its answer
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-from click.testing import CliRunner, Result
-from flask import Flask
-from werkzeug.serving import make_server
+from click.testing import Result
 
-from service.cli import cli
 from service.db.models import Endpoint, Model, ModelLabel, ModelVersion
 from service.db.session import session_scope
 
 CONVERGE = "stackml.converge_endpoint"
-
-
-@pytest.fixture
-def api_url(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
-
-
-@pytest.fixture
-def run(api_url: str) -> Callable[..., Result]:
-    runner = CliRunner()
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(cli, ["--url", api_url, *args], env={"COLUMNS": "200"})
-
-    return invoke
 
 
 def seed(db_url: str) -> None:

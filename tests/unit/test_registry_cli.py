@@ -5,40 +5,14 @@ is the API's JSON; user-controlled text reaches the terminal without its escape 
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
-from click.testing import CliRunner, Result
-from flask import Flask
-from werkzeug.serving import make_server
+from click.testing import Result
 
-from service.cli import cli
 from service.db import registry as repo
 from service.db.session import session_scope
 
 EVIL = "digits \x1b]0;pwned\x07\x1b[2Jcleared \x1b]8;;http://evil.example/\x1b\\link"
-
-
-@pytest.fixture
-def api_url(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
-
-
-@pytest.fixture
-def run(api_url: str) -> Callable[..., Result]:
-    runner = CliRunner()
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(cli, ["--url", api_url, *args], env={"COLUMNS": "200"})
-
-    return invoke
 
 
 def _ready(db_url: str, name: str, version: int) -> None:
