@@ -3,10 +3,11 @@ openstack compute backend and the swift store against the devcloud — real Keys
 the Nova emulator backing each server with a sandbox. Two tiny SavedModel versions stored in
 Swift are registered through the API, an endpoint deploys 2 replicas (Nova servers tagged
 `stackml-endpoint`, a security-group rule for the serving port), predictions through the API
-match the SavedModels, a replica's Nova server deleted under a steady load costs no request and
-is replaced, the default label switched under load costs no request and every answer names its
-version, and the deleted endpoint leaves no server, keypair or sandbox, and nothing new in
-Swift. (tests/e2e/test_serving.py is the same proof on the local sandbox backend.)"""
+match the SavedModels, a replica's Nova server deleted (and another's sandbox killed) under a
+steady load costs no request and is replaced, the default label switched under load costs no
+request and every answer names its version, and the deleted endpoint leaves no server, keypair
+or sandbox, and nothing new in Swift. (tests/e2e/test_serving.py is the same proof on the local
+sandbox backend.)"""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import pytest
 import requests
 
 from devcloud.cloud import DevCloud
-from service.backends.compute.sandbox import leak_report
+from service.backends.compute.sandbox import SandboxBackend, leak_report
 from service.client import StackMLClient
 from service.config import Settings
 from service.platform import LocalPlatform
@@ -258,6 +259,25 @@ def test_deploy_predict_replace_switch_delete_on_nova_and_swift(
     assert_all_ok(answers, {"1": EXPECTED["1"]})
     assert len({s["server_id"] for s in replaced["servers"]}) == 2
     until("the victim gone from Nova", lambda: victim not in nova_servers(), 60)
+
+    # kill the sandbox behind another replica's server (the "VM" dies, Nova still lists the
+    # server, SHUTOFF) under a steady load: no request fails, the replica is replaced and its
+    # dead server deleted from Nova
+    victim = replaced["servers"][1]["server_id"]
+    sandboxes = SandboxBackend(cloud.sandbox_root, [])
+    (box,) = sandboxes.list_servers(("nova-server", victim))
+    load = AuthLoad(predict_url, BODY, headers=auth).start()
+    until("some answers before the sandbox dies", lambda: len(load.answers) >= 5, 60, 0.1)
+    sandboxes.delete_server(box.id)
+    replaced = until(
+        "the replica whose sandbox died replaced",
+        lambda: (e := settled(1)) and victim not in {s["server_id"] for s in e["servers"]} and e,
+        600,
+    )
+    answers = load.finish()
+    assert len(answers) >= 10
+    assert_all_ok(answers, {"1": EXPECTED["1"]})
+    until("the dead server deleted from Nova", lambda: victim not in nova_servers(), 60)
 
     # switch the default label to version 2 under a steady load: zero failed requests, every
     # answer names the version that produced it and matches that version's SavedModel
