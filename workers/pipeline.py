@@ -16,16 +16,17 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import ColumnElement, or_, update
+from sqlalchemy.orm import Session
 
 from service import queue
 from service.config import Settings
-from service.db.models import Job, utcnow
+from service.db.models import Endpoint, Job, utcnow
 from service.db.session import session_scope
 from service.domain.states import PHASE_OF_STATE, JobState, Phase
 
@@ -86,7 +87,92 @@ def lease_ttl(cfg: Settings) -> float:
 
 def no_live_lease() -> ColumnElement[bool]:
     """The SQL condition "no step holds the job" (for the reconciler's queries)."""
-    return or_(Job.step_lease_until.is_(None), Job.step_lease_until < utcnow())
+    return lease_free(Job)
+
+
+# -- a row's step lease: jobs' (here) and endpoints' (workers/steps/serve.py) -----------------
+
+LeasedTable = type[Job] | type[Endpoint]
+
+
+def lease_free(table: LeasedTable) -> ColumnElement[bool]:
+    """The SQL condition "no step holds this row" (never leased, or the lease lapsed)."""
+    return or_(table.step_lease_until.is_(None), table.step_lease_until < utcnow())
+
+
+def take_row_lease(
+    s: Session, table: LeasedTable, row_id: str, ttl: float, *where: ColumnElement[bool]
+) -> str | None:
+    """Lease the row for `ttl` seconds when no step holds it and `where` holds: the new owner
+    token, or None."""
+    owner = secrets.token_hex(8)
+    won = s.execute(
+        update(table)
+        .where(table.id == row_id, *where, lease_free(table))
+        .values(step_lease_owner=owner, step_lease_until=utcnow() + timedelta(seconds=ttl))
+    ).rowcount  # type: ignore[attr-defined]
+    return owner if won else None
+
+
+def renew_row_lease(s: Session, table: LeasedTable, row_id: str, owner: str, ttl: float) -> bool:
+    """Extend a lease still held by `owner`; False once it was lost."""
+    won = s.execute(
+        update(table)
+        .where(table.id == row_id, table.step_lease_owner == owner)
+        .values(step_lease_until=utcnow() + timedelta(seconds=ttl))
+    ).rowcount  # type: ignore[attr-defined]
+    return bool(won)
+
+
+def release_row_lease(s: Session, table: LeasedTable, row_id: str, owner: str) -> None:
+    s.execute(
+        update(table)
+        .where(table.id == row_id, table.step_lease_owner == owner)
+        .values(step_lease_owner=None, step_lease_until=None)
+    )
+
+
+@contextmanager
+def lease_heartbeat(
+    ttl: float,
+    renew: Callable[[], bool],
+    release: Callable[[], None],
+    *,
+    what: str,
+    lease_name: str,
+    thread_name: str,
+    warn_lost: bool,
+) -> Iterator[None]:
+    """Call `renew` every third of `ttl` until the block ends, then `release`. A renewal that
+    fails for a moment (the database restarting) is tried again at the next beat; one that
+    finds the lease lost stops the heartbeat (logged when `warn_lost`). Log lines read
+    "<what>: could not renew <lease_name>: <error>"."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                if not renew():
+                    if warn_lost:
+                        log.warning("%s: %s was lost", what, lease_name)
+                    return
+            except Exception as e:  # noqa: BLE001 - the next beat tries again
+                log.warning("%s: could not renew %s: %s", what, lease_name, e)
+
+    t = threading.Thread(target=beat, name=thread_name, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        try:
+            release()
+        except Exception as e:  # noqa: BLE001 - an unreleased lease lapses by itself
+            log.warning("%s: could not release %s: %s", what, lease_name, e)
+
+
+# -- a job's step lease -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -99,65 +185,32 @@ class Lease:
 def take_lease(url: str, job_id: str, state: JobState, ttl: float) -> Lease | None:
     """The job's lease for a step of `state`, or None when another step holds it (or the job
     left `state`)."""
-    owner = secrets.token_hex(8)
     with session_scope(url) as s:
-        won = s.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.state == state.value,
-                no_live_lease(),
-            )
-            .values(step_lease_owner=owner, step_lease_until=utcnow() + timedelta(seconds=ttl))
-        ).rowcount  # type: ignore[attr-defined]
-    return Lease(job_id, owner, ttl) if won else None
+        owner = take_row_lease(s, Job, job_id, ttl, Job.state == state.value)
+    return Lease(job_id, owner, ttl) if owner else None
 
 
 def renew_lease(url: str, lease: Lease) -> bool:
     """Extend a lease still held by its owner; False once it was lost (lapsed and taken, or
     cleared by a transition)."""
     with session_scope(url) as s:
-        won = s.execute(
-            update(Job)
-            .where(Job.id == lease.job_id, Job.step_lease_owner == lease.owner)
-            .values(step_lease_until=utcnow() + timedelta(seconds=lease.ttl))
-        ).rowcount  # type: ignore[attr-defined]
-    return bool(won)
+        return renew_row_lease(s, Job, lease.job_id, lease.owner, lease.ttl)
 
 
 def release_lease(url: str, lease: Lease) -> None:
     with session_scope(url) as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == lease.job_id, Job.step_lease_owner == lease.owner)
-            .values(step_lease_owner=None, step_lease_until=None)
-        )
+        release_row_lease(s, Job, lease.job_id, lease.owner)
 
 
-@contextmanager
-def heartbeat(url: str, lease: Lease) -> Iterator[None]:
-    """Renew `lease` every third of its time to live until the block ends, then release it.
-    A renewal that fails for a moment (the database restarting) is tried again at the next
-    beat; one that finds the lease lost stops the heartbeat."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(lease.ttl / 3):
-            try:
-                if not renew_lease(url, lease):
-                    log.warning("job %s: the step's lease was lost", lease.job_id)
-                    return
-            except Exception as e:  # noqa: BLE001 - the next beat tries again
-                log.warning("job %s: could not renew the step's lease: %s", lease.job_id, e)
-
-    t = threading.Thread(target=beat, name=f"lease-{lease.job_id}", daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join(timeout=5)
-        try:
-            release_lease(url, lease)
-        except Exception as e:  # noqa: BLE001 - an unreleased lease lapses by itself
-            log.warning("job %s: could not release the step's lease: %s", lease.job_id, e)
+def heartbeat(url: str, lease: Lease) -> AbstractContextManager[None]:
+    """Renew `lease` every third of its time to live until the block ends, then release it
+    (lease_heartbeat)."""
+    return lease_heartbeat(
+        lease.ttl,
+        lambda: renew_lease(url, lease),
+        lambda: release_lease(url, lease),
+        what=f"job {lease.job_id}",
+        lease_name="the step's lease",
+        thread_name=f"lease-{lease.job_id}",
+        warn_lost=True,
+    )

@@ -21,18 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 
 from service import queue
 from service.backends.interfaces import (
@@ -47,7 +45,7 @@ from service.db.models import Endpoint, Model, Resource, utcnow
 from service.domain import endpoints as dom
 from service.domain.errors import BackendError, TransientBackendError
 from service.domain.states import OwnerKind, ResourceState
-from workers import chaos, jobctx, ssh
+from workers import chaos, jobctx, pipeline, ssh
 from workers.jobctx import db
 from workers.steps.provision import runtime_on_server, sign
 
@@ -76,66 +74,37 @@ class Lease:
 
 
 def _no_live_lease() -> Any:
-    return or_(Endpoint.step_lease_until.is_(None), Endpoint.step_lease_until < utcnow())
+    return pipeline.lease_free(Endpoint)
 
 
 def take_lease(endpoint_id: str, ttl: float) -> Lease | None:
-    owner = secrets.token_hex(8)
     with db() as s:
-        won = s.execute(
-            update(Endpoint)
-            .where(
-                Endpoint.id == endpoint_id,
-                Endpoint.state != dom.EndpointState.DELETED.value,
-                _no_live_lease(),
-            )
-            .values(step_lease_owner=owner, step_lease_until=utcnow() + timedelta(seconds=ttl))
-        ).rowcount  # type: ignore[attr-defined]
-    return Lease(endpoint_id, owner, ttl) if won else None
+        owner = pipeline.take_row_lease(
+            s, Endpoint, endpoint_id, ttl, Endpoint.state != dom.EndpointState.DELETED.value
+        )
+    return Lease(endpoint_id, owner, ttl) if owner else None
 
 
 def _renew(lease: Lease) -> bool:
     with db() as s:
-        won = s.execute(
-            update(Endpoint)
-            .where(Endpoint.id == lease.endpoint_id, Endpoint.step_lease_owner == lease.owner)
-            .values(step_lease_until=utcnow() + timedelta(seconds=lease.ttl))
-        ).rowcount  # type: ignore[attr-defined]
-    return bool(won)
+        return pipeline.renew_row_lease(s, Endpoint, lease.endpoint_id, lease.owner, lease.ttl)
 
 
 def release_lease(lease: Lease) -> None:
     with db() as s:
-        s.execute(
-            update(Endpoint)
-            .where(Endpoint.id == lease.endpoint_id, Endpoint.step_lease_owner == lease.owner)
-            .values(step_lease_owner=None, step_lease_until=None)
-        )
+        pipeline.release_row_lease(s, Endpoint, lease.endpoint_id, lease.owner)
 
 
-@contextmanager
-def heartbeat(lease: Lease) -> Iterator[None]:
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(lease.ttl / 3):
-            try:
-                if not _renew(lease):
-                    return
-            except Exception as e:  # noqa: BLE001 - the next beat tries again
-                log.warning("endpoint %s: could not renew its lease: %s", lease.endpoint_id, e)
-
-    t = threading.Thread(target=beat, name=f"lease-{lease.endpoint_id}", daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join(timeout=5)
-        try:
-            release_lease(lease)
-        except Exception as e:  # noqa: BLE001 - an unreleased lease lapses by itself
-            log.warning("endpoint %s: could not release its lease: %s", lease.endpoint_id, e)
+def heartbeat(lease: Lease) -> AbstractContextManager[None]:
+    return pipeline.lease_heartbeat(
+        lease.ttl,
+        lambda: _renew(lease),
+        lambda: release_lease(lease),
+        what=f"endpoint {lease.endpoint_id}",
+        lease_name="its lease",
+        thread_name=f"lease-{lease.endpoint_id}",
+        warn_lost=False,
+    )
 
 
 def enqueue(endpoint_id: str, countdown: float = 0.0) -> None:
