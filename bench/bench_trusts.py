@@ -24,16 +24,44 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_openstack_calls import one_job  # noqa: E402
 from devcloud.cloud import DevCloud, default_venv_root  # noqa: E402
 from service import trusts  # noqa: E402
 from service.backends.compute.openstack import LookupCache, OpenStackBackend  # noqa: E402
+from service.backends.interfaces import ServerSpec, ServerState  # noqa: E402
 from service.config import Settings  # noqa: E402
 from tests.envutil import environ  # noqa: E402
 from workers import ssh  # noqa: E402
 
 CACHED_VENVS = Path("/var/cache/stackml/devcloud-venvs")
 ROUNDS = 8
+POLL = 0.2  # the allocate step's poll interval
+DEADLINE = 60.0
+TAGS = (("stackml-job", "bench"), ("stackml-role", "chief"), ("stackml-project", "bench"))
+
+
+def one_job(backend: OpenStackBackend, public_key: str, name: str) -> dict[str, int]:
+    """What the allocate and teardown steps do with the backend for one single-server job, on
+    the emulator's instant boots: the calls a trust adds, not a boot's polling (that is
+    bench_openstack_calls.py's subject)."""
+    backend.calls.reset()
+    flavor = backend.find_flavor("m1.small")
+    assert flavor is not None
+    ref = backend.create_server(
+        ServerSpec(name=name, flavor=flavor, image="cirros", public_key=public_key, tags=TAGS)
+    )
+    deadline = time.monotonic() + DEADLINE
+    status = backend.get_server(ref.id)
+    while status.state is ServerState.BUILD and time.monotonic() < deadline:
+        time.sleep(POLL)
+        status = backend.get_server(ref.id)
+    assert status.state is ServerState.ACTIVE and status.host_key, status
+    backend.delete_server(ref.id)
+    while backend.get_server(ref.id).state is not ServerState.DELETED:
+        assert time.monotonic() < deadline, "delete not confirmed"
+        time.sleep(POLL)
+    # teardown's sweep before the trust goes: what is still listed under the job's tag
+    assert backend.list_servers(TAGS[0]) == []
+    return backend.calls.snapshot()
 
 
 def main() -> int:
