@@ -180,6 +180,13 @@ def test_deploy_predict_replace_switch_delete_on_nova_and_swift(
     uris = store_tiny_versions(tmp_path, project)
     area = project_store(project).project_prefix(project or settings.local_project)
     stored = swift_keys(project, area)
+    # with tenancy=project the versions live in demo's own Swift account, as a job's model does
+    owner = cloud.connection("devcloud-demo" if mode == "project" else "devcloud-stackml")
+    container, _, inside = area.partition("/")
+    in_account = {
+        f"{container}/{o.name}" for o in owner.object_store.objects(container, prefix=inside)
+    }
+    assert stored and in_account == stored, (stored, in_account)
     api("POST", "/v1/models", json={"name": MODEL, "description": "cloud serving"})
     for uri in uris:
         api("POST", f"/v1/models/{MODEL}/versions", json={"artifact_uri": uri})
