@@ -116,6 +116,25 @@ def test_boot_connect_run_delete(backend: SandboxBackend, root: Path, keypair: t
         backend.console_log(ref.id)
 
 
+def test_a_delete_killed_mid_removal_leaves_nothing_once_the_server_is_looked_up(
+    backend: SandboxBackend, root: Path
+):
+    # a worker SIGKILLed inside delete_server after the rename, before rmtree finished: the
+    # record is gone (the server reads as DELETED, so nobody deletes it again) but its remains
+    # are aside; the next look-up finishes the removal instead of leaving them for ever
+    from service.backends.compute.sandbox import leak_report
+
+    trash = root / ".trash-sb-0badc0de"
+    (trash / "home" / "deep").mkdir(parents=True)
+    (trash / "home" / "deep" / "model.bin").write_bytes(b"x" * 4096)
+    (trash / "server.json").write_text("{}")
+    os.chmod(trash / "home" / "deep", 0o500)  # a job may leave read-only dirs behind
+    assert leak_report(root)  # it is a leak until removed
+    assert backend.get_server("sb-0badc0de").state is ServerState.DELETED
+    assert not trash.exists()
+    assert not leak_report(root)
+
+
 def test_unknown_ids_are_deleted_not_errors(backend: SandboxBackend):
     assert backend.get_server("sb-00000000").state is ServerState.DELETED
     assert backend.get_server("../../etc").state is ServerState.DELETED

@@ -123,6 +123,7 @@ PUBKEY_RE = re.compile(r"(ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+( [^\x0
 CFS_PERIOD_US = 100_000
 BOOT_TIMEOUT = 15.0
 KILL_TIMEOUT = 10.0
+TRASH_TIMEOUT = 5.0  # seconds a delete retries removing what it moved aside
 BUILD_GRACE = 60.0  # a BUILD record older than boot timeout + this has lost its creator
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
@@ -740,6 +741,7 @@ class SandboxBackend(ComputeBackend):
         self._reap()
         rec = self._record(server_id)
         if rec is None:
+            self._clear_trash(server_id)  # a delete killed mid-removal left its remains aside
             return ServerStatus(id=server_id, state=ServerState.DELETED)
         common: dict[str, Any] = {
             "host": rec["address"],
@@ -1218,11 +1220,23 @@ class SandboxBackend(ComputeBackend):
 
     def _remove_dir(self, sid: str) -> None:
         d = self.root / sid
-        trash = self.root / f".trash-{sid}"
         with contextlib.suppress(FileNotFoundError):
-            os.rename(d, trash)  # atomically gone for every reader
-        if trash.exists():
+            os.rename(d, self.root / f".trash-{sid}")  # atomically gone for every reader
+        self._clear_trash(sid)
+
+    def _clear_trash(self, sid: str) -> None:
+        """Remove what a delete moved aside (`.trash-<id>`), also when the process that moved it
+        was killed before it finished; retried for a few seconds, since a detaching loop device
+        can hold part of it a moment (leak_report names what is still left)."""
+        if not ID_RE.fullmatch(sid):
+            return
+        trash = self.root / f".trash-{sid}"
+        end = time.monotonic() + TRASH_TIMEOUT
+        while trash.exists():
             shutil.rmtree(trash, onerror=_force_remove)
+            if not trash.exists() or time.monotonic() > end:
+                return
+            time.sleep(0.05)
 
 
 def _force_remove(func: Any, path: str, exc_info: Any) -> None:
