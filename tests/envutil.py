@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from devcloud.process import free_port
 from service.config import reset_settings
 
-__all__ = ["environ", "free_port", "reap_sandboxes"]
+__all__ = ["environ", "free_port", "reap_sandboxes", "wait_sandboxes_gone"]
 
 
 @contextmanager
@@ -42,3 +43,22 @@ def reap_sandboxes(root: Path) -> int:
     for ref in servers:
         backend.delete_server(ref.id)
     return len(servers)
+
+
+def wait_sandboxes_gone(root: Path, timeout: float) -> None:
+    """Wait (at most `timeout` s) until nothing of a sandbox is left under `root`: no server
+    record and no dir, also none a running delete has moved aside and is still removing. A tier
+    that stops its platform as soon as the listing is empty kills that delete mid-removal."""
+    from service.backends.compute.sandbox import ID_RE, SandboxBackend
+
+    backend = SandboxBackend(root, [])
+
+    def left() -> list[str]:
+        if not root.is_dir():
+            return []
+        names = [n for n in os.listdir(root) if ID_RE.fullmatch(n) or n.startswith(".trash-")]
+        return names + [ref.id for ref in backend.list_servers()]
+
+    deadline = time.monotonic() + timeout
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)

@@ -21,7 +21,7 @@ from service.config import Settings
 from service.platform import LocalPlatform
 from service.runtime import ensure_runtime
 from tests.e2e.conftest import assert_configured_redis
-from tests.envutil import environ, free_port, reap_sandboxes
+from tests.envutil import environ, free_port, reap_sandboxes, wait_sandboxes_gone
 from tests.pgutil import temp_database
 
 RUNTIME_ROOT = Path(os.environ.get("STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes"))
@@ -86,7 +86,7 @@ def chaos_platform(chaos_settings: Settings) -> Iterator[LocalPlatform]:
         yield p
     finally:
         try:
-            wait_no_servers(chaos_settings, 60)
+            wait_sandboxes_gone(chaos_settings.sandbox_dir, 60)
         finally:
             p.stop()
             try:
@@ -174,15 +174,6 @@ def record_fault(name: str, job: dict[str, Any], seconds: float) -> None:
             "fault_to_final_s": round(seconds, 2),
         }
     )
-
-
-def wait_no_servers(settings: Settings, timeout: float) -> None:
-    from service.backends.compute.sandbox import SandboxBackend
-
-    backend = SandboxBackend(settings.sandbox_dir, settings.flavors())
-    deadline = time.monotonic() + timeout
-    while backend.list_servers() and time.monotonic() < deadline:
-        time.sleep(0.5)
 
 
 def assert_no_leaks(settings: Settings) -> None:

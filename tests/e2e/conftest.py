@@ -19,7 +19,7 @@ from service.client import StackMLClient
 from service.config import Settings
 from service.platform import LocalPlatform
 from service.runtime import ensure_runtime
-from tests.envutil import environ, free_port, reap_sandboxes
+from tests.envutil import environ, free_port, reap_sandboxes, wait_sandboxes_gone
 from tests.pgutil import temp_database
 
 # shared between runs on one machine: building the TensorFlow runtime downloads ~270 MB once
@@ -73,7 +73,7 @@ def platform(e2e_settings: Settings, runtime_python: Path) -> Iterator[LocalPlat
         yield p
     finally:
         try:
-            _wait_no_servers(e2e_settings, 60)
+            wait_sandboxes_gone(e2e_settings.sandbox_dir, 60)
         finally:
             p.stop()
             try:
@@ -109,15 +109,6 @@ def assert_configured_redis(platform: LocalPlatform, url: str, queue: str) -> No
             time.sleep(0.2)
     finally:
         client.close()
-
-
-def _wait_no_servers(settings: Settings, timeout: float) -> None:
-    from service.backends.compute.sandbox import SandboxBackend
-
-    backend = SandboxBackend(settings.sandbox_dir, settings.flavors())
-    deadline = time.monotonic() + timeout
-    while backend.list_servers() and time.monotonic() < deadline:
-        time.sleep(0.5)
 
 
 def _assert_no_leaks(settings: Settings) -> None:

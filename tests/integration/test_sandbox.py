@@ -135,6 +135,22 @@ def test_a_delete_killed_mid_removal_leaves_nothing_once_the_server_is_looked_up
     assert not leak_report(root)
 
 
+def test_remains_of_a_delete_killed_mid_removal_go_with_the_next_listing(
+    backend: SandboxBackend, root: Path
+):
+    # nobody looks the server up again (its job is done, its row says deleted): the reconciler's
+    # periodic listing is what finishes the removal, and the listing never shows the remains
+    from service.backends.compute.sandbox import leak_report
+
+    trash = root / ".trash-sb-0badf00d"
+    (trash / "home").mkdir(parents=True)
+    (trash / "server.json").write_text('{"name": "x", "tags": []}')
+    os.chmod(trash / "home", 0o500)
+    assert backend.list_servers() == []
+    assert not trash.exists()
+    assert not leak_report(root)
+
+
 def test_unknown_ids_are_deleted_not_errors(backend: SandboxBackend):
     assert backend.get_server("sb-00000000").state is ServerState.DELETED
     assert backend.get_server("../../etc").state is ServerState.DELETED

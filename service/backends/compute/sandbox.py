@@ -794,6 +794,7 @@ class SandboxBackend(ComputeBackend):
 
     def list_servers(self, tag: tuple[str, str] | None = None) -> list[ServerRef]:
         self._reap()
+        self._sweep_trash()
         refs = []
         for sid in self._ids():
             rec = self._record(sid)
@@ -1223,6 +1224,18 @@ class SandboxBackend(ComputeBackend):
         with contextlib.suppress(FileNotFoundError):
             os.rename(d, self.root / f".trash-{sid}")  # atomically gone for every reader
         self._clear_trash(sid)
+
+    def _sweep_trash(self) -> None:
+        """Finish removing what deletes moved aside and did not remove: a delete whose process
+        was killed mid-removal (a worker stopped or SIGKILLed) leaves `.trash-<id>`; the next
+        listing (the reconciler lists every interval) finishes it. A trash dir has no record,
+        so no reader can take it for a server; removing it twice at once is harmless."""
+        try:
+            names = [n for n in os.listdir(self.root) if n.startswith(".trash-")]
+        except FileNotFoundError:
+            return
+        for name in names:
+            self._clear_trash(name.removeprefix(".trash-"))
 
     def _clear_trash(self, sid: str) -> None:
         """Remove what a delete moved aside (`.trash-<id>`), also when the process that moved it
