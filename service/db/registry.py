@@ -350,6 +350,34 @@ def set_label(
     return before, True
 
 
+def adopt_default(s: Session, model: Model, version: int) -> bool:
+    """Point `default` at `version` when the model has never had a `default` label: its first
+    READY version is what a plain deploy and the default predict route use, with no extra call.
+    A label someone set or removed on purpose is never touched (its history has a row); a
+    concurrent move wins. True when the label was set (one history row, by `system`)."""
+    _lock_model(s, model)
+    ever = s.scalar(
+        select(func.count())
+        .select_from(ModelLabelHistory)
+        .where(ModelLabelHistory.model_id == model.id, ModelLabelHistory.label == DEFAULT_LABEL)
+    )
+    if ever:
+        return False
+    try:
+        _, moved = set_label(
+            s,
+            model,
+            DEFAULT_LABEL,
+            version,
+            by=SYSTEM,
+            why="the model's first READY version",
+            expected=None,
+        )
+    except LabelMoved:
+        return False
+    return moved
+
+
 def remove_label(
     s: Session, model: Model, label: str, *, by: str, why: str = "", expected: Any = _UNSET
 ) -> int:

@@ -66,11 +66,16 @@ def test_a_job_with_register_as_becomes_a_ready_version(
     v2 = client.create_version(MODEL, job_id=done["id"])
     assert v2["version"] == 2 and v2["state"] == "CREATING"
     assert client.wait_version(MODEL, 2, timeout=120)["state"] == "READY"
-    client.set_label(MODEL, "default", 1, why="first", expected_version=None)
+    # the first READY version got `default` by itself (a plain deploy needs nothing more)
+    assert client.get_model(MODEL)["labels"] == {"default": 1}
     client.set_label(MODEL, "default", 2, why="second", expected_version=1)
     assert client.get_model(MODEL)["labels"] == {"default": 2}
     hist = client.model_history(MODEL)["history"]
-    assert [(h["from_version"], h["to_version"]) for h in hist] == [(None, 1), (1, 2)]
+    assert [(h["from_version"], h["to_version"], h["by"]) for h in hist] == [
+        (None, 1, "system"),
+        (1, 2, hist[1]["by"]),
+    ]
+    assert hist[1]["by"] != "system" and hist[1]["why"] == "second"
     at = client.model_history(MODEL, at=hist[0]["at"])["labels"]
     assert at == {"default": 1}
     wait_resources_deleted(client, done["id"])

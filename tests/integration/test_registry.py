@@ -154,6 +154,59 @@ def test_a_job_with_register_as_gets_a_version_with_its_metrics(
         assert mv.created_by == "system"
 
 
+def test_the_first_ready_version_becomes_default_and_only_the_first(
+    pg: str, store: Any, savedmodels: tuple[Path, dict[str, Any]]
+) -> None:
+    st, _ = store
+    where, _ = savedmodels
+    _model(pg, "adopt")
+    bad = _version(pg, "adopt", st.uri(f"projects/{P}/models/adopt-none/"))  # nothing there
+    register.run(str(bad))
+    assert _state(pg, bad).state == "FAILED"
+    ids = []
+    for n in range(2):
+        prefix = f"projects/{P}/models/adopt-{n}/"
+        _upload(st, where / "keras", prefix)
+        ids.append(_version(pg, "adopt", st.uri(prefix)))
+        register.run(str(ids[-1]))
+    with session_scope(pg) as s:
+        model = repo.find_model(s, P, "adopt")
+        assert repo.labels_of(s, model) == {"default": 2}  # version 1 FAILED: 2 was first READY
+        rows = [(h.label, h.from_version, h.to_version, h.by) for h in repo.history(s, model)]
+        assert rows == [("default", None, 2, "system")]
+        # removed on purpose: a later READY version does not bring it back
+        repo.remove_label(s, model, "default", by="tester", why="no default for now")
+    prefix = f"projects/{P}/models/adopt-2/"
+    _upload(st, where / "keras", prefix)
+    third = _version(pg, "adopt", st.uri(prefix))
+    register.run(str(third))
+    assert _state(pg, third).state == "READY"
+    with session_scope(pg) as s:
+        assert repo.labels_of(s, repo.find_model(s, P, "adopt")) == {}
+
+
+def test_an_older_version_ready_later_does_not_move_default(
+    pg: str, store: Any, savedmodels: tuple[Path, dict[str, Any]]
+) -> None:
+    st, _ = store
+    where, _ = savedmodels
+    _model(pg, "adopt-set")
+    ids = []
+    for n in range(2):
+        prefix = f"projects/{P}/models/adopt-set-{n}/"
+        _upload(st, where / "keras", prefix)
+        ids.append(_version(pg, "adopt-set", st.uri(prefix)))
+    register.run(str(ids[1]))  # version 2 READY first: it becomes default
+    with session_scope(pg) as s:
+        model = repo.find_model(s, P, "adopt-set")
+        assert repo.labels_of(s, model) == {"default": 2}
+    register.run(str(ids[0]))  # version 1 READY later: default stays on 2
+    with session_scope(pg) as s:
+        model = repo.find_model(s, P, "adopt-set")
+        assert repo.labels_of(s, model) == {"default": 2}
+        assert len(repo.history(s, model)) == 1
+
+
 def test_a_job_without_register_as_registers_nothing(pg: str) -> None:
     spec = JobSpec.model_validate(
         {"name": "j", "trainer": {"package_uri": f"local://projects/{P}/s/t.tar.gz", "module": "m"}}

@@ -4,7 +4,9 @@ Task `stackml.register_version` takes a model_versions.id. For a version in CREA
 the artifact's objects (their size and md5/etag become the version's checksums), reads
 `saved_model.pb` from the store and decodes its `serving_default` signature without
 TensorFlow (service/domain/savedmodel.py), then marks the version READY, or FAILED with a
-sentence saying what is wrong. A version that is no longer CREATING is left alone, so the
+sentence saying what is wrong. The model's first READY version gets the `default` label (when
+the model never had one), so that a plain deploy and the default predict route need no extra
+call. A version that is no longer CREATING is left alone, so the
 task may run twice. A store that does not answer now raises (the task is retried).
 """
 
@@ -72,6 +74,10 @@ def _finish(vid: int, **outcome: Any) -> None:
             return
         if repo.finish_version(s, mv, **outcome):
             what = "READY" if outcome.get("failure") is None else f"FAILED: {outcome['failure']}"
+            if mv.state == repo.READY:
+                model = s.get(Model, mv.model_id)
+                if model is not None and repo.adopt_default(s, model, mv.version):
+                    what += f"; label {repo.DEFAULT_LABEL!r} points at it (the first READY one)"
             log.info("model version %s (%s) is %s", vid, mv.artifact_uri, what)
 
 
