@@ -14,7 +14,9 @@ caller always lands on the same version, and the split's percentages hold over m
 
 A replica is a `resources` row of the model's endpoint (owner_kind 'endpoint') in
 replica_state 'ready' serving the target version; the rows are read from the database and
-cached for `predict_route_cache_seconds` (dropped at once on a failure). Each replica has a
+cached for `predict_route_cache_seconds` (dropped at once on a failure; a request the cached
+copy cannot serve - no endpoint, version, label or ready replica - reads the database again
+before it is refused, so a fresh deploy answers at once). Each replica has a
 keep-alive connection pool (http.client: headers and body leave in one send, TCP_NODELAY; an
 idle connection the replica closed is noticed before reuse). A request is always forwarded to
 the replica's explicit version path (`/v1/models/<name>/versions/<v>:<verb>`), so the
@@ -604,12 +606,31 @@ def _target(
     return route.serving_version, None
 
 
-def _lookup(name: str) -> tuple[Proxy, str, Route]:
+def _resolve(
+    name: str, version: int | None, label: str | None
+) -> tuple[Proxy, str, Route, int, str | None]:
+    """(proxy, project, route, target version, caller key). Only a route that can answer is
+    taken from the cache: a miss (no model, endpoint, version, label or ready replica in the
+    cached copy) reads the database again before it is refused, so a deploy, a new label or a
+    replica that just became ready is used at once, not `predict_route_cache_seconds` later."""
     if not NAME_RE.match(name):
         raise NotFound(f"no model {name[:64]!r} in this project", details={"model": name[:64]})
     p = proxy()
     project = current_project()
-    return p, project, p.route(project, name)
+    asked = time.monotonic()
+    route = p.route(project, name)  # a NotFound here came from the database: no such model
+    fresh = route.read_at >= asked
+    try:
+        target, key = _target(name, route, version, label)
+        if fresh or route.replicas.get(target):
+            return p, project, route, target, key
+    except (NotFound, NoReplica):
+        if fresh:
+            raise
+    p.forget(project, name)
+    route = p.route(project, name)
+    target, key = _target(name, route, version, label)
+    return p, project, route, target, key
 
 
 def _predict(
@@ -624,8 +645,7 @@ def _predict(
             details={"method": verb[:32]},
         )
     _tokens().take(current_project())
-    p, project, route = _lookup(name)
-    target, key = _target(name, route, version, label)
+    p, project, route, target, key = _resolve(name, version, label)
     g.stackml_model_version = target
     request.max_content_length = ctx().settings.predict_max_body_bytes
     body = request.get_data(cache=False)
@@ -640,8 +660,7 @@ def _predict(
 def _metadata(name: str, *, version: int | None = None) -> Response:
     if version is not None:
         g.stackml_model_version = version
-    p, project, route = _lookup(name)
-    target, _ = _target(name, route, version, None)
+    p, project, route, target, _ = _resolve(name, version, None)
     g.stackml_model_version = target
     upstream = p.forward(project, name, route, target, "GET", "/metadata", None)
     return _answer(upstream, target)

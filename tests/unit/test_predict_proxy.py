@@ -25,7 +25,7 @@ from service.api.errors import RateLimited
 from service.api.predict import Proxy, Tokens, split_version
 from service.api.ratelimit import Limiter
 from service.config import Settings
-from service.db.models import Resource
+from service.db.models import Endpoint, ModelLabel, ModelVersion, Resource
 from service.db.session import session_scope
 from tests.unit.replicas import FakeReplica, add_model, add_replica, dead_port
 
@@ -359,6 +359,52 @@ def test_a_changed_replica_set_is_seen_after_the_cache(app, client, db_url, repl
         row.replica_state = "draining"
     add_replica(db_url, ep, b.port, 1)
     assert predict(client, "/v1/models/m:predict").get_json()["served_by"] == "b"
+
+
+def test_a_miss_reads_the_database_again_a_hit_is_served_from_the_cache(
+    app, client, db_url, replicas, error_of
+):
+    p: Proxy = app.extensions["stackml.predict"]
+    p.cache_seconds = 3600.0  # the cache never expires by itself in this test
+    model_id, _ = add_model(db_url, "m", endpoint=False)
+    error_of(predict(client, "/v1/models/m:predict"), 404, "no_endpoint")
+    # deployed now: the cached "no endpoint" is not believed, the very next call is served
+    a = start(replicas, "a")
+    with session_scope(db_url) as s:
+        s.add(
+            Endpoint(
+                id="ep-aaaaaaaaaaaa", project_id="local", model_id=model_id, state="READY",
+                target_label="default", serving_version=1, replicas=1, flavor="local.small",
+                created_by="test",
+            )
+        )  # fmt: skip
+    rid = add_replica(db_url, "ep-aaaaaaaaaaaa", a.port, 1, state="loading")
+    error_of(predict(client, "/v1/models/m:predict"), 503, "no_replica")
+    with session_scope(db_url) as s:
+        row = s.get(Resource, rid)
+        assert row is not None
+        row.replica_state = "ready"  # the replica became ready: used at once
+    assert predict(client, "/v1/models/m:predict").get_json()["served_by"] == "a"
+    # a version and a label that appear after the route was cached
+    b = start(replicas, "b")
+    with session_scope(db_url) as s:
+        s.add(
+            ModelVersion(
+                model_id=model_id, version=2, state="READY", artifact_uri="file:///m/2",
+                created_by="test",
+            )
+        )  # fmt: skip
+        s.flush()
+        s.add(ModelLabel(model_id=model_id, name="next", version=2))
+    add_replica(db_url, "ep-aaaaaaaaaaaa", b.port, 2)
+    assert predict(client, "/v1/models/m/labels/next:predict").get_json()["served_by"] == "b"
+    assert predict(client, "/v1/models/m/versions/2:predict").get_json()["served_by"] == "b"
+    # a hit is not re-read: a replica drained a moment ago still gets the cached route's calls
+    with session_scope(db_url) as s:
+        row = s.get(Resource, rid)
+        assert row is not None
+        row.replica_state = "draining"
+    assert predict(client, "/v1/models/m:predict").get_json()["served_by"] == "a"
 
 
 # -- rate limit ---------------------------------------------------------------------------------
