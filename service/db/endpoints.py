@@ -199,6 +199,7 @@ def serialize_replica(r: Resource) -> dict[str, Any]:
         "flavor": r.flavor,
         "address": replica_address(r),
         "health_failures": r.health_failures or 0,
+        "last_error": r.last_error,
         "created_at": iso(r.created_at),
         "ready_at": iso(r.ready_at),
         "last_health_at": iso(r.last_health_at),

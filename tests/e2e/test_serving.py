@@ -388,6 +388,9 @@ def test_a_version_that_cannot_load_fails_the_endpoint_with_its_reason(
         "endpoint FAILED", lambda: (e := api("GET", path))["state"] == "FAILED" and e, 300
     )
     assert "version 1: 3 replicas failed and none became ready" in failed["failure_message"]
+    # and why, in the replica's own words (the runner refused the file whose md5 is wrong)
+    assert "saved_model.pb: md5" in failed["failure_message"], failed["failure_message"]
+    assert "0" * 32 in failed["failure_message"]
     until("failed replicas deleted", lambda: api("GET", path)["servers"] == [], 120)
     api("DELETE", path)
     until("endpoint DELETED", lambda: api("GET", path)["state"] == "DELETED", 120)

@@ -205,13 +205,34 @@ def _settle(endpoint_id: str, to: dom.EndpointState, p: dom.Plan) -> None:
         if to is dom.EndpointState.DELETED:
             values = {"ssh_key_enc": None}  # the key dies with the servers it opened
         if to is dom.EndpointState.FAILED:
-            why = "; ".join(a.why for a in p.of(dom.GiveUp) if isinstance(a, dom.GiveUp))
+            why = "; ".join(
+                _with_last_error(s, endpoint_id, a)
+                for a in p.of(dom.GiveUp)
+                if isinstance(a, dom.GiveUp)
+            )
             values = {"failure_message": why}
         if to is dom.EndpointState.READY:
             values = {"failure_message": None}
         moved = repo.set_state(s, endpoint_id, to, **values)
     if moved:
         log.info("endpoint %s is %s", endpoint_id, to)
+
+
+def _with_last_error(s: Any, endpoint_id: str, give_up: dom.GiveUp) -> str:
+    """The give-up sentence with what the last failed replica of that version said (its
+    `last_error`: a model server that did not start, a server in ERROR, a stuck boot)."""
+    last = s.scalar(
+        select(Resource.last_error)
+        .where(
+            Resource.owner_kind == OwnerKind.ENDPOINT.value,
+            Resource.owner_id == endpoint_id,
+            Resource.version == give_up.version,
+            Resource.last_error.is_not(None),
+        )
+        .order_by(Resource.id.desc())
+        .limit(1)
+    )
+    return f"{give_up.why} (the last one: {last[:500]})" if last else give_up.why
 
 
 def _act(endpoint_id: str, backend: ComputeBackend, action: dom.Action) -> None:
