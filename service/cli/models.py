@@ -23,7 +23,7 @@ from service.cli.common import (
     short_time,
     state_text,
 )
-from service.client import Json
+from service.client import APIError, Json
 
 _UNSET: Any = ...
 
@@ -131,11 +131,27 @@ def models_versions(
     if from_job and from_uri:
         raise click.UsageError("give --register JOB_ID or --uri URI, not both")
     if from_job or from_uri:
-        v = client.create_version(name, job_id=from_job, artifact_uri=from_uri)
+        created = None
+        try:
+            v = client.create_version(name, job_id=from_job, artifact_uri=from_uri)
+        except APIError as e:
+            if e.status != 404 or (e.details or {}).get("model") != name:
+                raise
+            # no such model yet: make it, as a job's `register_as` would; a job or URI the
+            # API refuses leaves nothing behind (the model made for it is removed again)
+            created = client.create_model(name)
+            try:
+                v = client.create_version(name, job_id=from_job, artifact_uri=from_uri)
+            except APIError:
+                client.delete_model(name)
+                raise
         if output == "json":
             print_json(v)
             return
-        make_console().print(
+        console = make_console()
+        if created is not None:
+            console.print(f"created model {clean(name)} ({created.get('id', '')})")
+        console.print(
             f"version {v['version']} of {clean(name)} is {v['state']}: "
             f"`stackml models versions {clean(name)} --version {v['version']}` shows it"
         )

@@ -84,3 +84,20 @@ def test_models_errors_are_one_sentence(run: Callable[..., Result]) -> None:
     run("models", "create", "m")
     res = run("models", "versions", "m", "--register", "job-x", "--uri", "local://x/")
     assert res.exit_code == 2 and "not both" in res.output
+
+
+def test_registering_into_a_model_that_does_not_exist_creates_it(run: Callable[..., Result]):
+    res = run("models", "versions", "fresh", "--uri", "local://projects/local/models/f/")
+    assert res.exit_code == 0, res.output
+    assert "created model fresh (mdl-" in res.output
+    assert "version 1 of fresh is CREATING" in res.output
+    # a URI the API refuses: one sentence, and no empty model is left behind
+    res = run("models", "versions", "other", "--uri", "local://projects/elsewhere/x/")
+    assert res.exit_code == 1, res.output
+    assert "artifact_uri" in res.output
+    res = run("models", "describe", "other")
+    assert res.exit_code == 1 and "no model 'other'" in res.output
+    # a job that does not exist: likewise
+    res = run("models", "versions", "third", "--register", "job-00000000")
+    assert res.exit_code == 1 and "job-00000000" in res.output, res.output
+    assert run("models", "list", "-o", "json").output.count('"name"') == 1
