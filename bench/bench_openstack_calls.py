@@ -376,6 +376,10 @@ def main() -> int:
             f"{runs} allocate runs), baseline {b_total / n:.1f} calls ({b_gets / n:.1f} server "
             f"GETs); ratio product/baseline {p_total / b_total:.2f} (lower is better)"
         )
+        print(
+            f"server status polls per job: product {p_gets / n:.1f} (target <= 15), "
+            f"baseline {b_gets / n:.1f}"
+        )
         print(f"seconds to ACTIVE: product {p_secs}, baseline {b_secs}")
         figures.update(
             jobs=n,
