@@ -498,6 +498,22 @@ class DevCloud:
         return all(svcs[n].running() for n in svcs if n != "emulator")
 
     def env_exports(self) -> str:
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in self.env().items()]
+        return "\n".join(lines) + "\n"
+
+    def platform_env(self) -> dict[str, str]:
+        """What `stackml up --devcloud` runs with: the admin environment of env(), the service
+        cloud the platform acts as (`devcloud-stackml` of clouds.yaml) and the smallest Nova
+        flavor as the default one (a value already set for either is kept)."""
+        out = self.env()
+        out["STACKML_OPENSTACK_CLOUD"] = os.environ.get(
+            "STACKML_OPENSTACK_CLOUD", "devcloud-stackml"
+        )
+        out["STACKML_DEFAULT_FLAVOR"] = os.environ.get("STACKML_DEFAULT_FLAVOR", "m1.small")
+        return out
+
+    def env(self) -> dict[str, str]:
+        """The shell environment of the devcloud's admin (what `stackml devcloud env` exports)."""
         if not self.clouds_yaml.exists():
             raise DevCloudError(f"no devcloud in {self.state_dir}: run `stackml devcloud up` first")
         creds = self.credentials("devcloud")
@@ -516,8 +532,7 @@ class DevCloud:
             "OS_INTERFACE": "public",
             "OS_IDENTITY_API_VERSION": "3",
         }
-        lines = [f"export {k}={shlex.quote(v)}" for k, v in pairs.items()]
-        return "\n".join(lines) + "\n"
+        return pairs
 
     # -- files -------------------------------------------------------------------------------
 

@@ -4,9 +4,11 @@ service/cli/__init__.py."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -26,6 +28,21 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
     raise _Terminated()
 
 
+def _devcloud_env(state_dir: Path | None) -> dict[str, str]:
+    from devcloud.cloud import DevCloud, DevCloudError
+
+    try:
+        cloud = DevCloud(state_dir)
+        if not cloud.is_up():
+            raise click.ClickException(
+                f"the devcloud in {cloud.state_dir} is not running: start it with "
+                "`stackml devcloud up`"
+            )
+        return cloud.platform_env()
+    except DevCloudError as e:
+        raise click.ClickException(str(e)) from e
+
+
 @click.command()
 @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Default 8080.")
@@ -36,12 +53,37 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
     show_default=True,
     help="Concurrency of the Celery worker.",
 )
-def up(host: str | None, port: int | None, workers: int) -> None:
+@click.option(
+    "--devcloud",
+    "on_devcloud",
+    is_flag=True,
+    help="Run against the devcloud (`stackml devcloud up` first): its Nova and Swift, as "
+    '`eval "$(stackml devcloud env)"` with STACKML_OPENSTACK_CLOUD=devcloud-stackml would.',
+)
+@click.option(
+    "--devcloud-state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The devcloud's state directory (default: the one `stackml devcloud up` uses).",
+)
+def up(
+    host: str | None,
+    port: int | None,
+    workers: int,
+    on_devcloud: bool,
+    devcloud_state_dir: Path | None,
+) -> None:
     """Run the local platform (API, worker, scheduler) in the foreground until Ctrl-C."""
     from service.api.auth import ConfigurationError
-    from service.config import get_settings
+    from service.config import get_settings, reset_settings
     from service.platform import LocalPlatform
 
+    if on_devcloud:
+        # the worker and its children inherit this environment: one set of settings for all
+        os.environ.update(_devcloud_env(devcloud_state_dir))
+        reset_settings()
+    elif devcloud_state_dir is not None:
+        raise click.UsageError("--devcloud-state-dir goes with --devcloud")
     settings = get_settings()
     update: dict[str, Any] = {}
     if host is not None:
