@@ -325,7 +325,9 @@ def list_() -> Response:
         rows, nxt = repo.list_jobs(
             s, project, states=states, labels=labels, limit=limit, marker=marker
         )
-        body = {"jobs": [_public(repo.serialize_job(s, j)) for j in rows], "next": nxt}
+        # the same few queries whatever the page holds; the flavor catalogue (prices, GPUs)
+        # read once for the page: openstack's from its backend's cache, never once a job
+        body = {"jobs": [_public(j) for j in repo.serialize_jobs(s, rows)], "next": nxt}
     return jsonify(body)
 
 

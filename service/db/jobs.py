@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -338,28 +338,60 @@ def metrics(s: Session, job_id: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def latest_metrics(s: Session, job_id: str) -> dict[str, float]:
-    """The last value of each metric (what a job's summary shows): one row per name, read
-    with a window, not the whole series (a job may hold max_metric_points of them)."""
-    ranked = (
+    """The last value of each metric (what a job's summary shows): one row per name, not the
+    whole series (a job may hold max_metric_points of them)."""
+    return latest_metrics_of(s, [job_id]).get(job_id, {})
+
+
+def latest_metrics_of(s: Session, job_ids: Sequence[str]) -> dict[str, dict[str, float]]:
+    """latest_metrics of many jobs in one grouped query: per job id (absent when the job has
+    no metrics), the value of each metric name at its highest log offset, names sorted.
+
+    (job_id, log_offset, name) is unique, so the highest offset names one row; grouping and
+    joining back on it hashes the rows where ranking them with a window sorts them all."""
+    if not job_ids:
+        return {}
+    ids = list(job_ids)
+    last = (
         select(
+            MetricRow.job_id,
             MetricRow.name,
-            MetricRow.value,
-            func.row_number()
-            .over(
-                partition_by=MetricRow.name,
-                order_by=(MetricRow.log_offset.desc(), MetricRow.id.desc()),
-            )
-            .label("rank"),
+            func.max(MetricRow.log_offset).label("log_offset"),
         )
-        .where(MetricRow.job_id == job_id)
+        .where(MetricRow.job_id.in_(ids))
+        .group_by(MetricRow.job_id, MetricRow.name)
         .subquery()
     )
-    rows = s.execute(select(ranked.c.name, ranked.c.value).where(ranked.c.rank == 1)).all()
-    return {name: value for name, value in sorted(rows)}
+    q = select(MetricRow.job_id, MetricRow.name, MetricRow.value).join(
+        last,
+        and_(
+            MetricRow.job_id == last.c.job_id,
+            MetricRow.name == last.c.name,
+            MetricRow.log_offset == last.c.log_offset,
+        ),
+    )
+    # the page's ids on the outer side too: PostgreSQL then reads only their rows
+    by_job: dict[str, list[tuple[str, float]]] = {}
+    for job_id, name, value in s.execute(q.where(MetricRow.job_id.in_(ids))):
+        by_job.setdefault(job_id, []).append((name, value))
+    return {job_id: dict(sorted(pairs)) for job_id, pairs in by_job.items()}
 
 
 def resources(s: Session, job_id: str) -> list[Resource]:
     return list(s.scalars(select(Resource).where(Resource.job_id == job_id).order_by(Resource.id)))
+
+
+def resources_of(s: Session, job_ids: Sequence[str]) -> dict[str, list[Resource]]:
+    """resources of many jobs in one query: per job id (absent when it has none), its
+    servers in the order `resources` gives them."""
+    if not job_ids:
+        return {}
+    out: dict[str, list[Resource]] = {}
+    q = select(Resource).where(Resource.job_id.in_(list(job_ids))).order_by(Resource.id)
+    for r in s.scalars(q):
+        if r.job_id is not None:
+            out.setdefault(r.job_id, []).append(r)
+    return out
 
 
 def owned_resources(s: Session, owner_kind: OwnerKind, owner_id: str) -> list[Resource]:
@@ -436,9 +468,34 @@ def serialize_job(
 ) -> dict[str, Any]:
     """The job as GET /v1/jobs/{id} returns it (docs/api.md); `usage` prices its servers'
     time with `flavors` (default: the configured catalogue, service.db.quotas.flavor_table)."""
+    return _serialized(job, resources(s, job.id), latest_metrics(s, job.id), flavors)
+
+
+def serialize_jobs(
+    s: Session, jobs: Sequence[Job], *, flavors: Mapping[str, Flavor] | None = None
+) -> list[dict[str, Any]]:
+    """Each job as serialize_job shows it, in a number of queries that does not grow with
+    the jobs: their servers in one, their latest metric values in another; the flavor
+    catalogue (default as serialize_job's) is read once, and only when a server of one of
+    them has run (nothing else needs it)."""
+    ids = [j.id for j in jobs]
+    servers = resources_of(s, ids)
+    latest = latest_metrics_of(s, ids)
+    if flavors is None and any(r.active_at is not None for rs in servers.values() for r in rs):
+        from service.db import quotas
+
+        flavors = quotas.flavor_table()
+    return [_serialized(j, servers.get(j.id, []), latest.get(j.id, {}), flavors) for j in jobs]
+
+
+def _serialized(
+    job: Job,
+    servers: Sequence[Resource],
+    metrics: dict[str, float],
+    flavors: Mapping[str, Flavor] | None,
+) -> dict[str, Any]:
     from service.db import quotas
 
-    servers = resources(s, job.id)
     failure = None
     if job.failure_reason:
         failure = {
@@ -471,7 +528,7 @@ def serialize_job(
             for r in servers
         ],
         "output": job.output or {},
-        "metrics": latest_metrics(s, job.id),
+        "metrics": metrics,
         "cancel_requested": job.cancel_requested,
         "queue_reason": job.queue_reason,
         "usage": quotas.job_usage(servers, flavors).as_dict(),
