@@ -697,6 +697,57 @@ class StackMLClient:
             raise _api_error(resp)
         return body if isinstance(body, dict) else {"status": body}
 
+    # -- schedules -------------------------------------------------------------------------------
+
+    def create_schedule(
+        self,
+        name: str,
+        cron: str,
+        job: Mapping[str, Any],
+        *,
+        timezone: str = "UTC",
+        concurrency: str | None = None,
+        catchup: str | None = None,
+        max_catchup: int | None = None,
+        paused: bool = False,
+    ) -> Json:
+        """A schedule that submits `job` (a job spec) at each slot of `cron` in `timezone`."""
+        body: dict[str, Any] = {"name": name, "cron": cron, "timezone": timezone, "job": dict(job)}
+        if concurrency is not None:
+            body["concurrency"] = concurrency
+        if catchup is not None:
+            body["catchup"] = catchup
+        if max_catchup is not None:
+            body["max_catchup"] = max_catchup
+        if paused:
+            body["paused"] = True
+        result: Json = self._json("POST", "/v1/schedules", json=body)
+        return result
+
+    def list_schedules(self) -> list[Json]:
+        return _items(self._json("GET", "/v1/schedules"), "schedules")
+
+    def get_schedule(self, ref: str) -> Json:
+        """One schedule, by id (sch-...) or name."""
+        result: Json = self._json("GET", f"/v1/schedules/{_seg(ref)}")
+        return result
+
+    def pause_schedule(self, ref: str) -> Json:
+        result: Json = self._json("PATCH", f"/v1/schedules/{_seg(ref)}", json={"paused": True})
+        return result
+
+    def resume_schedule(self, ref: str) -> Json:
+        result: Json = self._json("PATCH", f"/v1/schedules/{_seg(ref)}", json={"paused": False})
+        return result
+
+    def delete_schedule(self, ref: str) -> None:
+        self._json("DELETE", f"/v1/schedules/{_seg(ref)}")
+
+    def schedule_runs(self, ref: str, limit: int = 50) -> list[Json]:
+        """The slots the schedule handled, latest first."""
+        body = self._json("GET", f"/v1/schedules/{_seg(ref)}/runs", params={"limit": int(limit)})
+        return _items(body, "runs")
+
 
 def build_package(directory: str | os.PathLike[str], out: BinaryIO) -> None:
     """Write a deterministic .tar.gz of `directory`'s content (paths relative to it).

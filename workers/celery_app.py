@@ -31,6 +31,13 @@ app.conf.update(
             "schedule": settings.reconcile_interval,
             "options": {"expires": max(settings.reconcile_interval * 2, 5)},
         },
+        # schedules' slots (workers/steps/schedules.py): a pass every 5 s; two beats, a lost
+        # or expired message are harmless (the slot row's unique key decides who fires)
+        "fire-schedules": {
+            "task": "stackml.fire_schedules",
+            "schedule": 5.0,
+            "options": {"expires": 10},
+        },
     },
 )
 

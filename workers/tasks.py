@@ -7,7 +7,7 @@ from service import queue
 from workers.base import JobTask
 from workers.celery_app import app
 from workers.pipeline import limits
-from workers.steps import allocate, export, poll, provision, register, serve, teardown
+from workers.steps import allocate, export, poll, provision, register, schedules, serve, teardown
 
 
 def _limits(task: str) -> dict[str, int]:
@@ -70,3 +70,8 @@ def reconcile_task() -> None:
     from workers import reconciler
 
     reconciler.run()
+
+
+@app.task(name=schedules.TASK, base=JobTask, max_retries=0, time_limit=120, soft_time_limit=100)
+def fire_schedules_task() -> None:
+    schedules.run()  # one firing pass over the schedules with a slot due (beat, every 5 s)

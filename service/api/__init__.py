@@ -248,6 +248,9 @@ def create_app(
     from service.api import predict  # /v1/models/<name>:predict (the serving proxy)
 
     app.register_blueprint(predict.bp)
+    from service.api import schedules as schedules_api  # /v1/schedules
+
+    app.register_blueprint(schedules_api.bp)
     return app
 
 

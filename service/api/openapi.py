@@ -678,8 +678,9 @@ def _paths() -> dict[str, Any]:
 
 def _schemas() -> dict[str, Any]:
     from service.api.openapi_endpoints import MODELS as ENDPOINT_MODELS
+    from service.api.openapi_schedules import MODELS as SCHEDULE_MODELS
 
-    models = (*MODELS, *ENDPOINT_MODELS)
+    models = (*MODELS, *ENDPOINT_MODELS, *SCHEDULE_MODELS)
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     return schemas
@@ -697,6 +698,12 @@ def _predict_paths() -> dict[str, Any]:
     return paths()
 
 
+def _schedule_paths() -> dict[str, Any]:
+    from service.api.openapi_schedules import paths
+
+    return paths()
+
+
 @functools.cache
 def _document() -> dict[str, Any]:
     return {
@@ -707,7 +714,7 @@ def _document() -> dict[str, Any]:
             "description": "Cloud ML on OpenStack: training jobs, packages, models.",
         },
         "servers": [{"url": "/"}],
-        "paths": {**_paths(), **_endpoint_paths(), **_predict_paths()},
+        "paths": {**_paths(), **_endpoint_paths(), **_predict_paths(), **_schedule_paths()},
         "components": {
             "schemas": _schemas(),
             "headers": {

@@ -45,8 +45,9 @@ def _assemble() -> None:
 
     # the operator's commands (run and migrate the platform), then the user's
     from service.cli.models import models
+    from service.cli.schedules import schedules
 
-    for command in (ops.up, ops.demo, ops.runtime, ops.db, devcloud, jobs, models):
+    for command in (ops.up, ops.demo, ops.runtime, ops.db, devcloud, jobs, models, schedules):
         cli.add_command(command)
 
 

@@ -331,3 +331,58 @@ class Endpoint(Base):
             sqlite_where=text("state <> 'DELETED'"),
         ),
     )
+
+
+class Schedule(Base):
+    """A cron schedule of a project that submits a job template at each of its slots
+    (service/domain/schedules.py; fired by workers/steps/schedules.py)."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    cron: Mapped[str] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC", server_default="UTC")
+    # the job spec each slot submits (as POST /v1/jobs takes it; env values in clear, as jobs)
+    job: Mapped[dict[str, Any]] = mapped_column(JSON)
+    concurrency: Mapped[str] = mapped_column(String(16), default="Forbid")
+    catchup: Mapped[str] = mapped_column(String(8), default="none")
+    max_catchup: Mapped[int] = mapped_column(default=10)
+    paused: Mapped[bool] = mapped_column(default=False)
+    # every slot at or before this instant is handled (fired, skipped, or passed over); set
+    # to the creation time, and to the resume time (slots while paused never fire)
+    handled_until: Mapped[datetime]
+    # the first slot after handled_until: what the firing pass looks for (None while paused)
+    next_fire_at: Mapped[datetime | None]
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("project_id", "name", name="uq_schedules_project_name"),
+        Index("ix_schedules_due", "next_fire_at", postgresql_where=text("NOT paused")),
+    )
+
+
+class ScheduleRun(Base):
+    """One slot of a schedule, handled: the unique (schedule_id, fire_time) is what makes a
+    slot fire at most once, whoever fires it. job_id names the job it started (no foreign
+    key: a job may be deleted, its slot stays)."""
+
+    __tablename__ = "schedule_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    schedule_id: Mapped[str] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
+    fire_time: Mapped[datetime]
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+    outcome: Mapped[str] = mapped_column(String(16))  # started | skipped | failed
+    reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    # earlier slots passed over by this pass (catchup none, or past max_catchup)
+    missed: Mapped[int] = mapped_column(default=0, server_default="0")
+
+    __table_args__ = (
+        UniqueConstraint("schedule_id", "fire_time", name="uq_schedule_runs_slot"),
+        Index("ix_schedule_runs_job", "job_id"),
+    )

@@ -720,9 +720,20 @@ def test_describe_and_events_strip_terminal_escapes(
 def test_operator_and_user_commands_live_in_their_own_modules() -> None:
     from service.cli import models as model_cmds
     from service.cli import ops
+    from service.cli import schedules as schedule_cmds
     from service.cli import user as user_cmds
 
-    assert set(cli.commands) == {"up", "demo", "runtime", "db", "devcloud", "jobs", "models"}
+    assert set(cli.commands) == {
+        "up",
+        "demo",
+        "runtime",
+        "db",
+        "devcloud",
+        "jobs",
+        "models",
+        "schedules",
+    }
+    assert cli.commands["schedules"] is schedule_cmds.schedules
     for name in ("up", "demo", "runtime", "db"):
         assert cli.commands[name] is getattr(ops, name)
     assert cli.commands["jobs"] is user_cmds.jobs

@@ -1,0 +1,226 @@
+"""Firing schedules (the `stackml.fire_schedules` task, sent by Celery beat every few seconds):
+for each schedule with a slot due, one transaction locks the schedule's row, works out the due
+slots (service/domain/schedules.py: catchup and its cap), and for each slot inserts its
+schedule_runs row, applies the concurrency policy, and creates the slot's job, all in that
+transaction; the jobs' first tasks are enqueued after the commit, as the API does.
+
+Exactly once: the slot row's unique key (schedule_id, fire_time) decides who fires a slot. Two
+beats (or two workers running the pass) at once: the second finds the schedule's row locked
+and leaves it (SKIP LOCKED), or, if it comes after the first committed, finds the slot handled
+(its next_fire_at moved on; and were it to try, its insert conflicts and it creates nothing).
+A beat restarted, or a broker down across a fire time: nothing fired the slot, so the next
+pass finds it due and fires it (catchup none: the latest missed slot; all: up to max_catchup).
+A worker killed mid-pass: its transaction rolls back, slot row and job together.
+A job whose ALLOCATE message is lost (broker down after the commit) is re-driven by the
+reconciler like any QUEUED job that makes no progress.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service import queue, trusts
+from service.backends import registry
+from service.config import Settings, get_settings
+from service.db import jobs as jobs_repo
+from service.db import schedules as repo
+from service.db.models import Job, Schedule, utcnow
+from service.db.session import session_scope
+from service.domain import outputs
+from service.domain import schedules as dom
+from service.domain.errors import StackMLError
+from service.domain.spec import JobSpec, unbuilt_fields
+from service.domain.states import JobState
+
+log = logging.getLogger("stackml.worker.schedules")
+
+TASK = "stackml.fire_schedules"
+INTERVAL = 5.0  # seconds between passes (beat); a slot fires at most this late
+MAX_PER_PASS = 100  # schedules handled per pass (the most overdue first)
+
+Enqueue = Callable[[str, str], None]
+
+
+@dataclass
+class Fired:
+    schedule_id: str
+    fire_time: datetime
+    outcome: str
+    job_id: str | None = None
+    reason: str = ""
+
+
+@dataclass
+class Report:
+    slots: list[Fired] = field(default_factory=list)
+    lost_races: int = 0  # slots another firer had already handled
+
+    def started(self) -> list[Fired]:
+        return [f for f in self.slots if f.outcome == dom.Outcome.STARTED]
+
+
+def _enqueue_quietly(task: str, job_id: str) -> None:
+    """A lost message only delays the job: the reconciler re-drives a QUEUED job that makes
+    no progress."""
+    try:
+        queue.enqueue(task, job_id)
+    except Exception as e:  # noqa: BLE001 - any broker failure has the same remedy
+        log.warning(
+            "could not enqueue %s for %s (the reconciler will re-drive it): %s", task, job_id, e
+        )
+
+
+def run(
+    now: datetime | None = None,
+    *,
+    settings: Settings | None = None,
+    enqueue: Enqueue | None = None,
+) -> Report:
+    """One firing pass: every schedule with a slot due at `now` (default: the time now)."""
+    cfg = settings or get_settings()
+    send = enqueue or _enqueue_quietly
+    report = Report()
+    with session_scope(cfg.db_url) as s:
+        ids = repo.due(s, now or utcnow(), MAX_PER_PASS)
+    for schedule_id in ids:
+        try:
+            fire(schedule_id, now or utcnow(), settings=cfg, enqueue=send, report=report)
+        except Exception:
+            log.exception(
+                "schedule %s: firing pass failed (the next pass tries again)", schedule_id
+            )
+    return report
+
+
+def fire(
+    schedule_id: str,
+    now: datetime,
+    *,
+    settings: Settings,
+    enqueue: Enqueue,
+    report: Report | None = None,
+) -> Report:
+    """Handle the due slots of one schedule in one transaction; enqueue after the commit."""
+    report = report if report is not None else Report()
+    after_commit: list[tuple[str, str]] = []
+    with session_scope(settings.db_url) as s:
+        sch = repo.lock_for_firing(s, schedule_id)
+        if sch is None or sch.paused or sch.next_fire_at is None:
+            return report
+        if dom._aware(sch.next_fire_at) > dom._aware(now):
+            return report  # another firer handled it since `due` was read
+        plan = dom.plan(
+            sch.cron,
+            sch.timezone,
+            after=sch.handled_until,
+            now=now,
+            catchup=dom.Catchup(sch.catchup),
+            max_catchup=sch.max_catchup,
+        )
+        for i, slot in enumerate(plan.fire):
+            missed = plan.missed if i == 0 else 0
+            _fire_slot(s, settings, sch, slot, missed, after_commit, report)
+        repo.advance(s, sch, plan.through or dom._aware(sch.handled_until))
+    for task, job_id in after_commit:
+        enqueue(task, job_id)
+    return report
+
+
+def _fire_slot(
+    s: Session,
+    settings: Settings,
+    sch: Schedule,
+    slot: datetime,
+    missed: int,
+    after_commit: list[tuple[str, str]],
+    report: Report,
+) -> None:
+    decision = dom.decide(dom.Concurrency(sch.concurrency), repo.live_jobs(s, sch.id))
+    run_id = repo.claim_slot(
+        s, sch.id, slot, outcome=dom.Outcome.SKIPPED.value, reason="firing", missed=missed
+    )
+    if run_id is None:
+        report.lost_races += 1
+        log.info("schedule %s: slot %s was already handled", sch.id, slot.isoformat())
+        return
+
+    def done(outcome: dom.Outcome, reason: str, job_id: str | None = None) -> None:
+        repo.finish_slot(s, run_id, outcome=outcome.value, reason=reason, job_id=job_id)
+        report.slots.append(Fired(sch.id, slot, outcome.value, job_id, reason))
+        log.info(
+            "schedule %s slot %s: %s %s %s", sch.id, slot.isoformat(), outcome, job_id or "", reason
+        )
+
+    if decision.action is dom.Action.SKIP:
+        done(dom.Outcome.SKIPPED, decision.reason)
+        return
+    if trusts.enabled(settings):
+        done(
+            dom.Outcome.FAILED,
+            "schedules cannot fire with keystone auth and per-project tenancy: a slot has no "
+            "user token to make its job's Keystone trust from",
+        )
+        return
+    try:
+        with s.begin_nested():
+            job = _create_job(s, settings, sch, slot)
+    except (ValidationError, StackMLError, ValueError) as e:
+        done(dom.Outcome.FAILED, f"the job template is no longer accepted: {e}"[:2000])
+        return
+    if decision.action is dom.Action.REPLACE:
+        for job_id in decision.cancel:
+            if _request_cancel(s, job_id, sch.name):
+                after_commit.append((queue.CANCEL, job_id))
+    after_commit.append((queue.ALLOCATE, job.id))
+    done(dom.Outcome.STARTED, decision.reason, job.id)
+
+
+def _create_job(s: Session, settings: Settings, sch: Schedule, slot: datetime) -> Job:
+    """The slot's job, as POST /v1/jobs makes it: QUEUED, its output in models/<job id>/."""
+    spec = JobSpec.model_validate(dom.fired_spec(sch.job, sch.id, slot))
+    unbuilt = unbuilt_fields(spec)
+    if unbuilt:
+        raise ValueError("; ".join(m for _, m in unbuilt))
+    job = jobs_repo.create_job(s, sch.project_id, spec)
+    store = registry.store(settings, project_id=sch.project_id)
+    data = spec.model_dump(mode="json")
+    if data["output"].get("model_uri") is None:
+        default = outputs.default_prefix(store.project_prefix(sch.project_id), job.id)
+        data["output"]["model_uri"] = store.uri(default)
+    job.spec = data
+    job.output = {"model_uri": data["output"]["model_uri"]}
+    jobs_repo.add_event(s, job.id, "schedule", f"submitted by schedule {sch.name} ({sch.id})")
+    s.flush()
+    return job
+
+
+def _request_cancel(s: Session, job_id: str, schedule: str) -> bool:
+    """Move a live job towards CANCELLED, as POST /v1/jobs/{id}/cancel does (service/api/
+    jobs.py): True when a worker must tear its servers down (stackml.cancel)."""
+    for _ in range(10):  # each lost race means the job moved on: look again
+        raw = s.scalar(select(Job.state).where(Job.id == job_id))
+        if raw is None:
+            return False
+        state = JobState(raw)
+        if state.terminal or state is JobState.CANCELLING:
+            return False
+        why = f"cancel requested by schedule {schedule} (concurrency Replace)"
+        if not jobs_repo.transition(
+            s, job_id, state, JobState.CANCELLING, why, cancel_requested=True
+        ):
+            continue
+        if state is JobState.QUEUED:
+            jobs_repo.transition(
+                s, job_id, JobState.CANCELLING, JobState.CANCELLED, "cancelled before allocation"
+            )
+            return False
+        return True
+    log.warning("job %s changes state too fast to cancel for schedule %s", job_id, schedule)
+    return False
