@@ -1,7 +1,8 @@
 """Keystone trusts: how stackml acts in the submitting project after the user's token is gone.
 
 With `auth: keystone`, `compute: openstack` and `tenancy: project` (the default), submitting a
-job creates a trust from the caller (trustor) to stackml's service user (trustee: the user of
+job (and creating a model's endpoint: service/api/endpoints.py, `endpoints.trust_id`) creates a
+trust from the caller (trustor) to stackml's service user (trustee: the user of
 `openstack_cloud`), scoped to the caller's project and the roles in the caller's token (or those
 of them that `trust_roles` allows), with impersonation (as Heat, Sahara and Magnum do): the
 job's servers and keypairs are the user's, in the user's project, under its quotas, visible in
@@ -12,7 +13,9 @@ Workers authenticate as the service user with the trust id (no project scope: Ke
 trust token to the trust's project) for every call they make for the job, however long after
 the user's token expired. When the job's servers are gone the trust is deleted (teardown, or the
 reconciler's trust debts, or `DELETE /v1/jobs/{id}`) through the trust itself: with
-impersonation its token is the trustor's, whom Keystone lets delete their trust.
+impersonation its token is the trustor's, whom Keystone lets delete their trust. An endpoint's
+trust goes the same way once the endpoint is DELETED (workers/steps/serve.py `release_trust`,
+or the reconciler's endpoint trust debts), after its tag was swept through it.
 
 `tenancy: service` keeps everything in the service user's own project instead (no trusts).
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Any
+from typing import Any, cast
 
 import openstack.config
 from keystoneauth1 import exceptions as ksa_exc
@@ -31,7 +34,13 @@ from openstack.config.cloud_region import CloudRegion
 from openstack.connection import Connection
 
 from service.config import Settings
-from service.domain.errors import Forbidden, ServiceUnavailable, TransientBackendError, Unauthorized
+from service.domain.errors import (
+    BackendError,
+    Forbidden,
+    ServiceUnavailable,
+    TransientBackendError,
+    Unauthorized,
+)
 
 log = logging.getLogger("stackml.trusts")
 
@@ -229,6 +238,22 @@ def delete(settings: Settings, trust_id: str, conn: Connection | None = None) ->
     finally:
         if own:
             conn.close()
+
+
+def logged_in(backend: Any, trust_id: str) -> Connection | None:
+    """The connection of `backend` (one acting through the trust, registry.compute(trust_id=)),
+    which has as a rule logged in through the trust already, so deleting the trust with it
+    costs no second Keystone login; None when the backend has none or it cannot be made (then
+    `delete` makes its own, and tells a trust that is gone from a Keystone that does not
+    answer)."""
+    connection = getattr(backend, "connection", None)
+    if connection is None:
+        return None
+    try:
+        return cast("Connection", connection())
+    except BackendError as e:
+        log.info("trust %s: its backend cannot log in (%s)", trust_id, e)
+        return None
 
 
 def refused(e: BaseException) -> bool:

@@ -1,5 +1,7 @@
 """The reconciler (beat): re-drives stalled jobs, pays teardown debts (servers, then Keystone
-trusts), reaps orphan servers.
+trusts), reaps orphan servers; for endpoints: probes ready replicas, re-drives stalled ones,
+reaps their orphan servers (in the service project, and through each live endpoint's trust in
+its own project), and deletes the trusts DELETED endpoints still hold.
 
 Safe to run twice at once: every re-drive is a compare-and-set on the job's progress stamp,
 so only one reconciler hands a given job on. A job whose step holds a live lease (a long
@@ -35,6 +37,7 @@ class Report:
     admitted: list[str] = field(default_factory=list)
     trusts: list[str] = field(default_factory=list)  # jobs whose Keystone trust was deleted
     endpoints: list[str] = field(default_factory=list)  # endpoints re-driven
+    endpoint_trusts: list[str] = field(default_factory=list)  # DELETED ones' trusts deleted
     versions: list[int] = field(default_factory=list)  # model versions re-registered
 
 
@@ -55,7 +58,8 @@ def run() -> Report:
 def _endpoints(report: Report) -> None:
     """Endpoints: probe every ready replica (a replica failing `serving_health_failures`
     checks in a row, or whose server vanished, gets its endpoint re-driven: replaced), re-drive
-    endpoints that stalled (or whose label moved), reap endpoint servers no live row names."""
+    endpoints that stalled (or whose label moved), reap endpoint servers no live row names, and
+    delete the Keystone trusts of DELETED endpoints (after sweeping their tags through them)."""
     from workers.steps import serve
 
     cfg = jobctx.settings()
@@ -75,15 +79,47 @@ def _endpoints(report: Report) -> None:
         serve.enqueue(endpoint_id)
         report.endpoints.append(endpoint_id)
     _reap_endpoint_servers(report)
+    _pay_endpoint_trusts(report)
+
+
+def _pay_endpoint_trusts(report: Report) -> None:
+    """A DELETED endpoint still holding its Keystone trust (Keystone or the sweep failed when
+    it was deleted): sweep its tag through the trust, then delete the trust (as jobs' trust
+    debts, `_pay_debts`)."""
+    from service.db import endpoints as ep_repo
+    from workers.steps import serve
+
+    with db() as s:
+        owed = ep_repo.trust_debts(s)
+    for endpoint_id, trust_id in owed:
+        if not serve.release_trust(endpoint_id, trust_id):
+            break  # Keystone (or the cloud) does not answer: the next round tries again
+        report.endpoint_trusts.append(endpoint_id)
 
 
 def _reap_endpoint_servers(report: Report) -> None:
     """A server tagged `stackml-endpoint` that no live resource row names, past
     `orphan_grace`: a replica's row is written before its server is booted, so nothing will
     delete such a server (its endpoint is DELETED or unknown, or its create answered an error
-    after the cloud had made it)."""
+    after the cloud had made it). The service project's servers are listed as stackml's own;
+    an endpoint acting through a trust has its servers in its project, where only its trust
+    sees them: each live one's tag is listed through its trust (a DELETED one's tag is swept
+    through its trust before the trust goes: `_pay_endpoint_trusts`)."""
+    from service.db import endpoints as ep_repo
+    from workers.steps import serve
+
     backend = jobctx.compute()
-    servers = [r for r in backend.list_servers() if "stackml-endpoint" in dict(r.tags)]
+    servers = [(backend, r) for r in backend.list_servers() if serve.TAG in dict(r.tags)]
+    with db() as s:
+        trusted = ep_repo.trusted_live(s)
+    for endpoint_id, trust_id in trusted:
+        through = jobctx.compute(trust_id)
+        try:
+            servers += [(through, r) for r in through.list_servers((serve.TAG, endpoint_id))]
+        except BackendError as e:  # one endpoint's trust must not keep the others unreaped
+            log.warning(
+                "endpoint %s: cannot list its servers through its trust: %s", endpoint_id, e
+            )
     if not servers:
         return
     with db() as s:
@@ -94,20 +130,22 @@ def _reap_endpoint_servers(report: Report) -> None:
         ).all()
     covered = {x for row in live for x in row if x}
     grace = jobctx.settings().orphan_grace
-    for ref in servers:
+    for owner, ref in servers:
         if ref.id in covered or ref.name in covered:
             continue
-        status = backend.get_server(ref.id)
-        if status.state is ServerState.DELETED:
+        tagged = dict(ref.tags).get(serve.TAG)
+        try:
+            status = owner.get_server(ref.id)
+            if status.state is ServerState.DELETED:
+                continue
+            if status.created_at is not None and time.time() - status.created_at < grace:
+                continue
+            owner.delete_server(ref.id)
+        except BackendError as e:  # the next round tries again; the others go on
+            log.warning("endpoint %s: cannot reap server %s: %s", tagged, ref.id, e)
             continue
-        if status.created_at is not None and time.time() - status.created_at < grace:
-            continue
-        backend.delete_server(ref.id)
         report.reaped.append(ref.id)
-        endpoint_id = dict(ref.tags).get("stackml-endpoint")
-        log.warning(
-            "reaped server %s (%s) of endpoint %s: no record", ref.id, ref.name, endpoint_id
-        )
+        log.warning("reaped server %s (%s) of endpoint %s: no record", ref.id, ref.name, tagged)
 
 
 def _redrive(report: Report) -> None:

@@ -2,10 +2,16 @@
 
 The API records what is wanted and hands the endpoint to the workers (`stackml.converge_endpoint`,
 workers/steps/serve.py), which boot, provision, health-check and delete its replicas; every
-answer is 202 with the endpoint as it is now."""
+answer is 202 with the endpoint as it is now.
+
+With Keystone auth and `tenancy: project` (service/trusts.py) creating an endpoint creates a
+Keystone trust with the caller's token, as submitting a job does: the workers boot its replicas
+in the caller's project through it and read the model through it; it is deleted once the
+endpoint is DELETED. A create that is refused after the trust was made deletes it again."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, url_for
@@ -13,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import queue
+from service import queue, trusts
 from service.api import Context, ctx, json_body
 from service.api.auth import current, current_project, job_scope
 from service.api.errors import field_error, fields_failed
@@ -26,6 +32,7 @@ from service.domain.errors import BackendError, Conflict, NotFound, ServiceUnava
 from service.domain.quota import Demand
 
 bp = Blueprint("endpoints", __name__)
+log = logging.getLogger("stackml.api.endpoints")
 
 READY_VERSION = "READY"
 
@@ -228,22 +235,17 @@ def _create(
         raise fields_failed(
             [field_error("replicas", f"at most {c.settings.serving_max_replicas} replicas")]
         )
+    servers = repo.servers_for(replicas, spec.traffic)
+    trust_id = None
+    if trusts.enabled(c.settings):
+        # what can be refused is refused before Keystone is asked for a trust (checked again
+        # under the quota lock below: another request may have changed things meanwhile)
+        with c.session() as s:
+            _admissible(c, s, project, model_name, label, spec, flavor, servers)
+        trust_id = _create_trust(c, project)
     try:
         with c.session() as s:
-            model = _model(s, model_name)
-            if model.project_id != project:
-                raise NotFound(f"no model {model_name!r} in this project")
-            existing = repo.live_endpoint(s, model.id)
-            if existing is not None:
-                raise EndpointExists(
-                    f"model {model_name} already has endpoint {existing.id}; PATCH it instead",
-                    details={"endpoint_id": existing.id},
-                )
-            _check_target(s, model, label, spec.version, spec.traffic)
-            quotas.lock(s)  # quota checks of endpoints and admissions of jobs, one at a time
-            _check_quota(
-                c, s, project, flavor, repo.servers_for(replicas, spec.traffic), exclude=None
-            )
+            model = _admissible(c, s, project, model_name, label, spec, flavor, servers, lock=True)
             ep = Endpoint(
                 id=repo.new_endpoint_id(),
                 project_id=project,
@@ -257,13 +259,72 @@ def _create(
                 flavor=flavor,
                 log_sample_rate=spec.log_sample_rate or 0.0,
                 created_by=current().user_id or "anonymous",
+                trust_id=trust_id,
             )
             s.add(ep)
             s.flush()
             body = _body(s, ep, model)
-    except IntegrityError as e:  # another request created one first (the unique live index)
-        raise EndpointExists(f"model {model_name} already has an endpoint") from e
+    except BaseException as e:
+        if trust_id is not None:
+            _delete_trust_quietly(c, trust_id)  # no endpoint row holds it: it must not outlive this
+        if isinstance(e, IntegrityError):  # another request created one first (the live index)
+            raise EndpointExists(f"model {model_name} already has an endpoint") from e
+        raise
     return _accepted(body, model_name, body["id"])
+
+
+def _admissible(
+    c: Context,
+    s: Session,
+    project: str,
+    model_name: str,
+    label: str | None,
+    spec: EndpointCreate,
+    flavor: str,
+    servers: int,
+    lock: bool = False,
+) -> Model:
+    """The model, once the endpoint may be created: the caller's project's model, no live
+    endpoint yet, a READY target, room in the quotas (`lock`: under the quota lock, held for the
+    rest of the transaction)."""
+    model = _model(s, model_name)
+    if model.project_id != project:
+        raise NotFound(f"no model {model_name!r} in this project")
+    existing = repo.live_endpoint(s, model.id)
+    if existing is not None:
+        raise EndpointExists(
+            f"model {model_name} already has endpoint {existing.id}; PATCH it instead",
+            details={"endpoint_id": existing.id},
+        )
+    _check_target(s, model, label, spec.version, spec.traffic)
+    if lock:
+        quotas.lock(s)  # quota checks of endpoints and admissions of jobs, one at a time
+    _check_quota(c, s, project, flavor, servers, exclude=None)
+    return model
+
+
+def _create_trust(c: Context, project: str) -> str:
+    """The trust the endpoint's workers act through in `project` (service/trusts.py), made with
+    the caller's token before anything is stored (as a job's: service/api/jobs.py)."""
+    caller = current()
+    if caller.token is None:
+        raise ServiceUnavailable("the request carries no Keystone token to delegate")
+    return trusts.create(
+        c.settings,
+        token=caller.token,
+        user_id=caller.user_id,
+        project_id=project,
+        roles=caller.roles,
+    )
+
+
+def _delete_trust_quietly(c: Context, trust_id: str) -> None:
+    try:
+        trusts.delete(c.settings, trust_id)
+    except Exception as e:  # noqa: BLE001 - the refusal being raised must reach the caller
+        log.warning(
+            "trust %s of an endpoint create that failed is left in Keystone: %s", trust_id, e
+        )
 
 
 def _update(

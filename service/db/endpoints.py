@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import Endpoint, Model, ModelLabel, ModelVersion, Resource, iso, utcnow
@@ -264,3 +264,48 @@ def servers_for(replicas_: int, traffic: Mapping[str, Any] | None) -> int:
     if not traffic:
         return replicas_
     return sum(dom.split_counts(replicas_, {int(k): int(v) for k, v in traffic.items()}).values())
+
+
+# -- Keystone trusts (service/trusts.py; workers/steps/serve.py release_trust) ---------------
+
+
+def trust_debts(s: Session, limit: int = 100) -> list[tuple[str, str]]:
+    """(endpoint id, trust id) of DELETED endpoints whose Keystone trust is not yet deleted
+    (every replica of a DELETED endpoint is deleted: only its tag's sweep and the trust are
+    left)."""
+    rows = s.execute(
+        select(Endpoint.id, Endpoint.trust_id)
+        .where(
+            Endpoint.trust_id.is_not(None),
+            Endpoint.state == dom.EndpointState.DELETED.value,
+        )
+        # in random order: one trust that keeps failing does not hold up the others
+        .order_by(func.random())
+        .limit(limit)
+    ).all()
+    return [(ep_id, trust_id) for ep_id, trust_id in rows if trust_id is not None]
+
+
+def trusted_live(s: Session) -> list[tuple[str, str]]:
+    """(endpoint id, trust id) of the endpoints not DELETED that act through a trust: their
+    replicas are in their project, where only their trust sees them."""
+    rows = s.execute(
+        select(Endpoint.id, Endpoint.trust_id)
+        .where(
+            Endpoint.trust_id.is_not(None),
+            Endpoint.state != dom.EndpointState.DELETED.value,
+        )
+        .order_by(Endpoint.id)
+    ).all()
+    return [(ep_id, trust_id) for ep_id, trust_id in rows if trust_id is not None]
+
+
+def clear_trust(s: Session, endpoint_id: str, trust_id: str) -> bool:
+    """Forget the endpoint's trust once Keystone deleted it (or it was gone): True when this
+    call cleared it."""
+    cleared = s.execute(
+        update(Endpoint)
+        .where(Endpoint.id == endpoint_id, Endpoint.trust_id == trust_id)
+        .values(trust_id=None)
+    ).rowcount  # type: ignore[attr-defined]
+    return bool(cleared)

@@ -6,8 +6,11 @@ Swift are registered through the API, an endpoint deploys 2 replicas (Nova serve
 match the SavedModels, a replica's Nova server deleted (and another's sandbox killed) under a
 steady load costs no request and is replaced, the default label switched under load costs no
 request and every answer names its version, and the deleted endpoint leaves no server, keypair
-or sandbox, and nothing new in Swift. (tests/e2e/test_serving.py is the same proof on the local
-sandbox backend.)"""
+or sandbox, and nothing new in Swift. With tenancy=project the endpoint acts through a Keystone
+trust made with the caller's token, as a job does: its replicas are Nova servers in the
+caller's project, booted as the caller, and the trust is gone from Keystone once the endpoint
+is DELETED (no trust is made in the other modes). (tests/e2e/test_serving.py is the same proof
+on the local sandbox backend.)"""
 
 from __future__ import annotations
 
@@ -117,6 +120,14 @@ class AuthLoad(Load):
         return self
 
 
+def trusts_of(cloud: DevCloud, user_id: str | None) -> set[str]:
+    """The ids of the Keystone trusts `user_id` is the trustor of (none without a user)."""
+    if user_id is None:
+        return set()
+    admin = cloud.connection("devcloud")
+    return {t.id for t in admin.identity.trusts(trustor_user_id=user_id)}
+
+
 def project_store(project: str | None) -> Any:
     """The store the API uses for `project`'s objects (its own Swift account with
     tenancy=project, else the platform's)."""
@@ -168,8 +179,8 @@ def test_deploy_predict_replace_switch_delete_on_nova_and_swift(
     settings = Settings()
     project: str | None = None  # without auth: the platform's local project
     token: str | None = None
+    demo = cloud.connection("devcloud-demo")  # a member of project demo
     if mode != "noauth":
-        demo = cloud.connection("devcloud-demo")  # a member of project demo
         project, token = str(demo.current_project_id), str(demo.session.get_token())
     client = StackMLClient(platform.url, token=token, timeout=30)
     auth = {"X-Auth-Token": token} if token else {}
@@ -206,9 +217,14 @@ def test_deploy_predict_replace_switch_delete_on_nova_and_swift(
     assert sig["inputs"]["x"]["shape"] == [-1, 3], sig
     api("PUT", f"/v1/models/{MODEL}/labels/default", json={"version": 1, "why": "cloud"})
 
-    # deploy 2 replicas following the default label
+    # deploy 2 replicas following the default label; with tenancy=project the API makes one
+    # Keystone trust from the caller to stackml for the endpoint (none in the other modes)
+    trustor = str(demo.current_user_id) if mode != "noauth" else None
+    trusts_before = trusts_of(cloud, trustor)
     ep = api("POST", f"/v1/models/{MODEL}/endpoints", json={"replicas": 2, "label": "default"})
     path = f"/v1/models/{MODEL}/endpoints/{ep['id']}"
+    made = trusts_of(cloud, trustor) - trusts_before
+    assert len(made) == (1 if mode == "project" else 0), made
 
     def settled(version: int) -> dict[str, Any] | None:
         e = api("GET", path)
@@ -225,20 +241,29 @@ def test_deploy_predict_replace_switch_delete_on_nova_and_swift(
 
     first = until("2 ready replicas of version 1", lambda: settled(1), 600)
 
-    # the replicas are Nova servers tagged as the endpoint's, in stackml's own project in
-    # every tenancy mode (an endpoint has no Keystone trust: it boots through the platform's
-    # backend, unlike a job with tenancy=project)
+    # the replicas are Nova servers tagged as the endpoint's (looked for in every project):
+    # with tenancy=project in the caller's project, booted as the caller through the endpoint's
+    # trust (as a job's servers are); otherwise in stackml's own project
+    home = str(demo.current_project_id if mode == "project" else svc.current_project_id)
+
     def nova_servers() -> dict[str, Any]:
-        return {s.id: s for s in svc.compute.servers(details=True, tags=f"{TAG}={ep['id']}")}
+        return {
+            s.id: s
+            for s in admin.compute.servers(details=True, all_projects=True)
+            if (s.metadata or {}).get(TAG) == ep["id"]
+        }
 
     servers = nova_servers()
     assert set(servers) == {s["server_id"] for s in first["servers"]}
     for s in servers.values():
         assert s.status == "ACTIVE" and (s.metadata or {}).get(TAG) == ep["id"]
-        assert s.project_id == svc.current_project_id
-    # the security group admits the serving port from the workers' network
+        assert s.project_id == home, (mode, s.project_id, home)
+        if mode == "project":
+            assert s.user_id == trustor, "booted as the caller (the trust's impersonation)"
+    # the security group (the replicas' project's) admits the serving port from the workers'
+    # network
     port = settings.serving_port
-    groups = list(svc.network.security_groups(project_id=svc.current_project_id))
+    groups = list(admin.network.security_groups(project_id=home))
     rules = [r for g in groups for r in (g.security_group_rules or [])]
     assert any(
         r.get("direction") == "ingress"
@@ -304,20 +329,24 @@ def test_deploy_predict_replace_switch_delete_on_nova_and_swift(
     assert "1" not in versions[versions.index("2") :]
 
     # delete: every replica drained and deleted: no server in Nova (by tag, or at all), no
-    # keypair, no sandbox behind the emulator, and Swift holds only the stored versions
+    # keypair (stackml's, or the caller's), no sandbox behind the emulator, the endpoint's
+    # trust gone from Keystone, and Swift holds only the stored versions
     api("DELETE", path)
     until("endpoint DELETED", lambda: api("GET", path)["state"] == "DELETED", 300)
     assert api("GET", path)["servers"] == []
     assert nova_servers() == {}
+    owners = [svc] + ([demo] if mode != "noauth" else [])
     until(
         "no server, keypair or sandbox left",
         lambda: (
             not list(admin.compute.servers(all_projects=True))
-            and not list(svc.compute.keypairs())
+            and not [k for o in owners for k in o.compute.keypairs()]
             and leak_report(cloud.sandbox_root) == []
         ),
         60,
     )
+    until("the endpoint's trust deleted", lambda: not trusts_of(cloud, trustor) & made, 60)
+    assert trusts_of(cloud, trustor) - trusts_before == set()
     assert swift_keys(project, area) == stored, (
         "serving wrote to or removed from the project's area"
     )

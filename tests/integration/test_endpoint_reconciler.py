@@ -2,7 +2,15 @@
 servers are never reaped as job orphans while a live row names them, a server tagged for an
 endpoint that no live row names is reaped past orphan_grace, a stalled endpoint is re-driven,
 a READY endpoint whose label moved starts its rolling switch, and a ready replica whose server
-vanished gets its endpoint re-driven at once."""
+vanished gets its endpoint re-driven at once.
+
+An endpoint holding a Keystone trust (tenancy=project) has its servers in its project, which a
+second sandbox backend stands for here (`jobctx.compute(trust_id)` answers it; the service
+backend does not see its servers) and Keystone's trust deletion is recorded (`trusts.delete`;
+the real one: tests/cloud/test_endpoint_trusts.py, tests/cloud/test_serving_openstack.py): the
+converge boots and deletes replicas through the trust, the reaper lists a live endpoint's tag
+through it, and a DELETED endpoint's tag is swept through it before its trust is deleted, the
+reconciler retrying while Keystone does not answer."""
 
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from service import queue
+from service import queue, trusts
 from service.backends.compute import sandbox
 from service.backends.compute.sandbox import SandboxBackend
 from service.backends.interfaces import Flavor, ServerSpec, ServerState
@@ -254,3 +262,130 @@ def test_an_endpoint_with_nothing_to_do_does_not_spin(
     with session_scope(pg) as s:
         assert s.get_one(Endpoint, "ep-000000000013").state == "CREATING"
         s.execute(update(Endpoint).values(state="DELETED"))
+
+
+# -- endpoints acting through a Keystone trust --------------------------------------------
+
+
+class Keystone:
+    """Stands in for `trusts.delete` (Keystone): records deleted trusts; `down` fails them."""
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+        self.down = False
+
+    def delete(self, settings: Settings, trust_id: str, conn: Any = None) -> str:
+        if self.down:
+            raise trusts.TrustUnavailable(f"deleting trust {trust_id}: Keystone does not answer")
+        self.deleted.append(trust_id)
+        return "deleted"
+
+
+@pytest.fixture
+def tenant(
+    backend: SandboxBackend, enqueued: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[SandboxBackend, Keystone]]:
+    """The project an endpoint's trust acts in: its own sandboxes, seen only through a trust."""
+    base = Path(tempfile.mkdtemp(prefix="stackml-eptenant-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    project = SandboxBackend(base / "sandboxes", [FLAVOR])
+    keystone = Keystone()
+    monkeypatch.setattr(jobctx, "compute", lambda trust_id=None: project if trust_id else backend)
+    monkeypatch.setattr(trusts, "delete", keystone.delete)
+    yield project, keystone
+    ssh.close_all()
+    try:
+        for ref in project.list_servers():
+            project.delete_server(ref.id)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _trust_of(pg: str, ep_id: str) -> str | None:
+    with session_scope(pg) as s:
+        return s.get_one(Endpoint, ep_id).trust_id
+
+
+def test_a_trusted_endpoints_orphans_are_reaped_through_its_trust(
+    pg: str,
+    backend: SandboxBackend,
+    tenant: tuple[SandboxBackend, Keystone],
+    enqueued: list[tuple[str, str]],
+) -> None:
+    project, keystone = tenant
+    _endpoint(pg, "ep-000000000020", "READY", serving_version=1, trust_id="trust-20")
+    kept = _server(project, "stackml-ep-000000000020-v1-aaaaaa", "ep-000000000020")
+    _row(pg, "ep-000000000020", "stackml-ep-000000000020-v1-aaaaaa", kept, replica_state="booting")
+    stray = _server(project, "stackml-ep-000000000020-v1-bbbbbb", "ep-000000000020")
+    assert backend.list_servers() == []  # stackml's own project holds none of them
+    report = reconciler.run()
+    assert report.reaped == [stray]
+    assert project.get_server(kept).state is ServerState.ACTIVE
+    assert project.get_server(stray).state is ServerState.DELETED
+    assert keystone.deleted == [] and _trust_of(pg, "ep-000000000020") == "trust-20"
+    with session_scope(pg) as s:
+        s.execute(update(Endpoint).values(state="DELETED", trust_id=None))
+
+
+def test_a_deleted_endpoints_trust_goes_after_its_tag_is_swept_and_is_retried(
+    pg: str,
+    backend: SandboxBackend,
+    tenant: tuple[SandboxBackend, Keystone],
+    enqueued: list[tuple[str, str]],
+) -> None:
+    project, keystone = tenant
+    _endpoint(pg, "ep-000000000021", "DELETED", trust_id="trust-21")
+    left = _server(project, "stackml-ep-000000000021-v1-cccccc", "ep-000000000021")
+    keystone.down = True
+    report = reconciler.run()
+    assert report.endpoint_trusts == []
+    assert project.get_server(left).state is ServerState.DELETED  # swept before the trust
+    assert _trust_of(pg, "ep-000000000021") == "trust-21"  # owed: retried
+    keystone.down = False
+    report = reconciler.run()
+    assert report.endpoint_trusts == ["ep-000000000021"]
+    assert keystone.deleted == ["trust-21"] and _trust_of(pg, "ep-000000000021") is None
+    assert reconciler.run().endpoint_trusts == []  # nothing owed any more
+    assert keystone.deleted == ["trust-21"]
+
+
+def test_converge_boots_and_deletes_through_the_trust_then_lets_it_go(
+    pg: str,
+    backend: SandboxBackend,
+    tenant: tuple[SandboxBackend, Keystone],
+    enqueued: list[tuple[str, str]],
+) -> None:
+    """Every backend call of a trusted endpoint's converge goes through its trust: the replica
+    boots in the endpoint's project (none in stackml's), a stray server there is swept once the
+    endpoint is DELETED, and then its trust is deleted and forgotten."""
+    from workers.steps import serve
+
+    project, keystone = tenant
+    ep_id = "ep-000000000022"
+    _endpoint(pg, ep_id, "CREATING", trust_id="trust-22")
+    pem, pub = ssh.generate_keypair()
+    with session_scope(pg) as s:
+        s.execute(
+            update(Endpoint)
+            .where(Endpoint.id == ep_id)
+            .values(ssh_public_key=pub, ssh_key_enc=jobctx.encrypt_key(pem))
+        )
+    assert serve.converge(ep_id) is True
+    booted = project.list_servers(("stackml-endpoint", ep_id))
+    assert len(booted) == 1 and backend.list_servers() == []
+    with session_scope(pg) as s:
+        (row,) = s.query(Resource).filter_by(owner_id=ep_id)
+        assert row.server_id == booted[0].id
+    stray = _server(project, f"stackml-{ep_id}-v1-dddddd", ep_id)  # a create that "failed"
+    with session_scope(pg) as s:
+        s.execute(update(Endpoint).where(Endpoint.id == ep_id).values(state="DELETING"))
+    for _ in range(20):
+        if not serve.converge(ep_id):
+            break
+    with session_scope(pg) as s:
+        ep = s.get_one(Endpoint, ep_id)
+        assert (ep.state, ep.trust_id, ep.ssh_key_enc) == ("DELETED", None, None)
+    assert project.get_server(booted[0].id).state is ServerState.DELETED
+    assert project.get_server(stray).state is ServerState.DELETED
+    assert project.list_servers() == []
+    assert keystone.deleted == ["trust-22"]

@@ -14,6 +14,15 @@ The endpoint's own SSH key (encrypted as jobs' are) opens its replicas; provisio
 runner.py and model_server.py, writes serve.json with signed GET URLs for the version's files
 (from model_versions.checksums) and runs `runner serve`. The replica is ready once
 `GET /v1/models/<name>` answers AVAILABLE for its version and one warm-up predict answered.
+
+An endpoint created with Keystone auth and `tenancy: project` holds a Keystone trust
+(`endpoints.trust_id`, made by the API with the caller's token; service/trusts.py): every
+backend call for it (boot, look at a boot, health, delete, list by tag) goes through
+`jobctx.compute(trust_id)`, in the caller's project, and the model is read from the project's
+store through the same trust. Once the endpoint is DELETED its tag is swept through the trust
+(a server no row names: a create that answered an error after the cloud made it), then the
+trust is deleted and the column cleared (`release_trust`); when that fails the reconciler
+retries (`repo.trust_debts`), as it does for jobs' trusts.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from service import queue
+from service import queue, trusts
+from service.backends import registry
 from service.backends.interfaces import (
     Access,
     ComputeBackend,
@@ -153,11 +163,11 @@ def limits() -> dom.Limits:
 
 def converge(endpoint_id: str) -> bool:
     """One round: plan, act. True while there is more to do (the caller hands it back)."""
-    backend = jobctx.compute()
     with db() as s:
         ep = s.get(Endpoint, endpoint_id)
         if ep is None or ep.state == dom.EndpointState.DELETED.value:
             return False
+        trust_id = ep.trust_id
         rows = repo.replicas(s, endpoint_id)
         desired = repo.desired(s, ep)
         failures = repo.failures(s, endpoint_id)
@@ -167,6 +177,7 @@ def converge(endpoint_id: str) -> bool:
             if r.replica_state == dom.ReplicaState.READY.value and r.server_id
         ]
         repo.touch(s, endpoint_id)
+    backend = jobctx.compute(trust_id)  # through the endpoint's trust, in its project
     gone = set()
     for rid, server_id in ready_servers:
         if backend.get_server(server_id).state in (ServerState.DELETED, ServerState.ERROR):
@@ -184,6 +195,7 @@ def converge(endpoint_id: str) -> bool:
     if p.settle is not None:
         _settle(endpoint_id, p.settle, p)
     if p.settle is dom.EndpointState.DELETED:
+        _finish_deleted(endpoint_id, backend, trust_id)
         return False
     if p.settle is dom.EndpointState.READY and not p.actions:
         return False
@@ -598,6 +610,93 @@ def delete_replica(backend: ComputeBackend, replica_id: int) -> bool:
     return True
 
 
+# -- once DELETED: the tag's sweep, the trust ----------------------------------------------
+
+
+def _finish_deleted(endpoint_id: str, backend: ComputeBackend, trust_id: str | None) -> None:
+    """The endpoint is DELETED (no replica row left): sweep its tag, then let its trust go.
+    Without a trust a failed sweep is left to the reaper (the service project is the
+    reconciler's to list); with one, the reconciler retries the whole release."""
+    if trust_id is not None:
+        release_trust(endpoint_id, trust_id)
+        return
+    try:
+        sweep(backend, endpoint_id)
+    except BackendError as e:
+        log.warning(
+            "endpoint %s: its tag is not swept (the reaper deletes the rest): %s", endpoint_id, e
+        )
+
+
+def sweep(backend: ComputeBackend, endpoint_id: str) -> list[str]:
+    """Delete what the backend still lists under the endpoint's tag, once the endpoint is
+    DELETED (no row names a server of it any more): a server whose create answered an error
+    after the cloud had made it. Waits for each to be gone; TransientBackendError when one is
+    not within DELETE_DEADLINE. The ids deleted."""
+    deleted = []
+    for ref in backend.list_servers((TAG, endpoint_id)):
+        if backend.get_server(ref.id).state is ServerState.DELETED:
+            continue  # listed while on its way out (a cloud that soft-deletes)
+        backend.delete_server(ref.id)
+        deadline = time.monotonic() + DELETE_DEADLINE
+        while backend.get_server(ref.id).state is not ServerState.DELETED:
+            if time.monotonic() > deadline:
+                raise TransientBackendError(f"server {ref.id} ({ref.name}) not yet deleted")
+            time.sleep(0.2)
+        log.warning(
+            "endpoint %s: deleted server %s (%s) that no record named",
+            endpoint_id,
+            ref.id,
+            ref.name,
+        )
+        deleted.append(ref.id)
+    return deleted
+
+
+def release_trust(endpoint_id: str, trust_id: str, *, swept: bool = False) -> bool:
+    """Delete a DELETED endpoint's Keystone trust: first sweep its tag through the trust
+    (unless the caller has just done so), since after the trust nothing of stackml sees its
+    project; then delete the trust (through itself) and clear `endpoints.trust_id`. False when
+    the endpoint is not DELETED, or the sweep or Keystone failed: the reconciler retries every
+    DELETED endpoint's trust until it is gone (repo.trust_debts)."""
+    with db() as s:
+        ep = s.get(Endpoint, endpoint_id)
+        if ep is None or ep.trust_id != trust_id:
+            return True  # released already (by another round)
+        if ep.state != dom.EndpointState.DELETED.value:
+            return False  # its replicas may still be booted or deleted through the trust
+    backend = jobctx.compute(trust_id)
+    if not swept:
+        try:
+            sweep(backend, endpoint_id)
+        except BackendError as e:
+            if not trusts.refused(e):
+                log.warning(
+                    "endpoint %s: trust kept until its tag is swept (retried): %s", endpoint_id, e
+                )
+                return False
+            # the trust no longer logs in: nothing can be seen through it; `delete` says why
+    try:
+        outcome = trusts.delete(jobctx.settings(), trust_id, trusts.logged_in(backend, trust_id))
+    except trusts.TrustUnavailable as e:
+        log.warning(
+            "endpoint %s: trust not deleted yet (the reconciler retries): %s", endpoint_id, e
+        )
+        return False
+    registry.forget_trust(trust_id)
+    with db() as s:
+        cleared = repo.clear_trust(s, endpoint_id, trust_id)
+    if cleared:
+        log.info(
+            "endpoint %s: %s",
+            endpoint_id,
+            "Keystone trust deleted"
+            if outcome == "deleted"
+            else "Keystone trust already gone (deleted by its user, or no longer usable)",
+        )
+    return True
+
+
 # -- the reconciler's part ----------------------------------------------------------------
 
 
@@ -605,17 +704,18 @@ def check_health(endpoint_id: str) -> bool:
     """Probe every ready replica once: a success resets its count, a failure (or a vanished
     server) adds one. True when some replica now needs the converge step."""
     cfg = jobctx.settings()
-    backend = jobctx.compute()
     with db() as s:
         ep = s.get(Endpoint, endpoint_id)
         if ep is None:
             return False
+        trust_id = ep.trust_id
         name = s.get_one(Model, ep.model_id).name
         rows = [
             (r.id, r.server_id, r.host, r.serving_port, r.version)
             for r in repo.replicas(s, endpoint_id)
             if r.replica_state == dom.ReplicaState.READY.value
         ]
+    backend = jobctx.compute(trust_id)
     needs = False
     for rid, server_id, host, port, version in rows:
         ok, gone = False, False
