@@ -15,6 +15,7 @@ BENCHES = [
     "bench_trusts.py",
     "bench_serving.py",
     "bench_proxy.py",
+    "bench_jobs_list.py",
 ]
 
 
