@@ -65,6 +65,12 @@ class VersionNotReady(Conflict):
     code = "version_not_ready"
 
 
+class TeardownPending(Conflict):
+    """What the model's deleted endpoint holds is still being released."""
+
+    code = "teardown_pending"
+
+
 class LabelMoved(Conflict):
     """Compare-and-set: the label does not point where the caller expected."""
 
@@ -146,6 +152,18 @@ def delete_model(s: Session, model: Model) -> None:
         raise EndpointExists(
             f"model {model.name!r} has endpoint {ep.id} ({ep.state}); delete the endpoint first",
             details={"model": model.name, "endpoint_id": ep.id},
+        )
+    held = s.scalars(
+        select(Endpoint.id).where(Endpoint.model_id == model.id, Endpoint.trust_id.is_not(None))
+    ).first()
+    if held is not None:
+        # a DELETED endpoint whose Keystone trust the workers have not let go yet (Keystone was
+        # down): the row is what the reconciler retries from; deleting it with the model would
+        # leave the trust in Keystone for ever
+        raise TeardownPending(
+            f"model {model.name!r}'s endpoint {held} is deleted but still holds its Keystone "
+            "trust (being released); retry later",
+            details={"model": model.name, "endpoint_id": held, "trust_held": True},
         )
     s.delete(model)
     s.flush()

@@ -131,6 +131,26 @@ def test_model_delete_refused_while_an_endpoint_exists(
     assert client.delete(f"/v1/models/{model}").status_code == 204
 
 
+def test_model_delete_waits_for_a_deleted_endpoints_trust(
+    client: FlaskClient, db_url: str, model: str, error_of: Any
+) -> None:
+    # the endpoint is DELETED but its Keystone trust is not released yet (Keystone was down):
+    # deleting the model would drop the row the reconciler retries from, leaking the trust
+    _add_endpoint(db_url, model, target_label="default")
+    with session_scope(db_url) as s:
+        ep = s.get(Endpoint, "ep-0123456789ab")
+        assert ep is not None
+        ep.state, ep.trust_id = "DELETED", "trust-0123"
+    err = error_of(client.delete(f"/v1/models/{model}"), 409, "teardown_pending")
+    assert err["details"]["trust_held"] is True and "trust-0123" not in str(err)
+    assert client.get(f"/v1/models/{model}").status_code == 200  # nothing deleted
+    with session_scope(db_url) as s:
+        ep = s.get(Endpoint, "ep-0123456789ab")
+        assert ep is not None
+        ep.trust_id = None  # released
+    assert client.delete(f"/v1/models/{model}").status_code == 204
+
+
 # -- versions ---------------------------------------------------------------------------------
 
 
