@@ -433,3 +433,32 @@ __all__ = [
     "public",
     "requires",
 ]
+
+
+def delegate_trust(settings: Settings, project: str) -> str:
+    """A Keystone trust of the caller for `project` (service/trusts.py), made with the
+    caller's token before anything is stored: what a job's or an endpoint's workers act
+    through with keystone auth and per-project tenancy."""
+    from service import trusts
+
+    caller = current()
+    if caller.token is None:
+        raise ServiceUnavailable("the request carries no Keystone token to delegate")
+    return trusts.create(
+        settings,
+        token=caller.token,
+        user_id=caller.user_id,
+        project_id=project,
+        roles=caller.roles,
+    )
+
+
+def drop_trust_quietly(settings: Settings, trust_id: str, what: str) -> None:
+    """Delete a trust no row holds (the request that made it was refused afterwards); a
+    failure is logged, not raised: the refusal being raised must reach the caller."""
+    from service import trusts
+
+    try:
+        trusts.delete(settings, trust_id)
+    except Exception as e:  # noqa: BLE001 - see above
+        log.warning("trust %s of %s that failed is left in Keystone: %s", trust_id, what, e)

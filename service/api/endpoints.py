@@ -21,7 +21,13 @@ from sqlalchemy.orm import Session
 
 from service import queue, trusts
 from service.api import Context, ctx, json_body
-from service.api.auth import current, current_project, job_scope
+from service.api.auth import (
+    current,
+    current_project,
+    delegate_trust,
+    drop_trust_quietly,
+    job_scope,
+)
 from service.api.errors import field_error, fields_failed
 from service.backends import registry
 from service.db import endpoints as repo
@@ -242,7 +248,7 @@ def _create(
         # under the quota lock below: another request may have changed things meanwhile)
         with c.session() as s:
             _admissible(c, s, project, model_name, label, spec, flavor, servers)
-        trust_id = _create_trust(c, project)
+        trust_id = delegate_trust(c.settings, project)
     try:
         with c.session() as s:
             model = _admissible(c, s, project, model_name, label, spec, flavor, servers, lock=True)
@@ -266,7 +272,8 @@ def _create(
             body = _body(s, ep, model)
     except BaseException as e:
         if trust_id is not None:
-            _delete_trust_quietly(c, trust_id)  # no endpoint row holds it: it must not outlive this
+            # no endpoint row holds it: it must not outlive this request
+            drop_trust_quietly(c.settings, trust_id, "an endpoint create")
         if isinstance(e, IntegrityError):  # another request created one first (the live index)
             raise EndpointExists(f"model {model_name} already has an endpoint") from e
         raise
@@ -301,30 +308,6 @@ def _admissible(
         quotas.lock(s)  # quota checks of endpoints and admissions of jobs, one at a time
     _check_quota(c, s, project, flavor, servers, exclude=None)
     return model
-
-
-def _create_trust(c: Context, project: str) -> str:
-    """The trust the endpoint's workers act through in `project` (service/trusts.py), made with
-    the caller's token before anything is stored (as a job's: service/api/jobs.py)."""
-    caller = current()
-    if caller.token is None:
-        raise ServiceUnavailable("the request carries no Keystone token to delegate")
-    return trusts.create(
-        c.settings,
-        token=caller.token,
-        user_id=caller.user_id,
-        project_id=project,
-        roles=caller.roles,
-    )
-
-
-def _delete_trust_quietly(c: Context, trust_id: str) -> None:
-    try:
-        trusts.delete(c.settings, trust_id)
-    except Exception as e:  # noqa: BLE001 - the refusal being raised must reach the caller
-        log.warning(
-            "trust %s of an endpoint create that failed is left in Keystone: %s", trust_id, e
-        )
 
 
 def _update(

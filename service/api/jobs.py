@@ -15,7 +15,14 @@ from sqlalchemy.orm import Session
 
 from service import queue, trusts
 from service.api import Context, bool_arg, ctx, json_body
-from service.api.auth import all_projects_arg, current, current_project, job_scope, list_scope
+from service.api.auth import (
+    all_projects_arg,
+    current_project,
+    delegate_trust,
+    drop_trust_quietly,
+    job_scope,
+    list_scope,
+)
 from service.api.errors import (
     JobNotTerminal,
     JobTerminal,
@@ -102,7 +109,8 @@ def submit() -> tuple[Response, int, dict[str, str]]:
             body = _public(repo.serialize_job(s, job))
     except BaseException:
         if trust_id is not None:
-            _delete_trust_quietly(c, trust_id)  # no job row holds it: it must not outlive this
+            # no job row holds it: it must not outlive this request
+            drop_trust_quietly(c.settings, trust_id, "a submission")
         raise
     c.enqueue_quietly(queue.ALLOCATE, job.id)
     return jsonify(body), 202, {"Location": url_for("jobs.get", job_id=job.id)}
@@ -182,27 +190,8 @@ def _refuse_existing_output(store: ObjectStore, uri: str) -> None:
 
 
 def _create_trust(c: Context, project: str) -> str | None:
-    """With keystone auth and per-project tenancy: the trust the job's workers act through
-    (service/trusts.py), made with the caller's token before anything is stored."""
-    if not trusts.enabled(c.settings):
-        return None
-    caller = current()
-    if caller.token is None:
-        raise ServiceUnavailable("the request carries no Keystone token to delegate")
-    return trusts.create(
-        c.settings,
-        token=caller.token,
-        user_id=caller.user_id,
-        project_id=project,
-        roles=caller.roles,
-    )
-
-
-def _delete_trust_quietly(c: Context, trust_id: str) -> None:
-    try:
-        trusts.delete(c.settings, trust_id)
-    except BackendError as e:
-        log.warning("trust %s of a submission that failed is left in Keystone: %s", trust_id, e)
+    """With keystone auth and per-project tenancy: the trust the job's workers act through."""
+    return delegate_trust(c.settings, project) if trusts.enabled(c.settings) else None
 
 
 def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
