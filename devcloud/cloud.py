@@ -503,8 +503,8 @@ class DevCloud:
 
     def platform_env(self) -> dict[str, str]:
         """What `stackml up --devcloud` runs with: the admin environment of env(), the service
-        cloud the platform acts as (`devcloud-stackml` of clouds.yaml) and the smallest Nova
-        flavor as the default one (a value already set for either is kept)."""
+        cloud the platform acts as (`devcloud-stackml` of clouds.yaml) and `m1.small`, the
+        emulator's smallest flavor, as the default one (a value already set for either is kept)."""
         out = self.env()
         out["STACKML_OPENSTACK_CLOUD"] = os.environ.get(
             "STACKML_OPENSTACK_CLOUD", "devcloud-stackml"
