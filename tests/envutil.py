@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ from pathlib import Path
 from devcloud.process import free_port
 from service.config import reset_settings
 
-__all__ = ["environ", "free_port", "reap_sandboxes", "wait_sandboxes_gone"]
+__all__ = ["environ", "free_port", "reap_dead_runs", "reap_sandboxes", "wait_sandboxes_gone"]
 
 
 @contextmanager
@@ -62,3 +63,30 @@ def wait_sandboxes_gone(root: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while left() and time.monotonic() < deadline:
         time.sleep(0.5)
+
+
+def reap_dead_runs(kind: str, base: Path = Path("/var/tmp")) -> list[Path]:
+    """Clean up after runs of a tier that were killed before their own cleanup: a data dir
+    `<base>/stackml-<kind>-<pid>` whose pytest process is gone has its sandboxes deleted
+    through the backend (their sshd, netns, cgroups, loop devices) and is then removed. A
+    tier calls this before it starts, so an interrupted run costs the next one nothing and
+    leaves nothing running. Returns the dirs removed."""
+    removed = []
+    for d in sorted(base.glob(f"stackml-{kind}-*")):
+        pid = d.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        reap_sandboxes(d / "sandboxes")
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

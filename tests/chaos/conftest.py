@@ -21,7 +21,7 @@ from service.config import Settings
 from service.platform import LocalPlatform
 from service.runtime import ensure_runtime
 from tests.e2e.conftest import assert_configured_redis
-from tests.envutil import environ, free_port, reap_sandboxes, wait_sandboxes_gone
+from tests.envutil import environ, free_port, reap_dead_runs, reap_sandboxes, wait_sandboxes_gone
 from tests.pgutil import temp_database
 
 RUNTIME_ROOT = Path(os.environ.get("STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes"))
@@ -48,6 +48,7 @@ QUICK = """
 
 @pytest.fixture(scope="package")
 def chaos_settings() -> Iterator[Settings]:
+    reap_dead_runs("chaos")  # what an interrupted earlier run left running
     data = Path(f"/var/tmp/stackml-chaos-{os.getpid()}")
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True, mode=0o755)

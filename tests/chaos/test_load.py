@@ -21,7 +21,7 @@ import requests
 
 from service.client import StackMLClient
 from tests.chaos.conftest import FIGURES, QUICK, RUNTIME_ROOT, assert_no_leaks
-from tests.envutil import free_port, reap_sandboxes
+from tests.envutil import free_port, reap_dead_runs, reap_sandboxes
 from tests.pgutil import temp_database
 
 JOBS = int(os.environ.get("STACKML_LOAD_JOBS", "500"))
@@ -44,6 +44,7 @@ def _peak_rss_mb(proc: psutil.Process) -> float:
 def test_burst_of_jobs_completes_with_none_lost_or_run_twice(tmp_path: Path) -> None:
     from service.config import Settings
 
+    reap_dead_runs("load")  # what an interrupted earlier run left running
     data = Path(f"/var/tmp/stackml-load-{os.getpid()}")
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(mode=0o755)

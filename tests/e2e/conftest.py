@@ -19,7 +19,7 @@ from service.client import StackMLClient
 from service.config import Settings
 from service.platform import LocalPlatform
 from service.runtime import ensure_runtime
-from tests.envutil import environ, free_port, reap_sandboxes, wait_sandboxes_gone
+from tests.envutil import environ, free_port, reap_dead_runs, reap_sandboxes, wait_sandboxes_gone
 from tests.pgutil import temp_database
 
 # shared between runs on one machine: building the TensorFlow runtime downloads ~270 MB once
@@ -35,6 +35,7 @@ def e2e_settings() -> Iterator[Settings]:
             "openssh-server is not installed: the e2e tier needs real sshd "
             "(apt-get install openssh-server, or `make deps`)"
         )
+    reap_dead_runs("e2e")  # what an interrupted earlier run left running
     data_dir = Path(f"/var/tmp/stackml-e2e-{os.getpid()}")
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True, mode=0o755)

@@ -382,3 +382,25 @@ def test_pure_v2_layout(root: Path, keypair: tuple[str, str]):
     v2.delete_server(ref.id)
     assert not Path(cgroups[0]).exists()
     assert leak_report(root, cg_root) == []
+
+
+def test_sandboxes_of_a_run_killed_before_its_cleanup_are_reaped_by_the_next(
+    root: Path, keypair: tuple[str, str]
+):
+    # a test tier killed mid-run (its pytest gone) leaves its sandboxes' sshd running; the next
+    # run of the tier reaps them through the backend and removes the dead run's data dir, and
+    # never touches a run whose process still lives
+    import subprocess
+
+    from tests.envutil import reap_dead_runs
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    base = root.parent
+    dead, live = base / f"stackml-t-{gone.pid}", base / f"stackml-t-{os.getppid()}"
+    left = SandboxBackend(dead / "sandboxes", [SMALL]).create_server(spec(keypair[1]))
+    (live / "sandboxes").mkdir(parents=True)
+    assert leak_report(dead / "sandboxes")  # its sshd runs
+    assert reap_dead_runs("t", base=base) == [dead]
+    assert not dead.exists() and live.is_dir()
+    assert not [p for p in leak_report(dead / "sandboxes") if left.id in p]
