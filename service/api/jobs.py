@@ -416,28 +416,15 @@ def cancel(job_id: str) -> tuple[Response, int]:
 
 def _request_cancel(s: Session, job: Job) -> bool:
     """Move the job towards CANCELLED; True when a worker must tear servers down."""
-    for _ in range(10):  # each lost race means the job moved on: look again
+    outcome = repo.request_cancel(s, job.id)
+    if outcome is repo.CancelRequest.FINISHED:
         s.expire(job)
-        state = JobState(job.state)
-        if state.terminal:
-            raise JobTerminal(
-                f"job {job.id} already finished ({state.value})", details={"state": state.value}
-            )
-        if state is JobState.CANCELLING:
-            return False  # asked before: idempotent
-        if not repo.transition(
-            s, job.id, state, JobState.CANCELLING, "cancel requested", cancel_requested=True
-        ):
-            continue
-        if state is JobState.QUEUED:
-            # nothing was allocated for this attempt: finish at once (via CANCELLING, the
-            # only way the transition table allows); leftover servers are teardown debts
-            repo.transition(
-                s, job.id, JobState.CANCELLING, JobState.CANCELLED, "cancelled before allocation"
-            )
-            return False
-        return True
-    raise InvalidRequest(f"job {job.id} is changing state too fast to cancel; retry")
+        raise JobTerminal(
+            f"job {job.id} already finished ({job.state})", details={"state": job.state}
+        )
+    if outcome is repo.CancelRequest.BUSY:
+        raise InvalidRequest(f"job {job.id} is changing state too fast to cancel; retry")
+    return outcome is repo.CancelRequest.TEARDOWN
 
 
 @bp.delete("/v1/jobs/<job_id>")

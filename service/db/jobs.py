@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -126,6 +127,43 @@ def list_jobs(
     rows = list(s.scalars(q))
     nxt = rows[limit - 1].id if len(rows) > limit else None
     return rows[:limit], nxt
+
+
+class CancelRequest(enum.Enum):
+    """What asking a job to cancel did (request_cancel)."""
+
+    TEARDOWN = "teardown"  # CANCELLING now: a worker must tear its servers down
+    CANCELLED = "cancelled"  # it was QUEUED: CANCELLED at once, nothing to tear down
+    ASKED_BEFORE = "asked_before"  # already CANCELLING
+    FINISHED = "finished"  # already terminal (or gone)
+    BUSY = "busy"  # it changed state under us ten times running
+
+
+def request_cancel(s: Session, job_id: str, why: str = "cancel requested") -> CancelRequest:
+    """Move a live job towards CANCELLED: QUEUED ends CANCELLED at once (via CANCELLING, the
+    only way the transition table allows; leftover servers are teardown debts), any other
+    live state goes CANCELLING for the cancel task. Each lost race means the job moved on:
+    look again. What POST /v1/jobs/{id}/cancel and a schedule's Replace both do."""
+    for _ in range(10):
+        raw = s.scalar(
+            select(Job.state).where(Job.id == job_id).execution_options(populate_existing=True)
+        )
+        if raw is None:
+            return CancelRequest.FINISHED
+        state = JobState(raw)
+        if state.terminal:
+            return CancelRequest.FINISHED
+        if state is JobState.CANCELLING:
+            return CancelRequest.ASKED_BEFORE
+        if not transition(s, job_id, state, JobState.CANCELLING, why, cancel_requested=True):
+            continue
+        if state is JobState.QUEUED:
+            transition(
+                s, job_id, JobState.CANCELLING, JobState.CANCELLED, "cancelled before allocation"
+            )
+            return CancelRequest.CANCELLED
+        return CancelRequest.TEARDOWN
+    return CancelRequest.BUSY
 
 
 def transition(

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pydantic import ValidationError
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import queue, trusts
@@ -37,7 +36,6 @@ from service.domain import outputs
 from service.domain import schedules as dom
 from service.domain.errors import StackMLError
 from service.domain.spec import JobSpec, unbuilt_fields
-from service.domain.states import JobState
 
 log = logging.getLogger("stackml.worker.schedules")
 
@@ -202,25 +200,10 @@ def _create_job(s: Session, settings: Settings, sch: Schedule, slot: datetime) -
 
 
 def _request_cancel(s: Session, job_id: str, schedule: str) -> bool:
-    """Move a live job towards CANCELLED, as POST /v1/jobs/{id}/cancel does (service/api/
-    jobs.py): True when a worker must tear its servers down (stackml.cancel)."""
-    for _ in range(10):  # each lost race means the job moved on: look again
-        raw = s.scalar(select(Job.state).where(Job.id == job_id))
-        if raw is None:
-            return False
-        state = JobState(raw)
-        if state.terminal or state is JobState.CANCELLING:
-            return False
-        why = f"cancel requested by schedule {schedule} (concurrency Replace)"
-        if not jobs_repo.transition(
-            s, job_id, state, JobState.CANCELLING, why, cancel_requested=True
-        ):
-            continue
-        if state is JobState.QUEUED:
-            jobs_repo.transition(
-                s, job_id, JobState.CANCELLING, JobState.CANCELLED, "cancelled before allocation"
-            )
-            return False
-        return True
-    log.warning("job %s changes state too fast to cancel for schedule %s", job_id, schedule)
-    return False
+    """Cancel the live run a Replace slot replaces (service/db/jobs.py request_cancel, as
+    POST /v1/jobs/{id}/cancel does): True when a worker must tear its servers down."""
+    why = f"cancel requested by schedule {schedule} (concurrency Replace)"
+    outcome = jobs_repo.request_cancel(s, job_id, why)
+    if outcome is jobs_repo.CancelRequest.BUSY:
+        log.warning("job %s changes state too fast to cancel for schedule %s", job_id, schedule)
+    return outcome is jobs_repo.CancelRequest.TEARDOWN
