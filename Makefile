@@ -5,8 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PYTEST_ARGS ?=
+# Horizon's virtualenv (the dashboard plugin's tests) is built once here, beside the devcloud's
+DEVCLOUD_VENVS ?= $(or $(STACKML_DEVCLOUD_VENVS),/var/cache/stackml/devcloud-venvs)
 
-.PHONY: help venv deps demo up test test-unit test-integration test-e2e lint format typecheck bench clean
+.PHONY: help venv deps demo demo-loop up test test-unit test-integration test-e2e test-dashboard lint format typecheck bench clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -26,11 +28,14 @@ deps: venv ## Install system packages (openssh-server, python3-venv) and the Pyt
 demo: deps ## Train the example model end to end on the local default and print where it went
 	$(VENV)/bin/stackml demo
 
+demo-loop: deps ## The closed loop on the local default: feedback -> dataset -> scheduled retraining -> gate -> promotion
+	$(VENV)/bin/stackml demo --loop
+
 up: deps ## Run the local platform (API + worker + beat) in the foreground
 	$(VENV)/bin/stackml up
 
-test: deps ## Run the whole test-suite (unit, integration, e2e)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: deps ## Run the whole test-suite: chaos alone, then cloud beside unit+integration+e2e
+	PY=$(PY) bash scripts/test-all.sh $(PYTEST_ARGS)
 
 test-unit: venv ## Run the unit tests only
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -40,6 +45,10 @@ test-integration: deps ## Run the integration tests (PostgreSQL, Redis, Celery, 
 
 test-e2e: deps ## Run the end-to-end tests (API + worker + sandboxes + TensorFlow)
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+test-dashboard: venv ## Run the Horizon plugin's unit tests (dashboard/) in Horizon's own virtualenv
+	@hv="$$($(PY) -m devcloud.venvs horizon $(DEVCLOUD_VENVS))" && cd dashboard && \
+	  PYTHONPATH="$(CURDIR):$(CURDIR)/dashboard" "$$hv/bin/python" manage.py test stackml_dashboard
 
 lint: venv ## ruff lint + format check
 	$(VENV)/bin/ruff check .

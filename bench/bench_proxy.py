@@ -13,8 +13,18 @@ Phases, each BENCH_PROXY_SECONDS long (default 8), after a warm-up:
   and every answer's X-Model-Version checked against its body.
 
 The API runs in its own process (werkzeug's threaded server, as `stackml up` runs it; SQLite;
-the real Redis rate limiter when one answers on 127.0.0.1:6379), the load in this one. Prints
-the figures, then one JSON line with every figure.
+the real Redis rate limiter when one answers on 127.0.0.1:6379), the load in this one.
+
+Placement (BENCH_PROXY_PIN, default 1 where this process may use 2 CPUs or more): the API gets
+one CPU of its own, the model servers and the load generator the others, in every phase, direct
+ones included. That is the deployment's shape (the API on the control plane's hosts, replicas on
+their own servers): on a 2-CPU machine without it, the direct phases have the two CPUs for the
+replica and the load while the proxied ones squeeze a third busy process onto them, and the
+ratio measures the machine's size more than the proxy. BENCH_PROXY_PIN=0 runs unpinned.
+The CPU each request costs in the API process and in the replica (from /proc, all threads) is
+printed too: it does not depend on placement.
+
+Prints the figures, then one JSON line with every figure.
 """
 
 from __future__ import annotations
@@ -44,6 +54,20 @@ BUILDER = REPO / "tests" / "integration" / "savedmodels.py"
 PROJECT = "local"
 MODEL = "lin"
 ROW = json.dumps({"instances": [[0.5] * 20]}).encode()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of process `pid`, all its threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _placement() -> tuple[set[int], set[int]] | None:
+    """(the API's CPUs, everything else's), or None: unpinned."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if os.environ.get("BENCH_PROXY_PIN", "1") == "0" or len(cpus) < 2:
+        return None
+    return {cpus[-1]}, set(cpus[:-1])
 
 
 def _port() -> int:
@@ -188,6 +212,9 @@ def main() -> int:
     with environ({"STACKML_RUNTIME_ROOT": RUNTIME_ROOT}):
         settings = Settings()
         python = ensure_runtime(settings, settings.default_runtime, echo=print)
+    placement = _placement()
+    if placement is not None:  # before any thread starts: the load's threads inherit it
+        os.sched_setaffinity(0, placement[1])
     tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -205,15 +232,23 @@ def main() -> int:
             port = _port()
             log = open(tmp / f"server-{port}.log", "wb")
             p = subprocess.Popen(
-                [str(python), str(SERVER), f"--rest_api_port={port}", f"--model_name={MODEL}",
-                 f"--model_base_path={tmp / 'models' / 'linear'}", "--rest_api_bind=127.0.0.1"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    str(python),
+                    str(SERVER),
+                    f"--rest_api_port={port}",
+                    f"--model_name={MODEL}",
+                    f"--model_base_path={tmp / 'models' / 'linear'}",
+                    "--rest_api_bind=127.0.0.1",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )  # fmt: skip
             procs.append(p)
             _wait_http(port, f"/v1/models/{MODEL}", 300, p)
             return p, port
 
-        (_, direct_port), (old_proc, old_port) = model_server(), model_server()
+        (replica_proc, direct_port), (old_proc, old_port) = model_server(), model_server()
         db = f"sqlite:///{tmp / 'stackml.db'}"
         redis_ok = _redis_answers()
         api_port = _port()
@@ -233,9 +268,11 @@ def main() -> int:
             },
         }
         api_log = open(tmp / "api.log", "wb")
+        api_cpus = placement[0] if placement is not None else None
         api = subprocess.Popen(
             [sys.executable, __file__, "--serve-api", json.dumps(cfg)],
             stdout=api_log, stderr=subprocess.STDOUT, cwd=REPO,
+            preexec_fn=(lambda: os.sched_setaffinity(0, api_cpus)) if api_cpus else None,
         )  # fmt: skip
         procs.append(api)
         _wait_http(api_port, "/healthz", 60, api)
@@ -249,10 +286,28 @@ def main() -> int:
         proxied = f"/v1/models/{MODEL}:predict"
         Load(direct_port, direct, 1, 1.0).run()  # warm-up
         Load(api_port, proxied, 1, 1.0).run()
-        figures: dict[str, Any] = {"clients": CLIENTS, "seconds": SECONDS, "redis": redis_ok}
-        figures["latency_direct"] = Load(direct_port, direct, 1, SECONDS).run()
-        figures["latency_proxy"] = Load(api_port, proxied, 1, SECONDS).run()
-        figures["latency_api_healthz"] = Load(api_port, "/healthz", 1, SECONDS).run()
+        figures: dict[str, Any] = {
+            "clients": CLIENTS,
+            "seconds": SECONDS,
+            "redis": redis_ok,
+            "pinned": None
+            if placement is None
+            else {"api": sorted(placement[0]), "replica_and_load": sorted(placement[1])},
+        }
+        cpu_ms: dict[str, dict[str, float]] = {}
+        for key, port, path in (
+            ("latency_direct", direct_port, direct),
+            ("latency_proxy", api_port, proxied),
+            ("latency_api_healthz", api_port, "/healthz"),
+        ):
+            before = (_cpu_seconds(api.pid), _cpu_seconds(replica_proc.pid))
+            figures[key] = Load(port, path, 1, SECONDS).run()
+            n = max(1, figures[key]["requests"])
+            cpu_ms[key] = {
+                "api": round((_cpu_seconds(api.pid) - before[0]) * 1000 / n, 3),
+                "replica": round((_cpu_seconds(replica_proc.pid) - before[1]) * 1000 / n, 3),
+            }
+        figures["cpu_ms_per_request"] = cpu_ms
         runs: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": []}
         for _ in range(2):
             runs["direct"].append(Load(direct_port, direct, CLIENTS, SECONDS).run())
@@ -360,6 +415,19 @@ def _report(f: dict[str, Any]) -> None:
     print(f"             proxy  p50 {lp['p50_ms']} ms p99 {lp['p99_ms']} ms ({lp['rps']} req/s)")
     lh = f["latency_api_healthz"]
     print(f"             API floor (GET /healthz) p50 {lh['p50_ms']} ms p99 {lh['p99_ms']} ms")
+    cpu = f["cpu_ms_per_request"]
+    print(
+        f"CPU per request: API {cpu['latency_proxy']['api']} ms proxied, "
+        f"{cpu['latency_api_healthz']['api']} ms GET /healthz; replica "
+        f"{cpu['latency_direct']['replica']} ms direct"
+    )
+    pinned = f["pinned"]
+    print(
+        "placement: unpinned"
+        if pinned is None
+        else f"placement: API on CPU {pinned['api']}, replica and load on "
+        f"{pinned['replica_and_load']}"
+    )
     print(
         f"             added p50 {f['added_p50_ms_sequential']} ms, "
         f"p99 {f['added_p99_ms_sequential']} ms (target <= 1 ms)"

@@ -16,6 +16,7 @@ BENCHES = [
     "bench_serving.py",
     "bench_proxy.py",
     "bench_jobs_list.py",
+    "bench_batch.py",
 ]
 
 

@@ -1,4 +1,4 @@
-"""`stackml devcloud up | down | env | status`: the development cloud from the command line."""
+"""`stackml devcloud up | down | env | status | horizon`: the development cloud, by command."""
 
 from __future__ import annotations
 
@@ -124,6 +124,43 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             _print_status(st)
         if not cloud.is_up():
             sys.exit(1)
+
+
+@devcloud.command("horizon")
+@_state_dir_option
+@click.option("--port", type=int, default=8000, show_default=True, help="Horizon's port.")
+@click.option(
+    "--api-url",
+    default=None,
+    help="Point the catalog's `machine-learning` endpoint at this stackml API first (default: "
+    "keep it; `stackml up --devcloud` registers its own URL).",
+)
+def horizon(state_dir: Path | None, port: int, api_url: str | None) -> None:
+    """Run real Horizon with stackml's dashboard against the devcloud (foreground; Ctrl-C
+    stops it). Builds Horizon's virtualenv once."""
+    import os
+
+    from devcloud import DevCloudError, venvs
+    from devcloud import horizon as hz
+    from devcloud.cloud import DevCloud
+
+    with _errors():
+        cloud = DevCloud(state_dir)
+        if not cloud.is_up():
+            raise DevCloudError("the devcloud is not running: `stackml devcloud up` first")
+        if api_url:
+            cloud.register_stackml(api_url)
+        venv = venvs.ensure_venv(cloud.venv_root, "horizon", venvs.HORIZON_REQUIREMENTS, echo=_echo)
+        work = cloud.state_dir / "horizon"
+        hz.write_settings(work, cloud.auth_url)
+        _echo(
+            f"Horizon on http://127.0.0.1:{port}/machine_learning/ (stackml at "
+            f"{cloud.stackml_url}) -- log in as demo / {cloud.password('demo')} (project demo) "
+            f"or alt / {cloud.password('alt')}"
+        )
+        os.chdir(work)
+        argv = hz.server_command(venv, "127.0.0.1", port)
+        os.execve(argv[0], argv, hz.server_env(work))
 
 
 def _dir_arg(state_dir: Path | None) -> str:

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 
 HOST = "127.0.0.1"
 DEFAULT_PORTS = {"keystone": 5000, "swift": 8090, "emulator": 8774}
+# the catalog's machine-learning endpoint: where `stackml up --devcloud` listens by default
+# (`register_stackml` points it elsewhere); Horizon's plugin and `openstack ml` find it there
+ML_SERVICE_TYPE = "machine-learning"
+DEFAULT_STACKML_PORT = 8080
 EMULATOR_READY_DEADLINE = 60.0
 USER_CLOUDS = {
     # cloud name -> (user, project)
@@ -108,6 +112,9 @@ class DevCloud:
         self.ports = Ports(**{k: v for k, v in state.get("ports", {}).items() if k in _PORT_KEYS})
         self.projects: dict[str, str] = dict(state.get("projects", {}))
         self._configured: str = str(state.get("configured", ""))
+        self.stackml_url: str = str(
+            state.get("stackml_url") or f"http://{host}:{DEFAULT_STACKML_PORT}"
+        )
 
     # -- where things are ----------------------------------------------------------------
 
@@ -262,6 +269,7 @@ class DevCloud:
                     "compute": ("nova", f"{self.emulator_url}/compute/v2.1"),
                     "network": ("neutron", f"{self.emulator_url}/network"),
                     "image": ("glance", f"{self.emulator_url}/image"),
+                    ML_SERVICE_TYPE: ("stackml", self.stackml_url),
                 }
                 fingerprint = _fingerprint(self.keystone_url, endpoints, pw)
                 if fingerprint != self._configured or not self.projects:
@@ -284,6 +292,19 @@ class DevCloud:
                 self._stop_all(echo)
                 raise
             echo(f"devcloud up in {time.monotonic() - t0:.1f}s (state in {self.state_dir})")
+
+    def register_stackml(self, url: str) -> None:
+        """Point the catalog's machine-learning endpoint at the stackml API at `url` (after
+        `up`; kept by later `up`s)."""
+        with self._locked():
+            if not self.projects:
+                raise DevCloudError(f"no devcloud in {self.state_dir}: `stackml devcloud up` first")
+            keystone.register_endpoint(
+                self.keystone_url, self.admin_password, ML_SERVICE_TYPE, "stackml", url
+            )
+            self.stackml_url = url
+            self._configured = ""  # the next `up` re-applies the catalog with this URL
+            self._save_state()
 
     def start_emulator(self, echo: Echo = _silent) -> None:
         """Start the Nova/Neutron/Glance emulator on its reserved port (after `up`)."""
@@ -504,12 +525,28 @@ class DevCloud:
     def platform_env(self) -> dict[str, str]:
         """What `stackml up --devcloud` runs with: the admin environment of env(), the service
         cloud the platform acts as (`devcloud-stackml` of clouds.yaml) and `m1.small`, the
-        emulator's smallest flavor, as the default one (a value already set for either is kept)."""
+        emulator's smallest flavor, as the default one (a value already set for either is kept).
+        With STACKML_AUTH=keystone, the API checks tokens with the devcloud's Keystone."""
         out = self.env()
         out["STACKML_OPENSTACK_CLOUD"] = os.environ.get(
             "STACKML_OPENSTACK_CLOUD", "devcloud-stackml"
         )
         out["STACKML_DEFAULT_FLAVOR"] = os.environ.get("STACKML_DEFAULT_FLAVOR", "m1.small")
+        if os.environ.get("STACKML_AUTH") == "keystone" and not os.environ.get(
+            "STACKML_KEYSTONE_AUTHTOKEN"
+        ):
+            # tokens checked by the devcloud's Keystone, as the stackml service user
+            out["STACKML_KEYSTONE_AUTHTOKEN"] = json.dumps(
+                {
+                    "auth_url": self.auth_url,
+                    "username": "stackml",
+                    "password": self.password("stackml"),
+                    "project_name": "service",
+                    "user_domain_name": "Default",
+                    "project_domain_name": "Default",
+                    "region_name": keystone.REGION,
+                }
+            )
         return out
 
     def env(self) -> dict[str, str]:
@@ -578,6 +615,7 @@ class DevCloud:
             "ports": asdict(self.ports),
             "projects": self.projects,
             "configured": self._configured,
+            "stackml_url": self.stackml_url,
         }
         tmp = self.state_dir / "state.json.tmp"
         tmp.write_text(json.dumps(data, indent=2) + "\n")

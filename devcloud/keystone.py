@@ -302,3 +302,15 @@ def configure(
             "`stackml devcloud down` then `up` starts it afresh"
         ) from e
     return projects
+
+
+def register_endpoint(
+    auth_url: str, admin_password: str, service_type: str, name: str, url: str
+) -> None:
+    """One catalog entry (service + public endpoint in the devcloud's region), made or moved."""
+    from keystoneauth1 import exceptions as ks_exc
+
+    try:
+        _Identity(auth_url, admin_password).ensure_endpoint(service_type, name, url)
+    except ks_exc.ClientException as e:
+        raise DevCloudError(f"registering {service_type} at {url} in {auth_url} failed: {e}") from e

@@ -1,4 +1,4 @@
-"""Keystone's and Swift's own virtualenvs: built once with uv under a lock, reused by every run.
+"""Keystone's, Swift's and Horizon's own virtualenvs: built once with uv under a lock, reused.
 
 Each service pins many libraries of its own, so each gets a venv apart from the project's.
 A venv is complete when its `.complete` marker names the same requirements it was built for.
@@ -20,6 +20,8 @@ from service.runtime import run_build_step, uv_bin
 
 KEYSTONE_REQUIREMENTS = ("keystone==30.0.0", "gunicorn")
 SWIFT_REQUIREMENTS = ("swift==2.38.3", "keystonemiddleware==13.0.1")
+# Horizon (Django 5.2) for the dashboard plugin's unit and browser tests (dashboard/)
+HORIZON_REQUIREMENTS = ("horizon==27.0.0",)
 BUILD_TIMEOUT = 900
 
 
@@ -79,3 +81,29 @@ def _run(argv: list[str], env: dict[str, str]) -> None:
         hint="; check the network to the package index, then run `stackml devcloud up` again",
         timeout=BUILD_TIMEOUT,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m devcloud.venvs horizon|keystone|swift [ROOT]`: build the venv if needed and
+    print its directory (Makefile and CI use it for Horizon's)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    wanted = {
+        "horizon": HORIZON_REQUIREMENTS,
+        "keystone": KEYSTONE_REQUIREMENTS,
+        "swift": SWIFT_REQUIREMENTS,
+    }
+    if not args or args[0] not in wanted or len(args) > 2:
+        print("usage: python -m devcloud.venvs horizon|keystone|swift [ROOT]", file=sys.stderr)
+        return 2
+    root = (
+        Path(args[1])
+        if len(args) > 1
+        else Path(os.environ.get("STACKML_DEVCLOUD_VENVS", "/var/cache/stackml/devcloud-venvs"))
+    )
+    echo = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    print(ensure_venv(root, args[0], wanted[args[0]], echo=echo))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,6 +20,7 @@ from service.domain.errors import StackMLError
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+FEEDBACK_BATCH = 1000  # items per POST /v1/models/{name}/feedback
 # Names never staged with a trainer package: caches and version-control / tool state.
 EXCLUDED_DIRS = frozenset(
     {"__pycache__", ".git", ".hg", ".svn", ".venv", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
@@ -299,6 +300,48 @@ class StackMLClient:
         result: Json = self._json("POST", "/v1/jobs", json=dict(spec))
         return result
 
+    def predict_batch(
+        self,
+        model: str,
+        input_uris: Sequence[str],
+        output_prefix: str,
+        *,
+        version: int | None = None,
+        label: str | None = None,
+        format: str | None = None,
+        batch_size: int | None = None,
+        shard_rows: int | None = None,
+        name: str | None = None,
+        flavor: str | None = None,
+        max_workers: int | None = None,
+    ) -> Json:
+        """Submit a batch_prediction job: `model`'s `version` or `label` (default: the
+        `default` label, resolved once, now) over `input_uris`, into `output_prefix`, on
+        `max_workers` servers (default 1)."""
+        pred: dict[str, Any] = {
+            "model": model,
+            "input_uris": list(input_uris),
+            "output_prefix": output_prefix,
+        }
+        for key, value in (
+            ("version", version),
+            ("label", label),
+            ("format", format),
+            ("batch_size", batch_size),
+            ("shard_rows", shard_rows),
+            ("max_workers", max_workers),
+        ):
+            if value is not None:
+                pred[key] = value
+        spec: dict[str, Any] = {
+            "name": name or f"{model}-batch",
+            "type": "batch_prediction",
+            "prediction": pred,
+        }
+        if flavor:
+            spec["resources"] = {"flavor": flavor}
+        return self.create_job(spec)
+
     def list_jobs(
         self,
         state: str | Sequence[str] | None = None,
@@ -469,6 +512,10 @@ class StackMLClient:
         with p.open("rb") as fh:
             return self._upload(fh, p.name)
 
+    def upload_package_file(self, fh: BinaryIO, filename: str | None = None) -> Json:
+        """Upload a `.tar.gz` trainer package from an open binary file (a web form's upload)."""
+        return self._upload(fh, filename)
+
     def _upload(self, fh: BinaryIO, filename: str | None = None) -> Json:
         result: Json = self._json(
             "POST",
@@ -540,6 +587,16 @@ class StackMLClient:
             body["expected_version"] = expected_version
         result: Json = self._json(
             "PUT", f"/v1/models/{_seg(model)}/labels/{_seg(label)}", json=body
+        )
+        return result
+
+    def rollback_label(self, model: str, label: str = "default", *, why: str = "") -> Json:
+        """Move `label` back to the version it pointed at before its last move (409
+        rollback_unavailable when there is none, or it is no longer READY)."""
+        result: Json = self._json(
+            "POST",
+            f"/v1/models/{_seg(model)}/labels/{_seg(label)}:rollback",
+            json={"why": why},
         )
         return result
 
@@ -697,6 +754,66 @@ class StackMLClient:
             raise _api_error(resp)
         return body if isinstance(body, dict) else {"status": body}
 
+    # -- feedback and datasets -------------------------------------------------------------------
+
+    def post_feedback(self, model: str, items: Sequence[Mapping[str, Any]]) -> Json:
+        """Labels for the model's predictions: items of {"request_id", "label", "time"?}, sent
+        in batches of at most 1000 (each batch all or nothing). The counts, summed."""
+        total: Json = {"model": model, "received": 0, "created": 0, "updated": 0, "unchanged": 0}
+        batch = list(items)
+        for i in range(0, len(batch), FEEDBACK_BATCH):
+            body = {"feedback": [dict(it) for it in batch[i : i + FEEDBACK_BATCH]]}
+            out = self._json("POST", f"/v1/models/{_seg(model)}/feedback", json=body)
+            for key in ("received", "created", "updated", "unchanged"):
+                total[key] += int(out.get(key, 0))
+        return total
+
+    def create_dataset(
+        self,
+        name: str,
+        model: str,
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        holdout_fraction: float | None = None,
+        format: str | None = None,
+    ) -> Json:
+        """Build a new version of dataset `name` (202, BUILDING) from `model`'s logged
+        predictions joined with their feedback."""
+        body: dict[str, Any] = {"name": name, "model": model}
+        if start is not None or end is not None:
+            body["window"] = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+        if holdout_fraction is not None:
+            body["holdout_fraction"] = holdout_fraction
+        if format is not None:
+            body["format"] = format
+        result: Json = self._json("POST", "/v1/datasets", json=body)
+        return result
+
+    def list_datasets(self) -> list[Json]:
+        return _items(self._json("GET", "/v1/datasets"), "datasets")
+
+    def get_dataset(self, name: str) -> Json:
+        result: Json = self._json("GET", f"/v1/datasets/{_seg(name)}")
+        return result
+
+    def get_dataset_version(self, name: str, version: int) -> Json:
+        result: Json = self._json("GET", f"/v1/datasets/{_seg(name)}/versions/{int(version)}")
+        return result
+
+    def wait_dataset(self, name: str, version: int, timeout: float = 300.0) -> Json:
+        """Poll a version until it is READY or FAILED; TimeoutError past `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            dv = self.get_dataset_version(name, version)
+            if dv.get("state") in ("READY", "FAILED"):
+                return dv
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"dataset {name} version {version} still {dv.get('state')} after {timeout}s"
+                )
+            time.sleep(0.5)
+
     # -- schedules -------------------------------------------------------------------------------
 
     def create_schedule(
@@ -710,8 +827,10 @@ class StackMLClient:
         catchup: str | None = None,
         max_catchup: int | None = None,
         paused: bool = False,
+        dataset: str | None = None,
     ) -> Json:
-        """A schedule that submits `job` (a job spec) at each slot of `cron` in `timezone`."""
+        """A schedule that submits `job` (a job spec) at each slot of `cron` in `timezone`;
+        with `dataset`, each slot rebuilds that dataset first and the job trains on it."""
         body: dict[str, Any] = {"name": name, "cron": cron, "timezone": timezone, "job": dict(job)}
         if concurrency is not None:
             body["concurrency"] = concurrency
@@ -721,6 +840,8 @@ class StackMLClient:
             body["max_catchup"] = max_catchup
         if paused:
             body["paused"] = True
+        if dataset is not None:
+            body["dataset"] = dataset
         result: Json = self._json("POST", "/v1/schedules", json=body)
         return result
 
@@ -747,6 +868,56 @@ class StackMLClient:
         """The slots the schedule handled, latest first."""
         body = self._json("GET", f"/v1/schedules/{_seg(ref)}/runs", params={"limit": int(limit)})
         return _items(body, "runs")
+
+    # -- quotas, usage, flavors, pinned deploys ----------------------------------------------------
+
+    def get_quotas(self, project: str | None = None) -> Json:
+        """The project's limits, in_use, queued, defaults and overrides (None: the caller's)."""
+        path = "/v1/quotas" if project is None else f"/v1/quotas/{_seg(project)}"
+        result: Json = self._json("GET", path)
+        return result
+
+    def set_quotas(self, project: str, limits: Mapping[str, int | None]) -> Json:
+        """Admin: override `project`'s limits (jobs, servers, gpus; None drops an override)."""
+        result: Json = self._json("PUT", f"/v1/quotas/{_seg(project)}", json=dict(limits))
+        return result
+
+    def reset_quotas(self, project: str) -> None:
+        """Admin: back to the configured defaults."""
+        self._json("DELETE", f"/v1/quotas/{_seg(project)}")
+
+    def usage(
+        self,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        project: str | None = None,
+        all_projects: bool = False,
+    ) -> Json:
+        """VM-seconds, GPU-hours and cost per job, endpoint and project in a window."""
+        params = {k: v for k, v in (("since", since), ("until", until), ("project", project)) if v}
+        if all_projects:
+            params["all_projects"] = "true"
+        result: Json = self._json("GET", "/v1/usage", params=params)
+        return result
+
+    def list_flavors(self, *, gpus: int | None = None, gpu_type: str | None = None) -> list[Json]:
+        params: dict[str, Any] = {}
+        if gpus is not None:
+            params["gpus"] = int(gpus)
+        if gpu_type:
+            params["gpu_type"] = gpu_type
+        return _items(self._json("GET", "/v1/flavors", params=params), "flavors")
+
+    def deploy_version(
+        self, model: str, version: int, *, replicas: int | None = None, flavor: str | None = None
+    ) -> Json:
+        """An endpoint pinned to `version`, or the live endpoint moved to it (202)."""
+        body = {k: v for k, v in (("replicas", replicas), ("flavor", flavor)) if v is not None}
+        result: Json = self._json(
+            "POST", f"/v1/models/{_seg(model)}/versions/{int(version)}/deploy", json=body
+        )
+        return result
 
 
 def build_package(directory: str | os.PathLike[str], out: BinaryIO) -> None:

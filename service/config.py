@@ -117,6 +117,16 @@ class Settings(BaseSettings):
     serving_drain_seconds: float = Field(default=2.0, ge=0)
     serving_max_failures: int = Field(default=3, ge=1)
     serving_max_replicas: int = Field(default=16, ge=1)
+    # Evaluation gates (workers/steps/evaluate.py): an evaluation not decided this long after
+    # its job SUCCEEDED is refused `evaluation_failed` (and its server deleted); the evaluator
+    # command's own limit; the holdout's limits (objects, bytes, rows); the evaluator's flavor
+    # (None: default_flavor).
+    evaluation_deadline: float = Field(default=1800.0, gt=0)
+    evaluation_run_timeout: float = Field(default=480.0, gt=0, le=500)
+    evaluation_max_holdout_objects: int = Field(default=1000, ge=1)
+    evaluation_max_holdout_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    evaluation_max_rows: int = Field(default=1_000_000, ge=1)
+    evaluation_flavor: str | None = None
     # metric points stored per job; later metric lines are logged and skipped
     max_metric_points: int = Field(default=10_000, ge=0)
     boot_deadline: float = 60

@@ -18,6 +18,7 @@ CANCEL = "stackml.cancel"
 RECONCILE = "stackml.reconcile"
 CONVERGE_ENDPOINT = "stackml.converge_endpoint"  # an endpoint id, not a job id
 REGISTER_VERSION = "stackml.register_version"  # a model_versions.id, not a job id
+BUILD_DATASET = "stackml.build_dataset"  # a dataset_versions.id, not a job id
 
 
 @functools.cache

@@ -38,6 +38,13 @@ app.conf.update(
             "schedule": 5.0,
             "options": {"expires": 10},
         },
+        # the serving log's index (workers/steps/serving_index.py): two passes at once, a
+        # lost or expired message are harmless (unique keys decide what is indexed)
+        "index-serving-logs": {
+            "task": "stackml.index_serving_logs",
+            "schedule": 30.0,
+            "options": {"expires": 60},
+        },
     },
 )
 

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from service import queue
 from service.config import Settings
-from service.db.models import Endpoint, Job, utcnow
+from service.db.models import Endpoint, Job, ModelEvaluation, utcnow
 from service.db.session import session_scope
 from service.domain.states import PHASE_OF_STATE, JobState, Phase
 
@@ -92,7 +92,7 @@ def no_live_lease() -> ColumnElement[bool]:
 
 # -- a row's step lease: jobs' (here) and endpoints' (workers/steps/serve.py) -----------------
 
-LeasedTable = type[Job] | type[Endpoint]
+LeasedTable = type[Job] | type[Endpoint] | type[ModelEvaluation]
 
 
 def lease_free(table: LeasedTable) -> ColumnElement[bool]:

@@ -26,7 +26,7 @@ from service.domain.errors import BackendError
 from service.domain.states import TERMINAL, JobState, ResourceState
 from workers import jobctx, pipeline
 from workers.jobctx import db, log
-from workers.steps import register, teardown
+from workers.steps import evaluate, register, teardown
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Report:
     endpoints: list[str] = field(default_factory=list)  # endpoints re-driven
     endpoint_trusts: list[str] = field(default_factory=list)  # DELETED ones' trusts deleted
     versions: list[int] = field(default_factory=list)  # model versions re-registered
+    evaluations: list[int] = field(default_factory=list)  # evaluation gates re-driven
 
 
 def run() -> Report:
@@ -52,6 +53,7 @@ def run() -> Report:
     _endpoints(report)
     stuck = utcnow() - timedelta(seconds=jobctx.settings().stuck_after)
     report.versions = register.redrive_stalled(stuck)  # lost stackml.register_version tasks
+    report.evaluations = evaluate.redrive_stalled(stuck)  # lost stackml.evaluate tasks
     return report
 
 

@@ -7,7 +7,19 @@ from service import queue
 from workers.base import JobTask
 from workers.celery_app import app
 from workers.pipeline import limits
-from workers.steps import allocate, export, poll, provision, register, schedules, serve, teardown
+from workers.steps import (
+    allocate,
+    datasets,
+    evaluate,
+    export,
+    poll,
+    provision,
+    register,
+    schedules,
+    serve,
+    serving_index,
+    teardown,
+)
 
 
 def _limits(task: str) -> dict[str, int]:
@@ -65,6 +77,11 @@ def register_version_task(version_id: str) -> None:
     register.run(version_id)  # a model_versions.id (workers/steps/register.py)
 
 
+@app.task(name=evaluate.TASK, base=JobTask, time_limit=600, soft_time_limit=570)
+def evaluate_task(evaluation_id: str) -> None:
+    evaluate.run(evaluation_id)  # a model_evaluations.id (workers/steps/evaluate.py)
+
+
 @app.task(name=queue.RECONCILE, base=JobTask, max_retries=0, **_limits(queue.RECONCILE))
 def reconcile_task() -> None:
     from workers import reconciler
@@ -75,3 +92,13 @@ def reconcile_task() -> None:
 @app.task(name=schedules.TASK, base=JobTask, max_retries=0, time_limit=120, soft_time_limit=100)
 def fire_schedules_task() -> None:
     schedules.run()  # one firing pass over the schedules with a slot due (beat, every 5 s)
+
+
+@app.task(name=queue.BUILD_DATASET, base=JobTask, time_limit=600, soft_time_limit=540)
+def build_dataset_task(version_id: str) -> None:
+    datasets.run(version_id)  # a dataset_versions.id (workers/steps/datasets.py)
+
+
+@app.task(name=serving_index.TASK, base=JobTask, max_retries=0, time_limit=300, soft_time_limit=270)
+def index_serving_logs_task() -> None:
+    serving_index.run()  # one index pass over the serving logs (beat, every 30 s)

@@ -251,6 +251,11 @@ def create_app(
     from service.api import schedules as schedules_api  # /v1/schedules
 
     app.register_blueprint(schedules_api.bp)
+    from service.api import datasets as datasets_api  # /v1/datasets
+    from service.api import feedback as feedback_api  # /v1/models/<name>/feedback
+
+    app.register_blueprint(feedback_api.bp)
+    app.register_blueprint(datasets_api.bp)
     return app
 
 

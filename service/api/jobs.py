@@ -14,7 +14,7 @@ from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
 from service import queue, trusts
-from service.api import Context, bool_arg, ctx, json_body
+from service.api import Context, batch, bool_arg, ctx, json_body
 from service.api.auth import (
     all_projects_arg,
     current_project,
@@ -33,8 +33,8 @@ from service.api.errors import (
 from service.backends import registry
 from service.backends.interfaces import ObjectStore, gpu_candidates
 from service.backends.storage.local import LocalStore, check_key
+from service.db import evaluations, quotas
 from service.db import jobs as repo
-from service.db import quotas
 from service.db.models import Job, iso
 from service.domain import outputs
 from service.domain.errors import (
@@ -45,7 +45,7 @@ from service.domain.errors import (
     ServiceUnavailable,
     ValidationFailed,
 )
-from service.domain.spec import NAME_RE, JobSpec, masked_spec, unbuilt_fields
+from service.domain.spec import NAME_RE, JobSpec, masked_spec, stored, unbuilt_fields
 from service.domain.states import JobState, ResourceState
 
 bp = Blueprint("jobs", __name__)
@@ -88,23 +88,34 @@ def submit() -> tuple[Response, int, dict[str, str]]:
     project = current_project()
     spec = JobSpec.model_validate(json_body())
     _refuse_unbuilt(spec)
-    spec = _resolve(spec, project, c)
+    spec, batch_record = _resolve_job(spec, project, c)
     store = c.store_for(project)
     trust_id = _create_trust(c, project)
     try:
         with c.session() as s:
-            if spec.output.model_uri is not None:
+            reserved = spec.predicting().output_prefix if spec.batch else spec.output.model_uri
+            if reserved is not None:
                 # the row is the reservation: check and insert under one lock, so two
                 # submissions naming one new prefix cannot both pass the check
                 _lock_outputs(s, project)
-                _refuse_held_output(s, store, project, spec.output.model_uri)
+                _refuse_held_output(s, store, project, reserved)
             job = repo.create_job(s, project, spec, trust_id=trust_id)
-            data = spec.model_dump(mode="json")
-            if spec.output.model_uri is None:
-                default = outputs.default_prefix(store.project_prefix(project), job.id)
-                data["output"]["model_uri"] = store.uri(default)
+            data = stored(spec)
+            if spec.batch:
+                job.output = {"output_prefix": reserved, "prediction": batch_record}
+                if batch_record and batch_record.get("resumed"):
+                    repo.add_event(
+                        s,
+                        job.id,
+                        "submit",
+                        f"resuming the batch run under {reserved}: only missing shards run",
+                    )
+            else:
+                if spec.output.model_uri is None:
+                    default = outputs.default_prefix(store.project_prefix(project), job.id)
+                    data["output"]["model_uri"] = store.uri(default)
+                job.output = {"model_uri": data["output"]["model_uri"]}
             job.spec = data
-            job.output = {"model_uri": data["output"]["model_uri"]}
             s.flush()
             body = _public(repo.serialize_job(s, job))
     except BaseException:
@@ -150,28 +161,30 @@ def _lock_outputs(s: Session, project: str) -> None:
 
 def _output_holder(s: Session, store: ObjectStore, project: str, prefix: str) -> str | None:
     """The id of a job of `project` that holds `prefix` (a key prefix ending in '/'), a
-    prefix above it or one below it; None when no job does."""
-    col = Job.output["model_uri"].as_string()
+    prefix above it or one below it; None when no job does. A training job holds its
+    `output.model_uri`, a batch prediction job its `output.output_prefix`."""
     above = [store.uri(a) for a in outputs.ancestors(prefix)]
     above += [u.rstrip("/") for u in above]  # a model_uri stored without its slash
+    overlapping = []
+    for key in ("model_uri", "output_prefix"):
+        col = Job.output[key].as_string()
+        overlapping += [col.in_(above), col.startswith(store.uri(prefix), autoescape=True)]
     q = (
         select(Job.id)
-        .where(
-            Job.project_id == project,
-            Job.state.in_(HOLDS_OUTPUT),
-            or_(col.in_(above), col.startswith(store.uri(prefix), autoescape=True)),
-        )
+        .where(Job.project_id == project, Job.state.in_(HOLDS_OUTPUT), or_(*overlapping))
         .limit(1)
     )
     return s.scalar(q)
 
 
-def _refuse_held_output(s: Session, store: ObjectStore, project: str, uri: str) -> None:
+def _refuse_held_output(
+    s: Session, store: ObjectStore, project: str, uri: str, field: str = "output.model_uri"
+) -> None:
     holder = _output_holder(s, store, project, outputs.as_prefix(store.key_of(uri)))
     if holder is not None:
         raise OutputExists(
-            f"output.model_uri {uri} overlaps the output of job {holder}; name a new prefix",
-            details={"field": "output.model_uri", "model_uri": uri, "job_id": holder},
+            f"{field} {uri} overlaps the output of job {holder}; name a new prefix",
+            details={"field": field, "model_uri": uri, "job_id": holder},
         )
 
 
@@ -194,9 +207,18 @@ def _create_trust(c: Context, project: str) -> str | None:
     return delegate_trust(c.settings, project) if trusts.enabled(c.settings) else None
 
 
-def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
-    """Check what the schema cannot (catalogues, the store) and fill defaults; one 422
-    lists every problem."""
+def _resolve(spec: JobSpec, project: str, c: Context, *, holdout_later: bool = False) -> JobSpec:
+    """`_resolve_job`'s spec (schedules use it; `holdout_later`: a template whose gate may
+    leave holdout_uri to the dataset each slot rebuilds)."""
+    return _resolve_job(spec, project, c, holdout_later=holdout_later)[0]
+
+
+def _resolve_job(
+    spec: JobSpec, project: str, c: Context, *, holdout_later: bool = False
+) -> tuple[JobSpec, dict[str, Any] | None]:
+    """Check what the schema cannot (catalogues, the store, the model registry) and fill
+    defaults; one 422 lists every problem. For a batch prediction job, also what its output
+    records at submission (the resolved model version)."""
     settings = c.settings
     problems: list[dict[str, str]] = []
     runtimes = settings.runtimes()
@@ -231,14 +253,29 @@ def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
         why = quotas.never_fits(s, settings, project, spec, offered)
     if why:
         problems.append(field_error("resources", why))
+    if spec.batch:
+        return _resolve_batch(spec, project, c, problems, flavor)
     model_uri = spec.output.model_uri
     if model_uri is not None:
         model_uri = outputs.as_prefix(model_uri)
     store = c.store_for(project)
+    gate = spec.output.gate
+    holdout = None
+    if gate is not None and gate.holdout_uri is not None:
+        holdout = outputs.as_prefix(gate.holdout_uri)
+    elif gate is not None and not holdout_later:
+        problems.append(
+            field_error(
+                "output.gate.holdout_uri",
+                "required: the prefix of the CSV rows both versions are scored on (only a "
+                "schedule that rebuilds a dataset may leave it out)",
+            )
+        )
     checks = (
-        ("trainer.package_uri", spec.trainer.package_uri, "object"),
+        ("trainer.package_uri", spec.training().package_uri, "object"),
         ("inputs.data_uri", spec.inputs.data_uri, "prefix"),
         ("output.model_uri", model_uri, None),
+        ("output.gate.holdout_uri", holdout, "prefix"),
     )
     for field, uri, must_exist in checks:
         if uri is None:
@@ -246,6 +283,8 @@ def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
         problem = _check_uri(store, project, uri, must_exist)
         if problem is None and must_exist is None:
             problem = outputs.prefix_problem(store.key_of(uri), store.project_prefix(project))
+        if problem is None and uri is holdout:
+            problem = outputs.holdout_problem(store.key_of(uri), store.project_prefix(project))
         if problem:
             problems.append(field_error(field, problem))
     if problems:
@@ -255,11 +294,39 @@ def _resolve(spec: JobSpec, project: str, c: Context) -> JobSpec:
         _refuse_existing_output(store, model_uri)
         with c.session() as s:
             _refuse_held_output(s, store, project, model_uri)
-    data = spec.model_dump(mode="json")
+    data = stored(spec)
     if res.flavor is None and res.gpus is None:
         data["resources"]["flavor"] = flavor
     data["output"]["model_uri"] = model_uri
-    return JobSpec.model_validate(data)
+    if holdout is not None:
+        data["output"]["gate"]["holdout_uri"] = holdout
+    return JobSpec.model_validate(data), None
+
+
+def _resolve_batch(
+    spec: JobSpec, project: str, c: Context, problems: list[dict[str, str]], flavor: str | None
+) -> tuple[JobSpec, dict[str, Any]]:
+    """The batch part of `_resolve_job` (service/api/batch.py): the version, inputs, format
+    and output prefix; 422 for every problem, then 409 output_exists for a prefix in use."""
+    store = c.store_for(project)
+    with c.session() as s:
+        got = batch.resolve(s, store, project, spec.predicting(), problems, _check_uri)
+    if problems or got is None:
+        raise fields_failed(problems)
+    out = got.prediction.output_prefix
+    record = dict(got.record)
+    if batch.check_output(store, out, got.request):
+        record["resumed"] = True
+    with c.session() as s:
+        _refuse_held_output(s, store, project, out, "prediction.output_prefix")
+    data = stored(spec)
+    if spec.resources.flavor is None and spec.resources.gpus is None:
+        data["resources"]["flavor"] = flavor
+    data["prediction"] = got.prediction.model_dump(mode="json")
+    if got.prediction.version is None:
+        data["prediction"]["label"] = record["label"]
+    record["request"] = got.request
+    return JobSpec.model_validate(data), record
 
 
 def _check_uri(store: ObjectStore, project: str, uri: str, must_exist: str | None) -> str | None:
@@ -444,6 +511,12 @@ def delete(job_id: str) -> tuple[str, int]:
             raise TeardownPending(
                 f"job {job_id} still has servers being deleted; retry later",
                 details={"resources": pending},
+            )
+        if evaluations.holds_teardown(s, job_id):
+            raise TeardownPending(
+                f"job {job_id}'s evaluation gate has not decided yet (its evaluator's server "
+                "is deleted once it has); retry later",
+                details={"evaluation_pending": True},
             )
         if job.trust_id is not None:
             # the job finished moments ago: its teardown has yet to look for servers under its

@@ -20,11 +20,13 @@ from service.api.auth import current, current_project
 from service.api.errors import field_error, fields_failed
 from service.backends.interfaces import ObjectStore
 from service.backends.storage.local import check_key
+from service.db import feedback as feedback_repo
 from service.db import jobs as jobs_repo
 from service.db import registry as repo
 from service.db.models import Model, iso
 from service.domain import outputs
 from service.domain.errors import Conflict, InvalidRequest, NotFound
+from service.domain.feedback import declared_metric
 from service.domain.states import JobState
 
 bp = Blueprint("models", __name__)
@@ -70,6 +72,10 @@ class SetDefault(_Strict):
     version: StrictInt = Field(ge=1, le=MAX_VERSION)
     why: StrictStr = Field(default="", max_length=repo.MAX_WHY)
     expected_version: StrictInt | None = Field(default=None, ge=1, le=MAX_VERSION)
+
+
+class Rollback(_Strict):
+    why: StrictStr = Field(default="", max_length=repo.MAX_WHY)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -218,7 +224,16 @@ def list_versions(name: str) -> Response:
         model = _model(s, name)
         labels = repo.labels_of(s, model)
         rows = repo.list_versions(s, model)
-        return jsonify({"versions": [repo.serialize_version(v, model, labels) for v in rows]})
+        live = feedback_repo.live_metrics(s, model, [v.version for v in rows])
+        evals = repo.evaluations_of(s, model)
+        return jsonify(
+            {
+                "versions": [
+                    _with_live(repo.serialize_version(v, model, labels, evals.get(v.version)), live)
+                    for v in rows
+                ]
+            }
+        )
 
 
 @bp.get("/v1/models/<name>/versions/<int:version>")
@@ -226,7 +241,27 @@ def get_version(name: str, version: int) -> Response:
     with ctx().session() as s:
         model = _model(s, name)
         mv = repo.get_version(s, model, _version_number(model, version))
-        return jsonify(repo.serialize_version(mv, model, repo.labels_of(s, model)))
+        live = feedback_repo.live_metrics(s, model, [mv.version])
+        evaluation = repo.evaluations_of(s, model).get(mv.version)
+        return jsonify(
+            _with_live(
+                repo.serialize_version(mv, model, repo.labels_of(s, model), evaluation), live
+            )
+        )
+
+
+def _with_live(out: dict[str, Any], live: dict[int, Any]) -> dict[str, Any]:
+    """A version's view with its live metrics from joined feedback (service/db/feedback.py),
+    and the metric it is judged by, live against trained (`declared`)."""
+    lm = live.get(out["version"])
+    out["live_metrics"] = None
+    if lm is not None:
+        gate = (out.get("evaluation") or {}).get("metric")
+        out["live_metrics"] = {
+            **lm.as_json(),
+            "declared": declared_metric(gate, dict(out.get("metrics") or {}), dict(lm.metrics)),
+        }
+    return out
 
 
 @bp.delete("/v1/models/<name>/versions/<int:version>")
@@ -275,6 +310,25 @@ def set_default(name: str) -> Response:
     raw = json_body()
     body = SetDefault.model_validate(raw)
     return _set_label(name, repo.DEFAULT_LABEL, raw, body)
+
+
+@bp.post("/v1/models/<name>/labels/<label>:rollback")
+def rollback_label(name: str, label: str) -> Response:
+    # the body is optional ({"why"}): a bodiless POST, like cancel's, is a plain rollback
+    raw = json_body() if request.content_length or request.is_json else {}
+    body = Rollback.model_validate(raw)
+    with ctx().session() as s:
+        model = _model(s, name)
+        before, back = repo.rollback(s, model, _label_name(model, label), by=_by(), why=body.why)
+        return jsonify(
+            {
+                "model": model.name,
+                "label": label,
+                "version": back,
+                "from_version": before or None,
+                "moved": True,
+            }
+        )
 
 
 @bp.delete("/v1/models/<name>/labels/<label>")

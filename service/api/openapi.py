@@ -677,10 +677,11 @@ def _paths() -> dict[str, Any]:
 
 
 def _schemas() -> dict[str, Any]:
+    from service.api.openapi_datasets import MODELS as DATASET_MODELS
     from service.api.openapi_endpoints import MODELS as ENDPOINT_MODELS
     from service.api.openapi_schedules import MODELS as SCHEDULE_MODELS
 
-    models = (*MODELS, *ENDPOINT_MODELS, *SCHEDULE_MODELS)
+    models = (*MODELS, *ENDPOINT_MODELS, *SCHEDULE_MODELS, *DATASET_MODELS)
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     return schemas
@@ -704,6 +705,12 @@ def _schedule_paths() -> dict[str, Any]:
     return paths()
 
 
+def _dataset_paths() -> dict[str, Any]:
+    from service.api.openapi_datasets import paths
+
+    return paths()
+
+
 @functools.cache
 def _document() -> dict[str, Any]:
     return {
@@ -714,7 +721,13 @@ def _document() -> dict[str, Any]:
             "description": "Cloud ML on OpenStack: training jobs, packages, models.",
         },
         "servers": [{"url": "/"}],
-        "paths": {**_paths(), **_endpoint_paths(), **_predict_paths(), **_schedule_paths()},
+        "paths": {
+            **_paths(),
+            **_endpoint_paths(),
+            **_predict_paths(),
+            **_schedule_paths(),
+            **_dataset_paths(),
+        },
         "components": {
             "schemas": _schemas(),
             "headers": {

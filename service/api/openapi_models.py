@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from service.api.models import CreateModel, CreateVersion, SetDefault, SetLabel
+from service.api.models import CreateModel, CreateVersion, Rollback, SetDefault, SetLabel
 
 
 class TensorSpec(BaseModel):
@@ -54,6 +54,61 @@ class Checksum(BaseModel):
     md5: str
 
 
+class DeclaredMetricOut(BaseModel):
+    metric: str = Field(description="mae, mse, rmse or accuracy.")
+    source: str = Field(
+        description="gate: the metric of the version's evaluation gate; trainer: the first of "
+        "the trainer's reported metrics that feedback computes too."
+    )
+    trained_as: str | None = Field(description="The trainer's metric name it was read from.")
+    trained: float | None = Field(description="The trainer's final value (null: not reported).")
+    live: float | None = Field(description="The value from feedback (null: nothing compares yet).")
+
+
+class LiveMetricsOut(BaseModel):
+    logged: int = Field(description="Logged predictions (requests) of the version.")
+    labelled: int = Field(description="Of them, those with feedback.")
+    label_coverage: float | None = Field(description="labelled / logged (null: none logged).")
+    sampled: int = Field(description="Labelled requests the metric is over (the latest 5000).")
+    scored: int = Field(description="Instances whose prediction was compared with its label.")
+    unscored: int = Field(description="Instances whose label and prediction do not compare.")
+    mae: float | None = Field(default=None, description="Numeric labels: mean absolute error.")
+    rmse: float | None = Field(default=None, description="Numeric labels: root mean squared error.")
+    mse: float | None = Field(default=None, description="Numeric labels: mean squared error.")
+    accuracy: float | None = Field(default=None, description="Class labels: share correct.")
+    declared: DeclaredMetricOut | None = Field(
+        default=None,
+        description="The metric the version is judged by, live against trained (null: neither "
+        "its gate nor its trainer names one feedback computes).",
+    )
+
+
+class EvaluationOut(BaseModel):
+    job_id: str = Field(description="The job whose gate it is.")
+    state: str = Field(description="PENDING, BOOTING, SCORING or DONE.")
+    metric: str | None
+    direction: str | None
+    threshold: float | None
+    min_improvement: float | None
+    label: str | None
+    promote: bool
+    holdout_uri: str | None
+    holdout_rows: int | None = Field(
+        description="Rows of the holdout both versions were scored on."
+    )
+    champion_version: int | None = Field(description="Where the label pointed when scored.")
+    candidate_score: float | None
+    champion_score: float | None
+    decision: str | None = Field(description="promoted, passed (nothing moved) or refused.")
+    reason: str | None = Field(
+        description="A refusal's: below_threshold, not_better_than_champion, champion_changed, "
+        "evaluation_failed."
+    )
+    message: str | None = Field(description="The decision in a sentence.")
+    created_at: str | None
+    finished_at: str | None
+
+
 class VersionOut(BaseModel):
     model: str
     version: int
@@ -68,6 +123,12 @@ class VersionOut(BaseModel):
     created_at: str | None
     updated_at: str | None
     failure_message: str | None
+    live_metrics: LiveMetricsOut | None = Field(
+        default=None, description="From logged predictions joined with feedback."
+    )
+    evaluation: EvaluationOut | None = Field(
+        default=None, description="The gate's evaluation of this version (output.gate)."
+    )
 
 
 class VersionList(BaseModel):
@@ -89,6 +150,7 @@ class HistoryRow(BaseModel):
     at: str | None
     by: str
     why: str
+    kind: str = Field(description="move, rollback, or refusal (a gate that moved nothing).")
 
 
 class History(BaseModel):
@@ -106,6 +168,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     CreateVersion,
     SetLabel,
     SetDefault,
+    Rollback,
     ModelOut,
     ModelList,
     VersionOut,
@@ -207,6 +270,22 @@ def paths() -> dict[str, Any]:
                 ],
                 "responses": _responses(
                     {"200": _json(LabelOut, "Removed.")}, "400", "404", "409", "415"
+                ),
+            },
+        },
+        "/v1/models/{name}/labels/{label}:rollback": {
+            "parameters": [name, label],
+            "post": {
+                "summary": "Move the label back to the version it pointed at before its last "
+                "move (member; body optional); 409 rollback_unavailable when there is none or "
+                "it is no longer READY.",
+                "operationId": "rollbackModelLabel",
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref(Rollback)}},
+                },
+                "responses": _responses(
+                    {"200": _json(LabelOut, "The label, moved back.")}, *JSON_BODY, "404", "409"
                 ),
             },
         },

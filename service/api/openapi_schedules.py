@@ -12,12 +12,18 @@ from service.domain.schedules import Catchup, Concurrency, Outcome
 
 class ScheduleRunOut(BaseModel):
     fire_time: str = Field(description="The slot (UTC).")
-    outcome: Outcome = Field(description="started, skipped or failed.")
+    outcome: Outcome = Field(
+        description="started, skipped or failed; building while the slot's dataset is being "
+        "rebuilt (its job starts when the version is READY)."
+    )
     reason: str = Field(description="Why it was skipped or failed; what Replace cancelled.")
     job_id: str | None = Field(description="The job the slot started.")
     missed: int = Field(
         description="Earlier slots this pass passed over (catchup none, or past max_catchup); "
         "counted up to 2000."
+    )
+    dataset_version: int | None = Field(
+        description="The version of the schedule's dataset the slot rebuilt (null: none)."
     )
     recorded_at: str
 
@@ -32,6 +38,7 @@ class ScheduleOut(BaseModel):
     catchup: Catchup
     max_catchup: int
     paused: bool
+    dataset: str | None = Field(description="The dataset each slot rebuilds first (or null).")
     next_fire_at: str | None = Field(description="The next slot to handle (null: paused).")
     next_fire_times: list[str] = Field(description="The next 5 fire times (UTC; none paused).")
     last_run: ScheduleRunOut | None

@@ -27,11 +27,12 @@ from service import trusts
 from service.api import ctx, json_body
 from service.api.auth import all_projects_arg, current, current_project, job_scope, list_scope
 from service.api.errors import field_error, fields_failed
+from service.db import datasets as datasets_repo
 from service.db import schedules as repo
 from service.db.models import Schedule, utcnow
 from service.domain import schedules as dom
-from service.domain.errors import InvalidRequest, StackMLError, ValidationFailed
-from service.domain.spec import JobSpec, Name
+from service.domain.errors import InvalidRequest, NotFound, StackMLError, ValidationFailed
+from service.domain.spec import JobSpec, Name, stored
 
 bp = Blueprint("schedules", __name__)
 
@@ -55,6 +56,14 @@ class CreateSchedule(_Strict):
     catchup: dom.Catchup = dom.Catchup.NONE
     max_catchup: StrictInt = Field(default=dom.DEFAULT_MAX_CATCHUP, ge=1, le=dom.MAX_CATCHUP)
     paused: StrictBool = False
+    dataset: Name | None = Field(
+        default=None,
+        description="A dataset of the project (POST /v1/datasets) to rebuild before each "
+        "slot's job: the slot is `building` until the new version is READY, then the job "
+        "trains on it (its inputs.data_uri is the version's train/ prefix; a gate that names "
+        "no holdout_uri is scored on the version's holdout/). A training template only, "
+        "without inputs.data_uri.",
+    )
 
     @field_validator("cron")
     @classmethod
@@ -90,13 +99,28 @@ def _prefixed(e: StackMLError, prefix: str) -> StackMLError:
     return e
 
 
-def _checked_job(spec: JobSpec, project: str, schedule_id_hint: str) -> dict[str, Any]:
+def _checked_job(
+    spec: JobSpec, project: str, schedule_id_hint: str, *, dataset: str | None = None
+) -> dict[str, Any]:
     """The job template as it will be stored: checked the way POST /v1/jobs checks a spec
     (the schema, what is not built yet, runtimes, flavors, quotas, the store), with the
     resource defaults made explicit. Its output goes to each job's own models/<job id>/: a
     template naming output.model_uri would collide with itself at the second slot."""
     from service.api import jobs as jobs_api
 
+    if spec.batch:
+        raise jobs_api.NotImplementedYet(
+            "not available yet: job.type batch_prediction in a schedule",
+            details={
+                "fields": [
+                    field_error(
+                        "job.type",
+                        "a schedule cannot fire batch prediction jobs yet (each run would need "
+                        "its own output prefix and its own label resolution)",
+                    )
+                ]
+            },
+        )
     if spec.output.model_uri is not None:
         raise fields_failed(
             [
@@ -109,10 +133,10 @@ def _checked_job(spec: JobSpec, project: str, schedule_id_hint: str) -> dict[str
         )
     try:
         jobs_api._refuse_unbuilt(spec)
-        resolved = jobs_api._resolve(spec, project, ctx())
+        resolved = jobs_api._resolve(spec, project, ctx(), holdout_later=dataset is not None)
     except StackMLError as e:
         raise _prefixed(e, "job") from e
-    data = resolved.model_dump(mode="json")
+    data = stored(resolved)
     # the labels a fired job gets must fit too (at most 64 labels)
     try:
         JobSpec.model_validate(dom.fired_spec(data, schedule_id_hint, utcnow()))
@@ -129,6 +153,39 @@ def _checked_job(spec: JobSpec, project: str, schedule_id_hint: str) -> dict[str
     return data
 
 
+def _check_dataset(body: CreateSchedule, project: str) -> None:
+    """A schedule that rebuilds `body.dataset` first: a training template that leaves its
+    data to the dataset, and a dataset of the project with a version to rebuild from."""
+    errors = []
+    if body.job.type != "training":
+        errors.append(
+            field_error("dataset", "only a training template can rebuild a dataset first")
+        )
+    if body.job.inputs.data_uri is not None:
+        errors.append(
+            field_error(
+                "job.inputs.data_uri",
+                "each slot's job trains on the dataset's new version: leave inputs.data_uri out",
+            )
+        )
+    with ctx().session() as s:
+        try:
+            ds = datasets_repo.find(s, project, body.dataset or "")
+            has_version = datasets_repo.latest(s, ds) is not None
+        except NotFound:
+            has_version = False
+    if not has_version:
+        errors.append(
+            field_error(
+                "dataset",
+                f"no dataset {body.dataset!r} with a version in this project; build one first "
+                "(POST /v1/datasets): a rebuild repeats its latest version's model and split",
+            )
+        )
+    if errors:
+        raise fields_failed(errors)
+
+
 @bp.post("/v1/schedules")
 def create() -> tuple[Response, int, dict[str, str]]:
     c = ctx()
@@ -140,7 +197,9 @@ def create() -> tuple[Response, int, dict[str, str]]:
         )
     body = CreateSchedule.model_validate(json_body())
     project = current_project()
-    job = _checked_job(body.job, project, repo.new_schedule_id())
+    if body.dataset is not None:
+        _check_dataset(body, project)
+    job = _checked_job(body.job, project, repo.new_schedule_id(), dataset=body.dataset)
     with c.session() as s:
         sch = repo.create_schedule(
             s,
@@ -154,6 +213,7 @@ def create() -> tuple[Response, int, dict[str, str]]:
             max_catchup=body.max_catchup,
             paused=body.paused,
             by=_by(),
+            dataset=body.dataset,
         )
         out = repo.serialize(s, sch, detail=True)
     return jsonify(out), 201, {"Location": url_for("schedules.get", ref=sch.id)}

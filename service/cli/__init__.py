@@ -44,13 +44,40 @@ def _assemble() -> None:
     from devcloud.cli import devcloud
 
     # the operator's commands (run and migrate the platform), then the user's
+    from service.cli.datasets import datasets
     from service.cli.models import models
     from service.cli.schedules import schedules
 
-    for command in (ops.up, ops.demo, ops.runtime, ops.db, devcloud, jobs, models, schedules):
+    for command in (
+        ops.up,
+        ops.demo,
+        ops.runtime,
+        ops.db,
+        devcloud,
+        jobs,
+        models,
+        schedules,
+        datasets,
+    ):
         cli.add_command(command)
 
 
 _assemble()
+
+
+def _assemble_platform() -> None:
+    # quotas, usage and flavors (service/cli/platform.py); the registry's deletes and the
+    # endpoint's PATCH (service/cli/models_more.py) join `models`
+    from service.cli.models import models
+    from service.cli.models_more import COMMANDS
+    from service.cli.platform import flavors, quotas, usage
+
+    for command in (quotas, usage, flavors):
+        cli.add_command(command)
+    for command in COMMANDS:
+        models.add_command(command)
+
+
+_assemble_platform()
 
 __all__ = ["APIError", "cli", "failure_sentence", "main", "watch_job"]

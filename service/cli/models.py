@@ -1,6 +1,6 @@
 """`stackml models ...`: the model registry (create, list, describe, versions, set-label,
-history; register a version with `versions --register`). Endpoint commands (deploy, predict)
-join this group from their own modules. Everything the API returns is user-controlled text:
+rollback, history; register a version with `versions --register`). Endpoint commands (deploy,
+predict) join this group from their own modules. Everything the API returns is user-controlled text:
 tables print it through clean_tree (terminal escapes stripped, as the jobs commands do);
 `-o json` prints the API's JSON exactly (control characters escaped by json.dumps)."""
 
@@ -214,6 +214,23 @@ def models_set_label(
     make_console().print(f"{r['label']}: {before} -> version {r['version']}")
 
 
+@models.command("rollback")
+@click.argument("name")
+@click.option("--label", default="default", show_default=True, help="The label to move back.")
+@click.option("--why", default="", help="Why (kept in the history).")
+@output_option
+@click.pass_context
+def models_rollback(ctx: click.Context, name: str, label: str, why: str, output: str) -> None:
+    """Move LABEL of model NAME back to the version it pointed at before its last move."""
+    result = client_of(ctx).rollback_label(name, label, why=why)
+    if output == "json":
+        print_json(result)
+        return
+    r = clean_tree(result)
+    before = "nothing" if r.get("from_version") is None else f"version {r['from_version']}"
+    make_console().print(f"{r['label']}: {before} -> version {r['version']} (rolled back)")
+
+
 @models.command("history")
 @click.argument("name")
 @click.option("--label", default=None, help="Only this label.")
@@ -243,15 +260,20 @@ def models_history(
         console.print("no label moves")
         return
     table = Table(box=None, header_style="bold")
-    for col in ("AT", "LABEL", "FROM", "TO", "BY"):
+    for col in ("AT", "LABEL", "KIND", "FROM", "TO", "BY"):
         table.add_column(col, no_wrap=True)
     table.add_column("WHY")
     for h in rows:
+        kind = h.get("kind", "move")
+        stays = kind in ("refusal", "evaluated")  # a gate's record: the label did not move
         table.add_row(
             str(h.get("at", "")),
             h.get("label", ""),
+            kind,
             "-" if h.get("from_version") is None else str(h["from_version"]),
-            "removed" if h.get("to_version") is None else str(h["to_version"]),
+            "(stays)"
+            if stays
+            else ("removed" if h.get("to_version") is None else str(h["to_version"])),
             h.get("by", ""),
             h.get("why", ""),
         )
@@ -261,10 +283,127 @@ def models_history(
 # -- formatting --------------------------------------------------------------------------------
 
 
+@models.command("predict-batch")
+@click.argument("name")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    required=True,
+    metavar="URI",
+    help="An input object or prefix in the project's area (repeatable; rows are numbered "
+    "across them in this order).",
+)
+@click.option("--output", "output_prefix", required=True, metavar="PREFIX", help="A new prefix.")
+@click.option("--version", type=click.IntRange(1), help="A READY version (default: --label).")
+@click.option("--label", help="A label, resolved now (default: default).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv", "tfrecord"]),
+    help="Default: from the inputs' extensions.",
+)
+@click.option("--batch-size", type=click.IntRange(1), help="Rows per model call (default 64).")
+@click.option("--shard-rows", type=click.IntRange(1), help="Rows per shard (default 10000).")
+@click.option(
+    "--max-workers",
+    type=click.IntRange(1, 64),
+    help="Servers to spread the shards over, booted together (default 1).",
+)
+@click.option("--job-name", help="The job's name (default: NAME-batch).")
+@click.option("--flavor", help="A flavor from GET /v1/flavors (default: the platform's).")
+@click.option("--wait/--no-wait", default=False, help="Follow the job until it ends.")
+@click.option("--timeout", type=click.FloatRange(1), default=3600.0, help="Seconds --wait waits.")
+@click.option(
+    "-o",
+    "output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="json prints exactly the API's JSON (-o only: --output is the prefix here).",
+)
+@click.pass_context
+def models_predict_batch(
+    ctx: click.Context,
+    name: str,
+    inputs: tuple[str, ...],
+    output_prefix: str,
+    version: int | None,
+    label: str | None,
+    fmt: str | None,
+    batch_size: int | None,
+    shard_rows: int | None,
+    max_workers: int | None,
+    job_name: str | None,
+    flavor: str | None,
+    wait: bool,
+    timeout: float,
+    output: str,
+) -> None:
+    """Predict a model's version over input files into PREFIX: a batch_prediction job
+    (`stackml jobs describe` shows its results)."""
+    from service.cli.user import failure_sentence, watch_job
+
+    if version is not None and label is not None:
+        raise click.UsageError("give --version or --label, not both")
+    client = client_of(ctx)
+    job = client.predict_batch(
+        name,
+        inputs,
+        output_prefix,
+        version=version,
+        label=label,
+        format=fmt,
+        batch_size=batch_size,
+        shard_rows=shard_rows,
+        name=job_name,
+        flavor=flavor,
+        max_workers=max_workers,
+    )
+    rec = (job.get("output") or {}).get("prediction") or {}
+    if wait:
+        job = watch_job(client, job["id"], timeout=timeout, console=make_console(stderr=True))
+    if output == "json":
+        print_json(job)
+    else:
+        shown = clean_tree(job)
+        make_console().print(
+            f"job {shown['id']} ({shown['name']}): {shown['state']}; model "
+            f"{clean(name)} v{rec.get('version')} into {clean(output_prefix)}"
+        )
+        done = ((shown.get("output") or {}).get("prediction") or {}) if wait else {}
+        if "rows" in done:
+            make_console().print(
+                f"{done['rows']} rows, {done.get('errors', 0)} failed, {done.get('shards')} "
+                f"shard(s): {done.get('results')}"
+            )
+        elif wait and shown.get("state") != "SUCCEEDED":
+            make_console().print(failure_sentence(job))
+    if wait and job.get("state") != "SUCCEEDED":
+        raise SystemExit(1)
+
+
 def _labels(labels: Any) -> str:
     if not isinstance(labels, dict):
         return ""
     return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+def live_summary(live: Any) -> str:
+    """A version's live metrics in one line: labelled/logged (coverage) and the metric."""
+    if not isinstance(live, dict) or not live.get("logged"):
+        return ""
+    out = f"{live.get('labelled', 0)}/{live.get('logged', 0)} labelled"
+    cov = live.get("label_coverage")
+    if isinstance(cov, int | float):
+        out += f" ({cov:.0%})"
+    for k in ("mae", "rmse", "accuracy"):
+        if isinstance(live.get(k), int | float):
+            out += f" {k}={num(live[k])}"
+    dec = live.get("declared")
+    if isinstance(dec, dict) and isinstance(dec.get("trained"), int | float):
+        out += f" ({dec.get('metric')} trained {num(dec['trained'])})"
+    return out
 
 
 def _versions_table(rows: list[Json]) -> None:
@@ -273,7 +412,7 @@ def _versions_table(rows: list[Json]) -> None:
         console.print("no versions")
         return
     table = Table(box=None, header_style="bold")
-    for col in ("VERSION", "STATE", "LABELS", "CREATED", "JOB"):
+    for col in ("VERSION", "STATE", "LABELS", "CREATED", "JOB", "LIVE"):
         table.add_column(col, no_wrap=True)
     table.add_column("METRICS / FAILURE")
     for v in clean_tree(rows):
@@ -285,6 +424,7 @@ def _versions_table(rows: list[Json]) -> None:
             ",".join(v.get("labels") or []),
             short_time(v.get("created_at")),
             v.get("source_job_id") or "",
+            live_summary(v.get("live_metrics")),
             last,
         )
     console.print(table)
@@ -305,6 +445,8 @@ def _version_detail(v: Json) -> None:
     console.print(f"labels: {','.join(v.get('labels') or []) or 'none'}")
     for k, x in (v.get("metrics") or {}).items():
         console.print(f"metric {k} = {num(x)}")
+    if v.get("live_metrics"):
+        console.print(f"live (from feedback): {live_summary(v['live_metrics'])}")
     sig = v.get("signature") or {}
     if sig:
         console.print(f"signature serving_default ({sig.get('method_name', '')})")
@@ -317,11 +459,36 @@ def _version_detail(v: Json) -> None:
     if files:
         total = sum(int(c.get("size", 0)) for c in files.values() if isinstance(c, dict))
         console.print(f"{len(files)} file(s), {total} bytes")
+    ev = v.get("evaluation")
+    if isinstance(ev, dict):
+        decision = ev.get("decision") or ev.get("state", "")
+        if ev.get("reason"):
+            decision = f"{decision} ({ev['reason']})"
+        console.print(
+            f"evaluation ({ev.get('metric')}, label {ev.get('label')}, job {ev.get('job_id')}): "
+            f"{decision}"
+        )
+        if ev.get("candidate_score") is not None:
+            champ = ev.get("champion_version")
+            vs = (
+                f" vs version {champ}: {num(ev.get('champion_score'))}"
+                if champ is not None
+                else " (no champion)"
+            )
+            console.print(
+                f"  candidate {num(ev['candidate_score'])}{vs} on {ev.get('holdout_rows')} rows"
+            )
+        if ev.get("message"):
+            console.print(f"  {ev['message']}")
 
 
 from service.cli.predict import predict as _predict  # noqa: E402 - the proxy's command
 
 models.add_command(_predict)
+
+from service.cli.datasets import feedback as _feedback  # noqa: E402 - labels for predictions
+
+models.add_command(_feedback)
 
 from service.cli.endpoints import COMMANDS as _ENDPOINT_COMMANDS  # noqa: E402 - deploy & co.
 

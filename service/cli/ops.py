@@ -43,6 +43,18 @@ def _devcloud_env(state_dir: Path | None) -> dict[str, str]:
         raise click.ClickException(str(e)) from e
 
 
+def _register_in_devcloud(state_dir: Path | None, url: str) -> str | None:
+    """Point the devcloud's machine-learning catalog entry at this API; what went wrong, or
+    None (the platform runs either way: the catalog only matters to `openstack ml`, Horizon)."""
+    from devcloud.cloud import DevCloud, DevCloudError
+
+    try:
+        DevCloud(state_dir).register_stackml(url)
+    except DevCloudError as e:
+        return str(e)
+    return None
+
+
 @click.command()
 @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Default 8080.")
@@ -116,6 +128,13 @@ def up(
             )
             if platform.url != "http://127.0.0.1:8080":
                 console.print(f"  export STACKML_URL={platform.url}")
+            if on_devcloud:
+                problem = _register_in_devcloud(devcloud_state_dir, platform.url)
+                console.print(
+                    f"  catalog:  machine-learning -> {platform.url} (`openstack ml`)"
+                    if problem is None
+                    else Text(f"  catalog:  not updated ({problem})", style="yellow")
+                )
             console.print("Press Ctrl-C to stop.")
             platform.wait()
         finally:
@@ -143,12 +162,23 @@ def up(
     help="Run the job on an OpenStack cloud (Nova + Swift): `devcloud` is the one "
     "`stackml devcloud up` runs, any other name a clouds.yaml entry.",
 )
-def demo(clean: bool, cloud: str | None) -> None:
+@click.option(
+    "--loop",
+    is_flag=True,
+    help="The closed loop instead: serve a weak model with every request logged, label its "
+    "predictions, build a dataset, let two minutely schedules retrain on it behind an "
+    "evaluation gate, and watch the better one promoted and the endpoint switch (~3 min).",
+)
+def demo(clean: bool, cloud: str | None, loop: bool) -> None:
     """Train the example Keras model on the local platform and predict with it."""
     from service.config import get_settings
     from service.demo import cloud_settings, run_demo
 
     settings = cloud_settings(cloud) if cloud else get_settings()
+    if loop:
+        from service.loop_demo import run_loop_demo
+
+        sys.exit(run_loop_demo(settings, click.echo))
     code = run_demo(settings, click.echo, clean=clean)
     sys.exit(code)
 

@@ -70,6 +70,13 @@ def _read_job(path: str) -> dict[str, Any]:
 )
 @click.option("--max-catchup", type=click.IntRange(1, 100), default=None)
 @click.option("--paused", is_flag=True, help="Create it paused.")
+@click.option(
+    "--dataset",
+    default=None,
+    metavar="NAME",
+    help="Rebuild this dataset before each slot's job and train on the new version "
+    "(the template then leaves inputs.data_uri out).",
+)
 @output_option
 @click.pass_context
 def schedules_create(
@@ -82,6 +89,7 @@ def schedules_create(
     catchup: str | None,
     max_catchup: int | None,
     paused: bool,
+    dataset: str | None,
     output: str,
 ) -> None:
     """Create schedule NAME."""
@@ -95,6 +103,7 @@ def schedules_create(
         catchup=catchup,
         max_catchup=max_catchup,
         paused=paused,
+        dataset=dataset,
     )
     if output == "json":
         print_json(sch)
@@ -165,6 +174,8 @@ def schedules_describe(ctx: click.Context, schedule: str, output: str) -> None:
         f"(max {s.get('max_catchup', '')})"
     )
     console.print(f"created {short_time(s.get('created_at'))} by {s.get('created_by', '')}")
+    if s.get("dataset"):
+        console.print(f"rebuilds dataset {s['dataset']} before each slot's job")
     _next(console, s)
     last = s.get("last_run")
     if last:
@@ -177,6 +188,8 @@ def schedules_describe(ctx: click.Context, schedule: str, output: str) -> None:
 
 def _run_text(r: dict[str, Any]) -> str:
     out = str(r.get("outcome", ""))
+    if r.get("dataset_version") is not None:
+        out += f" dataset v{r['dataset_version']}"
     if r.get("job_id"):
         out += f" {r['job_id']}"
     if r.get("reason"):

@@ -102,12 +102,18 @@ def _default_name(package: str, module: str) -> str:
 
 @jobs.command("submit", context_settings={"ignore_unknown_options": False})
 @click.option(
+    "--spec",
+    "spec_path",
+    metavar="FILE",
+    help="Submit this job spec (JSON, '-' for stdin) as it is: a training or a "
+    "batch_prediction job. The other spec options do not combine with it.",
+)
+@click.option(
     "--package-path",
-    required=True,
     metavar="DIR",
     help="The trainer: a directory (tarred and uploaded), a .tar.gz, or a local:// / swift:// URI.",
 )
-@click.option("--module", required=True, help="Run as `python -m MODULE ARGS...`.")
+@click.option("--module", help="Run as `python -m MODULE ARGS...`.")
 @click.option("--name", help="Job name (default: the package's name and the time).")
 @click.option("--flavor", help="A flavor from GET /v1/flavors (default: the platform's).")
 @click.option(
@@ -156,8 +162,9 @@ def _default_name(package: str, module: str) -> str:
 @click.pass_context
 def jobs_submit(
     ctx: click.Context,
-    package_path: str,
-    module: str,
+    spec_path: str | None,
+    package_path: str | None,
+    module: str | None,
     name: str | None,
     flavor: str | None,
     runtime_: str | None,
@@ -172,7 +179,33 @@ def jobs_submit(
     output: str,
     args: tuple[str, ...],
 ) -> None:
-    """Stage a trainer package and submit a training job; ARGS follow `--`."""
+    """Stage a trainer package and submit a training job; ARGS follow `--`. Or submit a spec
+    file as it is (--spec), e.g. a batch_prediction job."""
+    if spec_path is not None:
+        given = [
+            opt
+            for opt, value in (
+                ("--package-path", package_path),
+                ("--module", module),
+                ("--name", name),
+                ("--flavor", flavor),
+                ("--runtime", runtime_),
+                ("--max-runtime", max_runtime),
+                ("--label", labels),
+                ("--env", env),
+                ("--hp", hyperparameters),
+                ("--data-uri", data_uri),
+                ("--model-uri", model_uri),
+                ("ARGS", args),
+            )
+            if value
+        ]
+        if given:
+            raise click.UsageError(f"--spec holds the whole spec; leave out {', '.join(given)}")
+        _submit(ctx, read_spec(spec_path), wait, timeout, output)
+        return
+    if not package_path or not module:
+        raise click.UsageError("give --package-path and --module (or a whole spec with --spec)")
     spec: dict[str, Any] = {
         "name": name or _default_name(package_path, module),
         "trainer": {"module": module, "args": list(args)},
@@ -210,6 +243,36 @@ def jobs_submit(
         err.print(
             f"staged {path} as {staged['package_uri']} ({staged.get('size', '?')} bytes)",
         )
+    _submit(ctx, spec, wait, timeout, output)
+
+
+def read_spec(path: str) -> dict[str, Any]:
+    """A job spec from a JSON file ('-': stdin)."""
+    try:
+        with click.open_file(path, "r", encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as e:
+        raise click.BadParameter(
+            f"cannot read {path}: {e.strerror or e}", param_hint="--spec"
+        ) from e
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise click.BadParameter(f"{path} is not JSON: {e}", param_hint="--spec") from e
+    if not isinstance(obj, dict):
+        raise click.BadParameter(
+            f"{path} must hold a JSON object (a job spec)", param_hint="--spec"
+        )
+    return obj
+
+
+def _submit(
+    ctx: click.Context, spec: dict[str, Any], wait: bool, timeout: float, output: str
+) -> None:
+    """Submit `spec`; print the job, or follow it until it ends (--wait: exit 1 unless it
+    SUCCEEDED)."""
+    client = client_of(ctx)
+    err = err_console()
     job = client.create_job(spec)
     if not wait:
         if output == "json":
@@ -463,10 +526,14 @@ def _describe(job: Json, events: list[Json]) -> Group:
             f"{usage['vm_seconds']:.0f} VM-seconds, {usage['gpu_hours']:.3f} GPU-hours, "
             f"cost {usage['cost']:.4f}",
         )
-    head.add_row(
-        "trainer", f"python -m {trainer.get('module', '')} " + " ".join(trainer.get("args") or [])
-    )
-    head.add_row("package", str(trainer.get("package_uri", "")))
+    if job.get("type") == "batch_prediction":
+        _batch_rows(head, spec.get("prediction") or {}, job.get("output") or {})
+    else:
+        head.add_row(
+            "trainer",
+            f"python -m {trainer.get('module', '')} " + " ".join(trainer.get("args") or []),
+        )
+        head.add_row("package", str(trainer.get("package_uri", "")))
     if rt:
         head.add_row("runtime", f"{rt.get('framework', '')}-{rt.get('version', '')}")
     if res:
@@ -482,7 +549,7 @@ def _describe(job: Json, events: list[Json]) -> Group:
     if (spec.get("inputs") or {}).get("data_uri"):
         head.add_row("data", spec["inputs"]["data_uri"])
     for key, value in (job.get("output") or {}).items():
-        if value:
+        if value and key != "prediction":
             head.add_row(f"output.{key}", str(value))
     parts: list[Any] = [Panel(head, title=f"job {job.get('id', '')}", expand=False)]
 
@@ -510,6 +577,30 @@ def _describe(job: Json, events: list[Json]) -> Group:
             mt.add_row(k, num(v))
         parts.append(mt)
     return Group(*parts)
+
+
+def _batch_rows(head: Table, pred: Json, output: Json) -> None:
+    """A batch prediction job's rows of `jobs describe`: the model version it uses (the label
+    it was resolved from), its inputs, and once it is done the results summary."""
+    rec = output.get("prediction") or {}
+    version = rec.get("version") or pred.get("version")
+    via = f" (label {rec['label']})" if rec.get("label") else ""
+    head.add_row("model", f"{rec.get('model') or pred.get('model', '')} v{version}{via}")
+    head.add_row("inputs", ", ".join(str(u) for u in pred.get("input_uris") or []))
+    head.add_row(
+        "batch",
+        f"format {pred.get('format')}, batch_size {pred.get('batch_size')}, "
+        f"shard_rows {pred.get('shard_rows')}, max_workers {pred.get('max_workers')}",
+    )
+    if rec.get("resumed"):
+        head.add_row("resumed", "yes: only the shards missing under the prefix run")
+    if "rows" in rec:
+        head.add_row(
+            "results",
+            f"{rec['rows']} rows, {rec.get('errors', 0)} failed, {rec.get('shards')} shard(s)",
+        )
+        head.add_row("predictions", str(rec.get("results", "")))
+        head.add_row("errors", str(rec.get("errors_uri", "")))
 
 
 def _events_table(events: list[Json]) -> Table:
@@ -624,12 +715,27 @@ def jobs_events(ctx: click.Context, job_id: str, output: str) -> None:
 
 @jobs.command("metrics")
 @click.argument("job_id")
+@click.option("--plot", is_flag=True, help="Draw each metric's curve in the terminal.")
+@click.option(
+    "--metric",
+    "only",
+    multiple=True,
+    metavar="NAME",
+    help="With --plot: only this metric (repeatable).",
+)
+@click.option(
+    "--width", type=click.IntRange(10, 400), default=60, show_default=True, help="--plot's width."
+)
 @output_option
 @click.pass_context
-def jobs_metrics(ctx: click.Context, job_id: str, output: str) -> None:
-    """The metric series the trainer printed (by epoch, or by step)."""
+def jobs_metrics(
+    ctx: click.Context, job_id: str, plot: bool, only: tuple[str, ...], width: int, output: str
+) -> None:
+    """The metric series the trainer printed (by epoch, or by step); --plot draws them."""
     body = client_of(ctx).metrics(job_id)
     if output == "json":
+        if plot:
+            raise click.UsageError("--plot draws text; it does not combine with -o json")
         print_json(body)
         return
     body = clean_tree(body)
@@ -639,7 +745,20 @@ def jobs_metrics(ctx: click.Context, job_id: str, output: str) -> None:
     if not series:
         console.print("no metrics")
         return
-    console.print(_metrics_table(series))
+    if not plot:
+        console.print(_metrics_table(series))
+        return
+    from service.cli.plot import metric_charts
+
+    missing = [m for m in only if m not in series]
+    if missing:
+        raise click.BadParameter(
+            f"no metric {', '.join(missing)}; the job has {', '.join(sorted(series))}",
+            param_hint="--metric",
+        )
+    for lines in metric_charts({k: series[k] for k in (only or sorted(series))}, width=width):
+        for line in lines:
+            console.print(Text(line, style="green" if "┤" in line else ""))
 
 
 def _metrics_table(series: dict[str, list[Json]]) -> Table:

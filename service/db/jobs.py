@@ -17,7 +17,7 @@ from service.backends.interfaces import Flavor
 from service.db.models import Job, JobEvent, JobLabel, LogChunk, MetricRow, Resource, iso, utcnow
 from service.domain.errors import InvalidRequest, NotFound
 from service.domain.metrics import MetricPoint, inspect_metric_line, points_allowed
-from service.domain.spec import JobSpec
+from service.domain.spec import JobSpec, stored
 from service.domain.states import (
     ACTIVE,
     TERMINAL,
@@ -53,7 +53,7 @@ def create_job(s: Session, project_id: str, spec: JobSpec, *, trust_id: str | No
         name=spec.name,
         type=spec.type,
         state=JobState.QUEUED.value,
-        spec=spec.model_dump(mode="json"),
+        spec=stored(spec),
         output={},
         created_at=now,
         updated_at=now,
@@ -461,7 +461,10 @@ def trust_debts(s: Session, limit: int = 100) -> list[tuple[str, str]]:
 
 
 def debts(s: Session, limit: int = 100) -> list[Resource]:
-    """Resources of terminal jobs that are not yet deleted."""
+    """Resources of terminal jobs that are not yet deleted (but an evaluation gate's server
+    while its evaluation is not DONE: service/db/evaluations.py)."""
+    from service.db import evaluations
+
     return list(
         s.scalars(
             select(Resource)
@@ -469,6 +472,7 @@ def debts(s: Session, limit: int = 100) -> list[Resource]:
             .where(
                 Job.state.in_([t.value for t in TERMINAL]),
                 Resource.state != ResourceState.DELETED.value,
+                ~and_(Resource.role == evaluations.ROLE, evaluations.unfinished_of_job()),
             )
             .order_by(Resource.id)
             .limit(limit)

@@ -282,8 +282,49 @@ class ModelLabelHistory(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
     by: Mapped[str] = mapped_column(String(64))  # a user id, or "system"
     why: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # move (set, remove, a gate's promotion), rollback, or refusal (a gate that did not move
+    # the label: from_version = to_version = where it stays; "where was it at T" skips these)
+    kind: Mapped[str] = mapped_column(String(16), default="move", server_default="move")
 
     __table_args__ = (Index("ix_model_label_history_model_at", "model_id", "at", "id"),)
+
+
+class ModelEvaluation(Base):
+    """A job's evaluation gate for the version it registered (service/domain/gate.py): the
+    candidate and the label's version (the champion) scored on one holdout by the platform's
+    evaluator on a server of the job's (`resource_id`, role 'evaluator'), and the decision.
+    Its server is held from the job's teardown until `state` is DONE."""
+
+    __tablename__ = "model_evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    version: Mapped[int]
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    gate: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # PENDING (the version is being registered) -> BOOTING -> SCORING -> DONE
+    state: Mapped[str] = mapped_column(String(16))
+    resource_id: Mapped[int | None]
+    ssh_key_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    ssh_public_key: Mapped[str | None] = mapped_column(Text)
+    champion_version: Mapped[int | None]
+    candidate_score: Mapped[float | None] = mapped_column(Float)
+    champion_score: Mapped[float | None] = mapped_column(Float)
+    holdout_rows: Mapped[int | None]
+    # the holdout's objects as scored: {"<path>": {"size", "md5"}}
+    holdout: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    decision: Mapped[str | None] = mapped_column(String(16))  # promoted | passed | refused
+    reason: Mapped[str | None] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(Text)
+    step_lease_owner: Mapped[str | None] = mapped_column(String(64))
+    step_lease_until: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
 
 
 class Endpoint(Base):
@@ -350,6 +391,8 @@ class Schedule(Base):
     catchup: Mapped[str] = mapped_column(String(8), default="none")
     max_catchup: Mapped[int] = mapped_column(default=10)
     paused: Mapped[bool] = mapped_column(default=False)
+    # the dataset each slot rebuilds before its job starts (the job trains on the new version)
+    dataset: Mapped[str | None] = mapped_column(String(63))
     # every slot at or before this instant is handled (fired, skipped, or passed over); set
     # to the creation time, and to the resume time (slots while paused never fire)
     handled_until: Mapped[datetime]
@@ -376,13 +419,146 @@ class ScheduleRun(Base):
     schedule_id: Mapped[str] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
     fire_time: Mapped[datetime]
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
-    outcome: Mapped[str] = mapped_column(String(16))  # started | skipped | failed
+    # started | skipped | failed, or building (its dataset is being rebuilt; the job starts
+    # when the version is READY)
+    outcome: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text, default="", server_default="")
     job_id: Mapped[str | None] = mapped_column(String(40))
     # earlier slots passed over by this pass (catchup none, or past max_catchup)
     missed: Mapped[int] = mapped_column(default=0, server_default="0")
+    # the dataset version the slot rebuilt (dataset_versions.id, and its number), if any
+    dataset_version_id: Mapped[int | None] = mapped_column(Integer)
+    dataset_version: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         UniqueConstraint("schedule_id", "fire_time", name="uq_schedule_runs_slot"),
         Index("ix_schedule_runs_job", "job_id"),
+        Index(
+            "ix_schedule_runs_building", "outcome", postgresql_where=text("outcome = 'building'")
+        ),
+    )
+
+
+class Feedback(Base):
+    """A ground-truth label for one prediction (request id) of a model: one row per (model,
+    request id); a different label replaces it (a correction)."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    request_id: Mapped[str] = mapped_column(String(128))
+    label: Mapped[Any] = mapped_column(JSON)
+    # the SHA-256 of the label's canonical JSON: the same label again is `unchanged`
+    label_key: Mapped[str] = mapped_column(String(64))
+    labelled_at: Mapped[datetime]  # when the truth was observed (the client's `time`)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    by: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (UniqueConstraint("model_id", "request_id", name="uq_feedback_request"),)
+
+
+class LoggedPrediction(Base):
+    """One logged prediction (a request of the serving log), indexed from the store by the
+    `stackml.index_serving_logs` pass: its instances and predictions, for the join with
+    feedback. The unique (model_id, request_id) makes indexing a line twice a no-op."""
+
+    __tablename__ = "logged_predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    request_id: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int | None]
+    at: Mapped[datetime]
+    instances: Mapped[Any] = mapped_column(JSON)
+    predictions: Mapped[Any | None] = mapped_column(JSON)
+    source_id: Mapped[int | None]  # the serving_log_objects row it came from
+
+    __table_args__ = (
+        UniqueConstraint("model_id", "request_id", name="uq_logged_predictions_request"),
+        Index("ix_logged_predictions_model_version", "model_id", "version", "id"),
+        Index("ix_logged_predictions_model_at", "model_id", "at"),
+    )
+
+
+class ServingLogObject(Base):
+    """A serving-log object already indexed (its lines are in logged_predictions): the
+    unique (model_id, key) is what makes an object's effect happen once."""
+
+    __tablename__ = "serving_log_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(1024))
+    lines: Mapped[int] = mapped_column(default=0)
+    indexed: Mapped[int] = mapped_column(default=0)  # new logged_predictions rows
+    skipped: Mapped[int] = mapped_column(default=0)  # lines that are not usable predictions
+    note: Mapped[str] = mapped_column(Text, default="", server_default="")
+    indexed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("model_id", "key", name="uq_serving_log_objects_key"),)
+
+
+class ServingLogCursor(Base):
+    """How far the index pass has listed a model's serving-log hours: the next pass lists
+    from the hour of `listed_through` (minus a margin for late batches) to the hour now."""
+
+    __tablename__ = "serving_log_cursors"
+
+    model_id: Mapped[str] = mapped_column(
+        ForeignKey("models.id", ondelete="CASCADE"), primary_key=True
+    )
+    project_id: Mapped[str] = mapped_column(String(64))
+    listed_through: Mapped[datetime]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Dataset(Base):
+    """A named, versioned training dataset of a project, built from a model's logged
+    predictions joined with their feedback."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the number the next version gets (an atomic UPDATE, as models.next_version)
+    next_version: Mapped[int] = mapped_column(default=1, server_default="1")
+
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_datasets_project_name"),)
+
+
+class DatasetVersion(Base):
+    """One build of a dataset: BUILDING until `stackml.build_dataset` wrote its objects and
+    manifest, then READY, or FAILED with a sentence."""
+
+    __tablename__ = "dataset_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dataset_id: Mapped[str] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), index=True
+    )
+    version: Mapped[int]
+    state: Mapped[str] = mapped_column(String(16), index=True)  # BUILDING | READY | FAILED
+    model_name: Mapped[str] = mapped_column(String(63))
+    # {"window": {"start", "end"}, "holdout_fraction", "format"}
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prefix_uri: Mapped[str] = mapped_column(Text)  # <store>://<area>datasets/<name>/<n>/
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    failure_message: Mapped[str | None] = mapped_column(Text)
+    # the build task holds the version until then (past the task's hard time limit): a
+    # re-driven or redelivered build finds it held and returns
+    lease_until: Mapped[datetime | None]
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "version", name="uq_dataset_versions_version"),
     )

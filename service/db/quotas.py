@@ -17,6 +17,7 @@ from service.backends.interfaces import Flavor
 from service.config import CONFIG_DIR, Settings, get_settings
 from service.db.models import FairShare, Job, ProjectQuota, Resource, utcnow
 from service.domain.errors import BackendError
+from service.domain.quota import spec_demand
 from service.domain.states import JobState, OwnerKind, ResourceState
 from service.quota_policy import (
     KEYS,
@@ -26,7 +27,6 @@ from service.quota_policy import (
     Metered,
     Queued,
     Usage,
-    demand,
     meter,
     priority_of,
 )
@@ -158,7 +158,7 @@ def flavor_table(settings: Settings | None = None) -> dict[str, Flavor]:
 def job_demand(
     spec: Mapping[str, Any], flavors: Mapping[str, Flavor], default_flavor: str | None
 ) -> Demand:
-    return demand(spec.get("resources") or {}, flavors, default_flavor)
+    return spec_demand(spec, flavors, default_flavor)
 
 
 def in_use(
@@ -280,10 +280,20 @@ def never_fits(
     s: Session, settings: Settings, project: str, spec: Any, flavors: Iterable[Flavor]
 ) -> str | None:
     """Why `spec` can never run in `project` under its quota (submission answers 422)."""
+    offered = list(flavors)
     why = policy_never_fits(
-        limits_for(s, settings, project), spec, list(flavors), settings.default_flavor
+        limits_for(s, settings, project), spec, offered, settings.default_flavor
     )
-    return None if why is None else f"{why} (project {project})"
+    if why is not None:
+        return f"{why} (project {project})"
+    data = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else dict(spec)
+    need = spec_demand(data, offered, settings.default_flavor)
+    if settings.max_servers and need.servers > settings.max_servers:
+        return (
+            f"the job needs {need.servers} servers at once but the platform runs at most "
+            f"{settings.max_servers} (max_servers)"
+        )
+    return None
 
 
 # -- usage and cost -----------------------------------------------------------------------

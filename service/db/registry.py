@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from service.db.models import (
     Endpoint,
     Model,
+    ModelEvaluation,
     ModelLabel,
     ModelLabelHistory,
     ModelVersion,
@@ -38,6 +39,9 @@ SYSTEM = "system"
 MAX_DESCRIPTION = 4096
 MAX_WHY = 1024
 HISTORY_LIMIT = 1000
+# model_label_history.kind
+MOVE, ROLLBACK, REFUSAL, EVALUATED = "move", "rollback", "refusal", "evaluated"
+MOVES = (MOVE, ROLLBACK)  # the kinds that moved the label (refusal, evaluated: a gate's record)
 
 CREATING, READY, FAILED = "CREATING", "READY", "FAILED"
 VERSION_STATES = (CREATING, READY, FAILED)
@@ -75,6 +79,12 @@ class LabelMoved(Conflict):
     """Compare-and-set: the label does not point where the caller expected."""
 
     code = "label_moved"
+
+
+class RollbackUnavailable(Conflict):
+    """The label has no earlier version to go back to, or that version is not READY."""
+
+    code = "rollback_unavailable"
 
 
 class LabelInUse(Conflict):
@@ -325,6 +335,7 @@ def set_label(
     by: str,
     why: str = "",
     expected: Any = _UNSET,
+    kind: str = MOVE,
 ) -> tuple[int | None, bool]:
     """Point `label` at `version` (READY). With `expected` (an int, or None for "the label
     does not exist yet"), only when the label is there now: else LabelMoved. Returns (the
@@ -361,7 +372,8 @@ def set_label(
             to_version=version,
             at=now,
             by=by,
-            why=why,
+            why=why[:MAX_WHY],
+            kind=kind,
         )
     )
     s.flush()
@@ -454,7 +466,9 @@ def labels_at(
     """Which version each label pointed at, at time `at` (None: the label did not exist
     then, though it did at some time before)."""
     q = select(ModelLabelHistory).where(
-        ModelLabelHistory.model_id == model.id, ModelLabelHistory.at <= at
+        ModelLabelHistory.model_id == model.id,
+        ModelLabelHistory.at <= at,
+        ModelLabelHistory.kind.in_(MOVES),  # a gate's refusal moved nothing
     )
     if label is not None:
         q = q.where(ModelLabelHistory.label == label)
@@ -462,6 +476,112 @@ def labels_at(
     for row in s.scalars(q.order_by(ModelLabelHistory.at, ModelLabelHistory.id)):
         out[row.label] = row.to_version
     return dict(sorted(out.items()))
+
+
+def record_refusal(
+    s: Session, model: Model, label: str, *, by: str, why: str, kind: str = REFUSAL
+) -> int | None:
+    """A history row for a gate that did not move `label`: from and to are where the label
+    points now (kind `refusal`, or `evaluated` for a pass with `promote: false`; "where was it
+    at T" and rollback skip both). Returns that version."""
+    _lock_model(s, model)
+    row = s.get(ModelLabel, (model.id, label))
+    here = row.version if row is not None else None
+    s.add(
+        ModelLabelHistory(
+            model_id=model.id,
+            label=label,
+            from_version=here,
+            to_version=here,
+            at=utcnow(),
+            by=by,
+            why=why[:MAX_WHY],
+            kind=kind,
+        )
+    )
+    s.flush()
+    return here
+
+
+def promote(
+    s: Session, model: Model, label: str, version: int, *, champion: int | None, by: str, why: str
+) -> bool:
+    """A gate's promotion: `label` to `version` only if it still points at `champion` (the
+    version scored against; None: the label did not exist). LabelMoved when it moved since:
+    the caller records `champion_changed`. True when it moved (one history row)."""
+    _, moved = set_label(s, model, label, version, by=by, why=why, expected=champion)
+    return moved
+
+
+def rollback(s: Session, model: Model, label: str, *, by: str, why: str = "") -> tuple[int, int]:
+    """Move `label` back to the version it pointed at before its last move (a rollback is a
+    move too: rolling back twice goes forward again). Returns (from, to). RollbackUnavailable
+    when the label never pointed anywhere before, or that version is gone or not READY."""
+    _lock_model(s, model)
+    last = s.scalars(
+        select(ModelLabelHistory)
+        .where(
+            ModelLabelHistory.model_id == model.id,
+            ModelLabelHistory.label == label,
+            ModelLabelHistory.kind.in_(MOVES),
+        )
+        .order_by(ModelLabelHistory.at.desc(), ModelLabelHistory.id.desc())
+        .limit(1)
+    ).first()
+    row = s.get(ModelLabel, (model.id, label))
+    if last is None and row is None:
+        raise NotFound(
+            f"model {model.name!r} has no label {label!r}",
+            details={"model": model.name, "label": label},
+        )
+    here = row.version if row is not None else None
+    back = last.from_version if last is not None else None
+    if back is None or back == here:
+        raise RollbackUnavailable(
+            f"label {label!r} of {model.name!r} pointed at no other version before its last "
+            "move: there is nothing to roll back to",
+            details={"label": label, "version": here, "reason": "no_previous_version"},
+        )
+    mv = s.scalars(
+        select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.version == back)
+    ).one_or_none()
+    if mv is None or mv.state != READY:
+        state = "deleted" if mv is None else mv.state
+        raise RollbackUnavailable(
+            f"label {label!r} of {model.name!r} pointed at version {back} before its last "
+            f"move, and that version is {state}: it cannot be labelled again",
+            details={
+                "label": label,
+                "version": here,
+                "previous_version": back,
+                "reason": "previous_version_not_ready",
+                "state": state,
+            },
+        )
+    text = f"rollback: back to version {back} from {here if here is not None else 'nothing'}"
+    set_label(
+        s,
+        model,
+        label,
+        back,
+        by=by,
+        why=f"{text}; {why}" if why else text,
+        expected=here,
+        kind=ROLLBACK,
+    )
+    return (here if here is not None else 0), back
+
+
+def evaluations_of(s: Session, model: Model) -> dict[int, ModelEvaluation]:
+    """The latest evaluation of each version of the model that has one."""
+    out: dict[int, ModelEvaluation] = {}
+    for ev in s.scalars(
+        select(ModelEvaluation)
+        .where(ModelEvaluation.model_id == model.id)
+        .order_by(ModelEvaluation.id)
+    ):
+        out[ev.version] = ev
+    return out
 
 
 # -- serialisation -----------------------------------------------------------------------------
@@ -502,7 +622,36 @@ def serialize_model(s: Session, model: Model, *, detail: bool = False) -> dict[s
     return out
 
 
-def serialize_version(mv: ModelVersion, model: Model, labels: dict[str, int]) -> dict[str, Any]:
+def serialize_evaluation(ev: ModelEvaluation) -> dict[str, Any]:
+    gate = ev.gate or {}
+    return {
+        "job_id": ev.job_id,
+        "state": ev.state,
+        "metric": gate.get("metric"),
+        "direction": gate.get("direction"),
+        "threshold": gate.get("threshold"),
+        "min_improvement": gate.get("min_improvement"),
+        "label": gate.get("label"),
+        "promote": gate.get("promote", True),
+        "holdout_uri": gate.get("holdout_uri"),
+        "holdout_rows": ev.holdout_rows,
+        "champion_version": ev.champion_version,
+        "candidate_score": ev.candidate_score,
+        "champion_score": ev.champion_score,
+        "decision": ev.decision,
+        "reason": ev.reason,
+        "message": ev.message,
+        "created_at": iso(ev.created_at),
+        "finished_at": iso(ev.finished_at),
+    }
+
+
+def serialize_version(
+    mv: ModelVersion,
+    model: Model,
+    labels: dict[str, int],
+    evaluation: ModelEvaluation | None = None,
+) -> dict[str, Any]:
     return {
         "model": model.name,
         "version": mv.version,
@@ -517,6 +666,7 @@ def serialize_version(mv: ModelVersion, model: Model, labels: dict[str, int]) ->
         "created_at": iso(mv.created_at),
         "updated_at": iso(mv.updated_at),
         "failure_message": mv.failure_message,
+        "evaluation": None if evaluation is None else serialize_evaluation(evaluation),
     }
 
 
@@ -528,4 +678,5 @@ def serialize_history(row: ModelLabelHistory) -> dict[str, Any]:
         "at": iso(row.at),
         "by": row.by,
         "why": row.why,
+        "kind": row.kind,
     }

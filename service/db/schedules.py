@@ -50,6 +50,7 @@ def create_schedule(
     max_catchup: int,
     paused: bool,
     by: str,
+    dataset: str | None = None,
     now: datetime | None = None,
 ) -> Schedule:
     """A new schedule; slots after `now` (its creation) fire. ScheduleExists (409) when the
@@ -66,6 +67,7 @@ def create_schedule(
         catchup=catchup.value,
         max_catchup=max_catchup,
         paused=paused,
+        dataset=dataset,
         handled_until=now,
         next_fire_at=None if paused else dom.next_fire_time(cron, timezone, now),
         created_by=by,
@@ -209,12 +211,61 @@ def claim_slot(
     return None if run_id is None else int(run_id)
 
 
-def finish_slot(s: Session, run_id: int, *, outcome: str, reason: str, job_id: str | None) -> None:
-    s.execute(
-        update(ScheduleRun)
-        .where(ScheduleRun.id == run_id)
-        .values(outcome=outcome, reason=reason, job_id=job_id)
+def finish_slot(
+    s: Session,
+    run_id: int,
+    *,
+    outcome: str,
+    reason: str,
+    job_id: str | None,
+    dataset_version_id: int | None = None,
+    dataset_version: int | None = None,
+) -> None:
+    values: dict[str, Any] = {"outcome": outcome, "reason": reason, "job_id": job_id}
+    if dataset_version_id is not None:
+        values.update(dataset_version_id=dataset_version_id, dataset_version=dataset_version)
+    s.execute(update(ScheduleRun).where(ScheduleRun.id == run_id).values(**values))
+
+
+def building(s: Session, schedule_id: str) -> list[ScheduleRun]:
+    """The schedule's slots whose dataset is still being rebuilt, oldest first."""
+    q = (
+        select(ScheduleRun)
+        .where(
+            ScheduleRun.schedule_id == schedule_id,
+            ScheduleRun.outcome == dom.Outcome.BUILDING.value,
+        )
+        .order_by(ScheduleRun.fire_time)
     )
+    return list(s.scalars(q))
+
+
+def building_slots(s: Session, limit: int = 100) -> list[int]:
+    """Ids of slots (of every schedule) waiting for their dataset, oldest first."""
+    q = (
+        select(ScheduleRun.id)
+        .where(ScheduleRun.outcome == dom.Outcome.BUILDING.value)
+        .order_by(ScheduleRun.recorded_at, ScheduleRun.id)
+        .limit(limit)
+    )
+    return list(s.scalars(q))
+
+
+def lock_building_slot(s: Session, run_id: int) -> ScheduleRun | None:
+    """The slot, locked for this transaction, if it still waits for its dataset; None when
+    another firer holds it or has moved it on (the lock and the outcome decide together: a
+    slot's job is created once)."""
+    q = select(ScheduleRun).where(
+        ScheduleRun.id == run_id, ScheduleRun.outcome == dom.Outcome.BUILDING.value
+    )
+    if s.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update(skip_locked=True)
+    row = s.scalars(q).one_or_none()
+    if row is not None:
+        s.refresh(row)
+        if row.outcome != dom.Outcome.BUILDING.value:
+            return None
+    return row
 
 
 def advance(s: Session, sch: Schedule, through: datetime) -> None:
@@ -234,6 +285,7 @@ def serialize_run(r: ScheduleRun) -> dict[str, Any]:
         "reason": r.reason,
         "job_id": r.job_id,
         "missed": r.missed,
+        "dataset_version": r.dataset_version,
         "recorded_at": iso(r.recorded_at),
     }
 
@@ -257,6 +309,7 @@ def serialize(
         "catchup": sch.catchup,
         "max_catchup": sch.max_catchup,
         "paused": sch.paused,
+        "dataset": sch.dataset,
         "next_fire_at": iso(sch.next_fire_at),
         "next_fire_times": upcoming,
         "last_run": serialize_run(last[0]) if last else None,

@@ -14,6 +14,9 @@ from __future__ import annotations
 STAGING = "staging/"  # POST /v1/packages writes here (service/api/packages.py)
 MODELS = "models/"
 JOB_DIR = "job-"  # models/job-<hex>/ are default prefixes (service/db/jobs.py new_job_id)
+# the platform's own areas: datasets the builder writes (service/db/datasets.py), the serving
+# log (service/serving_log.py); a job writing there could forge training data
+RESERVED = ("datasets/", "serving-logs/")
 
 
 def default_prefix(area: str, job_id: str) -> str:
@@ -32,6 +35,9 @@ def prefix_problem(prefix: str, area: str) -> str | None:
     rel = prefix[len(area) :] if prefix.startswith(area) else prefix
     if rel.startswith(STAGING):
         return f"must not be in the staging area {area}{STAGING} (where packages are stored)"
+    for area_dir in RESERVED:
+        if rel.startswith(area_dir):
+            return f"must not be in {area}{area_dir} (the platform writes there)"
     if rel == MODELS:
         return (
             f"must not be the models area {area}{MODELS} itself; name a new directory in it, "
@@ -52,3 +58,16 @@ def overlaps(a: str, b: str) -> bool:
     """Whether two output prefixes share an object: one is the other or lies inside it."""
     a, b = as_prefix(a), as_prefix(b)
     return a.startswith(b) or b.startswith(a)
+
+
+def holdout_problem(prefix: str, area: str) -> str | None:
+    """Why `prefix` (ending in '/', inside `area`) may not be a gate's holdout, or None: not
+    the models area nor the staging area, where jobs and uploads write (a trainer must not be
+    able to write the data it is judged on)."""
+    rel = prefix[len(area) :] if prefix.startswith(area) else prefix
+    if rel.startswith(MODELS) or rel.startswith(STAGING):
+        return (
+            f"must not be in {area}{MODELS} or {area}{STAGING}, where jobs and uploads write: "
+            "a trainer must not be able to write the data it is judged on"
+        )
+    return None

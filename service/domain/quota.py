@@ -168,7 +168,22 @@ def never_fits(
     """Why the job `spec` (a JobSpec or its JSON form) can never run under the project's
     `limits`, or None. Submission answers 422 with this reason."""
     data = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else dict(spec)
-    return exceeds(limits, demand(data.get("resources") or {}, flavors, default_flavor))
+    return exceeds(limits, spec_demand(data, flavors, default_flavor))
+
+
+def spec_demand(
+    data: Mapping[str, Any],
+    flavors: Iterable[Flavor] | Mapping[str, Flavor],
+    default_flavor: str | None = None,
+) -> Demand:
+    """What a job (its spec's JSON form) holds while it runs: `demand` of its resources, and a
+    batch prediction job one such server per `prediction.max_workers` (gang: all or none)."""
+    one = demand(data.get("resources") or {}, flavors, default_flavor)
+    pred = data.get("prediction")
+    workers = _int(pred.get("max_workers"), 1) if isinstance(pred, Mapping) else 1
+    if workers <= 1:
+        return one
+    return Demand(servers=one.servers * workers, gpus=one.gpus * workers)
 
 
 # -- fair order and admission -------------------------------------------------------------

@@ -60,6 +60,7 @@ class Outcome(StrEnum):
     STARTED = "started"  # a job was created for the slot
     SKIPPED = "skipped"  # the slot fired nothing (reason says why)
     FAILED = "failed"  # the job could not be created (reason says why)
+    BUILDING = "building"  # its dataset is being rebuilt; the job starts when it is READY
 
 
 class BadSchedule(ValueError):
@@ -251,3 +252,15 @@ def fired_spec(template: dict[str, Any], schedule_id: str, slot: datetime) -> di
     labels[SCHEDULE_LABEL] = schedule_id
     labels[SLOT_LABEL] = _aware(slot).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {**template, "labels": labels}
+
+
+def on_dataset(template: dict[str, Any], data_uri: str, holdout_uri: str) -> dict[str, Any]:
+    """The job spec of a slot that rebuilt its dataset: the template training on the new
+    version (`inputs.data_uri`), and a gate that names no holdout scored on the version's
+    holdout (rows no version of the dataset trains on: the split is by request id)."""
+    spec = {**template, "inputs": {**(template.get("inputs") or {}), "data_uri": data_uri}}
+    output = template.get("output") or {}
+    gate = output.get("gate")
+    if isinstance(gate, dict) and not gate.get("holdout_uri"):
+        spec["output"] = {**output, "gate": {**gate, "holdout_uri": holdout_uri}}
+    return spec

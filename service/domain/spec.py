@@ -10,9 +10,12 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 MODULE_RE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
@@ -113,6 +116,89 @@ class Inputs(_Strict):
         return None if v is None else check_object_path(v)
 
 
+GateMetric = Literal["rmse", "mae", "mse", "accuracy"]
+LabelName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+# the direction each metric is better in; a gate naming the other one is refused
+METRIC_DIRECTION = {
+    "rmse": "minimize",
+    "mae": "minimize",
+    "mse": "minimize",
+    "accuracy": "maximize",
+}
+
+
+class Gate(_Strict):
+    """An evaluation gate: the job's registered version (the candidate) and the version the
+    label points at (the champion) are scored on one holdout by the platform's evaluator; the
+    label moves to the candidate only when it passes (service/domain/gate.py decides)."""
+
+    metric: GateMetric = Field(
+        description="rmse, mae or mse (regression: lower is better) or accuracy "
+        "(classification: higher is better), computed from predictions and the holdout's labels."
+    )
+    direction: Literal["minimize", "maximize"] | None = Field(
+        default=None,
+        description="Which way is better; default (and the only one allowed): the "
+        "metric's own (minimize for rmse, mae, mse; maximize for accuracy).",
+    )
+    threshold: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="Absolute: the candidate's score must be at least this good.",
+    )
+    min_improvement: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="Relative to the champion: 0.05 = the candidate must be 5% better. "
+        "Without it a candidate must still be strictly better than a champion.",
+    )
+    holdout_uri: Uri | None = Field(
+        default=None,
+        description="An object prefix in the project's area (not its models area) holding CSV "
+        "files: feature columns, then the target; the same files score both versions. "
+        "Required, except in the job template of a schedule that rebuilds a dataset: each "
+        "job it fires is scored on the new version's holdout/.",
+    )
+    label: LabelName = Field(default="default", description="The label the gate moves.")
+    promote: bool = Field(
+        default=True, description="false: evaluate and record the decision, move nothing."
+    )
+
+    @field_validator("holdout_uri")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return None if v is None else check_object_path(v)
+
+    @field_validator("direction")
+    @classmethod
+    def _direction(cls, v: str | None, info: ValidationInfo) -> str | None:
+        metric = info.data.get("metric")
+        own = METRIC_DIRECTION.get(metric or "")
+        if v is not None and own is not None and v != own:
+            better = "lower" if own == "minimize" else "higher"
+            raise ValueError(f"{metric} is better {better}: direction must be {own}")
+        return v
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("metric") == "accuracy" and not 0 <= v <= 1:
+            raise ValueError("an accuracy is between 0 and 1")
+        if v is not None and info.data.get("metric") in ("rmse", "mae", "mse") and v < 0:
+            raise ValueError(f"{info.data.get('metric')} is never negative")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> Gate:
+        if self.threshold is None and self.min_improvement is None:
+            raise ValueError("give threshold, min_improvement or both")
+        if self.direction is None:  # the metric's own, written into the stored spec
+            object.__setattr__(self, "direction", METRIC_DIRECTION[self.metric])
+        return self
+
+
 class Output(_Strict):
     model_uri: Uri | None = Field(
         default=None,
@@ -128,11 +214,89 @@ class Output(_Strict):
         "checked it (READY or FAILED). A model name: ^[a-z][a-z0-9_-]{0,62}$.",
     )
 
+    gate: Gate | None = Field(
+        default=None,
+        description="Evaluate the registered version against the label's version on a holdout "
+        "and move the label only when it is better (needs register_as).",
+    )
+
     @field_validator("model_uri")
     @classmethod
     def _path(cls, v: str | None) -> str | None:
         return None if v is None else check_object_path(v)
 
+    @field_validator("gate")
+    @classmethod
+    def _gate_needs_model(cls, v: Gate | None, info: ValidationInfo) -> Gate | None:
+        if v is not None and info.data.get("register_as") is None:
+            raise ValueError(
+                "a gate needs output.register_as: it decides about a registered version"
+            )
+        return v
+
+
+class Prediction(_Strict):
+    """A batch prediction job's work: which model version, which inputs, where the output goes."""
+
+    model: ModelName = Field(description="A registered model of the project.")
+    version: int | None = Field(
+        default=None, ge=1, description="A READY version of the model; or give `label`."
+    )
+    label: ModelName | None = Field(
+        default=None,
+        description="A label of the model (default: `default`), resolved to its version once, "
+        "at submission; the job's output records the version.",
+    )
+    input_uris: list[Uri] = Field(
+        min_length=1,
+        max_length=1000,
+        description="Objects or prefixes (ending in '/') in the project's area; a prefix "
+        "stands for the objects under it, in key order. Rows are numbered across all inputs "
+        "in this order.",
+    )
+    format: Literal["jsonl", "csv", "tfrecord"] | None = Field(
+        default=None,
+        description="jsonl: one instance per line (a JSON list or object); csv: feature "
+        "columns, header optional; tfrecord: tf.train.Example records. Default: from the "
+        "inputs' extensions (.jsonl/.ndjson/.json, .csv, .tfrecord/.tfrecords/.tfr).",
+    )
+    output_prefix: Uri = Field(
+        description="Where the shards and manifest.json go: a new prefix in the project's "
+        "area (the rules of output.model_uri; 409 output_exists when something is there), or "
+        "the prefix of a failed or cancelled run of the same request, which is resumed."
+    )
+    batch_size: int = Field(default=64, ge=1, le=10_000, description="Rows per model call.")
+    shard_rows: int = Field(
+        default=10_000, ge=1, le=1_000_000, description="At most this many rows per shard."
+    )
+    max_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Servers the shards are spread over (shard n on server n mod "
+        "max_workers), booted together: the quota counts all of them (gang admission).",
+    )
+
+    @field_validator("input_uris")
+    @classmethod
+    def _inputs(cls, v: list[str]) -> list[str]:
+        return [check_object_path(u) for u in v]
+
+    @field_validator("output_prefix")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        return check_object_path(v)
+
+    @model_validator(mode="after")
+    def _one_version(self) -> Prediction:
+        if self.version is not None and self.label is not None:
+            raise ValueError("give either version or label, not both")
+        return self
+
+
+# the fields only one type of job takes (a field of the other type is refused, named)
+TRAINING_ONLY = ("trainer", "inputs", "output", "hyperparameters")
+BATCH_ONLY = ("prediction",)
 
 Scalar = str | int | float | bool
 
@@ -143,10 +307,14 @@ class JobSpec(_Strict):
     name: Name
     type: Literal["training", "batch_prediction"] = Field(
         default="training",
-        description="Only training is available yet: batch_prediction is refused "
-        "(422 not_implemented).",
+        description="training takes trainer (required), inputs, output and hyperparameters; "
+        "batch_prediction takes prediction (required). A field of the other type is refused "
+        "(422 validation_failed naming it).",
     )
-    trainer: Trainer
+    trainer: Trainer | None = Field(default=None, description="training only (required).")
+    prediction: Prediction | None = Field(
+        default=None, description="batch_prediction only (required)."
+    )
     runtime: Runtime = Field(default_factory=Runtime)
     resources: Resources = Field(default_factory=Resources)
     inputs: Inputs = Field(default_factory=Inputs)
@@ -189,10 +357,84 @@ class JobSpec(_Strict):
             _check_text(val, f"label {k}", 256)
         return v
 
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> JobSpec:
+        problems = type_problems(self)
+        if problems:
+            # one error per field, located at the field (not at the body)
+            raise ValidationError.from_exception_data(
+                "JobSpec",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("field_of_other_type", message),
+                        loc=(field,),
+                        input=None,
+                    )
+                    for field, message in problems
+                ],
+            )
+        return self
+
+    @property
+    def batch(self) -> bool:
+        return self.type == "batch_prediction"
+
+    def training(self) -> Trainer:
+        """The trainer of a training job (the schema makes sure it has one)."""
+        if self.trainer is None:
+            raise ValueError(f"a {self.type} job has no trainer")
+        return self.trainer
+
+    def predicting(self) -> Prediction:
+        """The prediction section of a batch job (the schema makes sure it has one)."""
+        if self.prediction is None:
+            raise ValueError(f"a {self.type} job has no prediction section")
+        return self.prediction
+
     def trainer_argv(self) -> list[str]:
         """`args` then hyperparameters as `--name=value` (the trainer contract)."""
         hp = [f"--{k}={_hp_str(v)}" for k, v in sorted(self.hyperparameters.items())]
-        return [*self.trainer.args, *hp]
+        return [*self.training().args, *hp]
+
+
+def type_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, message) for each field the job's type does not take, and the section it needs
+    but lacks. Fields left at their defaults (as a stored spec repeats them) are not counted."""
+    given = spec.model_fields_set
+    out: list[tuple[str, str]] = []
+    if spec.batch:
+        if spec.prediction is None:
+            out.append(("prediction", "a batch_prediction job needs a prediction section"))
+        for f in TRAINING_ONLY:
+            if f in given and _non_default(spec, f):
+                out.append((f, f"{f} is a training field; a batch_prediction job does not take it"))
+    else:
+        if spec.trainer is None:
+            out.append(("trainer", "a training job needs a trainer"))
+        if spec.prediction is not None:
+            out.append(
+                ("prediction", "prediction is a batch_prediction field; set type: batch_prediction")
+            )
+    return out
+
+
+def _non_default(spec: JobSpec, field: str) -> bool:
+    """Whether `field` (one of TRAINING_ONLY) holds something other than its default."""
+    if field == "trainer":
+        return spec.trainer is not None
+    if field == "inputs":
+        return spec.inputs.data_uri is not None
+    if field == "output":
+        return spec.output.model_uri is not None or spec.output.register_as is not None
+    return bool(spec.hyperparameters)
+
+
+def stored(spec: JobSpec) -> dict[str, Any]:
+    """The spec as it is stored and shown: JSON, without the fields of the other type."""
+    data = spec.model_dump(mode="json")
+    for f in TRAINING_ONLY if spec.batch else BATCH_ONLY:
+        data.pop(f, None)
+    return data
 
 
 def unbuilt_fields(spec: JobSpec) -> list[tuple[str, str]]:
@@ -200,8 +442,6 @@ def unbuilt_fields(spec: JobSpec) -> list[tuple[str, str]]:
     yet; such a spec is refused (422 not_implemented) before anything is stored or charged.
     The values the schema defaults to (and a stored spec repeats) are accepted."""
     out = []
-    if spec.type != "training":
-        out.append(("type", f"type {spec.type!r} is not available yet; only 'training' is"))
     if spec.resources.workers != 1:
         out.append(
             ("resources.workers", "distributed training is not available yet: one worker only")

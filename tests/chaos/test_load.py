@@ -1,6 +1,9 @@
-"""A burst of 500 trivial jobs through the API, the sandbox backend capped at a few servers:
+"""A burst of 200 trivial jobs through the API, the sandbox backend capped at a few servers:
 every job completes, none is lost or run twice, no server leaks. Figures: throughput, the API's
-p99 submit latency during the burst, peak memory of the API and the worker."""
+p99 submit latency during the burst, peak memory of the API and the worker.
+
+200 jobs queue 33 deep behind the cap of 6, which is what the test is about;
+`STACKML_LOAD_JOBS=500` runs a 500-job burst (about 2.5 minutes more)."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from tests.chaos.conftest import FIGURES, QUICK, RUNTIME_ROOT, assert_no_leaks
 from tests.envutil import free_port, reap_dead_runs, reap_sandboxes
 from tests.pgutil import temp_database
 
-JOBS = int(os.environ.get("STACKML_LOAD_JOBS", "500"))
+JOBS = int(os.environ.get("STACKML_LOAD_JOBS", "200"))
 CAP = 6
 REDIS_URL = "redis://127.0.0.1:6379/11"
 
@@ -40,7 +43,7 @@ def _peak_rss_mb(proc: psutil.Process) -> float:
     return 0.0
 
 
-@pytest.mark.timeout(1500)  # the burst takes about 4 minutes on 2 cores; its own deadline is 1200 s
+@pytest.mark.timeout(1500)  # 500 jobs take 2.5 to 5 minutes on 2 cores; its own deadline is 1200 s
 def test_burst_of_jobs_completes_with_none_lost_or_run_twice(tmp_path: Path) -> None:
     from service.config import Settings
 

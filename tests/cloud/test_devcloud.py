@@ -44,6 +44,7 @@ def test_catalog_lists_the_services(devcloud: DevCloud) -> None:
     conn = devcloud.connection("devcloud")
     types = {s.type: s.id for s in conn.identity.services()}
     assert {"identity", "object-store", "compute", "network", "image"} <= set(types)
+    assert "machine-learning" in types  # stackml: `openstack ml`, Horizon
     urls = {}
     for ep in conn.identity.endpoints(interface="public"):
         assert ep.region_id == "RegionOne"
@@ -54,6 +55,8 @@ def test_catalog_lists_the_services(devcloud: DevCloud) -> None:
     assert urls[types["compute"]] == f"{emu}/compute/v2.1"
     assert urls[types["network"]] == f"{emu}/network"
     assert urls[types["image"]] == f"{emu}/image"
+    # where `stackml up --devcloud` listens, or where a test registered its API last
+    assert urls[types["machine-learning"]] == DevCloud(devcloud.state_dir).stackml_url
     demo = devcloud.connection("devcloud-demo")
     assert demo.object_store.get_endpoint() == (
         f"{devcloud.swift_url}/v1/AUTH_{devcloud.projects['demo']}"

@@ -80,8 +80,9 @@ def test_up_devcloud_runs_the_platform_on_nova_and_swift(
                 status, ready = _get(f"{base}/readyz")
             except OSError:
                 status, ready = 0, None
-            if status == 200 and "stackml is up" in (tmp_path / "up.log").read_text():
-                break  # (the API answers a moment before the worker is ready)
+            # "Press Ctrl-C" comes last: after the worker is ready and the catalog is written
+            if status == 200 and "Press Ctrl-C to stop." in (tmp_path / "up.log").read_text():
+                break
             assert time.monotonic() < deadline, (status, ready, (tmp_path / "up.log").read_text())
             time.sleep(0.5)
         # the store check of /readyz wrote to and deleted from Swift through Keystone
@@ -91,6 +92,9 @@ def test_up_devcloud_runs_the_platform_on_nova_and_swift(
         names = {f["name"] for f in flavors["flavors"]}
         assert "m1.small" in names  # Nova's (the emulator's) flavors, not the sandbox's
         assert not any(n.startswith("local.") for n in names)
+        # `openstack ml` and Horizon find this API in the devcloud's catalog
+        assert f"catalog:  machine-learning -> {base}" in (tmp_path / "up.log").read_text()
+        assert DevCloud(devcloud_emulator.state_dir).stackml_url == base
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)

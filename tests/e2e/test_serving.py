@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import requests
 
-from service.backends.compute.sandbox import SandboxBackend, leak_report
+from service.backends.compute.sandbox import SandboxBackend, _root_tag, leak_report
 from service.client import StackMLClient
 from service.config import REPO_ROOT, Settings
 from service.platform import LocalPlatform
@@ -30,6 +31,25 @@ TF_ENV = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/u
 TOLERANCE = 1e-4
 MODEL = "regress"
 SERVE_MODELS = ".stackml/serve/models"  # where a replica's runner puts the versions (serve.py)
+
+
+def model_servers_of(sandbox_dir: Path) -> list[str]:
+    """Model servers still running in sandboxes of this root, found by their cgroup (named
+    `<root tag>-<sandbox id>`; a job's process cannot leave it), not other roots' (the cloud
+    tier may run beside this one)."""
+    tag = _root_tag(Path(os.path.realpath(sandbox_dir)))
+    found = subprocess.run(
+        ["pgrep", "-af", f"model_base_path={SERVE_MODELS}"], capture_output=True, text=True
+    ).stdout.splitlines()
+    ours = []
+    for line in found:
+        try:
+            cgroup = Path(f"/proc/{line.split()[0]}/cgroup").read_text()
+        except OSError:
+            continue  # it exited
+        if f"/{tag}-" in cgroup:
+            ours.append(line)
+    return ours
 
 
 def rows(width: int) -> list[list[float]]:
@@ -178,9 +198,7 @@ def exercise(
     assert api("GET", path)["servers"] == []
     assert backend.list_servers(("stackml-endpoint", ep["id"])) == []
     assert leak_report(settings.sandbox_dir) == []
-    left = subprocess.run(
-        ["pgrep", "-af", f"model_base_path={SERVE_MODELS}"], capture_output=True, text=True
-    ).stdout.strip()
+    left = model_servers_of(settings.sandbox_dir)
     assert not left, f"model servers still run: {left}"
     dead = requests.post(predict_url, json=body, timeout=60)
     # the model has no endpoint any more (404 no_endpoint; 503 no_replica is for an endpoint

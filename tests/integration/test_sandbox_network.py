@@ -4,6 +4,7 @@ other sandboxes' sshd are refused; the store gateway answers; delete leaves noth
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -235,6 +236,36 @@ def test_sandbox_reaches_only_the_store_gateway(
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     assert "stackml" not in tables  # nothing in the host's own ruleset, ever
     assert leak_report(base / "sandboxes") == []
+    # the address of a sandbox that is gone fails on the host at once: it is not routed out
+    # by the default route, where something else could answer for it
+    _assert_unreachable(st_a.host)
+
+
+def _assert_unreachable(host: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(OSError) as gone:
+        socket.create_connection((host, 8501), timeout=5).close()
+    assert gone.value.errno == errno.EHOSTUNREACH, gone.value
+    assert time.monotonic() - started < 1.0
+
+
+def test_the_sandbox_cidr_is_unreachable_on_the_host_but_for_live_sandboxes(
+    base: Path, net: SandboxNetwork, keypair: tuple[str, str]
+) -> None:
+    cidr = net.cidr
+    subprocess.run(["ip", "-4", "route", "del", "unreachable", cidr], capture_output=True)
+    backend = SandboxBackend(base / "sandboxes", [SMALL], network=net)
+    ref = backend.create_server(_spec(keypair[1], "live"))  # sets the gateway and the route up
+    routes = subprocess.run(
+        ["ip", "-4", "route", "show", "exact", cidr], capture_output=True, text=True, check=True
+    ).stdout
+    assert routes.split() == ["unreachable", cidr], routes
+    host = backend.get_server(ref.id).host
+    assert host is not None
+    assert _host_can_connect(host, 22)  # its own /32 on its veth wins over the CIDR
+    _assert_unreachable(net.address(4000))  # no sandbox has this one
+    backend.delete_server(ref.id)
+    _assert_unreachable(host)
 
 
 def test_leak_report_sees_a_leftover_namespace_and_veth(

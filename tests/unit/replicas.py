@@ -21,7 +21,8 @@ PATH_RE = re.compile(r"^/v1/models/([^/:]+)/versions/(\d+)(:predict|:classify|:r
 class FakeReplica:
     """One replica: answers predictions with which replica and version served them.
     `mode`: "ok", "error" (TF Serving's 400 {"error"}), "unavailable" (503), "slow" (answers
-    when `release` is set)."""
+    when `release` is set), "foreign" (a 404 with an empty body and no content type: what an
+    egress proxy answered here for the address of a sandbox that was gone)."""
 
     def __init__(self, name: str = "replica") -> None:
         self.name = name
@@ -84,6 +85,10 @@ class FakeReplica:
                 elif replica.mode == "slow":
                     replica.release.wait(30)  # longer than the proxy's read timeout
                     self._send(200, {"predictions": [], "served_by": replica.name})
+                elif replica.mode == "foreign":  # another server at the replica's address
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                 elif replica.mode == "unavailable":
                     self._send(503, {"error": "Servable not available"})
                 else:

@@ -163,7 +163,6 @@ def test_two_submissions_racing_for_one_prefix_one_wins(
 
 
 UNBUILT = [
-    ({"type": "batch_prediction"}, "type"),
     ({"resources": {"workers": 2}}, "resources.workers"),
     ({"resources": {"parameter_servers": 1}}, "resources.parameter_servers"),
     ({"resources": {"workers": 3, "parameter_servers": 2}}, "resources.parameter_servers"),

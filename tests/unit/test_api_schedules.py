@@ -116,6 +116,12 @@ def test_bad_job_template_is_a_422_under_job(
 
 def test_unbuilt_job_type_is_refused(client, package_uri, spec, error_of, db_url):
     job = spec(package_uri, type="batch_prediction")
+    del job["trainer"], job["hyperparameters"]
+    job["prediction"] = {
+        "model": "demo",
+        "input_uris": ["local://projects/local/data/x.csv"],
+        "output_prefix": "local://projects/local/predictions/x/",
+    }
     err = error_of(client.post("/v1/schedules", json=body(job)), 422, "not_implemented")
     assert "job.type" in fields(err)
     assert count(db_url, Schedule) == 0

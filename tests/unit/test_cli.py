@@ -718,6 +718,7 @@ def test_describe_and_events_strip_terminal_escapes(
 
 
 def test_operator_and_user_commands_live_in_their_own_modules() -> None:
+    from service.cli import datasets as dataset_cmds
     from service.cli import models as model_cmds
     from service.cli import ops
     from service.cli import schedules as schedule_cmds
@@ -732,8 +733,14 @@ def test_operator_and_user_commands_live_in_their_own_modules() -> None:
         "jobs",
         "models",
         "schedules",
+        "datasets",
+        "quotas",
+        "usage",
+        "flavors",
     }
     assert cli.commands["schedules"] is schedule_cmds.schedules
+    assert cli.commands["datasets"] is dataset_cmds.datasets
+    assert model_cmds.models.commands["feedback"] is dataset_cmds.feedback
     for name in ("up", "demo", "runtime", "db"):
         assert cli.commands[name] is getattr(ops, name)
     assert cli.commands["jobs"] is user_cmds.jobs

@@ -157,6 +157,14 @@ def test_upload_package_of_a_tarball(api: StackMLClient, tmp_path: Path, tarball
     assert staged["package_uri"].endswith("/pkg.tar.gz")
 
 
+def test_upload_package_file_from_an_open_file(api: StackMLClient, tarball: Any) -> None:
+    """What the dashboard's submit form does with a browser's upload."""
+    body = tarball({"trainer/__init__.py": b""})
+    staged = api.upload_package_file(io.BytesIO(body), "from-form.tar.gz")
+    assert staged["package_uri"].endswith("/from-form.tar.gz")
+    assert staged["size"] == len(body)
+
+
 def test_upload_of_a_non_tarball_is_an_api_error(api: StackMLClient, tmp_path: Path) -> None:
     path = tmp_path / "pkg.tar.gz"
     path.write_bytes(b"not gzip at all")

@@ -211,16 +211,32 @@ def test_a_dead_replica_costs_no_request(app, client, db_url, replicas):
     assert predict(client, "/v1/models/m:predict").get_json()["served_by"] == "b"
 
 
-def test_a_replica_answering_503_is_retried_on_another(app, client, db_url, replicas):
+@pytest.mark.parametrize("mode", ["unavailable", "foreign"])  # 503; not a model server's answer
+def test_a_replica_answering_503_or_not_as_a_model_server_is_retried_on_another(
+    app, client, db_url, replicas, mode
+):
     _, ep = add_model(db_url, "m")
     sick, well = start(replicas, "sick"), start(replicas, "well")
-    sick.mode = "unavailable"
+    sick.mode = mode
     add_replica(db_url, ep, sick.port, 1)
     add_replica(db_url, ep, well.port, 1)
     for _ in range(6):
         r = predict(client, "/v1/models/m:predict")
         assert r.status_code == 200 and r.get_json()["served_by"] == "well"
     assert len(sick.seen) == 1  # then avoided: it is suspect for a while
+
+
+def test_when_no_replica_answers_as_a_model_server_the_answer_is_no_replica(
+    app, client, db_url, replicas, error_of
+):
+    _, ep = add_model(db_url, "m")
+    for name in ("stranger", "other"):
+        rep = start(replicas, name)
+        rep.mode = "foreign"  # never passed on as the model's answer
+        add_replica(db_url, ep, rep.port, 1)
+    r = predict(client, "/v1/models/m:predict")
+    err = error_of(r, 503, "no_replica")
+    assert err["details"]["tried"] == 2 and r.headers["Retry-After"] == "1"
 
 
 def test_when_every_replica_is_down_the_answer_is_no_replica(app, client, db_url, error_of):

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from service.backends.interfaces import Flavor
+from service.domain.quota import spec_demand
 from service.domain.spec import JobSpec
 from service.quota_policy import (
     CAPACITY_WAIT,
@@ -66,6 +67,28 @@ def test_demand_of_gpus_is_the_best_fitting_flavor() -> None:
     assert demand({"gpus": 3}, FLAVORS) == Demand(1, 4)  # booted as gpu.4
     assert demand({"gpus": 2, "gpu_type": "h100"}, FLAVORS) == Demand(1, 2)
     assert demand({"gpus": 16}, FLAVORS) == Demand(1, 16)  # none fits: what was asked
+
+
+def test_a_batch_job_demands_one_server_per_worker_all_at_once() -> None:
+    def batch(workers: object, **res: object) -> dict[str, object]:
+        return {"resources": res, "prediction": {"max_workers": workers}}
+
+    assert spec_demand(batch(4, flavor="gpu.1"), FLAVORS) == Demand(servers=4, gpus=4)
+    assert spec_demand(batch(1, flavor="gpu.4"), FLAVORS) == Demand(servers=1, gpus=4)
+    assert spec_demand(batch(3), FLAVORS, default_flavor="cpu.small") == Demand(3, 0)
+    assert spec_demand(batch("x"), FLAVORS) == Demand(1, 0)  # not an int: one server
+    assert spec_demand({"resources": {"flavor": "gpu.4"}}, FLAVORS) == Demand(1, 4)
+    lim = Limits(jobs=2, servers=3, gpus=8)
+    assert never_fits(lim, batch(3, flavor="gpu.1"), FLAVORS) is None
+    assert never_fits(lim, batch(4, flavor="cpu.small"), FLAVORS) == (
+        "the job needs 4 servers but the project's quota allows 3"
+    )
+    assert never_fits(lim, batch(3, flavor="gpu.4"), FLAVORS) == (
+        "the job needs 12 GPUs but the project's quota allows 8"
+    )
+    # admission takes all of a gang's servers or none: 2 free servers do not start a 3
+    d = decide([q("gang", "p", 0, servers=3), q("one", "p", 1)], {}, lambda p: ROOMY, capacity=2)
+    assert list(d.admit) == [] and "gang" in d.waiting and "one" in d.waiting  # no overtaking
 
 
 def test_demand_without_flavor_uses_the_default_and_unknown_flavors_have_no_gpus() -> None:

@@ -101,3 +101,56 @@ def test_registering_into_a_model_that_does_not_exist_creates_it(run: Callable[.
     res = run("models", "versions", "third", "--register", "job-00000000")
     assert res.exit_code == 1 and "job-00000000" in res.output, res.output
     assert run("models", "list", "-o", "json").output.count('"name"') == 1
+
+
+def test_rollback_and_a_gates_evaluation_on_the_command_line(
+    run: Callable[..., Result], db_url: str
+) -> None:
+    run("models", "create", "gated")
+    for _ in range(2):
+        run("models", "versions", "gated", "--uri", "local://projects/local/models/g/")
+    _ready(db_url, "gated", 1)
+    _ready(db_url, "gated", 2)
+    res = run("models", "rollback", "gated")
+    assert res.exit_code == 1 and "no label 'default'" in res.output
+    run("models", "set-label", "gated", "default", "1")
+    res = run("models", "rollback", "gated")
+    assert res.exit_code == 1, res.output
+    assert "nothing to roll back to" in res.output  # one sentence, nothing moved
+    run("models", "set-label", "gated", "default", "2")
+    res = run("models", "rollback", "gated", "--label", "default", "--why", "bad v2")
+    assert res.exit_code == 0, res.output
+    assert "default: version 2 -> version 1 (rolled back)" in res.output
+    res = run("models", "history", "gated")
+    assert res.exit_code == 0 and "rollback" in res.output and "bad v2" in res.output
+    res = run("models", "rollback", "gated", "-o", "json")
+    assert json.loads(res.output)["version"] == 2
+    # a version's evaluation, as the gate recorded it
+    from service.db import evaluations
+    from service.db.models import ModelEvaluation
+
+    with session_scope(db_url) as s:
+        model = repo.find_model(s, "local", "gated")
+        mv = repo.get_version(s, model, 2)
+        s.add(
+            ModelEvaluation(
+                project_id="local",
+                model_id=model.id,
+                version_id=mv.id,
+                version=2,
+                job_id="job-123",
+                gate={"metric": "rmse", "direction": "minimize", "label": "default"},
+                state=evaluations.DONE,
+                champion_version=1,
+                candidate_score=0.25,
+                champion_score=0.5,
+                holdout_rows=200,
+                holdout={},
+                decision="promoted",
+                message="candidate rmse 0.25 is better than the champion's 0.5 by 50.00%",
+            )
+        )
+    res = run("models", "versions", "gated", "--version", "2")
+    assert res.exit_code == 0, res.output
+    assert "evaluation (rmse, label default, job job-123): promoted" in res.output
+    assert "candidate 0.25 vs version 1: 0.5 on 200 rows" in res.output

@@ -109,7 +109,7 @@ def test_openapi_document_is_well_formed(client):
     assert doc["info"]["title"] and doc["info"]["version"]
     schemas = doc["components"]["schemas"]
     # JobSpec is the very model that validates POST /v1/jobs, $defs hoisted to components
-    assert schemas["JobSpec"]["required"] == ["name", "trainer"]
+    assert schemas["JobSpec"]["required"] == ["name"]  # trainer or prediction, by type
     assert set(schemas["JobSpec"]["properties"]) == set(JobSpec.model_fields)
     assert not _has_key(doc, "$defs")
     for ref in _refs(doc):
@@ -146,12 +146,11 @@ def test_openapi_lists_every_route(app):
 @pytest.mark.parametrize(
     ("over", "fields"),
     [
-        ({"type": "batch_prediction"}, ["type"]),
         ({"resources": {"workers": 2}}, ["resources.workers"]),
         ({"resources": {"parameter_servers": 1}}, ["resources.parameter_servers"]),
         (
-            {"type": "batch_prediction", "resources": {"workers": 64, "parameter_servers": 16}},
-            ["type", "resources.workers", "resources.parameter_servers"],
+            {"resources": {"workers": 64, "parameter_servers": 16}},
+            ["resources.workers", "resources.parameter_servers"],
         ),
     ],
 )
@@ -215,11 +214,11 @@ def test_openapi_documents_what_a_submission_may_answer():
     assert {"202", "409", "422"} <= set(post)
     props = doc["components"]["schemas"]
     for model, field in [
-        ("JobSpec", "type"),
         ("Resources", "workers"),
         ("Resources", "parameter_servers"),
     ]:
         assert "not_implemented" in props[model]["properties"][field]["description"]
+    assert "gang" in props["Prediction"]["properties"]["max_workers"]["description"]
     assert "SUCCEEDS" in props["Output"]["properties"]["register_as"]["description"]
     assert "output_exists" in props["Output"]["properties"]["model_uri"]["description"]
     assert MASKED in props["JobSpec"]["properties"]["env"]["description"]

@@ -17,7 +17,7 @@ from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
 from workers import jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
-from workers.steps import register
+from workers.steps import batch, register
 from workers.steps.provision import PYTHON
 
 
@@ -28,7 +28,10 @@ def model_uri(job_id: str, project_id: str, spec: JobSpec, store: ObjectStore) -
 def run(job_id: str) -> None:
     with jobctx.open_step(job_id, JobState.EXPORTING) as ctx:
         if ctx is not None:
-            _export(ctx)
+            if ctx.spec.batch:
+                batch.finish(ctx)  # the shards are in the store already: check, record
+            else:
+                _export(ctx)
 
 
 def _export(ctx: jobctx.StepContext) -> None:

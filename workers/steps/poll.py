@@ -16,6 +16,7 @@ from service.domain.states import FailureReason, JobState, Phase
 from workers import jobctx, ssh
 from workers.base import TRANSIENT
 from workers.jobctx import JOB_DIR, db
+from workers.steps import batch_servers
 
 MAX_PULL = 1 << 20
 TAIL_LINES = 20
@@ -43,25 +44,41 @@ def _poll(ctx: jobctx.StepContext) -> None:
     try:
         conn = ssh.connection(target, timeout=cfg.command_timeout)
         data = _read_log(conn, offset)
-        exit_text = _read_small(conn, f"{JOB_DIR}/exit_code")
+        exit_text = batch_servers.read_small(conn, f"{JOB_DIR}/exit_code")
         heartbeat = conn.stat(f"{JOB_DIR}/heartbeat")
     except ssh.SSHError as e:
         ssh.drop(target)
-        if _past_deadline(job_id, started_at, max_runtime):
-            return
-        if not jobctx.retry_after_ssh_failure(ctx, e):
-            jobctx.fail(
-                job_id,
-                Phase.TRAIN,
-                FailureReason.SERVER_LOST,
-                f"the server {ctx.server_id} is gone or has not answered SSH for "
-                f"{jobctx.ssh_failing_for(job_id):.0f}s ({e})",
-            )
+        _ssh_failed(ctx, e, started_at, f"the server {ctx.server_id} is gone or has not")
         return
+
+    others: list[batch_servers.Look] = []
+    if ctx.spec.batch and ctx.spec.predicting().max_workers > 1:
+        try:
+            others = batch_servers.look(ctx, cfg.command_timeout)
+        except batch_servers.WorkerLost as e:
+            _store_log(job_id, offset, data, cfg.max_metric_points)
+            jobctx.fail(job_id, Phase.TRAIN, FailureReason.SERVER_LOST, str(e))
+            return
+        except ssh.SSHError as e:
+            _ssh_failed(ctx, e, started_at, "a batch worker's server has not")
+            return
 
     _store_log(job_id, offset, data, cfg.max_metric_points)
     more = len(data) == MAX_PULL
-    if exit_text is not None and not more:
+    failed = next(
+        (o for o in others if o.exit_text is not None and _exit_code(o.exit_text) != 0), None
+    )
+    if failed is not None and not more:
+        jobctx.fail(
+            job_id,
+            Phase.TRAIN,
+            FailureReason.TRAINER_EXIT_NONZERO,
+            f"batch worker {failed.index} (server {failed.server_id}) exited with status "
+            f"{(failed.exit_text or '').strip()[:64]}; last lines of its log:\n{failed.tail}",
+        )
+        return
+    others_done = all(o.exit_text is not None for o in others)
+    if exit_text is not None and not more and (others_done or _exit_code(exit_text) != 0):
         code = _exit_code(exit_text)
         if code is None:
             jobctx.fail(
@@ -72,12 +89,17 @@ def _poll(ctx: jobctx.StepContext) -> None:
             )
         elif code == 0:
             with db() as s:
+                for o in others:
+                    last = o.tail.strip().splitlines()[-1:] or ["(no log)"]
+                    repo.add_event(s, job_id, "poll", f"batch worker {o.index} exited 0: {last[0]}")
                 moved = repo.transition(
                     s,
                     job_id,
                     JobState.RUNNING,
                     JobState.EXPORTING,
-                    "trainer exited 0; exporting the model",
+                    "batch predictor exited 0; checking the shards"
+                    if ctx.spec.batch
+                    else "trainer exited 0; exporting the model",
                 )
             if moved:
                 jobctx.next_step(queue.EXPORT, job_id)
@@ -88,26 +110,51 @@ def _poll(ctx: jobctx.StepContext) -> None:
                 job_id,
                 Phase.TRAIN,
                 FailureReason.TRAINER_EXIT_NONZERO,
-                f"the trainer exited with status {code}; last lines of its log:\n{tail}",
+                f"{'the batch predictor' if ctx.spec.batch else 'the trainer'} exited with "
+                f"status {code}; last lines of its log:\n{tail}",
             )
         return
 
     if _past_deadline(job_id, started_at, max_runtime):
         return
     now = time.time()
-    if heartbeat is not None and now - heartbeat.st_mtime > cfg.heartbeat_timeout:
-        jobctx.fail(
-            job_id,
-            Phase.TRAIN,
-            FailureReason.SERVER_LOST,
-            f"the runner's heartbeat stopped {now - heartbeat.st_mtime:.0f}s ago",
-        )
-        return
+    stopped = [] if exit_text is not None or heartbeat is None else [("", heartbeat.st_mtime)]
+    stopped += [
+        (f" of batch worker {o.index}", o.heartbeat)
+        for o in others
+        if o.exit_text is None and o.heartbeat is not None
+    ]
+    for who, beat in stopped:
+        if now - beat > cfg.heartbeat_timeout:
+            jobctx.fail(
+                job_id,
+                Phase.TRAIN,
+                FailureReason.SERVER_LOST,
+                f"the runner's heartbeat{who} stopped {now - beat:.0f}s ago",
+            )
+            return
 
     interval = cfg.poll_min if data else min(cfg.poll_max, max(interval, cfg.poll_min) * 1.5)
     with db() as s:
         repo.touch(s, job_id, poll_interval=interval, ssh_failing_since=None)
     jobctx.next_step(queue.POLL, job_id, 0 if more else interval)
+
+
+def _ssh_failed(
+    ctx: jobctx.StepContext, e: ssh.SSHError, started_at: datetime | None, who: str
+) -> None:
+    """SSH to one of the job's servers failed: past its deadline the job fails `timeout`; else
+    the step runs again while the SSH policy allows (jobctx.retry_after_ssh_failure), and the
+    job fails `server_lost` once it does not ("<who> answered SSH for N s")."""
+    if _past_deadline(ctx.job_id, started_at, ctx.spec.max_runtime_seconds):
+        return
+    if not jobctx.retry_after_ssh_failure(ctx, e):
+        jobctx.fail(
+            ctx.job_id,
+            Phase.TRAIN,
+            FailureReason.SERVER_LOST,
+            f"{who} answered SSH for {jobctx.ssh_failing_for(ctx.job_id):.0f}s ({e})",
+        )
 
 
 def _store_log(job_id: str, offset: int, data: bytes, max_points: int) -> None:
@@ -134,15 +181,6 @@ def _exit_code(text: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        return None
-
-
-def _read_small(conn: ssh.SSHConnection, path: str) -> str | None:
-    """A small file's text, None when it is not there (the trainer may write anything in it,
-    or remove it)."""
-    try:
-        return conn.read_file_from(path, 0, 64).decode("utf-8", "replace")
-    except FileNotFoundError:
         return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from service import queue
@@ -15,8 +16,16 @@ from service.domain.states import FailureReason, JobState, Phase
 from service.runtime import ensure_runtime
 from workers import jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
+from workers.steps import batch, batch_servers
 
 RUNNER_SRC = Path(__file__).resolve().parents[1] / "vm" / "runner.py"
+# a batch prediction job's server also gets the predictor, the model server it predicts with
+# and the shard plan, next to the runner (workers/steps/batch.py)
+BATCH_FILES = {
+    ".stackml/batch_predictor.py": RUNNER_SRC.parent / "batch_predictor.py",
+    ".stackml/model_server.py": RUNNER_SRC.parent / "model_server.py",
+    ".stackml/batch_plan.py": Path(__file__).resolve().parents[2] / "service/domain/batch.py",
+}
 OPENSTACK_RUNTIMES = IMAGE_RUNTIMES_DIR  # (the images build puts them there)
 
 
@@ -66,15 +75,76 @@ def ensure_runtime_on_server(conn: ssh.SSHConnection, job_id: str, runtime: str,
     return target
 
 
-def job_document(job_id: str, runtime: str) -> dict[str, object]:
-    """job.json for the runner, with signed URLs to read the package and the inputs."""
+def _prepare(
+    conn: ssh.SSHConnection,
+    job_id: str,
+    spec: JobSpec,
+    backend_name: str,
+    worker: int,
+    workers: int,
+) -> dict[str, object]:
+    """Ship the runner (and a batch job's predictor), make sure of the runtime, write job.json
+    and run `runner prepare`: everything but the start. Idempotent. The job document."""
+    cfg = jobctx.settings()
+    conn.run(["mkdir", "-p", JOB_DIR, SLOW_PATH_RUNTIMES], timeout=cfg.command_timeout)
+    conn.put_bytes(RUNNER_SRC.read_bytes(), RUNNER, 0o644)
+    if spec.batch:
+        for dest, src in BATCH_FILES.items():
+            conn.put_bytes(src.read_bytes(), dest, 0o644)
+    runtime = ensure_runtime_on_server(
+        conn, job_id, runtime_on_server(backend_name, spec.runtime.key), spec.runtime.key
+    )
+    conn.run(["ln", "-sfn", f"{runtime}/bin/python", PYTHON], timeout=cfg.command_timeout)
+    doc = job_document(job_id, runtime, worker=worker, workers=workers)
+    conn.put_bytes(json.dumps(doc).encode(), f"{JOB_DIR}/job.json", 0o600)
+    conn.run([PYTHON, RUNNER, "prepare", JOB_DIR], timeout=cfg.provision_deadline)
+    return doc
+
+
+def _prepare_others(
+    job_id: str,
+    spec: JobSpec,
+    backend_name: str,
+    others: list[batch_servers.Worker],
+    workers: int,
+) -> list[ssh.SSHConnection]:
+    """Prepare a batch job's other workers, all at once (each on its own connection); their
+    connections, in worker order. The first failure is raised; each is an event of the job
+    that names the worker and its server."""
+    if not others:
+        return []
+    cfg = jobctx.settings()
+
+    def one(w: batch_servers.Worker) -> ssh.SSHConnection:
+        try:
+            c = ssh.wait_for_ssh(w.target, cfg.ssh_deadline)
+            _prepare(c, job_id, spec, backend_name, w.index, workers)
+        except ssh.SSHError as e:
+            with db() as s:
+                repo.add_event(
+                    s, job_id, "provision", f"batch worker {w.index} ({w.server_id}): {e}"
+                )
+            raise
+        return c
+
+    with ThreadPoolExecutor(max_workers=min(8, len(others))) as pool:
+        return list(pool.map(one, others))
+
+
+def job_document(
+    job_id: str, runtime: str, *, worker: int = 0, workers: int = 1
+) -> dict[str, object]:
+    """job.json for the runner, with signed URLs to read the package and the inputs (a batch
+    job's: workers/steps/batch.py, for worker `worker` of `workers`)."""
     cfg = jobctx.settings()
     with db() as s:
         job = repo.get_job(s, job_id)
         project_id, trust_id = job.project_id, job.trust_id
         spec = JobSpec.model_validate(job.spec)
+    if spec.batch:
+        return batch.document(job_id, runtime, worker=worker, workers=workers)
     store = jobctx.store(project_id, trust_id)
-    pkg_key = store.key_of(spec.trainer.package_uri)
+    pkg_key = store.key_of(spec.training().package_uri)
     pkg_grant = store.grant(pkg_key, Access.READ, cfg.grant_ttl)
     inputs = []
     if spec.inputs.data_uri:
@@ -88,7 +158,7 @@ def job_document(job_id: str, runtime: str) -> dict[str, object]:
     doc: dict[str, object] = {
         "job_id": job_id,
         "project_id": project_id,
-        "module": spec.trainer.module,
+        "module": spec.training().module,
         "argv": spec.trainer_argv(),
         "env": dict(spec.env),
         "runtime": runtime,
@@ -138,20 +208,19 @@ def _provision(ctx: jobctx.StepContext) -> None:
             f"the server did not answer SSH within {cfg.ssh_deadline:.0f}s: {e}",
         )
         return
+    workers = spec.predicting().max_workers if spec.batch else 1
     try:
-        conn.run(["mkdir", "-p", JOB_DIR, SLOW_PATH_RUNTIMES], timeout=cfg.command_timeout)
-        conn.put_bytes(RUNNER_SRC.read_bytes(), RUNNER, 0o644)
-        runtime = ensure_runtime_on_server(
-            conn, job_id, runtime_on_server(backend_name, spec.runtime.key), spec.runtime.key
-        )
-        conn.run(["ln", "-sfn", f"{runtime}/bin/python", PYTHON], timeout=cfg.command_timeout)
-        doc = job_document(job_id, runtime)
-        conn.put_bytes(json.dumps(doc).encode(), f"{JOB_DIR}/job.json", 0o600)
-        conn.run([PYTHON, RUNNER, "prepare", JOB_DIR], timeout=cfg.provision_deadline)
+        if workers > 1 and not batch_servers.boot(ctx, workers):
+            return  # cancelled while booting the other workers: the teardown has them
+        doc = _prepare(conn, job_id, spec, backend_name, 0, workers)
+        others = batch_servers.wait_active(ctx, workers) if workers > 1 else []
+        started = _prepare_others(job_id, spec, backend_name, others, workers)
         with db() as s:
             repo.touch(s, job_id)
             if repo.get_job(s, job_id).state != JobState.PROVISIONING:
                 return  # cancelled meanwhile: do not start the trainer
+        for other in started:
+            other.run([PYTHON, RUNNER, "start", JOB_DIR], timeout=cfg.command_timeout)
         conn.run([PYTHON, RUNNER, "start", JOB_DIR], timeout=cfg.command_timeout)
     except ssh.RemoteCommandError as e:
         jobctx.fail(
@@ -191,7 +260,13 @@ def _provision(ctx: jobctx.StepContext) -> None:
             job_id,
             JobState.PROVISIONING,
             JobState.RUNNING,
-            f"trainer started: python -m {doc['module']}",
+            (
+                f"batch predictor started on {workers} servers"
+                if workers > 1
+                else "batch predictor started"
+            )
+            if spec.batch
+            else f"trainer started: python -m {doc['module']}",
             poll_interval=cfg.poll_min,
         )
     if moved:

@@ -6,8 +6,10 @@ the artifact's objects (their size and md5/etag become the version's checksums),
 TensorFlow (service/domain/savedmodel.py), then marks the version READY, or FAILED with a
 sentence saying what is wrong. The model's first READY version gets the `default` label (when
 the model never had one), so that a plain deploy and the default predict route need no extra
-call. A version that is no longer CREATING is left alone, so the
-task may run twice. A store that does not answer now raises (the task is retried).
+call. A version that is no longer CREATING is left alone, so the task may run twice. A version
+a job's gate decides about (output.gate) gets no label here: its evaluation is enqueued
+(workers/steps/evaluate.py), and the gate moves the label or not. A store that does not answer
+now raises (the task is retried).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy import select, update
 
 from service import queue
 from service.backends.interfaces import ObjectInfo, ObjectStore
+from service.db import evaluations
 from service.db import jobs as jobs_repo
 from service.db import registry as repo
 from service.db.models import Job, Model, ModelVersion, utcnow
@@ -72,13 +75,19 @@ def _finish(vid: int, **outcome: Any) -> None:
         mv = s.get(ModelVersion, vid)
         if mv is None:
             return
-        if repo.finish_version(s, mv, **outcome):
-            what = "READY" if outcome.get("failure") is None else f"FAILED: {outcome['failure']}"
-            if mv.state == repo.READY:
-                model = s.get(Model, mv.model_id)
-                if model is not None and repo.adopt_default(s, model, mv.version):
-                    what += f"; label {repo.DEFAULT_LABEL!r} points at it (the first READY one)"
-            log.info("model version %s (%s) is %s", vid, mv.artifact_uri, what)
+        gated = bool(evaluations.of_version(s, vid))
+        if not repo.finish_version(s, mv, **outcome):
+            return
+        what = "READY" if outcome.get("failure") is None else f"FAILED: {outcome['failure']}"
+        if mv.state == repo.READY and not gated:  # a gated version's label is its gate's
+            model = s.get(Model, mv.model_id)
+            if model is not None and repo.adopt_default(s, model, mv.version):
+                what += f"; label {repo.DEFAULT_LABEL!r} points at it (the first READY one)"
+        log.info("model version %s (%s) is %s", vid, mv.artifact_uri, what)
+    if gated:
+        from workers.steps import evaluate
+
+        evaluate.enqueue_for_version(vid)
 
 
 def inspect_artifact(store: ObjectStore, uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -136,6 +145,10 @@ def register_job_output(s: Any, job: Job, by: str = repo.SYSTEM) -> int | None:
         source_job_id=job.id,
         metrics=jobs_repo.latest_metrics(s, job.id),
     )
+    gate = ((job.spec or {}).get("output") or {}).get("gate")
+    if isinstance(gate, dict):
+        # in the same transaction: a SUCCEEDED gated job always has its evaluation
+        evaluations.create(s, job, mv, gate)
     return mv.id
 
 

@@ -13,6 +13,15 @@ pass finds it due and fires it (catchup none: the latest missed slot; all: up to
 A worker killed mid-pass: its transaction rolls back, slot row and job together.
 A job whose ALLOCATE message is lost (broker down after the commit) is re-driven by the
 reconciler like any QUEUED job that makes no progress.
+
+A schedule with a `dataset` rebuilds it first: the slot's transaction starts a new version of
+the dataset (service/db/datasets.py: rebuild) and records the slot as `building` with that
+version; the build task is enqueued after the commit. Each pass then looks at the building
+slots (each in its own transaction, the slot row locked and still `building`, so one firer
+moves it on): a READY version starts the slot's job, training on the version's train/ prefix
+(and a gate without a holdout scored on its holdout/); a FAILED one fails the slot with the
+build's sentence; one still building after DATASET_WAIT fails it too. A lost build message is
+re-driven by the serving-log index pass (workers/steps/serving_index.py).
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
@@ -28,20 +38,22 @@ from sqlalchemy.orm import Session
 from service import queue, trusts
 from service.backends import registry
 from service.config import Settings, get_settings
+from service.db import datasets as datasets_repo
 from service.db import jobs as jobs_repo
 from service.db import schedules as repo
-from service.db.models import Job, Schedule, utcnow
+from service.db.models import DatasetVersion, Job, Schedule, ScheduleRun, utcnow
 from service.db.session import session_scope
 from service.domain import outputs
 from service.domain import schedules as dom
 from service.domain.errors import StackMLError
-from service.domain.spec import JobSpec, unbuilt_fields
+from service.domain.spec import JobSpec, stored, unbuilt_fields
 
 log = logging.getLogger("stackml.worker.schedules")
 
 TASK = "stackml.fire_schedules"
 INTERVAL = 5.0  # seconds between passes (beat); a slot fires at most this late
 MAX_PER_PASS = 100  # schedules handled per pass (the most overdue first)
+DATASET_WAIT = timedelta(hours=1)  # a slot's dataset build that takes longer fails the slot
 
 Enqueue = Callable[[str, str], None]
 
@@ -94,7 +106,99 @@ def run(
             log.exception(
                 "schedule %s: firing pass failed (the next pass tries again)", schedule_id
             )
+    with session_scope(cfg.db_url) as s:
+        waiting = repo.building_slots(s, MAX_PER_PASS)
+    for run_id in waiting:
+        try:
+            after_build(run_id, now or utcnow(), settings=cfg, enqueue=send, report=report)
+        except Exception:
+            log.exception("schedule slot %s: starting its job failed (next pass tries)", run_id)
     return report
+
+
+def after_build(
+    run_id: int,
+    now: datetime,
+    *,
+    settings: Settings,
+    enqueue: Enqueue,
+    report: Report | None = None,
+) -> Report:
+    """Move one `building` slot on when its dataset version has finished: start its job on
+    the version (READY), or fail the slot (FAILED, or still building after DATASET_WAIT)."""
+    report = report if report is not None else Report()
+    after_commit: list[tuple[str, str]] = []
+    with session_scope(settings.db_url) as s:
+        run = repo.lock_building_slot(s, run_id)
+        if run is None:
+            return report
+        sch = s.get(Schedule, run.schedule_id)
+        dv = s.get(DatasetVersion, run.dataset_version_id) if run.dataset_version_id else None
+        name = sch.dataset if sch is not None else None
+        what = f"dataset {name!r} version {run.dataset_version}"
+
+        def done(outcome: dom.Outcome, reason: str, job_id: str | None = None) -> None:
+            repo.finish_slot(s, run.id, outcome=outcome.value, reason=reason, job_id=job_id)
+            report.slots.append(
+                Fired(run.schedule_id, run.fire_time, outcome.value, job_id, reason)
+            )
+            log.info(
+                "schedule %s slot %s: %s %s %s",
+                run.schedule_id,
+                run.fire_time,
+                outcome,
+                job_id or "",
+                reason,
+            )
+
+        if sch is None or dv is None:
+            done(dom.Outcome.FAILED, f"{what} is gone: nothing to train on")
+        elif dv.state == datasets_repo.FAILED:
+            done(dom.Outcome.FAILED, f"{what} failed: {dv.failure_message or 'no reason'}"[:2000])
+        elif dv.state == datasets_repo.BUILDING:
+            if dom._aware(now) - dom._aware(run.recorded_at) > DATASET_WAIT:
+                done(
+                    dom.Outcome.FAILED,
+                    f"{what} was still building after {DATASET_WAIT.total_seconds():.0f} s",
+                )
+            return report
+        else:
+            _start_on_dataset(s, settings, sch, run, dv, after_commit, done)
+    for task, job_id in after_commit:
+        enqueue(task, job_id)
+    return report
+
+
+def _start_on_dataset(
+    s: Session,
+    settings: Settings,
+    sch: Schedule,
+    run: ScheduleRun,
+    dv: DatasetVersion,
+    after_commit: list[tuple[str, str]],
+    done: Callable[..., None],
+) -> None:
+    """The slot's job on the READY version `dv` (Replace cancels the live run first)."""
+    if trusts.enabled(settings):
+        done(dom.Outcome.FAILED, "schedules cannot fire with keystone auth and per-project tenancy")
+        return
+    template = dom.on_dataset(sch.job, f"{dv.prefix_uri}train/", f"{dv.prefix_uri}holdout/")
+    try:
+        with s.begin_nested():
+            job = _create_job(s, settings, sch, run.fire_time, template)
+    except (ValidationError, StackMLError, ValueError) as e:
+        done(dom.Outcome.FAILED, f"the job template is no longer accepted: {e}"[:2000])
+        return
+    if dom.Concurrency(sch.concurrency) is dom.Concurrency.REPLACE:
+        for job_id in repo.live_jobs(s, sch.id):
+            if job_id != job.id and _request_cancel(s, job_id, sch.name):
+                after_commit.append((queue.CANCEL, job_id))
+    after_commit.append((queue.ALLOCATE, job.id))
+    done(
+        dom.Outcome.STARTED,
+        f"on dataset {sch.dataset!r} version {run.dataset_version} ({dv.prefix_uri}train/)",
+        job.id,
+    )
 
 
 def fire(
@@ -140,7 +244,12 @@ def _fire_slot(
     after_commit: list[tuple[str, str]],
     report: Report,
 ) -> None:
-    decision = dom.decide(dom.Concurrency(sch.concurrency), repo.live_jobs(s, sch.id))
+    live = repo.live_jobs(s, sch.id)
+    pending = repo.building(s, sch.id) if sch.dataset else []
+    waiting = [
+        f"slot {dom._aware(r.fire_time):%Y-%m-%dT%H:%M:%SZ} rebuilding its dataset" for r in pending
+    ]
+    decision = dom.decide(dom.Concurrency(sch.concurrency), live + waiting)
     run_id = repo.claim_slot(
         s, sch.id, slot, outcome=dom.Outcome.SKIPPED.value, reason="firing", missed=missed
     )
@@ -166,6 +275,36 @@ def _fire_slot(
             "user token to make its job's Keystone trust from",
         )
         return
+    if sch.dataset:
+        # Replace: earlier slots still rebuilding give way now; the live run is cancelled
+        # when this slot's job starts (after_build)
+        for r in pending if decision.action is dom.Action.REPLACE else []:
+            repo.finish_slot(
+                s,
+                r.id,
+                outcome=dom.Outcome.SKIPPED.value,
+                job_id=None,
+                reason=f"concurrency Replace: replaced by the slot at {slot:%Y-%m-%dT%H:%M:%SZ}",
+            )
+        store = registry.store(settings, project_id=sch.project_id)
+        started = datasets_repo.rebuild(
+            s, sch.project_id, sch.dataset, store=store, by=sch.created_by
+        )
+        if started.version_id is None:
+            done(dom.Outcome.FAILED, started.reason or f"dataset {sch.dataset!r} cannot be rebuilt")
+            return
+        repo.finish_slot(
+            s,
+            run_id,
+            outcome=dom.Outcome.BUILDING.value,
+            job_id=None,
+            reason=f"rebuilding dataset {sch.dataset!r} as version {started.version} first",
+            dataset_version_id=started.version_id,
+            dataset_version=started.version,
+        )
+        report.slots.append(Fired(sch.id, slot, dom.Outcome.BUILDING.value))
+        after_commit.append((queue.BUILD_DATASET, str(started.version_id)))
+        return
     try:
         with s.begin_nested():
             job = _create_job(s, settings, sch, slot)
@@ -180,15 +319,23 @@ def _fire_slot(
     done(dom.Outcome.STARTED, decision.reason, job.id)
 
 
-def _create_job(s: Session, settings: Settings, sch: Schedule, slot: datetime) -> Job:
+def _create_job(
+    s: Session,
+    settings: Settings,
+    sch: Schedule,
+    slot: datetime,
+    template: dict[str, Any] | None = None,
+) -> Job:
     """The slot's job, as POST /v1/jobs makes it: QUEUED, its output in models/<job id>/."""
-    spec = JobSpec.model_validate(dom.fired_spec(sch.job, sch.id, slot))
+    spec = JobSpec.model_validate(dom.fired_spec(template or sch.job, sch.id, slot))
+    if spec.batch:
+        raise ValueError("batch prediction jobs cannot be fired by a schedule yet")
     unbuilt = unbuilt_fields(spec)
     if unbuilt:
         raise ValueError("; ".join(m for _, m in unbuilt))
     job = jobs_repo.create_job(s, sch.project_id, spec)
     store = registry.store(settings, project_id=sch.project_id)
-    data = spec.model_dump(mode="json")
+    data = stored(spec)
     if data["output"].get("model_uri") is None:
         default = outputs.default_prefix(store.project_prefix(sch.project_id), job.id)
         data["output"]["model_uri"] = store.uri(default)

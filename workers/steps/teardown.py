@@ -10,6 +10,7 @@ from sqlalchemy import update
 from service import trusts
 from service.backends import registry
 from service.backends.interfaces import ComputeBackend, ServerState
+from service.db import evaluations
 from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
 from service.domain.errors import BackendError
@@ -37,11 +38,16 @@ def run(job_id: str) -> None:
             return
         trust_id = job.trust_id
         backend = jobctx.compute(trust_id)
+        # an evaluation gate not yet DONE keeps its server, the job's tag and its trust (its
+        # own step enqueues this teardown again when it is done: workers/steps/evaluate.py)
+        held = evaluations.holds_teardown(s, job_id)
         rows = [
             (r.id, r.server_id, r.creating, r.name, r.created_at, r.host, r.port)
             for r in repo.resources(s, job_id)
-            if r.state != ResourceState.DELETED
+            if r.state != ResourceState.DELETED and not (held and r.role == evaluations.ROLE)
         ]
+        if held and not rows:
+            return
         if not rows and job.state != JobState.CANCELLING:
             if trust_id is not None:
                 release_trust(job_id, trust_id)  # (sweeps first)
@@ -50,7 +56,7 @@ def run(job_id: str) -> None:
             return  # already paid
         chaos.pause("teardown")
         for r in repo.resources(s, job_id):
-            if r.state != ResourceState.DELETED:
+            if r.state != ResourceState.DELETED and not (held and r.role == evaluations.ROLE):
                 r.state = ResourceState.DELETING.value
     pending = []
     for res_id, server_id, creating, name, created_at, host, port in rows:
@@ -87,6 +93,13 @@ def run(job_id: str) -> None:
                 if r.name in pending:
                     r.delete_attempts += 1
         raise TeardownIncomplete(f"servers not yet deleted: {', '.join(pending)}")
+    if held:
+        from workers.admission import admit_waiting
+
+        with db() as s:
+            repo.add_event(s, job_id, "teardown", "servers deleted; the gate's evaluator is kept")
+        admit_waiting()
+        return  # the sweep and the trust wait for the evaluation
     _sweep(backend, job_id)
     if rows:
         from workers.admission import admit_waiting

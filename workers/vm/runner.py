@@ -141,6 +141,10 @@ def prepare(job_dir: str) -> dict:
     t0 = time.monotonic()
     attach_runtime(job["runtime"], os.path.join(job_dir, "env"))
     t_attach = time.monotonic() - t0
+    if job.get("kind") == BATCH:
+        # the predictor fetches the model and the inputs itself, while the job runs (no
+        # provision deadline on how much there is to read)
+        return {"ok": True, "attach_seconds": round(t_attach, 4), "inputs": 0}
     pkg = os.path.join(job_dir, "package.tar.gz")
     if not os.path.exists(os.path.join(job_dir, "package", ".complete")):
         with _http("GET", job["package_url"]) as resp, open(pkg, "wb") as out:
@@ -197,8 +201,16 @@ def _detach_and_supervise(job_dir: str, supervise: Callable[[], int]) -> NoRetur
         os._exit(0)
 
 
+BATCH = "batch_prediction"
+BATCH_PREDICTOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "batch_predictor.py")
+BATCH_RESTARTS = 3  # a predictor killed by a signal is started again this many times
+KILLED = "killed"  # written by `kill` first: a stopped job is not restarted
+
+
 def _supervise(job_dir: str) -> int:
     job = _load(job_dir)
+    if job.get("kind") == BATCH:
+        return _supervise_batch(job_dir, job)
     env_dir = os.path.join(job_dir, "env")
     env = {
         "HOME": os.environ.get("HOME", job_dir),
@@ -222,6 +234,40 @@ def _supervise(job_dir: str) -> int:
         start_label="the trainer",
         kill_label="the trainer",
     )
+
+
+def _supervise_batch(job_dir: str, job: dict) -> int:
+    """Run the batch predictor; one killed by a signal (OOM, a stray kill) is started again, up
+    to BATCH_RESTARTS times, and resumes: it computes only the shards missing from the store."""
+    env_dir = os.path.join(job_dir, "env")
+    env = {
+        "HOME": os.environ.get("HOME", job_dir),
+        "PATH": f"{env_dir}/bin:/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "VIRTUAL_ENV": env_dir,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "STACKML_JOB_ID": job["job_id"],
+        "STACKML_PROJECT_ID": job["project_id"],
+        **job.get("env", {}),
+    }
+    argv = [os.path.join(env_dir, "bin", "python"), BATCH_PREDICTOR, job_dir]
+    code = 0
+    for attempt in range(BATCH_RESTARTS + 1):
+        code = _run_supervised(
+            job_dir,
+            argv,
+            env,
+            cwd=job_dir,
+            start_label="the batch predictor",
+            kill_label="the batch predictor",
+        )
+        if code <= 128 or os.path.exists(os.path.join(job_dir, KILLED)):
+            return code
+        if attempt < BATCH_RESTARTS:
+            with open(os.path.join(job_dir, "log"), "ab") as log:
+                log.write(b"stackml-runner: restarting the batch predictor (missing shards only)\n")
+    return code
 
 
 def _run_supervised(
@@ -459,6 +505,10 @@ class _Uploader:
 
 
 def kill(job_dir: str) -> dict:
+    try:
+        open(os.path.join(job_dir, KILLED), "w").close()
+    except OSError:
+        pass  # no job directory: nothing was started
     try:
         with open(os.path.join(job_dir, "pid")) as fh:
             pgid = int(fh.read().strip())

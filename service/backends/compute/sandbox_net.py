@@ -11,7 +11,9 @@ settings) gets, before its sshd starts:
   gateway; on the host, the sandbox's /32 on its veth. No default route, so anything else is
   "Network is unreachable"; the host's `ip_forward` is left as it is (off here), so a sandbox
   cannot route to another;
-- the gateway address (`<cidr> + 1`), a /32 on the host's `lo` (added once, kept);
+- the gateway address (`<cidr> + 1`), a /32 on the host's `lo` (added once, kept), and the
+  whole CIDR `unreachable` on the host (kept): a gone sandbox's address fails at once instead
+  of leaving by the default route;
 - an nft table `inet stackml` inside the namespace (the job is unprivileged there and cannot
   change it): output policy drop except loopback, established/related, TCP to the store gateway
   (gateway:store_port) and the allow list, rejected at once (TCP reset / admin-prohibited) so
@@ -219,12 +221,19 @@ def _locked() -> Iterator[None]:
 
 def ensure_gateway(net: SandboxNetwork) -> None:
     """The gateway address, a /32 on the host's `lo` (idempotent, machine-wide, kept: the store
-    gateway listens on it). Not a dummy link: some kernels (containers) have no dummy driver."""
+    gateway listens on it). Not a dummy link: some kernels (containers) have no dummy driver.
+
+    And the whole sandbox CIDR `unreachable` in the host's main table (kept too): a live
+    sandbox's /32 on its veth is more specific and wins, but the address of a sandbox that is
+    gone must fail at once (EHOSTUNREACH), not leave by the default route, where whatever
+    answers there (seen here: an egress proxy's `404` with an empty body) would pass for the
+    dead sandbox, e.g. for a serving replica the proxy has not dropped yet."""
     require_tools()
     with _locked():
         addrs = _run(["ip", "-o", "-4", "addr", "show", "dev", GATEWAY_LINK])
         if f"inet {net.gateway}/" not in addrs:
             _run(["ip", "addr", "add", f"{net.gateway}/32", "dev", GATEWAY_LINK])
+        _run(["ip", "-4", "route", "replace", "unreachable", str(net._net())])  # idempotent
 
 
 def netns_name(tag: str, sid: str) -> str:

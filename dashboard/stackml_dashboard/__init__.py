@@ -1,0 +1,1 @@
+"""stackml's Horizon plugin: the "Machine Learning" dashboard (server-rendered Django panels)."""

@@ -1,0 +1,4 @@
+PANEL = "schedules"
+PANEL_DASHBOARD = "machine_learning"
+PANEL_GROUP = "ml"
+ADD_PANEL = "stackml_dashboard.content.schedules.panel.Schedules"

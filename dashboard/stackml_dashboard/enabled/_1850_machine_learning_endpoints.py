@@ -1,0 +1,4 @@
+PANEL = "endpoints"
+PANEL_DASHBOARD = "machine_learning"
+PANEL_GROUP = "serving"
+ADD_PANEL = "stackml_dashboard.content.endpoints.panel.Endpoints"

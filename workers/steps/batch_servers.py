@@ -1,0 +1,321 @@
+"""The other servers of a batch prediction job spread over `prediction.max_workers` W > 1.
+
+Admission counts all W servers of such a job against the quota and the platform's server cap
+(service/domain/quota.py `spec_demand`: gang admission, all or none). The allocate step boots
+the job's first server (role chief) as for any job: it is worker 0. The provision step boots
+workers 1..W-1 here, with the chief's flavor and the job's SSH key:
+
+- `boot`: for each worker without a row, records its `resources` row (role `batch-worker`,
+  named `stackml-<job>-batch-<k>`, claimed with `creating`) while the job is still
+  PROVISIONING, then creates the server. A teardown that runs meanwhile finds the claimed row
+  and looks the server up by name (workers/steps/teardown.py), and the job's tag sweep finds
+  any server no row names: a worker's server never outlives the job.
+- `wait_active`: one look per server at a time until every one is ACTIVE (with its host key,
+  where the cloud gives it on the console), past `boot_deadline` or in ERROR the job fails.
+- the provision step prepares each like the chief (runner, predictor, runtime, a job.json that
+  says "worker k of W") and starts them all (workers/steps/provision.py).
+
+The poll step reads every worker's exit status and heartbeat (`look`): the job leaves RUNNING
+when all exited 0, and fails with the worker's last log lines when one did not. Each worker's
+log stays on its server; the job's log is the chief's, and every other worker's last lines are
+an event of the job when it ends.
+
+A re-drive of the provision step (a worker killed, a lease lapsed) finds the rows and servers
+it made and goes on with them: every step here is idempotent.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+
+from service.backends.interfaces import ComputeBackend, HostKeySource, ServerSpec, ServerState
+from service.db import jobs as repo
+from service.db.models import Job, Resource, utcnow
+from service.domain.errors import BackendError, TransientBackendError
+from service.domain.states import FailureReason, JobState, ResourceState
+from workers import jobctx, ssh
+from workers.jobctx import db, log
+from workers.steps.allocate import build_recheck
+
+ROLE = "batch-worker"
+
+
+def name_of(job_id: str, worker: int) -> str:
+    return f"stackml-{job_id}-batch-{worker}"
+
+
+def worker_of(name: str) -> int | None:
+    """The worker index a `batch-worker` row's name carries."""
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One of the job's other servers, once ACTIVE."""
+
+    index: int
+    server_id: str
+    target: ssh.SSHTarget
+
+
+def workers_of(spec_workers: int) -> range:
+    """The indexes of the servers this module boots (the chief is worker 0)."""
+    return range(1, max(1, spec_workers))
+
+
+def rows(job_id: str) -> dict[int, Resource]:
+    """The job's live `batch-worker` rows by worker index (detached copies)."""
+    with db() as s:
+        out = {}
+        for r in repo.resources(s, job_id):
+            k = worker_of(r.name) if r.role == ROLE else None
+            if k is not None and r.state != ResourceState.DELETED.value:
+                s.expunge(r)
+                out[k] = r
+        return out
+
+
+def boot(ctx: jobctx.StepContext, workers: int) -> bool:
+    """Create the servers of workers 1..W-1 that have no row yet; False when the job left
+    PROVISIONING (cancelled) before all were recorded: nothing more is booted."""
+    job_id = ctx.job_id
+    backend = jobctx.compute(ctx.trust_id)
+    with db() as s:
+        chief = jobctx.chief(s, job_id)
+        if chief is None:
+            raise BackendError(
+                f"job {job_id} has no chief server", reason=FailureReason.SERVER_LOST
+            )
+        flavor_name = chief.flavor
+        public_key = repo.get_job(s, job_id).ssh_public_key or ""
+    have = rows(job_id)
+    missing = [k for k in workers_of(workers) if k not in have]
+    if not missing:
+        return True
+    flavor = backend.find_flavor(flavor_name)
+    if flavor is None:
+        raise BackendError(
+            f"flavor {flavor_name!r} is not offered by the {backend.name} backend",
+            reason=FailureReason.UNKNOWN_FLAVOR,
+        )
+    for k in missing:
+        name = name_of(job_id, k)
+        token = secrets.token_hex(4)
+        with db() as s:
+            job = s.scalars(select(Job).where(Job.id == job_id).with_for_update()).one()
+            if job.state != JobState.PROVISIONING or job.cancel_requested:
+                return False
+            if s.scalars(select(Resource.id).where(Resource.name == name)).first() is not None:
+                continue  # another run of this step recorded it (its lease lapsed)
+            s.add(
+                Resource(
+                    job_id=job_id,
+                    project_id=ctx.project_id,
+                    backend=backend.name,
+                    role=ROLE,
+                    name=name,
+                    flavor=flavor_name,
+                    state=ResourceState.BOOTING.value,
+                    creating=token,
+                )
+            )
+        try:
+            ref = backend.create_server(
+                ServerSpec(
+                    name=name,
+                    flavor=flavor,
+                    image=ctx.spec.runtime.key,
+                    public_key=public_key,
+                    tags=(
+                        ("stackml-job", job_id),
+                        ("stackml-role", ROLE),
+                        ("stackml-project", ctx.project_id),
+                    ),
+                )
+            )
+        except TransientBackendError:
+            raise  # the claimed row stays: the next run (or the teardown) adopts it by name
+        except BackendError as e:
+            raise BackendError(
+                f"could not boot the server of batch worker {k} of {workers}: {e}",
+                reason=e.reason or FailureReason.BOOT_FAILED,
+            ) from e
+        with db() as s:
+            r = s.scalars(select(Resource).where(Resource.name == name)).one()
+            r.server_id, r.creating = ref.id, None
+    with db() as s:
+        repo.add_event(
+            s,
+            job_id,
+            "provision",
+            f"booting {len(missing)} more {flavor_name} server(s) for batch workers "
+            f"{', '.join(str(k) for k in missing)} of {workers}",
+        )
+    return True
+
+
+def wait_active(ctx: jobctx.StepContext, workers: int) -> list[Worker]:
+    """Every other worker's server ACTIVE and reachable, in worker order. Raises BackendError
+    (the job fails with it) for a server in ERROR, gone, or still building past boot_deadline."""
+    cfg = jobctx.settings()
+    backend = jobctx.compute(ctx.trust_id)
+    console_key = backend.capabilities.host_key_source is HostKeySource.CONSOLE
+    while True:
+        pending = 0
+        oldest = 0.0
+        for k, r in sorted(rows(ctx.job_id).items()):
+            if r.state == ResourceState.ACTIVE.value and r.host is not None:
+                continue
+            age = (datetime.now(UTC) - _aware(r.created_at)).total_seconds()
+            server_id = r.server_id or _adopt(backend, ctx.job_id, r)
+            if server_id is None:
+                if age > cfg.boot_deadline:
+                    raise BackendError(
+                        f"the server of batch worker {k} was never created",
+                        reason=FailureReason.BOOT_FAILED,
+                    )
+                pending += 1
+                oldest = max(oldest, age)
+                continue
+            status = backend.get_server(server_id)
+            awaiting_key = status.host_key is None and console_key
+            if status.state is ServerState.ACTIVE and not awaiting_key:
+                with db() as s:
+                    row = s.get_one(Resource, r.id)
+                    if row.state == ResourceState.BOOTING.value:
+                        row.state = ResourceState.ACTIVE.value
+                        row.active_at = utcnow()
+                    row.host, row.port, row.username = status.host, status.port, status.username
+                    row.host_key = status.host_key
+                continue
+            if status.state in (ServerState.ACTIVE, ServerState.BUILD) and (
+                age <= cfg.boot_deadline
+            ):  # building, or ACTIVE with its host key not yet on the console
+                pending += 1
+                oldest = max(oldest, age)
+                continue
+            what = (
+                f"still building after {cfg.boot_deadline:.0f}s"
+                if status.state in (ServerState.ACTIVE, ServerState.BUILD)
+                else f"{status.state.value}: {status.fault or 'no fault given'}"
+            )
+            raise BackendError(
+                f"the server {server_id} of batch worker {k} is {what}",
+                reason=FailureReason.BOOT_FAILED,
+            )
+        if not pending:
+            break
+        with db() as s:
+            repo.touch(s, ctx.job_id)
+        time.sleep(build_recheck(oldest, cfg.boot_deadline))
+    out = []
+    with db() as s:
+        job = repo.get_job(s, ctx.job_id)
+        for k, r in sorted(rows(ctx.job_id).items()):
+            out.append(Worker(k, str(r.server_id), jobctx.ssh_target(job, r)))
+    if [w.index for w in out] != list(workers_of(workers)):
+        raise BackendError(
+            f"the job has batch workers {[w.index for w in out]}, not 1..{workers - 1}",
+            reason=FailureReason.SERVER_LOST,
+        )
+    return out
+
+
+def _adopt(backend: ComputeBackend, job_id: str, r: Resource) -> str | None:
+    """A claimed row without a server id (the run that created it died before recording the
+    id): the server by its name, recorded on the row; None when there is none (yet)."""
+    found = [x for x in backend.list_servers(("stackml-job", job_id)) if x.name == r.name]
+    if not found:
+        return None
+    with db() as s:
+        row = s.get_one(Resource, r.id)
+        row.server_id, row.creating = found[0].id, None
+    log.info("job %s: adopted server %s of %s by name", job_id, found[0].id, r.name)
+    return found[0].id
+
+
+def targets(job_id: str) -> list[Worker]:
+    """The job's other workers as they were recorded ACTIVE (for the poll step)."""
+    out = []
+    with db() as s:
+        job = repo.get_job(s, job_id)
+        for k, r in sorted(rows(job_id).items()):
+            if r.host is not None and r.server_id is not None:
+                out.append(Worker(k, r.server_id, jobctx.ssh_target(job, r)))
+    return out
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+# -- the poll step's look at the other workers ----------------------------------------------
+
+TAIL_BYTES = 4096
+
+
+class WorkerLost(BackendError):
+    """A batch worker's server is gone (not ACTIVE): the job cannot complete its shards."""
+
+    reason: str = FailureReason.SERVER_LOST
+
+
+@dataclass(frozen=True)
+class Look:
+    """One look at a worker: its exit status text (None while it runs), its heartbeat's mtime
+    (None when absent) and, once it exited, the last lines of its log."""
+
+    index: int
+    server_id: str
+    exit_text: str | None
+    heartbeat: float | None
+    tail: str
+
+
+def read_small(conn: ssh.SSHConnection, path: str) -> str | None:
+    """A small file's text on a job's server, None when it is not there (the trainer or the
+    model's graph may write anything in it, or remove it): the exit status the poll reads."""
+    try:
+        return conn.read_file_from(path, 0, 64).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+
+
+def look(ctx: jobctx.StepContext, timeout: float) -> list[Look]:
+    """Every other worker's state, over SSH. A worker whose server is no longer ACTIVE raises
+    WorkerLost; an SSH failure to a server still ACTIVE propagates (the poll's SSH policy)."""
+    out = []
+    for w in targets(ctx.job_id):
+        try:
+            conn = ssh.connection(w.target, timeout=timeout)
+            exit_text = read_small(conn, f"{jobctx.JOB_DIR}/exit_code")
+            beat = conn.stat(f"{jobctx.JOB_DIR}/heartbeat")
+            tail = _tail(conn) if exit_text is not None else ""
+        except ssh.SSHError as e:
+            ssh.drop(w.target)
+            state = jobctx.compute(ctx.trust_id).get_server(w.server_id).state
+            if state is not ServerState.ACTIVE:
+                raise WorkerLost(
+                    f"the server {w.server_id} of batch worker {w.index} is {state.value} ({e})"
+                ) from e
+            raise
+        out.append(Look(w.index, w.server_id, exit_text, beat.st_mtime if beat else None, tail))
+    return out
+
+
+def _tail(conn: ssh.SSHConnection, lines: int = 20) -> str:
+    path = f"{jobctx.JOB_DIR}/log"
+    try:
+        st = conn.stat(path)
+        if st is None:
+            return ""
+        data = conn.read_file_from(path, max(0, st.st_size - TAIL_BYTES), TAIL_BYTES)
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
