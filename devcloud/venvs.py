@@ -18,7 +18,10 @@ from pathlib import Path
 from devcloud import DevCloudError
 from service.runtime import run_build_step, uv_bin
 
-KEYSTONE_REQUIREMENTS = ("keystone==30.0.0", "gunicorn")
+# pysaml2 (keystone's) caps pyOpenSSL below 24.3; left to itself the resolver takes the newest
+# cryptography and an old pyOpenSSL that breaks on it at import (`lib` has no `GEN_EMAIL`),
+# so pyOpenSSL's last release under the cap is named, which brings a cryptography it works with
+KEYSTONE_REQUIREMENTS = ("keystone==30.0.0", "gunicorn", "pyopenssl>=24.2.1,<24.3")
 SWIFT_REQUIREMENTS = ("swift==2.38.3", "keystonemiddleware==13.0.1")
 # Horizon (Django 5.2) for the dashboard plugin's unit and browser tests (dashboard/)
 HORIZON_REQUIREMENTS = ("horizon==27.0.0",)
