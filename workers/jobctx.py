@@ -31,6 +31,20 @@ log = logging.getLogger("stackml.worker")
 
 JOB_DIR = ".stackml/job"
 RUNNER = ".stackml/runner.py"
+# The runner is started as a module, not a script: its bytecode is cached beside it after the
+# first command (a script is compiled again at every start), and with -S (it is stdlib only)
+# the runtime's site-packages are not scanned. -I: no PYTHON* variables, no user site.
+_RUN_MODULE = (
+    "import runpy,sys;sys.path.insert(0,sys.argv.pop(1));"
+    "runpy.run_module('runner',run_name='__main__',alter_sys=True)"
+)
+
+
+def runner_argv(python: str, command: str, job_dir: str, runner: str = RUNNER) -> list[str]:
+    """The remote command line of `runner.py <command> <job_dir>` run by `python`."""
+    where, name = runner.rsplit("/", 1)
+    assert name == "runner.py", runner
+    return [python, "-I", "-S", "-c", _RUN_MODULE, where, command, job_dir]
 
 
 def settings() -> Settings:

@@ -16,7 +16,7 @@ from service.domain.errors import StoreError
 from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
 from workers import jobctx, ssh
-from workers.jobctx import JOB_DIR, RUNNER, db
+from workers.jobctx import JOB_DIR, db
 from workers.steps import batch, register
 from workers.steps.provision import PYTHON
 
@@ -55,7 +55,7 @@ def _export(ctx: jobctx.StepContext) -> None:
         conn = ssh.connection(target)
         # the grant goes over stdin: signed URLs stay out of the VM's process list
         result = conn.run(
-            [PYTHON, RUNNER, "export", JOB_DIR],
+            jobctx.runner_argv(PYTHON, "export", JOB_DIR),
             timeout=cfg.provision_deadline,
             input=json.dumps(
                 {

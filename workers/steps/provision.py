@@ -97,7 +97,7 @@ def _prepare(
     conn.run(["ln", "-sfn", f"{runtime}/bin/python", PYTHON], timeout=cfg.command_timeout)
     doc = job_document(job_id, runtime, worker=worker, workers=workers)
     conn.put_bytes(json.dumps(doc).encode(), f"{JOB_DIR}/job.json", 0o600)
-    conn.run([PYTHON, RUNNER, "prepare", JOB_DIR], timeout=cfg.provision_deadline)
+    conn.run(jobctx.runner_argv(PYTHON, "prepare", JOB_DIR), timeout=cfg.provision_deadline)
     return doc
 
 
@@ -220,8 +220,8 @@ def _provision(ctx: jobctx.StepContext) -> None:
             if repo.get_job(s, job_id).state != JobState.PROVISIONING:
                 return  # cancelled meanwhile: do not start the trainer
         for other in started:
-            other.run([PYTHON, RUNNER, "start", JOB_DIR], timeout=cfg.command_timeout)
-        conn.run([PYTHON, RUNNER, "start", JOB_DIR], timeout=cfg.command_timeout)
+            other.run(jobctx.runner_argv(PYTHON, "start", JOB_DIR), timeout=cfg.command_timeout)
+        conn.run(jobctx.runner_argv(PYTHON, "start", JOB_DIR), timeout=cfg.command_timeout)
     except ssh.RemoteCommandError as e:
         jobctx.fail(
             job_id,

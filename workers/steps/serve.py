@@ -468,7 +468,9 @@ def _provision(endpoint_id: str, replica_id: int) -> None:
         doc = serve_document(endpoint_id, version, runtime, host)
         conn.put_bytes(json.dumps(doc).encode(), f"{SERVE_DIR}/serve.json", 0o600)
         python = f"{runtime}/bin/python"
-        conn.run([python, RUNNER, "serve", SERVE_DIR], timeout=cfg.provision_deadline)
+        conn.run(
+            jobctx.runner_argv(python, "serve", SERVE_DIR, RUNNER), timeout=cfg.provision_deadline
+        )
     except ssh.RemoteCommandError as e:
         _replica_failed(replica_id, f"starting the model server failed: {e.stderr_tail.strip()}")
         return
