@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import secrets
@@ -18,12 +19,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "config"
 
 
+_YAML: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+
 def _load_yaml(path: Path) -> dict[str, Any]:
-    with path.open() as fh:
-        data = yaml.safe_load(fh) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return data
+    """The file's mapping (a copy: callers may change it), parsed again only when the file
+    changed (its mtime or size): the catalogues are read on every submission."""
+    st = path.stat()
+    key = (st.st_mtime_ns, st.st_size)
+    hit = _YAML.get(path)
+    if hit is None or hit[0] != key:
+        with path.open() as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        hit = _YAML[path] = (key, data)
+    return copy.deepcopy(hit[1])
 
 
 class _YamlSource(PydanticBaseSettingsSource):

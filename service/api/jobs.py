@@ -99,25 +99,35 @@ def submit() -> tuple[Response, int, dict[str, str]]:
                 # submissions naming one new prefix cannot both pass the check
                 _lock_outputs(s, project)
                 _refuse_held_output(s, store, project, reserved)
-            job = repo.create_job(s, project, spec, trust_id=trust_id)
+            # the id first: the default output prefix names it, and the row is inserted
+            # whole (one INSERT, no UPDATE after it)
+            job_id = repo.new_job_id()
             data = stored(spec)
             if spec.batch:
-                job.output = {"output_prefix": reserved, "prediction": batch_record}
-                if batch_record and batch_record.get("resumed"):
-                    repo.add_event(
-                        s,
-                        job.id,
-                        "submit",
-                        f"resuming the batch run under {reserved}: only missing shards run",
-                    )
+                output: dict[str, Any] = {"output_prefix": reserved, "prediction": batch_record}
             else:
                 if spec.output.model_uri is None:
-                    default = outputs.default_prefix(store.project_prefix(project), job.id)
+                    default = outputs.default_prefix(store.project_prefix(project), job_id)
                     data["output"]["model_uri"] = store.uri(default)
-                job.output = {"model_uri": data["output"]["model_uri"]}
-            job.spec = data
+                output = {"model_uri": data["output"]["model_uri"]}
+            job = repo.create_job(
+                s,
+                project,
+                spec,
+                trust_id=trust_id,
+                job_id=job_id,
+                stored_spec=data,
+                output=output,
+            )
+            if spec.batch and batch_record and batch_record.get("resumed"):
+                repo.add_event(
+                    s,
+                    job.id,
+                    "submit",
+                    f"resuming the batch run under {reserved}: only missing shards run",
+                )
             s.flush()
-            body = _public(repo.serialize_job(s, job))
+            body = _public(repo.serialize_new_job(job))
     except BaseException:
         if trust_id is not None:
             # no job row holds it: it must not outlive this request

@@ -45,16 +45,28 @@ def new_job_id() -> str:
     return "job-" + secrets.token_hex(8)
 
 
-def create_job(s: Session, project_id: str, spec: JobSpec, *, trust_id: str | None = None) -> Job:
+def create_job(
+    s: Session,
+    project_id: str,
+    spec: JobSpec,
+    *,
+    trust_id: str | None = None,
+    job_id: str | None = None,
+    stored_spec: dict[str, Any] | None = None,
+    output: dict[str, Any] | None = None,
+) -> Job:
+    """A new QUEUED job with its labels and its first event. `job_id` (new_job_id) and the
+    `stored_spec` and `output` it is inserted with, when the caller derives them from the id:
+    one INSERT, no UPDATE after it."""
     now = utcnow()
     job = Job(
-        id=new_job_id(),
+        id=job_id or new_job_id(),
         project_id=project_id,
         name=spec.name,
         type=spec.type,
         state=JobState.QUEUED.value,
-        spec=stored(spec),
-        output={},
+        spec=stored_spec if stored_spec is not None else stored(spec),
+        output=output or {},
         created_at=now,
         updated_at=now,
         last_progress_at=now,
@@ -511,6 +523,12 @@ def serialize_job(
     """The job as GET /v1/jobs/{id} returns it (docs/api.md); `usage` prices its servers'
     time with `flavors` (default: the configured catalogue, service.db.quotas.flavor_table)."""
     return _serialized(job, resources(s, job.id), latest_metrics(s, job.id), flavors)
+
+
+def serialize_new_job(job: Job) -> dict[str, Any]:
+    """A job created in this transaction as serialize_job shows it, without its queries: it
+    has no servers and no metrics yet."""
+    return _serialized(job, [], {}, {})
 
 
 def serialize_jobs(
