@@ -180,6 +180,13 @@ class Platform:
         out.close()
 
     def __enter__(self) -> Platform:
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _start(self) -> Platform:
         py = sys.executable
         # isolated sandboxes reach only the store gateway: serve it as `stackml up` does
         net = sandbox_net.from_settings(Settings(**self.settings_env()))

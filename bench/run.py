@@ -17,6 +17,7 @@ BENCHES = [
     "bench_proxy.py",
     "bench_jobs_list.py",
     "bench_batch.py",
+    "bench_burst.py",
 ]
 
 

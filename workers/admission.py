@@ -24,7 +24,7 @@ from service import queue
 from service.backends.interfaces import Flavor
 from service.db import jobs as repo
 from service.db import quotas
-from service.db.models import Job
+from service.db.models import Job, utcnow
 from service.domain.errors import BackendError
 from service.domain.quota import CAPACITY_WAIT, QUOTA_WAIT, Decision, decide
 from service.domain.states import JobState, QueueWait
@@ -124,7 +124,9 @@ def park(s: Session, job: Job, reason: str) -> None:
     if job.queue_reason != reason:
         job.queue_reason = reason
         repo.add_event(s, job.id, "waiting", reason)
-    repo.touch(s, job.id)
+    # on the loaded row, not repo.touch's UPDATE: that one re-evaluates its criteria against
+    # every object in the session, and admission parks many jobs loaded in one session
+    job.last_progress_at = utcnow()
 
 
 def admit_waiting() -> list[str]:

@@ -257,7 +257,9 @@ def decide(
         why = over_quota(q.project_id, lim, used[q.project_id], q.demand)
         if why is not None:
             waiting[q.job_id] = f"{QUOTA_WAIT}: {why}"
-            blocked[q.project_id] = f"{why} (job {q.job_id} is ahead of this one)"
+            # the same words whichever job is first: a reason that names it would change (and
+            # add an event to every waiting job of the project) each time the first one starts
+            blocked[q.project_id] = f"{why} (an earlier job of the project is first in line)"
             continue
         if full or (free is not None and q.demand.servers > free):
             full = True

@@ -213,7 +213,7 @@ def test_three_projects_bursting_under_tight_quotas_are_served_round_robin(env: 
     assert state(env, ids["p2-2"]) == (
         "QUEUED",
         "waiting for quota: project p2 uses 1 of 1 concurrent jobs "
-        f"(job {ids['p2-1']} is ahead of this one)",
+        "(an earlier job of the project is first in line)",
     )
     assert state(env, ids["p3-1"])[1] == (
         "waiting for quota: project p3 uses 1 of 1 concurrent jobs"
@@ -273,7 +273,7 @@ def test_gpu_and_server_quotas(env: Env) -> None:
     assert not allocate._admit(c)
     assert state(env, c)[1] == (
         "waiting for quota: project g uses 2 of 2 GPUs; the job needs 2 "
-        f"(job {b} is ahead of this one)"
+        "(an earlier job of the project is first in line)"
     )
     finish(env, a)
     assert admission.admit_waiting() == [b]

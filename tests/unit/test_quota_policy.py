@@ -178,8 +178,26 @@ def test_decide_admits_within_quota_in_fair_order() -> None:
     assert d.admit == ("a1", "b1")
     assert d.waiting == {
         "a2": f"{QUOTA_WAIT}: project A uses 2 of 2 concurrent jobs",
-        "a3": f"{QUOTA_WAIT}: project A uses 2 of 2 concurrent jobs (job a2 is ahead of this one)",
+        "a3": f"{QUOTA_WAIT}: project A uses 2 of 2 concurrent jobs "
+        "(an earlier job of the project is first in line)",
     }
+
+
+def test_a_waiting_jobs_reason_stays_the_same_when_the_first_in_line_changes() -> None:
+    # the reason is an event on the job each time it changes: one that named the first job
+    # would add an event to every waiting job of the project whenever the first one started
+    limits = {"A": Limits(1, 10, 0)}
+    before = decide([q("a2", "A", 1), q("a3", "A", 2)], {"A": Usage(1, 1, 0)}, limits.__getitem__)
+    after = decide([q("a3", "A", 2)], {"A": Usage(1, 1, 0)}, limits.__getitem__)
+    assert before.admit == after.admit == ()
+    assert "a2" not in before.waiting["a3"]
+    assert before.waiting["a3"] != after.waiting["a3"]  # first in line now: no "earlier job"
+    later = decide(
+        [q("a3", "A", 2), q("a4", "A", 3), q("a5", "A", 4)],
+        {"A": Usage(1, 1, 0)},
+        limits.__getitem__,
+    )
+    assert later.waiting["a5"] == before.waiting["a3"] == later.waiting["a4"]
 
 
 def test_capacity_stops_everyone_behind_the_first_job_that_does_not_fit() -> None:
@@ -201,7 +219,7 @@ def test_a_project_over_quota_does_not_hold_back_others_and_keeps_its_turn() -> 
     assert d.admit == ("b1", "b2")
     assert d.waiting["a1"] == f"{QUOTA_WAIT}: project A uses 1 of 2 GPUs; the job needs 2"
     assert d.waiting["a2"].startswith(f"{QUOTA_WAIT}: project A uses 1 of 2 GPUs")
-    assert "job a1 is ahead of this one" in d.waiting["a2"]
+    assert d.waiting["a2"].endswith("(an earlier job of the project is first in line)")
 
 
 def test_a_job_that_can_never_fit_does_not_block_its_project() -> None:
