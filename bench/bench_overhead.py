@@ -1,8 +1,11 @@
 """Control-plane overhead: a trainer that exits at once, end to end through the API, minus the
 irreducible steps measured in the same run (boot one sandbox + one SSH exec of the same command).
 
-Prints the median overhead of 20 sequential jobs (target <= 1.0 s) and p50/p95 of 20 concurrent
-jobs, then one JSON line with every figure.
+Prints the median overhead of 20 sequential jobs and p50/p95 of 20 concurrent jobs next to
+their targets (issue #13: sequential median <= 0.25 s; concurrent p50 <= 2 s, p95 <= 3 s), the
+median seconds each job spent in each state, then one JSON line with every figure. The
+project's quota is raised to fit the 20 jobs at once (a quota wait is not overhead);
+BENCH_JOBS and BENCH_WORKERS (the worker's prefork pool, 4) change the run.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from workers import ssh
 
 N = int(os.environ.get("BENCH_JOBS", "20"))
 WORKERS = int(os.environ.get("BENCH_WORKERS", "4"))  # the worker's prefork pool
+TARGETS = {"sequential": 0.25, "p50": 2.0, "p95": 3.0}
 TRAINER = "import os; open(os.path.join(os.environ['STACKML_MODEL_DIR'], 'm'), 'w').write('1')"
 
 
@@ -118,6 +122,7 @@ def main() -> int:
             "STACKML_RUNTIME_ROOT": os.environ.get(
                 "STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes"
             ),
+            "STACKML_QUOTA_DEFAULTS": json.dumps({"jobs": 2 * N, "servers": 2 * N, "gpus": 0}),
         }
     )
     reset_settings()
@@ -152,16 +157,19 @@ def main() -> int:
         "concurrent_jobs": N,
         "concurrent_overhead_p50_s": round(_pct(conc_over, 0.5), 3),
         "concurrent_overhead_p95_s": round(_pct(conc_over, 0.95), 3),
-        "target_sequential_overhead_s": 1.0,
+        "target_sequential_overhead_s": TARGETS["sequential"],
+        "target_concurrent_overhead_p50_s": TARGETS["p50"],
+        "target_concurrent_overhead_p95_s": TARGETS["p95"],
     }
     print(f"baseline (boot + one SSH exec): {b:.3f}s")
     print(
         f"sequential: median e2e {fig['sequential_e2e_median_s']}s, median overhead "
-        f"{fig['sequential_overhead_median_s']}s (target <= 1.0s)"
+        f"{fig['sequential_overhead_median_s']}s (target <= {TARGETS['sequential']}s)"
     )
     print(
-        f"concurrent ({N}): overhead p50 {fig['concurrent_overhead_p50_s']}s, "
-        f"p95 {fig['concurrent_overhead_p95_s']}s"
+        f"concurrent ({N}): overhead p50 {fig['concurrent_overhead_p50_s']}s "
+        f"(target <= {TARGETS['p50']}s), p95 {fig['concurrent_overhead_p95_s']}s "
+        f"(target <= {TARGETS['p95']}s)"
     )
     for label, rows in (("sequential", seq_phases), ("concurrent", conc_phases)):
         med = {
