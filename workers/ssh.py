@@ -248,6 +248,7 @@ class SSHConnection:
             raise SSHUnreachable(f"cannot connect to {where}: {e}") from e
         # paramiko never sets it: without it every exchange waits out Nagle + delayed ACK
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = _QuickAck(sock)  # type: ignore[assignment]
         client = paramiko.SSHClient()
         if target.host_key:
             name = target.host if target.port == 22 else f"[{target.host}]:{target.port}"
@@ -592,6 +593,31 @@ class SSHConnection:
         return (
             f"<SSHConnection {self.target.username}@{self.target.host}:{self.target.port} {state}>"
         )
+
+
+class _QuickAck:
+    """The connection's socket, acknowledging what it receives at once (TCP_QUICKACK after
+    every read) for its first QUICKACK_READS reads. sshd sets TCP_NODELAY only when it starts a
+    session's command: before that, its answer to the first channel open waits (Nagle) for the
+    ACK of what it sent right after authentication, which Linux delays ~40 ms -- every new
+    connection's first command took 45 ms instead of 3."""
+
+    QUICKACK_READS = 64
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._left = self.QUICKACK_READS
+
+    def recv(self, n: int) -> bytes:
+        data = self._sock.recv(n)
+        if self._left > 0:
+            self._left -= 1
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 def _discard(sftp: paramiko.SFTPClient, path: str) -> None:
