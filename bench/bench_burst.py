@@ -24,9 +24,7 @@ import io
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -42,7 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import redis  # noqa: E402
-import requests  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 
 from service.api import create_app  # noqa: E402
@@ -51,8 +48,9 @@ from service.client import StackMLClient, build_package  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.db.migrate import upgrade  # noqa: E402
 from service.db.session import engine_for  # noqa: E402
-from tests.envutil import free_port, reap_sandboxes  # noqa: E402
+from tests.envutil import environ, free_port, reap_sandboxes  # noqa: E402
 from tests.pgutil import temp_database  # noqa: E402
+from tests.topology import Topology, api_argv, beat_argv, worker_argv  # noqa: E402
 
 SUBMITS = int(os.environ.get("BENCH_SUBMITS", "300"))
 BURST = int(os.environ.get("BENCH_BURST_JOBS", "500"))
@@ -155,99 +153,26 @@ def submission_cost(tmp: Path) -> dict[str, Any]:
 # -- 2. the burst ---------------------------------------------------------------------------------
 
 
-class Platform:
-    """The API under gunicorn, `workers` Celery worker processes and one beat, as separate
-    processes on one PostgreSQL, Redis and data dir (each in its own process group)."""
-
-    def __init__(self, env: dict[str, str], workers: int, port: int, logs: Path) -> None:
-        self.env, self.workers, self.port, self.logs = env, workers, port, logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def settings_env(self) -> dict[str, Any]:
-        return {
-            k[len("STACKML_") :].lower(): v
-            for k, v in self.env.items()
-            if k.startswith("STACKML_") and k != "STACKML_QUOTA_DEFAULTS"
-        }
-
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        out = open(self.logs / f"{name}.log", "ab")
-        self.procs.append(
-            subprocess.Popen(
-                argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+def start_platform(topo: Topology, env: dict[str, str], workers: int, port: int) -> None:
+    """The API under gunicorn, `workers` Celery worker processes and one beat, on one
+    PostgreSQL, Redis and data dir; with isolated sandboxes also the store gateway (the one
+    host address they reach), as `stackml up` serves it."""
+    with environ(env):
+        net = sandbox_net.from_settings(Settings())
+    if net is not None:
+        sandbox_net.ensure_gateway(net)
+        topo.start(
+            "gateway", api_argv("service.wsgi:gateway", f"{net.gateway}:{net.store_port}", 1), env
         )
-        out.close()
-
-    def __enter__(self) -> Platform:
-        try:
-            return self._start()
-        except BaseException:
-            self.__exit__()
-            raise
-
-    def _start(self) -> Platform:
-        py = sys.executable
-        # isolated sandboxes reach only the store gateway: serve it as `stackml up` does
-        net = sandbox_net.from_settings(Settings(**self.settings_env()))
-        if net is not None:
-            sandbox_net.ensure_gateway(net)
-            self._spawn(
-                "gateway",
-                [
-                    py, "-m", "gunicorn", "service.wsgi:gateway",
-                    "-b", f"{net.gateway}:{net.store_port}", "-w", "1", "-k", "gthread",
-                    "--threads", "8", "--graceful-timeout", "5",
-                ],
-            )  # fmt: skip
-        self._spawn(
-            "api",
-            [
-                py, "-m", "gunicorn", "service.wsgi:app", "-b", f"127.0.0.1:{self.port}",
-                "-w", str(API_PROCESSES), "-k", "gthread", "--threads", "8",
-                "--keep-alive", "30", "--graceful-timeout", "5",
-            ],
-        )  # fmt: skip
-        for n in range(self.workers):
-            self._spawn(
-                f"worker-{n}",
-                [
-                    py, "-m", "celery", "-A", "workers.celery_app:app", "worker",
-                    "--concurrency=2", "--pool=prefork", "-n", f"bench-{n}-{os.getpid()}@%h",
-                    "--without-gossip", "--without-mingle", "--loglevel=INFO",
-                ],
-            )  # fmt: skip
-        self._spawn(
-            "beat",
-            [
-                py, "-m", "celery", "-A", "workers.celery_app:app", "beat",
-                "--schedule", str(self.logs / "beat-schedule"), "--loglevel=WARNING",
-            ],
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{self.port}/readyz", timeout=10).ok:
-                    break
-            except requests.RequestException:
-                pass  # not listening yet, or busy starting
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the API did not answer; see {self.logs}/api.log")
-            time.sleep(0.2)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for p in self.procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=5)
+    api = topo.start(
+        "api",
+        api_argv("service.wsgi:app", f"127.0.0.1:{port}", API_PROCESSES, "--keep-alive", "30"),
+        env,
+    )
+    for n in range(workers):
+        topo.start(f"worker-{n}", worker_argv(f"bench-{n}-{os.getpid()}"), env)
+    topo.start("beat", beat_argv(topo.run_dir / "beat-schedule"), env)
+    topo.wait_api(api, f"http://127.0.0.1:{port}")
 
 
 def _worker_of_steps(logs: Path) -> dict[str, int]:
@@ -282,7 +207,8 @@ def burst(tmp: Path, workers: int) -> dict[str, Any]:
             }
         )
         try:
-            with Platform(env, workers, port, logs):
+            with Topology(logs) as topo:
+                start_platform(topo, env, workers, port)
                 url = f"http://127.0.0.1:{port}"
                 client = StackMLClient(url, timeout=60)
                 pkg = tmp / f"pkg-{workers}.tar.gz"

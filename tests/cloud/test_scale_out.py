@@ -10,9 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -20,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import requests
 
 from devcloud.cloud import DevCloud
 from service.client import StackMLClient
@@ -28,6 +24,7 @@ from service.db.migrate import upgrade
 from tests.cloud.conftest import RUNTIME_ROOT, scratch_dir
 from tests.envutil import free_port
 from tests.pgutil import temp_database
+from tests.topology import Topology, api_argv, beat_argv, worker_argv
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
 JOBS = 12
@@ -39,118 +36,63 @@ open(os.path.join(os.environ["STACKML_MODEL_DIR"], "m.txt"), "w").write("1\\n")
 STEP_DONE = re.compile(r"Task (stackml\.[a-z_.]+)\[[0-9a-f-]+\] succeeded")
 
 
-class Processes:
-    """Started processes, each in its own process group; stop() leaves none behind."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        with open(self.logs / f"{name}.log", "ab") as out:
-            self.procs.append(
-                subprocess.Popen(
-                    argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            )
-
-    def alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
-
-    def stop(self) -> None:
-        for p in self.procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
-
-
 @pytest.fixture
 def scaled_out(devcloud_emulator: DevCloud) -> Iterator[tuple[str, Path, DevCloud]]:
     root = scratch_dir("scale-out")
     logs = root / "logs"
     logs.mkdir(parents=True)
     port = free_port()
-    with temp_database("scaleout") as db_url:
-        upgrade(db_url)  # the schema first, as in production (`stackml db upgrade`)
-        base = {k: v for k, v in os.environ.items() if not k.startswith("STACKML_")}
-        base.update(
-            {
-                "STACKML_DATABASE_URL": db_url,
-                "STACKML_REDIS_URL": REDIS_URL,
-                "STACKML_QUEUE": f"stackml-scale-out-{os.getpid()}",
-                "STACKML_PORT": str(port),
-                "STACKML_RUNTIME_ROOT": str(RUNTIME_ROOT),
-                "STACKML_COMPUTE": "openstack",
-                "STACKML_STORE": "swift",
-                "OS_CLIENT_CONFIG_FILE": str(devcloud_emulator.clouds_yaml),
-                "STACKML_OPENSTACK_CLOUD": "devcloud-stackml",
-                "STACKML_DEFAULT_FLAVOR": "m1.small",
-                "STACKML_RECONCILE_INTERVAL": "2",
-                # hosts share the key that signs grants and encrypts SSH keys at rest
-                "STACKML_SECRET_KEY": "scale-out-test-signing-key",
-                "STACKML_QUOTA_DEFAULTS": json.dumps({"jobs": JOBS, "servers": 6, "gpus": 0}),
-            }
-        )
+    try:
+        with temp_database("scaleout") as db_url:
+            upgrade(db_url)  # the schema first, as in production (`stackml db upgrade`)
+            base = {k: v for k, v in os.environ.items() if not k.startswith("STACKML_")}
+            base.update(
+                {
+                    "STACKML_DATABASE_URL": db_url,
+                    "STACKML_REDIS_URL": REDIS_URL,
+                    "STACKML_QUEUE": f"stackml-scale-out-{os.getpid()}",
+                    "STACKML_PORT": str(port),
+                    "STACKML_RUNTIME_ROOT": str(RUNTIME_ROOT),
+                    "STACKML_COMPUTE": "openstack",
+                    "STACKML_STORE": "swift",
+                    "OS_CLIENT_CONFIG_FILE": str(devcloud_emulator.clouds_yaml),
+                    "STACKML_OPENSTACK_CLOUD": "devcloud-stackml",
+                    "STACKML_DEFAULT_FLAVOR": "m1.small",
+                    "STACKML_RECONCILE_INTERVAL": "2",
+                    # hosts share the key that signs grants and encrypts SSH keys at rest
+                    "STACKML_SECRET_KEY": "scale-out-test-signing-key",
+                    "STACKML_QUOTA_DEFAULTS": json.dumps({"jobs": JOBS, "servers": 6, "gpus": 0}),
+                }
+            )
 
-        def host(name: str) -> dict[str, str]:
-            data = root / name
-            data.mkdir(mode=0o700)
-            return {**base, "STACKML_DATA_DIR": str(data)}
+            def host(name: str) -> dict[str, str]:
+                data = root / name
+                data.mkdir(mode=0o700)
+                return {**base, "STACKML_DATA_DIR": str(data)}
 
-        procs = Processes(logs)
-        py = sys.executable
-        try:
-            procs.start(
-                "api",
-                [
-                    py, "-m", "gunicorn", "service.wsgi:app", "-b", f"127.0.0.1:{port}",
-                    "-w", "2", "-k", "gthread", "--threads", "4", "--graceful-timeout", "5",
-                    "--access-logfile", str(logs / "access.log"),
-                    "--access-logformat", '%(p)s "%(r)s" %(s)s',
-                ],
-                host("api"),
-            )  # fmt: skip
-            for name in ("worker-a", "worker-b"):
-                procs.start(
-                    name,
-                    [
-                        py, "-m", "celery", "-A", "workers.celery_app:app", "worker",
-                        "--concurrency=2", "--pool=prefork", "-n", f"{name}-{os.getpid()}@%h",
-                        "--without-gossip", "--without-mingle", "--loglevel=INFO",
-                    ],
-                    host(name),
+            with Topology(logs) as procs:
+                api = procs.start(
+                    "api",
+                    api_argv(
+                        "service.wsgi:app", f"127.0.0.1:{port}", 2,
+                        "--access-logfile", str(logs / "access.log"),
+                        "--access-logformat", '%(p)s "%(r)s" %(s)s',
+                    ),
+                    host("api"),
                 )  # fmt: skip
-            beat_env = host("beat")
-            procs.start(
-                "beat",
-                [
-                    py, "-m", "celery", "-A", "workers.celery_app:app", "beat",
-                    "--schedule", str(Path(beat_env["STACKML_DATA_DIR"]) / "beat-schedule"),
-                ],
-                beat_env,
-            )  # fmt: skip
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                assert procs.alive(), f"a process exited at start; see {logs}"
-                try:
-                    if requests.get(f"{url}/readyz", timeout=5).ok:
-                        break
-                except requests.RequestException:
-                    pass
-                assert time.monotonic() < deadline, f"the API never got ready; see {logs}"
-                time.sleep(0.3)
-            yield url, logs, devcloud_emulator
-        finally:
-            procs.stop()
-            shutil.rmtree(root, ignore_errors=True)
+                for name in ("worker-a", "worker-b"):
+                    procs.start(name, worker_argv(f"{name}-{os.getpid()}"), host(name))
+                beat_env = host("beat")
+                procs.start(
+                    "beat",
+                    beat_argv(Path(beat_env["STACKML_DATA_DIR"]) / "beat-schedule"),
+                    beat_env,
+                )
+                url = f"http://127.0.0.1:{port}"
+                procs.wait_api(api, url)
+                yield url, logs, devcloud_emulator
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_two_api_and_two_worker_processes_share_a_burst_with_nothing_run_twice(
