@@ -148,6 +148,8 @@ class Settings(BaseSettings):
     grant_ttl: int = 86400
     poll_min: float = 0.1
     poll_max: float = 2.0
+    # how often the runner uploads new checkpoint files of a restartable job (restart_policy)
+    checkpoint_sync_seconds: float = Field(default=10.0, gt=0, le=3600)
     stuck_after: float = 30
     reconcile_interval: float = 5
     sandbox_isolation: Literal["auto", "root", "rootless", "none"] = "auto"

@@ -126,6 +126,18 @@ def _default_name(package: str, module: str) -> str:
     "--max-runtime", type=click.IntRange(1), metavar="SECONDS", help="Fail the job after this."
 )
 @click.option(
+    "--restart-policy",
+    type=click.Choice(["Never", "OnFailure", "ExitCode"]),
+    help="Restart the trainer on a new server, its checkpoints restored: OnFailure (any "
+    "failure), ExitCode (exit status 42 or 128-255, or a lost server). Default: Never.",
+)
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(0, 20),
+    metavar="N",
+    help="Restarts allowed before the job fails (default 3).",
+)
+@click.option(
     "--label",
     "labels",
     multiple=True,
@@ -169,6 +181,8 @@ def jobs_submit(
     flavor: str | None,
     runtime_: str | None,
     max_runtime: int | None,
+    restart_policy: str | None,
+    max_restarts: int | None,
     labels: dict[str, str],
     env: dict[str, str],
     hyperparameters: dict[str, str],
@@ -191,6 +205,8 @@ def jobs_submit(
                 ("--flavor", flavor),
                 ("--runtime", runtime_),
                 ("--max-runtime", max_runtime),
+                ("--restart-policy", restart_policy),
+                ("--max-restarts", max_restarts is not None),
                 ("--label", labels),
                 ("--env", env),
                 ("--hp", hyperparameters),
@@ -226,6 +242,10 @@ def jobs_submit(
         spec["labels"] = labels
     if max_runtime:
         spec["max_runtime_seconds"] = max_runtime
+    if restart_policy:
+        spec["restart_policy"] = restart_policy
+    if max_restarts is not None:
+        spec["max_restarts"] = max_restarts
 
     client = client_of(ctx)
     err = err_console()

@@ -206,7 +206,8 @@ def transition(
         "queue_wait": None,
     }
     if to is JobState.RUNNING:
-        vals["started_at"] = now
+        # the first start: max_runtime_seconds bounds the whole job, restarts included
+        vals["started_at"] = func.coalesce(Job.started_at, now)
     if to in TERMINAL:
         vals["finished_at"] = now
     if failure is not None:
@@ -591,5 +592,6 @@ def _serialized(
         "metrics": metrics,
         "cancel_requested": job.cancel_requested,
         "queue_reason": job.queue_reason,
+        "restarts": job.restarts or 0,
         "usage": quotas.job_usage(servers, flavors).as_dict(),
     }

@@ -89,6 +89,10 @@ class Job(Base):
     # the output prefix's objects (key -> etag) when the job's first export began: a failed
     # export removes only what appeared or changed since (workers/steps/export.py)
     export_baseline: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # restarts of the trainer on a new server (restart_policy), and the job's log offset at
+    # which the current server's log file starts (workers/steps/restart.py)
+    restarts: Mapped[int] = mapped_column(default=0, server_default="0")
+    log_base: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_jobs_project_created", "project_id", "created_at", "id"),

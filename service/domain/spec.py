@@ -295,10 +295,25 @@ class Prediction(_Strict):
 
 
 # the fields only one type of job takes (a field of the other type is refused, named)
-TRAINING_ONLY = ("trainer", "inputs", "output", "hyperparameters")
+TRAINING_ONLY = ("trainer", "inputs", "output", "hyperparameters", "restart_policy", "max_restarts")
 BATCH_ONLY = ("prediction",)
 
 Scalar = str | int | float | bool
+
+RestartPolicy = Literal["Never", "OnFailure", "ExitCode"]
+# ExitCode's retryable exit statuses: TensorFlow's preemption handler exits 42 after its
+# checkpoint; 128+N is a trainer killed by signal N (OOM, a stray kill). 1-127 are the trainer's
+# own errors, retried only by OnFailure.
+PREEMPTION_EXIT_CODE = 42
+
+
+def retryable_exit(policy: str, code: int) -> bool:
+    """Whether a trainer that exited with `code` (non-zero) is restarted under `policy`."""
+    if policy == "OnFailure":
+        return True
+    if policy == "ExitCode":
+        return code == PREEMPTION_EXIT_CODE or code >= 128
+    return False
 
 
 class JobSpec(_Strict):
@@ -328,7 +343,27 @@ class JobSpec(_Strict):
         description=f"Environment of the trainer. Values are never shown again: responses "
         f"carry the names with {MASKED!r} for each value.",
     )
-    max_runtime_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    max_runtime_seconds: int = Field(
+        default=3600,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="The whole job's bound, from the trainer's first start (restarts included).",
+    )
+    restart_policy: RestartPolicy = Field(
+        default="Never",
+        description="training only. Never: a trainer that fails or loses its server fails the "
+        "job. OnFailure: any non-zero exit or a lost server restarts the trainer on a new "
+        "server, its STACKML_CHECKPOINT_DIR restored from the store. ExitCode: as OnFailure, "
+        f"but only for exit status {PREEMPTION_EXIT_CODE} (TensorFlow's preemption handler) and "
+        "128-255 (killed by a signal), and a lost server.",
+    )
+    max_restarts: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="training only: restarts allowed before the job fails (with restart_policy "
+        "OnFailure or ExitCode).",
+    )
     labels: dict[Name, Annotated[str, StringConstraints(max_length=256)]] = Field(
         default_factory=dict, max_length=64
     )
@@ -426,6 +461,10 @@ def _non_default(spec: JobSpec, field: str) -> bool:
         return spec.inputs.data_uri is not None
     if field == "output":
         return spec.output.model_uri is not None or spec.output.register_as is not None
+    if field == "restart_policy":
+        return spec.restart_policy != "Never"
+    if field == "max_restarts":
+        return spec.max_restarts != JobSpec.model_fields["max_restarts"].default
     return bool(spec.hyperparameters)
 
 

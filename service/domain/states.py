@@ -30,7 +30,7 @@ _FORWARD = {
     JobState.QUEUED: {JobState.ALLOCATING},
     JobState.ALLOCATING: {JobState.PROVISIONING, JobState.QUEUED},
     JobState.PROVISIONING: {JobState.RUNNING},
-    JobState.RUNNING: {JobState.EXPORTING},
+    JobState.RUNNING: {JobState.EXPORTING, JobState.QUEUED},  # QUEUED: a restart (restart_policy)
     JobState.EXPORTING: {JobState.SUCCEEDED},
     JobState.CANCELLING: {JobState.CANCELLED},
 }

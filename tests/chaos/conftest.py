@@ -39,6 +39,18 @@ STEADY = """
     with open(os.path.join(os.environ["STACKML_MODEL_DIR"], "model.bin"), "wb") as fh:
         fh.write(os.urandom(4096))
 """
+# first run: marks its checkpoint directory and trains "forever" (the test kills its sandbox);
+# a run that finds the mark (restored from the store on a new server) finishes at once
+RESUMABLE = """
+    import os, time
+    mark = os.path.join(os.environ["STACKML_CHECKPOINT_DIR"], "first-run")
+    if not os.path.exists(mark):
+        open(mark, "w").write(os.environ["STACKML_JOB_ID"])
+        print("first run", flush=True)
+        time.sleep(600)
+    print("resumed", open(mark).read(), flush=True)
+    open(os.path.join(os.environ["STACKML_MODEL_DIR"], "model.bin"), "wb").write(b"m")
+"""
 QUICK = """
     import os
     print("run", os.environ["STACKML_JOB_ID"], flush=True)
@@ -66,6 +78,7 @@ def chaos_settings() -> Iterator[Settings]:
             "STACKML_ORPHAN_GRACE": "2",
             "STACKML_COMMAND_TIMEOUT": "5",
             "STACKML_SSH_DEADLINE": "10",
+            "STACKML_CHECKPOINT_SYNC_SECONDS": "1",
         }
         try:
             with environ(env):
@@ -108,6 +121,7 @@ def package(client: StackMLClient, tmp_path_factory: pytest.TempPathFactory) -> 
     (root / "trainer" / "__init__.py").write_text("")
     (root / "trainer" / "steady.py").write_text(textwrap.dedent(STEADY))
     (root / "trainer" / "quick.py").write_text(textwrap.dedent(QUICK))
+    (root / "trainer" / "resumable.py").write_text(textwrap.dedent(RESUMABLE))
     return str(client.stage_package(root)["package_uri"])
 
 

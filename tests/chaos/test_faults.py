@@ -143,6 +143,50 @@ def test_sandbox_killed_mid_training_fails_with_server_lost(
     assert steady_lines(client, job["id"])[: len(before)] == before
 
 
+def test_sandbox_killed_then_the_worker_killed_inside_the_restart_still_resumes(
+    chaos_platform: LocalPlatform, chaos_settings: Settings, client: StackMLClient, package: str
+) -> None:
+    """restart_policy OnFailure: the sandbox is killed once the checkpoint is in the store, and
+    the worker is SIGKILLed right after the job went back to QUEUED, before it deleted the lost
+    server or enqueued the allocation. The reconciler re-drives the job; it resumes from the
+    checkpoint on one new server, and both servers are deleted."""
+    from service.backends import registry
+
+    chaos_platform.restart_worker({"STACKML_CHAOS_PAUSE": "restart:60"})
+    try:
+        job = submit(client, package, "resumable", restart_policy="OnFailure", max_restarts=1)
+        store = registry.store()
+        area = store.key_of(package).split("staging/", 1)[0]
+        mark = f"{area}checkpoints/{job['id']}/first-run"
+        running = wait_until(
+            client,
+            job["id"],
+            lambda j: j["state"] == "RUNNING" and store.info(mark) is not None,
+            60,
+            "running with its checkpoint in the store",
+        )
+        os.kill(int(_server_record(chaos_settings, running)["sshd_pid"]), signal.SIGKILL)
+        wait_until(
+            client,
+            job["id"],
+            lambda j: j["state"] == "QUEUED" and j["restarts"] == 1,
+            60,
+            "back in QUEUED for its restart",
+        )
+        time.sleep(0.5)  # inside the paused restart step
+        chaos_platform.kill_worker()
+        t0 = time.monotonic()
+    finally:
+        chaos_platform.restart_worker()
+    done = wait_clean(client, job["id"], timeout=120)
+    record_fault("sandbox killed, then the worker inside the restart", done, time.monotonic() - t0)
+    assert done["state"] == "SUCCEEDED", done["failure"]
+    log = client.logs(job["id"])[0].decode()
+    assert log.count("first run") == 1 and f"resumed {job['id']}" in log, log
+    assert done["restarts"] == 1
+    assert len(done["resources"]) == 2, done["resources"]  # the lost server and one new one
+
+
 def test_frozen_sandbox_fails_with_server_lost_within_the_heartbeat_deadline(
     chaos_platform: LocalPlatform, chaos_settings: Settings, client: StackMLClient, package: str
 ) -> None:

@@ -50,6 +50,7 @@ def e2e_settings() -> Iterator[Settings]:
             "STACKML_HEARTBEAT_TIMEOUT": "6",
             "STACKML_STUCK_AFTER": "15",
             "STACKML_RECONCILE_INTERVAL": "2",
+            "STACKML_CHECKPOINT_SYNC_SECONDS": "1",
         }
         try:
             with environ(env):

@@ -4,9 +4,9 @@ STACKML_CHECKPOINT_DIR keeps what the trainer wrote there across the restart the
 during a job (its worker SIGKILLed mid-training and started again; a new worker resumes
 polling): the trainer is not started twice, its checkpoints stay, and the run completes.
 
-What "kept across restarts" does not cover (stackml never restarts a trainer): a trainer that
-exits non-zero fails the job, a lost server fails it with server_lost, and the checkpoints go with
-the server at teardown; they are not exported."""
+With restart_policy Never (the default, as here) a trainer that exits non-zero fails the job
+and a lost server fails it with server_lost; restarts on a new server, with the checkpoints
+synced to the store and restored, are test_restarts.py's."""
 
 from __future__ import annotations
 

@@ -163,6 +163,10 @@ def test_submit_stages_the_package_and_creates_the_job(
         "tensorflow-2.21",
         "--max-runtime",
         "600",
+        "--restart-policy",
+        "ExitCode",
+        "--max-restarts",
+        "0",
         "--label",
         "team=ml",
         "--label",
@@ -203,6 +207,7 @@ def test_submit_stages_the_package_and_creates_the_job(
     assert spec["resources"]["flavor"] == "local.medium"
     assert spec["runtime"] == {"framework": "tensorflow", "version": "2.21"}
     assert spec["max_runtime_seconds"] == 600
+    assert (spec["restart_policy"], spec["max_restarts"], job["restarts"]) == ("ExitCode", 0, 0)
     uri = spec["trainer"]["package_uri"]
     assert uri.startswith("local://projects/local/staging/") and uri.endswith("/mytrainer.tar.gz")
     assert store.exists(uri.removeprefix("local://"))
@@ -228,6 +233,8 @@ def test_submit_defaults_and_table_output(
         ("--env", "1X=y", "not a valid variable"),
         ("--hp", "=3", "is not hyperparameter=VALUE"),
         ("--runtime", "pytorch", "is not a runtime"),
+        ("--restart-policy", "Always", "'Always' is not one of"),
+        ("--max-restarts", "21", "21 is not in the range"),
     ],
 )
 def test_submit_bad_input_is_a_usage_error(

@@ -66,6 +66,10 @@ def test_trainer_argv_appends_sorted_hyperparameters():
         ({"hyperparameters": {"lr": [1]}}, "hyperparameters.lr.str"),
         ({"labels": {"k": "v\x07"}}, "labels"),
         ({"max_runtime_seconds": 8 * 24 * 3600}, "max_runtime_seconds"),
+        ({"restart_policy": "Always"}, "restart_policy"),
+        ({"restart_policy": "onfailure"}, "restart_policy"),
+        ({"max_restarts": -1}, "max_restarts"),
+        ({"max_restarts": 21}, "max_restarts"),
     ],
 )
 def test_invalid_specs(over, loc):
@@ -222,3 +226,35 @@ def test_openapi_documents_what_a_submission_may_answer():
     assert "SUCCEEDS" in props["Output"]["properties"]["register_as"]["description"]
     assert "output_exists" in props["Output"]["properties"]["model_uri"]["description"]
     assert MASKED in props["JobSpec"]["properties"]["env"]["description"]
+
+
+def test_restart_policy_defaults_to_never_and_which_exits_each_policy_retries():
+    from service.domain.spec import retryable_exit
+
+    s = make()
+    assert (s.restart_policy, s.max_restarts) == ("Never", 3)
+    assert make(restart_policy="ExitCode", max_restarts=0).max_restarts == 0
+    codes = [1, 2, 41, 42, 43, 127, 128, 137, 143, 255]
+    assert [c for c in codes if retryable_exit("Never", c)] == []
+    assert [c for c in codes if retryable_exit("OnFailure", c)] == codes
+    assert [c for c in codes if retryable_exit("ExitCode", c)] == [42, 128, 137, 143, 255]
+
+
+@pytest.mark.parametrize("field", [{"restart_policy": "OnFailure"}, {"max_restarts": 5}])
+def test_a_batch_job_refuses_the_restart_fields(field):
+    body = {
+        "name": "b",
+        "type": "batch_prediction",
+        "prediction": {
+            "model": "m",
+            "input_uris": ["local://projects/p/in.jsonl"],
+            "output_prefix": "local://projects/p/out/",
+        },
+        **field,
+    }
+    with pytest.raises(ValidationError) as e:
+        JobSpec.model_validate(body)
+    assert set(field) <= locs(e.value)
+    # the defaults, as a stored spec repeats them, are accepted
+    ok = {k: v for k, v in body.items() if k not in field}
+    JobSpec.model_validate({**ok, "restart_policy": "Never", "max_restarts": 3})

@@ -61,7 +61,8 @@ def test_cancelling_only_ends():
     [
         (S.QUEUED, S.RUNNING),
         (S.RUNNING, S.SUCCEEDED),
-        (S.RUNNING, S.QUEUED),
+        (S.PROVISIONING, S.QUEUED),
+        (S.EXPORTING, S.QUEUED),
         (S.SUCCEEDED, S.FAILED),
         (S.FAILED, S.QUEUED),
         (S.QUEUED, S.CANCELLED),
@@ -75,6 +76,10 @@ def test_forbidden_transitions(a, b):
 
 def test_allocation_may_requeue():
     assert can_transition(S.ALLOCATING, S.QUEUED)
+
+
+def test_a_running_job_may_requeue_for_a_restart():
+    assert can_transition(S.RUNNING, S.QUEUED)
 
 
 def test_every_active_state_has_a_failure_phase():

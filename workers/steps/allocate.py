@@ -128,7 +128,7 @@ def _look(ctx: jobctx.StepContext) -> None:
     steps = plan(spec)
     with db() as s:
         job = repo.get_job(s, job_id)
-        attempt = job.alloc_attempt
+        attempt, restarts = job.alloc_attempt, job.restarts
         flavor_name, zone = steps[min(attempt, len(steps) - 1)]
         if job.ssh_key_enc is None:
             # compare-and-set: two allocate runs of one job must agree on one key
@@ -138,7 +138,10 @@ def _look(ctx: jobctx.StepContext) -> None:
                 .where(Job.id == job_id, Job.ssh_key_enc.is_(None))
                 .values(ssh_key_enc=jobctx.encrypt_key(pem), ssh_public_key=pub)
             )
-    name = f"stackml-{job_id}-chief-{attempt}"
+    if restarts:
+        retire(backend, job_id)  # an earlier run's server, if its deletion is not confirmed yet
+    # a restarted job's servers get new names (workers/steps/restart.py)
+    name = f"stackml-{job_id}-chief-{attempt}" + (f"-r{restarts}" if restarts else "")
     with contextlib.suppress(IntegrityError):  # another run recorded it first: use theirs
         with db() as s:
             if not _hold_allocating(s, job_id):
@@ -449,6 +452,26 @@ def _discard(backend: ComputeBackend, res_id: int, server_id: str) -> None:
             return
         time.sleep(0.2)
     _forget(res_id)
+
+
+def retire(backend: ComputeBackend, job_id: str) -> None:
+    """Delete the servers of the job's earlier runs (rows DELETING while the job is active: a
+    restart marked them, workers/steps/restart.py). Each deletion is confirmed for up to
+    DELETE_CONFIRM; one not confirmed stays DELETING, for the next allocate run or the
+    teardown."""
+    with db() as s:
+        rows = [
+            (r.id, r.server_id, r.host, r.port)
+            for r in repo.resources(s, job_id)
+            if r.state == ResourceState.DELETING.value
+        ]
+    for res_id, server_id, host, port in rows:
+        if host:
+            ssh.drop_host(host, port or 22)
+        if server_id is None:
+            _forget(res_id)
+        else:
+            _discard(backend, res_id, server_id)
 
 
 def _aware(dt: datetime) -> datetime:

@@ -16,7 +16,7 @@ from service.domain.states import FailureReason, JobState, Phase
 from workers import jobctx, ssh
 from workers.base import TRANSIENT
 from workers.jobctx import JOB_DIR, db
-from workers.steps import batch_servers
+from workers.steps import batch_servers, restart
 
 MAX_PULL = 1 << 20
 TAIL_LINES = 20
@@ -38,12 +38,12 @@ def _poll(ctx: jobctx.StepContext) -> None:
     with db() as s:
         job = repo.get_job(s, job_id)
         offset, interval = job.log_offset, job.poll_interval or cfg.poll_min
-        started_at = job.started_at
+        started_at, log_base = job.started_at, job.log_base or 0
     max_runtime = ctx.spec.max_runtime_seconds
 
     try:
         conn = ssh.connection(target, timeout=cfg.command_timeout)
-        data = _read_log(conn, offset)
+        data = _read_log(conn, offset - log_base)  # (this server's log starts at log_base)
         exit_text = batch_servers.read_small(conn, f"{JOB_DIR}/exit_code")
         heartbeat = conn.stat(f"{JOB_DIR}/heartbeat")
     except ssh.SSHError as e:
@@ -106,12 +106,12 @@ def _poll(ctx: jobctx.StepContext) -> None:
         else:
             with db() as s:
                 tail = repo.log_tail(s, job_id, TAIL_LINES)
-            jobctx.fail(
-                job_id,
-                Phase.TRAIN,
+            restart.fail_or_restart(
+                ctx,
                 FailureReason.TRAINER_EXIT_NONZERO,
                 f"{'the batch predictor' if ctx.spec.batch else 'the trainer'} exited with "
                 f"status {code}; last lines of its log:\n{tail}",
+                code,
             )
         return
 
@@ -126,9 +126,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
     ]
     for who, beat in stopped:
         if now - beat > cfg.heartbeat_timeout:
-            jobctx.fail(
-                job_id,
-                Phase.TRAIN,
+            restart.fail_or_restart(
+                ctx,
                 FailureReason.SERVER_LOST,
                 f"the runner's heartbeat{who} stopped {now - beat:.0f}s ago",
             )
@@ -149,9 +148,8 @@ def _ssh_failed(
     if _past_deadline(ctx.job_id, started_at, ctx.spec.max_runtime_seconds):
         return
     if not jobctx.retry_after_ssh_failure(ctx, e):
-        jobctx.fail(
-            ctx.job_id,
-            Phase.TRAIN,
+        restart.fail_or_restart(
+            ctx,
             FailureReason.SERVER_LOST,
             f"{who} answered SSH for {jobctx.ssh_failing_for(ctx.job_id):.0f}s ({e})",
         )

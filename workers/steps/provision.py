@@ -8,7 +8,7 @@ from pathlib import Path
 
 from service import queue
 from service.backends import registry
-from service.backends.interfaces import IMAGE_RUNTIMES_DIR, Access
+from service.backends.interfaces import IMAGE_RUNTIMES_DIR, Access, ObjectStore
 from service.db import jobs as repo
 from service.domain.errors import BackendError
 from service.domain.spec import JobSpec
@@ -16,7 +16,7 @@ from service.domain.states import FailureReason, JobState, Phase
 from service.runtime import ensure_runtime
 from workers import jobctx, ssh
 from workers.jobctx import JOB_DIR, RUNNER, db
-from workers.steps import batch, batch_servers
+from workers.steps import batch, batch_servers, restart
 
 RUNNER_SRC = Path(__file__).resolve().parents[1] / "vm" / "runner.py"
 # a batch prediction job's server also gets the predictor, the model server it predicts with
@@ -139,7 +139,7 @@ def job_document(
     cfg = jobctx.settings()
     with db() as s:
         job = repo.get_job(s, job_id)
-        project_id, trust_id = job.project_id, job.trust_id
+        project_id, trust_id, restarts = job.project_id, job.trust_id, job.restarts
         spec = JobSpec.model_validate(job.spec)
     if spec.batch:
         return batch.document(job_id, runtime, worker=worker, workers=workers)
@@ -165,7 +165,44 @@ def job_document(
         "package_url": sign(pkg_grant.url_prefix, pkg_grant.query, ""),
         "inputs": inputs,
     }
+    if restart.restartable(spec):
+        doc.update(_checkpoints(store, project_id, job_id, spec, restarts))
     return doc
+
+
+def _checkpoints(
+    store: ObjectStore, project_id: str, job_id: str, spec: JobSpec, restarts: int
+) -> dict[str, object]:
+    """A restartable job's job.json entries: a write grant on its checkpoint prefix that the
+    runner syncs STACKML_CHECKPOINT_DIR to while the trainer runs (it outlives the job's
+    max_runtime_seconds), and after a restart the synced files to restore, with their sizes
+    and MD5s (each verified as it is fetched)."""
+    cfg = jobctx.settings()
+    prefix = restart.checkpoint_prefix(store, project_id, job_id)
+    ttl = max(cfg.grant_ttl, spec.max_runtime_seconds + batch.GRANT_MARGIN)
+    write = store.grant(prefix, Access.WRITE, ttl)
+    restore = []
+    if restarts:
+        read = store.grant(prefix, Access.READ, cfg.grant_ttl)
+        for obj in store.list(prefix):
+            rel = obj.key[len(prefix) :]
+            restore.append(
+                {
+                    "name": rel,
+                    "url": sign(read.url_prefix, read.query, rel),
+                    "size": obj.size,
+                    "md5": obj.etag.strip('"'),
+                }
+            )
+    return {
+        "restart": restarts,
+        "checkpoint_sync": {
+            "url_prefix": write.url_prefix,
+            "query": write.query,
+            "seconds": cfg.checkpoint_sync_seconds,
+        },
+        "checkpoints": restore,
+    }
 
 
 def sign(url_prefix: str, query: str, rel: str) -> str:

@@ -8,6 +8,7 @@ Layout under the job directory (``~/.stackml/job`` by default)::
     input/       the job's input objects
     model/       STACKML_MODEL_DIR
     checkpoints/ STACKML_CHECKPOINT_DIR
+    checkpoints.synced  what of checkpoints/ is in the store already (restartable jobs)
     log          the trainer's stdout+stderr
     heartbeat    touched every HEARTBEAT seconds while the trainer runs
     started      created once (O_EXCL): makes `start` idempotent
@@ -160,6 +161,7 @@ def prepare(job_dir: str) -> dict:
         except (tarfile.TarError, OSError) as e:
             raise RunnerError(f"the trainer package is not a valid .tar.gz: {e}") from e
         open(os.path.join(job_dir, "package", ".complete"), "w").close()
+    restored = _restore_checkpoints(job_dir, job.get("checkpoints") or [])
     fetched = 0
     for item in job.get("inputs", []):
         target = os.path.join(job_dir, "input", item["name"])
@@ -169,7 +171,29 @@ def prepare(job_dir: str) -> dict:
                 out.write(chunk)
         os.replace(target + ".part", target)
         fetched += 1
-    return {"ok": True, "attach_seconds": round(t_attach, 4), "inputs": fetched}
+    return {
+        "ok": True,
+        "attach_seconds": round(t_attach, 4),
+        "inputs": fetched,
+        "checkpoints": restored,
+    }
+
+
+def _restore_checkpoints(job_dir: str, items: list) -> int:
+    """Fetch a restarted job's synced checkpoints into checkpoints/ (size and MD5 checked) and
+    record them as synced, so that the sync does not upload them again."""
+    root = os.path.join(job_dir, "checkpoints")
+    synced = {}
+    for item in items:
+        name = item["name"]
+        _check_rel_path(name, "a checkpoint")
+        target = os.path.join(root, name)
+        _fetch_verified(item["url"], target, int(item["size"]), str(item["md5"]))
+        st = os.stat(target)
+        synced[name] = [st.st_size, st.st_mtime_ns]
+    if items:
+        _write_atomic(os.path.join(job_dir, SYNCED), json.dumps(synced))
+    return len(items)
 
 
 # -- start -----------------------------------------------------------------------------------
@@ -231,7 +255,17 @@ def _supervise(job_dir: str) -> int:
     }
     env.update(job.get("env", {}))
     argv = [os.path.join(env_dir, "bin", "python"), "-m", job["module"], *job.get("argv", [])]
-    return _run_supervised(
+    if job.get("restart"):
+        with open(os.path.join(job_dir, "log"), "ab") as log:
+            log.write(
+                f"stackml-runner: restart {int(job['restart'])}: "
+                f"{len(job.get('checkpoints') or [])} checkpoint files restored\n".encode()
+            )
+    sync = _CheckpointSync(job_dir, job["checkpoint_sync"]) if job.get("checkpoint_sync") else None
+    stop = threading.Event()
+    if sync is not None:
+        threading.Thread(target=sync.loop, args=(stop,), daemon=True).start()
+    code = _run_supervised(
         job_dir,
         argv,
         env,
@@ -239,6 +273,103 @@ def _supervise(job_dir: str) -> int:
         start_label="the trainer",
         kill_label="the trainer",
     )
+    stop.set()
+    if sync is not None:
+        # what the trainer wrote last, before exit_code is written; the heartbeat goes on
+        # meanwhile (a long upload is not a lost server)
+        done = threading.Event()
+        threading.Thread(target=_beat, args=(job_dir, done), daemon=True).start()
+        try:
+            sync.run_pass(final=True)
+        finally:
+            done.set()
+    return code
+
+
+def _beat(job_dir: str, stop: threading.Event) -> None:
+    """Touch heartbeat every HEARTBEAT seconds until `stop` is set."""
+    hb = os.path.join(job_dir, "heartbeat")
+    while not stop.is_set():
+        with open(hb, "w") as fh:
+            fh.write(f"{time.time()}\n")
+        stop.wait(HEARTBEAT)
+
+
+SYNCED = "checkpoints.synced"
+CHECKPOINT_QUIET = 1.0  # a pass uploads only a directory where nothing changed for this long
+
+
+class _CheckpointSync:
+    """Uploads new and changed files of checkpoints/ to the job's checkpoint prefix (its write
+    grant in job.json), every `seconds` while the trainer runs and once after it exits.
+
+    A pass uploads only when nothing in the directory changed for CHECKPOINT_QUIET seconds (else
+    it tries again after that long), so that what is in the store is one checkpoint, not the
+    index of the next one beside half of its data. A failure is one line in the log, never the
+    trainer's end: the next pass tries again."""
+
+    def __init__(self, job_dir: str, cfg: dict) -> None:
+        self.root = os.path.join(job_dir, "checkpoints")
+        self.state = os.path.join(job_dir, SYNCED)
+        self.log = os.path.join(job_dir, "log")
+        self.every = max(CHECKPOINT_QUIET, float(cfg.get("seconds") or 10))
+        self.uploader = _Uploader(cfg["url_prefix"], cfg["query"])
+        self.lock = threading.Lock()
+        self.last_error = ""
+        try:
+            with open(self.state) as fh:
+                self.seen = json.load(fh)
+        except (OSError, ValueError):
+            self.seen = {}
+
+    def loop(self, stop: threading.Event) -> None:
+        wait = self.every
+        while not stop.wait(wait):
+            wait = self.every if self.run_pass(final=False) is not None else CHECKPOINT_QUIET
+
+    def run_pass(self, final: bool) -> int | None:
+        """Files uploaded; None when the directory was not quiet (nothing was sent)."""
+        with self.lock:
+            try:
+                return self._pass(final)
+            except Exception as e:  # noqa: BLE001 - the trainer must never die of the sync
+                text = f"{type(e).__name__}: {e}"
+                if text != self.last_error:  # one line per distinct error, not one per pass
+                    self.last_error = text
+                    with open(self.log, "ab") as log:
+                        log.write(f"stackml-runner: checkpoint sync failed: {text}\n".encode())
+                return 0
+
+    def _pass(self, final: bool) -> int | None:
+        import stat
+
+        files = []
+        newest = 0.0
+        for dirpath, dirs, names in os.walk(self.root):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue  # removed meanwhile (an old checkpoint the trainer dropped)
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # links and special files are not checkpoints
+                newest = max(newest, st.st_mtime)
+                files.append((os.path.relpath(path, self.root), path, st))
+        if not final and time.time() - newest < CHECKPOINT_QUIET:
+            return None
+        sent = 0
+        for rel, path, st in files:
+            sig = [st.st_size, st.st_mtime_ns]
+            if self.seen.get(rel) != sig:
+                self.uploader.put(rel, path, 0, st.st_size)
+                self.seen[rel] = sig
+                sent += 1
+        if sent:
+            _write_atomic(self.state, json.dumps(self.seen))
+        self.last_error = ""
+        return sent
 
 
 def _supervise_batch(job_dir: str, job: dict) -> int:
@@ -294,15 +425,7 @@ def _run_supervised(
 
     log = open(os.path.join(job_dir, "log"), "ab")
     stop = threading.Event()
-    hb = os.path.join(job_dir, "heartbeat")
-
-    def beat() -> None:
-        while not stop.is_set():
-            with open(hb, "w") as fh:
-                fh.write(f"{time.time()}\n")
-            stop.wait(HEARTBEAT)
-
-    threading.Thread(target=beat, daemon=True).start()
+    threading.Thread(target=_beat, args=(job_dir, stop), daemon=True).start()
     try:
         proc = subprocess.Popen(
             argv,
@@ -593,14 +716,14 @@ def _load_serving(job_dir: str) -> dict:
     return cfg
 
 
-def _check_rel_path(path: object) -> None:
+def _check_rel_path(path: object, what: str = "serve.json: file path") -> None:
     if not isinstance(path, str) or not path or len(path) > 1024:
-        raise RunnerError(f"serve.json: file path {path!r} is not a path")
+        raise RunnerError(f"{what} {path!r} is not a path")
     if any(ord(c) < 32 or ord(c) == 127 for c in path) or "\\" in path:
-        raise RunnerError(f"serve.json: file path {path!r} has control characters")
+        raise RunnerError(f"{what} {path!r} has control characters")
     parts = path.split("/")
     if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise RunnerError(f"serve.json: file path {path!r} must be relative, without . or ..")
+        raise RunnerError(f"{what} {path!r} must be relative, without . or ..")
 
 
 def _file_md5(path: str) -> str:

@@ -1,0 +1,149 @@
+"""The runner's checkpoint sync and restore (workers/vm/runner.py) against the real store gateway
+(service/api/store.py over HTTP, a LocalStore behind it) with the grants the provision step
+makes: new and changed files go up, only from a directory that has been quiet; links and what
+was synced already do not; a restore fetches every file byte for byte and is not uploaded
+again; a grant that does not cover the prefix is one line in the log, never an exception."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+
+from service.api.store import create_gateway_app
+from service.backends.interfaces import Access
+from service.backends.storage.local import LocalStore
+from service.config import Settings
+from tests.envutil import free_port
+from workers.steps.provision import sign
+from workers.vm import runner
+
+PREFIX = "projects/p/checkpoints/job-1/"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LocalStore]:
+    port = free_port()
+    st = LocalStore(tmp_path / "store", f"http://127.0.0.1:{port}", b"k" * 32)
+    server = make_server("127.0.0.1", port, create_gateway_app(Settings(), store=st), threaded=True)
+    t = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    yield st
+    server.shutdown()
+    t.join(timeout=10)
+
+
+def job_dir(root: Path) -> Path:
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "log").write_bytes(b"")
+    return root
+
+
+def sync_of(store: LocalStore, job: Path, prefix: str = PREFIX) -> runner._CheckpointSync:
+    g = store.grant(prefix, Access.WRITE, 600)
+    return runner._CheckpointSync(str(job), {"url_prefix": g.url_prefix, "query": g.query})
+
+
+def aged(path: Path, seconds: float = 5.0) -> None:
+    """As if written `seconds` ago (the directory is quiet)."""
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def stored(store: LocalStore) -> dict[str, bytes]:
+    return {o.key[len(PREFIX) :]: store.get(o.key) for o in store.list(PREFIX)}
+
+
+def test_sync_uploads_a_quiet_directory_once_and_changes_after(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    job = job_dir(tmp_path / "job")
+    ck = job / "checkpoints"
+    (ck / "nested" / "deeper").mkdir(parents=True)
+    files = {
+        "checkpoint": b"model_checkpoint_path: ckpt-1\n",
+        "nested/deeper/ckpt-1.data": os.urandom(300_000),
+        "name with spaces.index": b"\x00\x01",
+    }
+    for rel, body in files.items():
+        (ck / rel).write_bytes(body)
+        aged(ck / rel)
+    (ck / "link").symlink_to("/etc/hostname")
+    sync = sync_of(store, job)
+
+    (ck / "fresh").write_bytes(b"being written")  # just now: the directory is not quiet
+    assert sync.run_pass(final=False) is None and stored(store) == {}
+    aged(ck / "fresh")
+    files["fresh"] = b"being written"
+    assert sync.run_pass(final=False) == 4
+    assert stored(store) == files  # the link is not a checkpoint
+    assert sync.run_pass(final=False) == 0  # nothing changed: nothing sent
+
+    (ck / "checkpoint").write_bytes(b"model_checkpoint_path: ckpt-2\n")
+    (ck / "ckpt-2.data").write_bytes(b"two")
+    assert sync.run_pass(final=True) == 2  # the final pass does not wait for quiet
+    assert stored(store)["checkpoint"] == b"model_checkpoint_path: ckpt-2\n"
+    assert stored(store)["ckpt-2.data"] == b"two"
+    # what was sent is remembered across a runner restart on the same server
+    assert sync_of(store, job).run_pass(final=True) == 0
+    assert (job / "log").read_bytes() == b""
+
+
+def test_restore_fetches_every_file_and_the_sync_does_not_send_them_again(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    bodies = {"checkpoint": b"ckpt-7", "w/ckpt-7.data": os.urandom(70_000)}
+    for rel, body in bodies.items():
+        store.put(PREFIX + rel, body)
+    read = store.grant(PREFIX, Access.READ, 600)
+    items = [
+        {
+            "name": o.key[len(PREFIX) :],
+            "url": sign(read.url_prefix, read.query, o.key[len(PREFIX) :]),
+            "size": o.size,
+            "md5": o.etag,
+        }
+        for o in store.list(PREFIX)
+    ]
+    job = job_dir(tmp_path / "next-server")
+    assert runner._restore_checkpoints(str(job), items) == 2
+    got = {
+        str(p.relative_to(job / "checkpoints")): p.read_bytes()
+        for p in (job / "checkpoints").rglob("*")
+        if p.is_file()
+    }
+    assert got == bodies
+    assert sync_of(store, job).run_pass(final=True) == 0
+
+    bad = [{**items[0], "name": "../../escape"}]
+    with pytest.raises(runner.RunnerError, match="must be relative"):
+        runner._restore_checkpoints(str(job_dir(tmp_path / "evil")), bad)
+    wrong = [{**items[0], "md5": "0" * 32}]
+    with pytest.raises(runner.RunnerError, match="md5"):
+        runner._restore_checkpoints(str(job_dir(tmp_path / "torn")), wrong)
+
+
+def test_a_refused_upload_is_one_log_line_and_the_next_pass_retries(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    job = job_dir(tmp_path / "job")
+    (job / "checkpoints" / "ckpt").write_bytes(b"x")
+    sync = sync_of(store, job, prefix="projects/other/checkpoints/job-1/")
+    g = store.grant(PREFIX, Access.WRITE, 600)
+    # a grant on another prefix, used for this one: the gateway refuses the signature
+    sync.uploader = runner._Uploader(g.url_prefix.replace("/p/", "/q/"), g.query)
+    assert sync.run_pass(final=True) == 0
+    assert sync.run_pass(final=True) == 0
+    lines = (job / "log").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stackml-runner: checkpoint sync failed:")
+    assert "403" in lines[0] or "401" in lines[0], lines
+    sync.uploader = runner._Uploader(g.url_prefix, g.query)
+    assert sync.run_pass(final=True) == 1
+    assert stored(store) == {"ckpt": b"x"}
+    assert json.loads((job / runner.SYNCED).read_text())["ckpt"][0] == 1
