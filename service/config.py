@@ -158,6 +158,8 @@ class Settings(BaseSettings):
     # included); "auto" = isolated with root isolation. See sandbox_net.py.
     sandbox_network: Literal["auto", "isolated", "host"] = "auto"
     sandbox_network_cidr: str = "10.253.0.0/16"  # sandbox addresses; <cidr>+1 is the gateway
+    # a distributed job's sandboxes reach each other on these addresses, on the job's own bridge
+    sandbox_peer_cidr: str = "10.252.0.0/16"
     sandbox_gateway_port: int = Field(default=0, ge=0, le=65535)  # store gateway; 0 = port
     sandbox_allow: list[str] = Field(default_factory=list)  # "host:port" sandboxes may reach
     secret_key: str = ""

@@ -26,6 +26,10 @@ class ServerSpec:
     # TCP ports the server must accept connections on from the platform (a serving replica's
     # REST port), besides SSH: the sandbox's network namespace admits them, Nova a rule
     ingress_ports: tuple[int, ...] = ()
+    # servers booted with the same peer_group (a distributed job's replicas) reach each other on
+    # `peer_ports`, and nothing else does (ComputeBackend.peer_network says whether it can)
+    peer_group: str | None = None
+    peer_ports: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class ServerStatus:
     fault: str | None = None
     fault_reason: str | None = None  # a failure slug when classifiable, e.g. "no_valid_host"
     created_at: float | None = None  # unix seconds; the reaper's grace period needs an age
+    peer_host: str | None = None  # the address its peer group reaches it on (None: `host`)
 
 
 IMAGE_RUNTIMES_DIR = "/opt/stackml/runtimes"  # where stackml's images carry the runtimes
@@ -109,6 +114,12 @@ class ComputeBackend(abc.ABC):
         """The project's limits in the cloud (Nova's absolute limits), or None for a backend
         that has none (the sandbox); BackendError when the cloud cannot say."""
         return None
+
+    @property
+    def peer_network(self) -> str | None:
+        """Why this backend cannot connect a peer group's servers (ServerSpec.peer_group) to
+        each other alone; None when it can."""
+        return f"the {self.name} backend cannot connect a distributed job's servers yet"
 
     @abc.abstractmethod
     def flavors(self) -> list[Flavor]: ...

@@ -353,3 +353,87 @@ def test_the_allow_list_opens_exactly_its_entries(base: Path, keypair: tuple[str
         sandbox_net.parse_allow(["127.0.0.1:3141"])
     with pytest.raises(ValueError, match="host:port"):
         sandbox_net.parse_allow(["mirror.example"])
+
+
+# run inside a sandbox: listen on argv[1] for one connection, print who came, or "timeout"
+LISTEN = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(4)
+s.settimeout(float(sys.argv[2]))
+try:
+    c, who = s.accept()
+    print(who[0], c.recv(16).decode())
+except socket.timeout:
+    print("timeout")
+"""
+
+
+def test_a_peer_group_reaches_its_own_members_on_its_ports_only(
+    base: Path, net: SandboxNetwork, keypair: tuple[str, str]
+) -> None:
+    """Two sandboxes of one peer group connect on the peer port, over their own bridge; a
+    sandbox of another group, one of no group and the host do not reach them there; another
+    port between peers is refused. Deleting the members deletes the bridge."""
+    pem, pub = keypair
+    backend = SandboxBackend(base / "sandboxes", [SMALL], network=net)
+    assert backend.peer_network is None
+    assert SandboxBackend(base / "sandboxes-hostnet", [SMALL]).peer_network is not None
+
+    def boot(name: str, group: str | None) -> str:
+        spec = ServerSpec(
+            name=name, flavor=SMALL, image="tensorflow-2.21", public_key=pub,
+            peer_group=group, peer_ports=(2222,) if group else (),
+        )  # fmt: skip
+        return backend.create_server(spec).id
+
+    ids = {n: boot(n, g) for n, g in (("a", "job-1"), ("b", "job-1"), ("x", "job-2"), ("z", None))}
+    try:
+        st = {n: backend.get_server(i) for n, i in ids.items()}
+        assert st["z"].peer_host is None
+        peers = {n: st[n].peer_host for n in ("a", "b", "x")}
+        assert len(set(peers.values())) == 3 and all(
+            p and p.startswith("10.252.") for p in peers.values()
+        ), peers
+        bridges = {
+            json.loads((base / "sandboxes" / ids[n] / "server.json").read_text())["network"][
+                "bridge"
+            ]
+            for n in ("a", "b", "x")
+        }
+        assert len(bridges) == 2  # one per group
+        conns = {n: ssh.wait_for_ssh(_target(st[n], pem), 10) for n in ids}
+
+        # a (same group) reaches b on the peer port; b sees a's peer address
+        got: list[str] = []
+        t = threading.Thread(
+            target=lambda: got.append(
+                conns["b"].run(["python3", "-c", LISTEN, "2222", "10"], timeout=60).text.strip()
+            )
+        )
+        t.start()
+        time.sleep(1.0)
+        conns["a"].run(
+            ["python3", "-c", f"import socket; socket.create_connection(('{peers['b']}', 2222), "
+             "timeout=5).send(b'hello')"],
+            timeout=30,
+        )  # fmt: skip
+        t.join(timeout=30)
+        assert got == [f"{peers['a']} hello"]
+        # nobody else gets there: another group, no group, the host; nor a's other ports
+        for n in ("x", "z"):
+            probe = _probe(conns[n], [f"{peers['b']}:2222"])
+            assert probe[f"{peers['b']}:2222"] != "connected", (n, probe)
+        _assert_unreachable(str(peers["b"]))  # the host does not route peer addresses
+        probe = _probe(conns["a"], [f"{peers['b']}:22", f"{peers['b']}:2223"])
+        assert all(v != "connected" for v in probe.values()), probe
+        for c in conns.values():
+            c.close()
+    finally:
+        for i in ids.values():
+            backend.delete_server(i)
+    for bridge in bridges:
+        assert not Path(f"/sys/class/net/{bridge}").exists(), f"bridge {bridge} remains"
+    assert leak_report(base / "sandboxes") == []

@@ -721,9 +721,20 @@ class SandboxBackend(ComputeBackend):
     def flavors(self) -> list[Flavor]:
         return list(self._flavors)
 
+    @property
+    def peer_network(self) -> str | None:
+        if self.network is None:
+            return (
+                "distributed jobs need isolated sandboxes (sandbox_network isolated or auto, "
+                "running as root): on the host's network their replicas' ports would collide"
+            )
+        return None
+
     def create_server(self, spec: ServerSpec) -> ServerRef:
         """Boots synchronously: returns once sshd listens (state ACTIVE)."""
         key = spec.public_key.strip()
+        if spec.peer_group is not None and self.peer_network is not None:
+            raise AllocationFailed(self.peer_network)
         if not PUBKEY_RE.fullmatch(key):
             raise AllocationFailed("the server's public key must be one OpenSSH public key line")
         if spec.flavor.vcpus < 1 or spec.flavor.ram_mb < 1 or spec.flavor.pids < 1:
@@ -749,6 +760,7 @@ class SandboxBackend(ComputeBackend):
             "username": rec["user"],
             "host_key": rec["host_key"],
             "created_at": rec.get("created_at"),
+            "peer_host": (rec.get("network") or {}).get("peer_address"),
         }
         if rec.get("sshd_pid") is None:
             age = time.time() - rec["created_at"]
@@ -925,7 +937,14 @@ class SandboxBackend(ComputeBackend):
                 rec["network"] = self._net_info(sid, slot)  # first: a crash mid-setup is traceable
                 _write(d / "server.json", json.dumps(rec, indent=1))
                 rec["network"] = sandbox_net.setup(
-                    self.network, self._tag, sid, slot, d, ingress_ports=spec.ingress_ports
+                    self.network,
+                    self._tag,
+                    sid,
+                    slot,
+                    d,
+                    ingress_ports=spec.ingress_ports,
+                    peer_group=spec.peer_group,
+                    peer_ports=spec.peer_ports,
                 )
                 _write(d / "server.json", json.dumps(rec, indent=1))
 

@@ -12,8 +12,8 @@ settings) gets, before its sshd starts:
   "Network is unreachable"; the host's `ip_forward` is left as it is (off here), so a sandbox
   cannot route to another;
 - the gateway address (`<cidr> + 1`), a /32 on the host's `lo` (added once, kept), and the
-  whole CIDR `unreachable` on the host (kept): a gone sandbox's address fails at once instead
-  of leaving by the default route;
+  whole CIDR `unreachable` on the host (kept), the peer CIDR too: a gone sandbox's address (and
+  any peer address) fails at once instead of leaving by the default route;
 - an nft table `inet stackml` inside the namespace (the job is unprivileged there and cannot
   change it): output policy drop except loopback, established/related, TCP to the store gateway
   (gateway:store_port) and the allow list, rejected at once (TCP reset / admin-prohibited) so
@@ -23,8 +23,16 @@ The host's loopback (Redis, PostgreSQL, the API, other sandboxes' 127.77.x.y ssh
 namespace at all: 127.0.0.1 there is the sandbox's own `lo`. Services bound to 0.0.0.0 on the
 host answer on the gateway address too, which is why the nft table admits only the store port.
 
-Teardown deletes the host veth (its peer goes with it) and the namespace, whose nft state dies
-with it. `leaks(root)` reports namespaces and veths a sandbox dir left behind.
+A sandbox of a peer group (ServerSpec.peer_group: a distributed job's replicas) also gets a
+second veth: `smp<slot>` on the host, enslaved to the group's own bridge `smb<hash of root tag
+and group>` (no address on the host, the bridge's netfilter calls off), and `eth1` inside with
+the peer address `<peer_cidr> + 1 + slot` on the peer CIDR's prefix. Only the group's sandboxes
+are on that bridge, so only they reach each other there; the nft table admits TCP on
+`peer_ports` in and out of `eth1` and nothing else on it. The last member's teardown deletes
+the bridge.
+
+Teardown deletes the host veths (their peers go with them) and the namespace, whose nft state
+dies with it. `leaks(root)` reports namespaces, veths and bridges a sandbox dir left behind.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ if TYPE_CHECKING:
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "stackml-"
 VETH_PREFIX = "smv"
+PEER_VETH_PREFIX = "smp"
+BRIDGE_PREFIX = "smb"
+PEER_LINK = "eth1"
 GATEWAY_LINK = "lo"
 LOCK = Path("/run/stackml/net.lock")
 SSH_PORT = 22
@@ -71,11 +82,22 @@ class SandboxNetwork:
     cidr: str = "10.253.0.0/16"
     store_port: int = 8080  # the store gateway's TCP port on the gateway address
     allow: tuple[tuple[str, int], ...] = ()  # (IPv4 address, TCP port) package mirrors etc.
+    peer_cidr: str = "10.252.0.0/16"  # peer group addresses, on each group's own bridge
 
     def __post_init__(self) -> None:
         net = self._net()
         if net.num_addresses < 4:
             raise ValueError(f"sandbox_network_cidr {self.cidr} is too small")
+        try:
+            peers = ipaddress.IPv4Network(self.peer_cidr, strict=True)
+        except ValueError as e:
+            raise ValueError(
+                f"sandbox_peer_cidr {self.peer_cidr!r} is not an IPv4 network: {e}"
+            ) from e
+        if peers.overlaps(net):
+            raise ValueError(
+                f"sandbox_peer_cidr {self.peer_cidr} overlaps sandbox_network_cidr {self.cidr}"
+            )
         if not 0 < self.store_port < 65536:
             raise ValueError(f"store gateway port {self.store_port} is out of range")
 
@@ -97,6 +119,17 @@ class SandboxNetwork:
         if addr >= net.broadcast_address:
             raise SandboxNetError(f"slot {slot} has no address in {self.cidr}: use a larger cidr")
         return str(addr)
+
+    def peer_address(self, slot: int) -> str:
+        net = ipaddress.IPv4Network(self.peer_cidr)
+        addr = net.network_address + 1 + slot
+        if addr >= net.broadcast_address:
+            raise SandboxNetError(f"slot {slot} has no peer address in {self.peer_cidr}")
+        return str(addr)
+
+    @property
+    def peer_prefix(self) -> int:
+        return ipaddress.IPv4Network(self.peer_cidr).prefixlen
 
     @property
     def store_url(self) -> str:
@@ -177,6 +210,7 @@ def from_settings(settings: Settings) -> SandboxNetwork | None:
         cidr=settings.sandbox_network_cidr,
         store_port=settings.sandbox_gateway_port or settings.port,
         allow=parse_allow(settings.sandbox_allow),
+        peer_cidr=settings.sandbox_peer_cidr,
     )
 
 
@@ -234,6 +268,8 @@ def ensure_gateway(net: SandboxNetwork) -> None:
         if f"inet {net.gateway}/" not in addrs:
             _run(["ip", "addr", "add", f"{net.gateway}/32", "dev", GATEWAY_LINK])
         _run(["ip", "-4", "route", "replace", "unreachable", str(net._net())])  # idempotent
+        # peer addresses live only on the groups' bridges: the host never routes them out
+        _run(["ip", "-4", "route", "replace", "unreachable", net.peer_cidr])
 
 
 def netns_name(tag: str, sid: str) -> str:
@@ -244,17 +280,40 @@ def veth_name(slot: int) -> str:
     return f"{VETH_PREFIX}{slot}"
 
 
+def peer_veth_name(slot: int) -> str:
+    return f"{PEER_VETH_PREFIX}{slot}"
+
+
+def bridge_name(tag: str, group: str) -> str:
+    """A peer group's bridge (15 characters at most, as Linux wants)."""
+    import hashlib
+
+    return BRIDGE_PREFIX + hashlib.sha256(f"{tag}/{group}".encode()).hexdigest()[:10]
+
+
 def launcher(netns: str) -> list[str]:
     """The argv prefix that starts the sandbox's launcher inside its namespace (nsenter execs)."""
     return ["nsenter", f"--net={NETNS_DIR / netns}", "--"]
 
 
-def ruleset(net: SandboxNetwork, ingress_ports: tuple[int, ...] = ()) -> str:
+def _ports(ports: tuple[int, ...]) -> list[int]:
+    return sorted({int(p) for p in ports if 0 < int(p) < 65536 and int(p) != SSH_PORT})
+
+
+def ruleset(
+    net: SandboxNetwork, ingress_ports: tuple[int, ...] = (), peer_ports: tuple[int, ...] = ()
+) -> str:
     """The namespace's nft table: out only to the store gateway and the allow list; in only
-    SSH and `ingress_ports` (a serving replica's REST port, ServerSpec.ingress_ports)."""
+    SSH and `ingress_ports` (a serving replica's REST port, ServerSpec.ingress_ports); on the
+    peer link, TCP on `peer_ports` both ways (a peer group's sandboxes only)."""
     allow = "".join(f"    ip daddr {ip} tcp dport {port} accept\n" for ip, port in net.allow)
-    ports = sorted({int(p) for p in ingress_ports if 0 < int(p) < 65536 and int(p) != SSH_PORT})
-    ingress = "".join(f"    tcp dport {p} accept\n" for p in ports)
+    allow += "".join(
+        f'    oifname "{PEER_LINK}" tcp dport {p} accept\n' for p in _ports(peer_ports)
+    )
+    ingress = "".join(f"    tcp dport {p} accept\n" for p in _ports(ingress_ports))
+    ingress += "".join(
+        f'    iifname "{PEER_LINK}" tcp dport {p} accept\n' for p in _ports(peer_ports)
+    )
     return (
         "table inet stackml {\n"
         "  chain output {\n"
@@ -284,12 +343,20 @@ def setup(
     slot: int,
     owner: Path,
     ingress_ports: tuple[int, ...] = (),
+    peer_group: str | None = None,
+    peer_ports: tuple[int, ...] = (),
 ) -> dict[str, str]:
-    """Make the sandbox's namespace, veth, routes and nft table; returns what server.json
-    records. On failure nothing is left."""
+    """Make the sandbox's namespace, veth, routes and nft table (and its peer group's link);
+    returns what server.json records. On failure nothing is left."""
     ensure_gateway(net)
     ns, veth, addr = netns_name(tag, sid), veth_name(slot), net.address(slot)
     info = {"netns": ns, "veth": veth, "address": addr, "gateway": net.gateway}
+    if peer_group is not None:
+        info.update(
+            bridge=bridge_name(tag, peer_group),
+            peer_veth=peer_veth_name(slot),
+            peer_address=net.peer_address(slot),
+        )
     try:
         # the slot is ours now: a veth of that name is a leftover of a sandbox that is gone
         if Path(f"/sys/class/net/{veth}").exists():
@@ -308,11 +375,42 @@ def setup(
             *(f"route replace {ip}/32 via {net.gateway} dev eth0" for ip, _ in net.allow),
         ]
         _run(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(inside) + "\n")
-        _run([*launcher(ns), "nft", "-f", "-"], stdin=ruleset(net, ingress_ports))
+        if peer_group is not None:
+            _join_bridge(net, info, ns, owner)
+        _run([*launcher(ns), "nft", "-f", "-"], stdin=ruleset(net, ingress_ports, peer_ports))
     except BaseException:
         teardown(info, owner)
         raise
     return info
+
+
+def _join_bridge(net: SandboxNetwork, info: dict[str, str], ns: str, owner: Path) -> None:
+    """The peer link: the group's bridge (made by its first member), a veth on it, eth1 inside.
+    Under the machine-wide lock: the last member's teardown deletes the bridge under it too."""
+    bridge, pveth = info["bridge"], info["peer_veth"]
+    with _locked():
+        if not Path(f"/sys/class/net/{bridge}").exists():
+            _run(["ip", "link", "add", bridge, "type", "bridge"])
+            # bridged frames skip the host's iptables (br_netfilter, a Docker FORWARD drop)
+            _run(
+                [
+                    "ip", "link", "set", bridge, "type", "bridge",
+                    "nf_call_iptables", "0", "nf_call_ip6tables", "0", "nf_call_arptables", "0",
+                ]
+            )  # fmt: skip
+            _run(["ip", "link", "set", bridge, "alias", f"{owner.parent}"])
+            _run(["ip", "link", "set", bridge, "up"])
+        if Path(f"/sys/class/net/{pveth}").exists():
+            _run(["ip", "link", "del", pveth], check=False)  # a gone sandbox's leftover
+        _run(["ip", "link", "add", pveth, "type", "veth", "peer", "name", PEER_LINK, "netns", ns])
+        _run(["ip", "link", "set", pveth, "alias", f"{owner}"])
+        _run(["ip", "link", "set", pveth, "master", bridge, "up"])
+    inside = [
+        f"link set {PEER_LINK} addrgenmode none",
+        f"addr add {info['peer_address']}/{net.peer_prefix} dev {PEER_LINK}",
+        f"link set {PEER_LINK} up",
+    ]
+    _run(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(inside) + "\n")
 
 
 def teardown(info: dict[str, str] | None, owner: Path) -> None:
@@ -320,12 +418,19 @@ def teardown(info: dict[str, str] | None, owner: Path) -> None:
     if not info:
         return
     veth, ns = info.get("veth", ""), info.get("netns", "")
-    if veth and _alias(veth) == str(owner):
-        _run(["ip", "link", "del", veth], check=False)
-        if Path(f"/sys/class/net/{veth}").exists():
-            raise SandboxNetError(f"cannot delete the sandbox's veth {veth}")
+    for link in (veth, info.get("peer_veth", "")):
+        if link and _alias(link) == str(owner):
+            _run(["ip", "link", "del", link], check=False)
+            if Path(f"/sys/class/net/{link}").exists():
+                raise SandboxNetError(f"cannot delete the sandbox's veth {link}")
     if ns and (NETNS_DIR / ns).exists():
         _run(["ip", "netns", "del", ns])
+    bridge = info.get("bridge", "")
+    if bridge:
+        with _locked():
+            brif = Path(f"/sys/class/net/{bridge}/brif")
+            if brif.is_dir() and not any(brif.iterdir()):  # its last member is gone
+                _run(["ip", "link", "del", bridge], check=False)
 
 
 def _alias(link: str) -> str | None:
@@ -345,6 +450,12 @@ def leaks(root: Path, tag: str) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         for link in sorted(os.listdir("/sys/class/net")):
             alias = _alias(link)
-            if link.startswith(VETH_PREFIX) and alias and alias.startswith(f"{root}/"):
+            if (
+                link.startswith((VETH_PREFIX, PEER_VETH_PREFIX))
+                and alias
+                and alias.startswith(f"{root}/")
+            ):
                 found.append(f"veth {link} of {alias} remains")
+            elif link.startswith(BRIDGE_PREFIX) and alias == str(root):
+                found.append(f"bridge {link} of {alias} remains")
     return found
