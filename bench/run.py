@@ -18,6 +18,7 @@ BENCHES = [
     "bench_jobs_list.py",
     "bench_batch.py",
     "bench_burst.py",
+    "bench_restart.py",
 ]
 
 

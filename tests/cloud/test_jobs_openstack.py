@@ -49,6 +49,24 @@ TRAINERS = {
             print("tick", i, flush=True)
             time.sleep(0.1)
     """,
+    # first run: marks its checkpoint directory, says "synced" once the runner has put the
+    # mark in Swift (the runner's own record, checkpoints.synced), and trains "forever"; a run
+    # that finds the mark (restored on a new server) finishes
+    "resumable": """
+        import os, time
+        ckpt = os.environ["STACKML_CHECKPOINT_DIR"]
+        mark = os.path.join(ckpt, "first-run")
+        if os.path.exists(mark):
+            print("resumed", open(mark).read(), flush=True)
+            open(os.path.join(os.environ["STACKML_MODEL_DIR"], "m"), "w").write("1")
+        else:
+            open(mark, "w").write(os.environ["STACKML_JOB_ID"])
+            synced = os.path.join(os.path.dirname(ckpt), "checkpoints.synced")
+            while not (os.path.exists(synced) and "first-run" in open(synced).read()):
+                time.sleep(0.1)
+            print("synced", flush=True)
+            time.sleep(600)
+    """,
 }
 
 
@@ -75,6 +93,7 @@ def cloud_platform(devcloud_emulator: DevCloud) -> Iterator[tuple[LocalPlatform,
             "STACKML_STUCK_AFTER": "10",
             "STACKML_RECONCILE_INTERVAL": "2",
             "STACKML_SWIFT_SEGMENT_BYTES": str(1024 * 1024),
+            "STACKML_CHECKPOINT_SYNC_SECONDS": "1",
         }
         try:
             with environ(env), LocalPlatform(Settings(), concurrency=4, quiet=True) as p:
@@ -289,6 +308,34 @@ def test_server_that_vanishes_fails_the_job_with_server_lost(
     faults.inject("vanish", match={"name_regex": running["resources"][-1]["name"]}, count=1)
     done = _done(client, job["id"], timeout=90)
     assert (done["state"], done["failure"]["reason"]) == ("FAILED", "server_lost")
+
+
+def test_a_restartable_job_whose_server_vanishes_resumes_on_a_new_one_from_swift(
+    client: StackMLClient, package: str, faults: Faults
+) -> None:
+    job = client.create_job(
+        {
+            "name": "cloud-restart",
+            "trainer": {"package_uri": package, "module": "trainer.resumable"},
+            "restart_policy": "OnFailure",
+            "max_restarts": 1,
+        }
+    )
+    deadline = time.monotonic() + 90
+    while b"synced" not in client.logs(job["id"])[0]:
+        state = client.get_job(job["id"])
+        assert state["state"] not in TERMINAL, state["failure"]
+        assert time.monotonic() < deadline, f"no checkpoint synced in 90s: {state['state']}"
+        time.sleep(0.2)
+    first = client.get_job(job["id"])["resources"][-1]["name"]
+    faults.inject("vanish", match={"name_regex": first}, count=1)
+    done = _done(client, job["id"], timeout=150)
+    log = client.logs(job["id"])[0].decode()
+    assert done["state"] == "SUCCEEDED", (done["failure"], log)
+    assert done["restarts"] == 1 and f"resumed {job['id']}" in log, log
+    assert [r["name"] for r in done["resources"]] == [first, f"{first}-r1"]
+    (why,) = [e["message"] for e in client.events(job["id"])["events"] if e["kind"] == "restart"]
+    assert why.startswith("restart 1 of 1 (OnFailure): "), why
 
 
 def test_delete_that_fails_twice_is_retried_until_it_succeeds(
