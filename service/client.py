@@ -395,12 +395,16 @@ class StackMLClient:
         result: Json = self._json("GET", f"/v1/jobs/{_seg(job_id)}/metrics")
         return result
 
-    def logs(self, job_id: str, offset: int = 0) -> tuple[bytes, int]:
-        """Stored log bytes from `offset`, and the offset to ask for next."""
+    def logs(self, job_id: str, offset: int = 0, replica: str | None = None) -> tuple[bytes, int]:
+        """Stored log bytes from `offset`, and the offset to ask for next: the chief's log, or
+        `replica`'s (`worker-<k>`: a distributed job's replica, a batch job's worker)."""
+        params: dict[str, str | int] = {"offset": offset}
+        if replica:
+            params["replica"] = replica
         resp = self._request(
             "GET",
             f"/v1/jobs/{_seg(job_id)}/logs",
-            params={"offset": offset},
+            params=params,
             headers={"Accept": "text/plain"},
         )
         data = resp.content
@@ -415,8 +419,10 @@ class StackMLClient:
         stream_seconds: float = 25.0,
         reconnect_delay: float = 0.5,
         max_failures: int = 5,
+        replica: str | None = None,
     ) -> Iterator[bytes]:
-        """The log as it grows, until the job is terminal and every byte was read.
+        """The log (the chief's, or `replica`'s) as it grows, until the job is terminal and
+        every byte was read.
 
         Streams `?follow=true`; when the stream ends or drops (read timeout, reset), asks
         whether the job is terminal and reconnects from the last offset if it is not. Each
@@ -431,7 +437,12 @@ class StackMLClient:
                 resp = self._request(
                     "GET",
                     f"/v1/jobs/{_seg(job_id)}/logs",
-                    params={"offset": offset, "follow": "true", "timeout": stream_seconds},
+                    params={
+                        "offset": offset,
+                        "follow": "true",
+                        "timeout": stream_seconds,
+                        **({"replica": replica} if replica else {}),
+                    },
                     headers={"Accept": "text/plain"},
                     stream=True,
                     timeout=(min(self.timeout, 10.0), read_timeout),
@@ -453,7 +464,7 @@ class StackMLClient:
             if job is not None and job.get("state") in TERMINAL_STATES:
                 # the stream may have ended before the last bytes were stored; drain them
                 while True:
-                    data, nxt = self.logs(job_id, offset)
+                    data, nxt = self.logs(job_id, offset, replica)
                     if not data:
                         return
                     offset = max(nxt, offset + len(data))

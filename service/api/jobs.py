@@ -36,7 +36,7 @@ from service.backends.storage.local import LocalStore, check_key
 from service.db import evaluations, quotas
 from service.db import jobs as repo
 from service.db.models import Job, iso
-from service.domain import outputs
+from service.domain import cluster, outputs
 from service.domain.errors import (
     BackendError,
     Conflict,
@@ -550,17 +550,24 @@ def logs(job_id: str) -> Response:
     offset = _int_arg("offset", 0, 0, 1 << 62)
     follow = bool_arg("follow")
     limit = _int_arg("limit", LOG_CHUNK, 1, MAX_LOG_LIMIT)
+    replica_name = request.args.get("replica") or "chief"
     with c.session() as s:
         job = _job(s, job_id)
         state = job.state
+        try:
+            replica = cluster.replica_index(
+                replica_name, JobSpec.model_validate(job.spec).servers()
+            )
+        except ValueError as e:
+            raise InvalidRequest(str(e), details={"parameter": "replica"}) from e
         if not follow:
-            data, nxt = repo.read_log(s, job_id, offset, limit)
+            data, nxt = repo.read_log(s, job_id, offset, limit, replica=replica)
     headers = {"X-Job-State": state, "Cache-Control": "no-store"}
     if not follow:
         headers["X-Next-Offset"] = str(nxt)
         return Response(data, mimetype="text/plain", headers=headers)
     timeout = _float_arg("timeout", DEFAULT_FOLLOW_SECONDS, 0, MAX_FOLLOW_SECONDS)
-    gen = _follow(c, job_id, offset, timeout, _follow_interval())
+    gen = _follow(c, job_id, offset, timeout, _follow_interval(), replica)
     headers["X-Accel-Buffering"] = "no"  # proxies must not buffer a followed log
     return Response(gen, mimetype="text/plain", headers=headers)
 
@@ -570,7 +577,7 @@ def _follow_interval() -> float:
 
 
 def _follow(
-    c: Context, job_id: str, offset: int, timeout: float, interval: float
+    c: Context, job_id: str, offset: int, timeout: float, interval: float, replica: int = 0
 ) -> Iterator[bytes]:
     """New log bytes as they are stored, until the job is terminal and all is sent."""
     deadline = time.monotonic() + timeout
@@ -583,7 +590,7 @@ def _follow(
                 state = JobState(repo.get_job(s, job_id).state)
             except NotFound:
                 return  # deleted while followed
-            data, pos_after = repo.read_log(s, job_id, pos, LOG_CHUNK)
+            data, pos_after = repo.read_log(s, job_id, pos, LOG_CHUNK, replica=replica)
         if data:
             pos = pos_after
             yield data

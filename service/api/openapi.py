@@ -473,6 +473,17 @@ def _paths() -> dict[str, Any]:
                         },
                         "Longest a followed stream stays open, in seconds.",
                     ),
+                    _param(
+                        "replica",
+                        "query",
+                        {
+                            "type": "string",
+                            "default": "chief",
+                            "pattern": "^(chief|worker-[1-9][0-9]*)$",
+                        },
+                        "Whose log: `chief` (the trainer's), or `worker-<k>` (a distributed "
+                        "job's replica k, a batch job's worker k).",
+                    ),
                 ],
                 "responses": _responses(
                     {

@@ -126,6 +126,12 @@ def _default_name(package: str, module: str) -> str:
     "--max-runtime", type=click.IntRange(1), metavar="SECONDS", help="Fail the job after this."
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    metavar="N",
+    help="Replicas of the trainer, one server each (TF_CONFIG's chief and N-1 workers).",
+)
+@click.option(
     "--restart-policy",
     type=click.Choice(["Never", "OnFailure", "ExitCode"]),
     help="Restart the trainer on a new server, its checkpoints restored: OnFailure (any "
@@ -181,6 +187,7 @@ def jobs_submit(
     flavor: str | None,
     runtime_: str | None,
     max_runtime: int | None,
+    workers: int | None,
     restart_policy: str | None,
     max_restarts: int | None,
     labels: dict[str, str],
@@ -205,6 +212,7 @@ def jobs_submit(
                 ("--flavor", flavor),
                 ("--runtime", runtime_),
                 ("--max-runtime", max_runtime),
+                ("--workers", workers),
                 ("--restart-policy", restart_policy),
                 ("--max-restarts", max_restarts is not None),
                 ("--label", labels),
@@ -230,6 +238,8 @@ def jobs_submit(
         spec["runtime"] = _runtime_spec(runtime_)
     if flavor:
         spec["resources"] = {"flavor": flavor}
+    if workers:
+        spec["resources"] = {**spec.get("resources", {}), "workers": workers}
     if data_uri:
         spec["inputs"] = {"data_uri": data_uri}
     if model_uri:
@@ -554,6 +564,12 @@ def _describe(job: Json, events: list[Json]) -> Group:
             f"python -m {trainer.get('module', '')} " + " ".join(trainer.get("args") or []),
         )
         head.add_row("package", str(trainer.get("package_uri", "")))
+        policy = spec.get("restart_policy") or "Never"
+        if policy != "Never":
+            head.add_row(
+                "restarts",
+                f"{job.get('restarts', 0)} of {spec.get('max_restarts', 0)} ({policy})",
+            )
     if rt:
         head.add_row("runtime", f"{rt.get('framework', '')}-{rt.get('version', '')}")
     if res:
@@ -649,10 +665,22 @@ def _events_table(events: list[Json]) -> Table:
     help="Write the log's bytes unchanged, terminal escape sequences included (into a file or "
     "a pipe; refused on a terminal). Without it they are removed.",
 )
+@click.option(
+    "--replica",
+    metavar="NAME",
+    help="Another server's log: worker-1, worker-2, ... (a distributed job's replicas, a batch "
+    "job's workers). Default: the chief's.",
+)
 @output_option
 @click.pass_context
 def jobs_logs(
-    ctx: click.Context, job_id: str, follow: bool, offset: int, raw: bool, output: str
+    ctx: click.Context,
+    job_id: str,
+    follow: bool,
+    offset: int,
+    raw: bool,
+    replica: str | None,
+    output: str,
 ) -> None:
     """The trainer's log (stdout and stderr)."""
     client = client_of(ctx)
@@ -663,10 +691,11 @@ def jobs_logs(
     if output == "json":
         if follow:
             raise click.UsageError("--follow streams text; it does not combine with -o json")
-        data, nxt = client.logs(job_id, offset)
+        data, nxt = client.logs(job_id, offset, replica)
         print_json(
             {
                 "job_id": job_id,
+                "replica": replica or "chief",
                 "offset": offset,
                 "next_offset": nxt,
                 "log": data.decode("utf-8", "replace"),
@@ -676,9 +705,9 @@ def jobs_logs(
     out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
     chunks: Iterator[bytes]
     if follow:
-        chunks = client.follow_logs(job_id, offset)
+        chunks = client.follow_logs(job_id, offset, replica=replica)
     else:
-        data, _ = client.logs(job_id, offset)
+        data, _ = client.logs(job_id, offset, replica)
         chunks = iter([data])
     sanitizer = None if raw else ByteSanitizer()
     for chunk in chunks:

@@ -14,7 +14,17 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.backends.interfaces import Flavor
-from service.db.models import Job, JobEvent, JobLabel, LogChunk, MetricRow, Resource, iso, utcnow
+from service.db.models import (
+    Job,
+    JobEvent,
+    JobLabel,
+    LogChunk,
+    MetricRow,
+    ReplicaLogChunk,
+    Resource,
+    iso,
+    utcnow,
+)
 from service.domain.errors import InvalidRequest, NotFound
 from service.domain.metrics import MetricPoint, inspect_metric_line, points_allowed
 from service.domain.spec import JobSpec, stored
@@ -350,13 +360,27 @@ def _partial_line_before(s: Session, job_id: str, offset: int) -> bytes:
     return prev.data[nl + 1 :] if nl >= 0 else b""
 
 
-def read_log(s: Session, job_id: str, offset: int = 0, limit: int = 1 << 20) -> tuple[bytes, int]:
-    """Stored log bytes from `offset` (at most `limit`), and the offset after them."""
-    chunks = s.scalars(
-        select(LogChunk)
-        .where(LogChunk.job_id == job_id, LogChunk.offset + func.length(LogChunk.data) > offset)
-        .order_by(LogChunk.offset)
-    )
+def read_log(
+    s: Session, job_id: str, offset: int = 0, limit: int = 1 << 20, *, replica: int = 0
+) -> tuple[bytes, int]:
+    """Stored log bytes from `offset` (at most `limit`), and the offset after them: the
+    chief's log (replica 0), or replica k's (append_replica_log)."""
+    if replica:
+        chunks: Iterable[LogChunk | ReplicaLogChunk] = s.scalars(
+            select(ReplicaLogChunk)
+            .where(
+                ReplicaLogChunk.job_id == job_id,
+                ReplicaLogChunk.replica == replica,
+                ReplicaLogChunk.offset + func.length(ReplicaLogChunk.data) > offset,
+            )
+            .order_by(ReplicaLogChunk.offset)
+        )
+    else:
+        chunks = s.scalars(
+            select(LogChunk)
+            .where(LogChunk.job_id == job_id, LogChunk.offset + func.length(LogChunk.data) > offset)
+            .order_by(LogChunk.offset)
+        )
     out = bytearray()
     for c in chunks:
         skip = max(0, offset - c.offset)
@@ -365,6 +389,31 @@ def read_log(s: Session, job_id: str, offset: int = 0, limit: int = 1 << 20) -> 
             break
     data = bytes(out[:limit])
     return data, offset + len(data)
+
+
+def append_replica_log(
+    s: Session, job_id: str, replica: int, resource_id: int, file_offset: int, data: bytes
+) -> bool:
+    """Store bytes pulled from `file_offset` of the log file on replica `replica`'s server
+    (resource `resource_id`) at the end of that replica's log; idempotent under redelivery
+    (CAS on the resource's log_offset). False when another poll stored them first."""
+    if not data:
+        return False
+    res = s.execute(
+        update(Resource)
+        .where(Resource.id == resource_id, Resource.log_offset == file_offset)
+        .values(log_offset=file_offset + len(data))
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    end = s.scalar(
+        select(func.max(ReplicaLogChunk.offset + func.length(ReplicaLogChunk.data))).where(
+            ReplicaLogChunk.job_id == job_id, ReplicaLogChunk.replica == replica
+        )
+    )
+    s.add(ReplicaLogChunk(job_id=job_id, replica=replica, offset=int(end or 0), data=data))
+    s.flush()
+    return True
 
 
 def log_tail(s: Session, job_id: str, lines: int = 20) -> str:
@@ -513,7 +562,7 @@ def stalled_jobs(s: Session, before: datetime, limit: int = 100) -> list[Job]:
 
 
 def delete_job(s: Session, job_id: str) -> None:
-    for model in (LogChunk, MetricRow, JobEvent, JobLabel, Resource):
+    for model in (LogChunk, ReplicaLogChunk, MetricRow, JobEvent, JobLabel, Resource):
         s.execute(delete(model).where(model.job_id == job_id))
     s.execute(delete(Job).where(Job.id == job_id))
 

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -160,6 +161,9 @@ class Resource(Base):
     ready_at: Mapped[datetime | None]
     last_health_at: Mapped[datetime | None]
     health_failures: Mapped[int] = mapped_column(default=0, server_default="0")
+    # a job's other server (replica k >= 1): the bytes of its log file stored so far, in
+    # ReplicaLogChunk (the chief's log goes to LogChunk, counted by jobs.log_offset)
+    log_offset: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (Index("ix_resources_owner", "owner_kind", "owner_id"),)
 
@@ -174,6 +178,19 @@ class LogChunk(Base):
     __tablename__ = "log_chunks"
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ReplicaLogChunk(Base):
+    """The log of a job's server other than the chief: replica k >= 1 of a distributed job
+    (`worker-<k>`), worker k of a batch prediction job. One stream per replica, across
+    restarts (each new server's log follows the last one's)."""
+
+    __tablename__ = "replica_log_chunks"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    replica: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
 

@@ -89,7 +89,10 @@ class Resources(_Strict):
         default=1,
         ge=1,
         le=64,
-        description="Not available yet: any value but 1 is refused (422 not_implemented).",
+        description="training only: the trainer's replicas, one server each, booted together "
+        "(gang admission). With more than one, replica 0 is TF_CONFIG's chief and the others "
+        "its workers, so that MultiWorkerMirroredStrategy works unchanged; the chief's model is "
+        "exported.",
     )
     parameter_servers: int = Field(
         default=0,
@@ -426,6 +429,11 @@ class JobSpec(_Strict):
             raise ValueError(f"a {self.type} job has no prediction section")
         return self.prediction
 
+    def servers(self) -> int:
+        """The servers the job runs on, the chief included: a batch job's
+        `prediction.max_workers`, a training job's `resources.workers` (its replicas)."""
+        return self.predicting().max_workers if self.batch else self.resources.workers
+
     def trainer_argv(self) -> list[str]:
         """`args` then hyperparameters as `--name=value` (the trainer contract)."""
         hp = [f"--{k}={_hp_str(v)}" for k, v in sorted(self.hyperparameters.items())]
@@ -443,6 +451,14 @@ def type_problems(spec: JobSpec) -> list[tuple[str, str]]:
         for f in TRAINING_ONLY:
             if f in given and _non_default(spec, f):
                 out.append((f, f"{f} is a training field; a batch_prediction job does not take it"))
+        if spec.resources.workers != 1:
+            out.append(
+                (
+                    "resources.workers",
+                    "a batch_prediction job spreads over prediction.max_workers, "
+                    "not resources.workers",
+                )
+            )
     else:
         if spec.trainer is None:
             out.append(("trainer", "a training job needs a trainer"))
@@ -481,10 +497,6 @@ def unbuilt_fields(spec: JobSpec) -> list[tuple[str, str]]:
     yet; such a spec is refused (422 not_implemented) before anything is stored or charged.
     The values the schema defaults to (and a stored spec repeats) are accepted."""
     out = []
-    if spec.resources.workers != 1:
-        out.append(
-            ("resources.workers", "distributed training is not available yet: one worker only")
-        )
     if spec.resources.parameter_servers != 0:
         out.append(("resources.parameter_servers", "parameter servers are not available yet"))
     return out

@@ -279,6 +279,11 @@ class LogsJob(MLCommand):
         parser.add_argument(
             "--offset", metavar="<bytes>", type=int, default=0, help="Start at this byte"
         )
+        parser.add_argument(
+            "--replica",
+            metavar="<name>",
+            help="Another server's log: worker-1, worker-2, ... (default: the chief's)",
+        )
         return parser
 
     def take_action(self, parsed_args: argparse.Namespace) -> None:
@@ -287,9 +292,11 @@ class LogsJob(MLCommand):
         out = getattr(self.app, "stdout", None) or sys.stdout
         sanitizer = ByteSanitizer()
         if parsed_args.follow:
-            chunks = self.client.follow_logs(parsed_args.job, parsed_args.offset)
+            chunks = self.client.follow_logs(
+                parsed_args.job, parsed_args.offset, replica=parsed_args.replica
+            )
         else:
-            data, _ = self.client.logs(parsed_args.job, parsed_args.offset)
+            data, _ = self.client.logs(parsed_args.job, parsed_args.offset, parsed_args.replica)
             chunks = iter([data])
         for chunk in chunks:
             out.write(sanitizer.feed(chunk))

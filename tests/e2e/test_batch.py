@@ -128,4 +128,9 @@ def test_batch_prediction_through_the_api_equals_the_savedmodel(
     said = [e["message"] for e in client.events(spread["id"])["events"]]
     assert any("batch worker 1 exited 0" in m for m in said), said
     assert any("started on 2 servers" in m for m in said), said
+    # each server's log is its own: shard 2 of 3 (shards 0 and 2 are the chief's) is worker 1's
+    chief_log = client.logs(spread["id"])[0].decode()
+    worker_log = client.logs(spread["id"], replica="worker-1")[0].decode()
+    assert "batch worker 1/2: shard 2/3: 3 rows" in worker_log, worker_log
+    assert "batch worker 0/2: shard 1/3" in chief_log and "shard 2/3" not in chief_log, chief_log
     wait_resources_deleted(client, spread["id"])

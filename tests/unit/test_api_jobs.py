@@ -163,7 +163,6 @@ def test_two_submissions_racing_for_one_prefix_one_wins(
 
 
 UNBUILT = [
-    ({"resources": {"workers": 2}}, "resources.workers"),
     ({"resources": {"parameter_servers": 1}}, "resources.parameter_servers"),
     ({"resources": {"workers": 3, "parameter_servers": 2}}, "resources.parameter_servers"),
 ]
@@ -563,6 +562,59 @@ def test_logs_by_offset(client, package_uri, spec, db_url, error_of):
     assert end.data == b"" and end.headers["X-Next-Offset"] == "12"
     for q in ("offset=-1", "offset=x", "follow=maybe", "follow=true&timeout=0"):
         error_of(client.get(f"/v1/jobs/{job_id}/logs?{q}"), 400, "invalid_request")
+
+
+def test_a_replicas_log_is_its_own_and_a_replica_the_job_lacks_is_400(
+    client, package_uri, spec, db_url, error_of
+):
+    body = spec(package_uri)
+    body["resources"] = {"workers": 3}
+    job_id = submit(client, body).get_json()["id"]
+    with session_scope(db_url) as s:
+        repo.append_log(s, job_id, 0, b"chief says\n")
+        rid = {}
+        for k in (1, 2):
+            r = Resource(
+                job_id=job_id,
+                project_id="p",
+                backend="sandbox",
+                role="worker",
+                name=f"stackml-{job_id}-worker-{k}",
+                flavor="cpu.small",
+                state=ResourceState.ACTIVE.value,
+            )
+            s.add(r)
+            s.flush()
+            rid[k] = r.id
+        assert repo.append_replica_log(s, job_id, 1, rid[1], 0, b"worker one, ")
+        assert not repo.append_replica_log(s, job_id, 1, rid[1], 0, b"worker one, ")  # again
+        assert repo.append_replica_log(s, job_id, 1, rid[1], 12, b"goes on\n")
+        # a new server for replica 2 after a restart: its file starts at 0, its log follows
+        assert repo.append_replica_log(s, job_id, 2, rid[2], 0, b"first run\n")
+        r2 = Resource(
+            job_id=job_id,
+            project_id="p",
+            backend="sandbox",
+            role="worker",
+            name=f"stackml-{job_id}-r1-worker-2",
+            flavor="cpu.small",
+            state=ResourceState.ACTIVE.value,
+        )
+        s.add(r2)
+        s.flush()
+        assert repo.append_replica_log(s, job_id, 2, r2.id, 0, b"second run\n")
+    assert client.get(f"/v1/jobs/{job_id}/logs").data == b"chief says\n"
+    assert client.get(f"/v1/jobs/{job_id}/logs?replica=chief").data == b"chief says\n"
+    one = client.get(f"/v1/jobs/{job_id}/logs?replica=worker-1")
+    assert one.data == b"worker one, goes on\n" and one.headers["X-Next-Offset"] == "20"
+    two = client.get(f"/v1/jobs/{job_id}/logs?replica=worker-2&offset=10")
+    assert two.data == b"second run\n"
+    for bad in ("worker-3", "worker-0", "worker-01", "ps-0", "Chief", "worker-"):
+        err = error_of(client.get(f"/v1/jobs/{job_id}/logs?replica={bad}"), 400, "invalid_request")
+        assert "chief, worker-1 .. worker-2" in err["message"], err
+    alone = submit(client, spec(package_uri)).get_json()["id"]
+    err = error_of(client.get(f"/v1/jobs/{alone}/logs?replica=worker-1"), 400, "invalid_request")
+    assert "one server (chief)" in err["message"], err
 
 
 def test_follow_streams_until_terminal(client, package_uri, spec, db_url):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import threading
@@ -163,6 +164,8 @@ def test_submit_stages_the_package_and_creates_the_job(
         "tensorflow-2.21",
         "--max-runtime",
         "600",
+        "--workers",
+        "3",
         "--restart-policy",
         "ExitCode",
         "--max-restarts",
@@ -204,7 +207,7 @@ def test_submit_stages_the_package_and_creates_the_job(
     assert spec["env"] == {"FOO": "***"}  # the API never shows env values again
     with session_scope(db_url) as s:  # the workers read them from the job's row
         assert repo.get_job(s, job["id"]).spec["env"] == {"FOO": "bar=baz"}
-    assert spec["resources"]["flavor"] == "local.medium"
+    assert (spec["resources"]["flavor"], spec["resources"]["workers"]) == ("local.medium", 3)
     assert spec["runtime"] == {"framework": "tensorflow", "version": "2.21"}
     assert spec["max_runtime_seconds"] == 600
     assert (spec["restart_policy"], spec["max_restarts"], job["restarts"]) == ("ExitCode", 0, 0)
@@ -326,6 +329,7 @@ def test_read_commands_print_the_api_json(
     res = run("jobs", "logs", job_id, "--output", "json")
     assert json.loads(res.stdout) == {
         "job_id": job_id,
+        "replica": "chief",
         "offset": 0,
         "next_offset": len(TRAINER_LOG),
         "log": TRAINER_LOG.decode(),
@@ -778,3 +782,16 @@ def test_python_m_service_cli_is_the_stackml_command() -> None:
     assert res.returncode == 0, res.stderr
     for name in ("up", "demo", "runtime", "db", "devcloud", "jobs"):
         assert f"  {name} " in res.stdout, res.stdout
+
+
+def test_describe_shows_the_restarts_of_a_restartable_job_only(
+    run: Callable[..., Result], trainer_dir: Path
+) -> None:
+    plain = json.loads(submit(run, trainer_dir, "-o", "json").stdout)["id"]
+    restartable = json.loads(
+        submit(run, trainer_dir, "--restart-policy", "OnFailure", "-o", "json").stdout
+    )["id"]
+    assert "restarts" not in run("jobs", "describe", plain).stdout
+    desc = run("jobs", "describe", restartable)
+    assert desc.exit_code == 0, desc.output
+    assert re.search(r"restarts\s+0 of 3 \(OnFailure\)", desc.stdout), desc.stdout

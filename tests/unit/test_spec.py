@@ -150,16 +150,32 @@ def test_openapi_lists_every_route(app):
 @pytest.mark.parametrize(
     ("over", "fields"),
     [
-        ({"resources": {"workers": 2}}, ["resources.workers"]),
+        ({"resources": {"workers": 2}}, []),  # distributed training is built
         ({"resources": {"parameter_servers": 1}}, ["resources.parameter_servers"]),
         (
             {"resources": {"workers": 64, "parameter_servers": 16}},
-            ["resources.workers", "resources.parameter_servers"],
+            ["resources.parameter_servers"],
         ),
     ],
 )
 def test_unbuilt_fields_are_named(over, fields):
     assert [f for f, _ in unbuilt_fields(make(**over))] == fields
+
+
+def test_a_batch_job_refuses_resources_workers():
+    body = {
+        "name": "b",
+        "type": "batch_prediction",
+        "prediction": {
+            "model": "m",
+            "input_uris": ["local://projects/p/in.jsonl"],
+            "output_prefix": "local://projects/p/out/",
+        },
+    }
+    with pytest.raises(ValidationError) as e:
+        JobSpec.model_validate({**body, "resources": {"workers": 2}})
+    assert "resources.workers" in locs(e.value)
+    JobSpec.model_validate({**body, "resources": {"workers": 1}})
 
 
 def test_defaults_and_their_explicit_values_are_built():
@@ -217,11 +233,9 @@ def test_openapi_documents_what_a_submission_may_answer():
     post = doc["paths"]["/v1/jobs"]["post"]["responses"]
     assert {"202", "409", "422"} <= set(post)
     props = doc["components"]["schemas"]
-    for model, field in [
-        ("Resources", "workers"),
-        ("Resources", "parameter_servers"),
-    ]:
-        assert "not_implemented" in props[model]["properties"][field]["description"]
+    assert "not_implemented" in props["Resources"]["properties"]["parameter_servers"]["description"]
+    assert "gang" in props["Resources"]["properties"]["workers"]["description"]
+    assert "ExitCode" in props["JobSpec"]["properties"]["restart_policy"]["description"]
     assert "gang" in props["Prediction"]["properties"]["max_workers"]["description"]
     assert "SUCCEEDS" in props["Output"]["properties"]["register_as"]["description"]
     assert "output_exists" in props["Output"]["properties"]["model_uri"]["description"]

@@ -29,6 +29,7 @@ from service.backends.interfaces import (
 )
 from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
+from service.domain import cluster
 from service.domain.errors import BackendError, QuotaExceeded, TransientBackendError
 from service.domain.flavors import allocation_plan
 from service.domain.spec import JobSpec
@@ -108,9 +109,15 @@ def _admit(job_id: str) -> bool:
 
 def booting_message(job: Job) -> str:
     """The admission event: what the first allocation attempt boots."""
-    steps = plan(JobSpec.model_validate(job.spec))
+    spec = JobSpec.model_validate(job.spec)
+    steps = plan(spec)
     flavor, zone = steps[min(job.alloc_attempt, len(steps) - 1)]
     where = f" in zone {zone}" if zone else ""
+    if not spec.batch and spec.resources.workers > 1:
+        return (
+            f"booting the chief's {flavor} server{where} "
+            f"(then {spec.resources.workers - 1} more for its replicas)"
+        )
     return f"booting one {flavor} server{where}"
 
 
@@ -201,6 +208,16 @@ def _look(ctx: jobctx.StepContext) -> None:
                     )
             jobctx.next_step(queue.ALLOCATE, job_id, BUILD_RECHECK)
             return
+    replicas = 1 if spec.batch else spec.resources.workers
+    if server_id is None and replicas > 1 and backend.peer_network is not None:
+        _forget(res_id)
+        jobctx.fail(
+            job_id,
+            Phase.ALLOCATE,
+            FailureReason.ALLOCATION_FAILED,
+            f"a job of {replicas} replicas needs its servers connected: {backend.peer_network}",
+        )
+        return
     if server_id is None:
         flavor = backend.find_flavor(flavor_name)
         if flavor is None:
@@ -234,6 +251,7 @@ def _look(ctx: jobctx.StepContext) -> None:
                             ("stackml-project", project_id),
                         ),
                         availability_zone=zone,
+                        **cluster.peer_spec(job_id, replicas),
                     )
                 )
             )

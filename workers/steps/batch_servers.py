@@ -1,4 +1,9 @@
-"""The other servers of a batch prediction job spread over `prediction.max_workers` W > 1.
+"""The other servers of a job spread over W > 1 servers: a batch prediction job's
+`prediction.max_workers`, or a distributed training job's `resources.workers` (its replicas:
+the chief is replica 0, these are `worker-1`..`worker-<W-1>`, role `worker`, named
+`stackml-<job>-worker-<k>`, booted in the job's peer group so that they reach each other on
+the TensorFlow port; after a restart, `stackml-<job>-r<n>-worker-<k>`). What follows says
+"batch worker"; a training replica goes through the same steps.
 
 Admission counts all W servers of such a job against the quota and the platform's server cap
 (service/domain/quota.py `spec_demand`: gang admission, all or none). The allocate step boots
@@ -36,17 +41,36 @@ from sqlalchemy import select
 from service.backends.interfaces import ComputeBackend, HostKeySource, ServerSpec, ServerState
 from service.db import jobs as repo
 from service.db.models import Job, Resource, utcnow
+from service.domain import cluster
 from service.domain.errors import BackendError, TransientBackendError
+from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, ResourceState
 from workers import jobctx, ssh
+from workers.base import TRANSIENT
 from workers.jobctx import db, log
 from workers.steps.allocate import build_recheck
 
 ROLE = "batch-worker"
+REPLICA_ROLE = "worker"  # a distributed training job's replicas 1..W-1
 
 
-def name_of(job_id: str, worker: int) -> str:
-    return f"stackml-{job_id}-batch-{worker}"
+def role_of(spec: JobSpec) -> str:
+    return ROLE if spec.batch else REPLICA_ROLE
+
+
+def name_of(job_id: str, worker: int, *, batch: bool = True, restarts: int = 0) -> str:
+    run = f"r{restarts}-" if restarts else ""
+    return f"stackml-{job_id}-{run}{'batch' if batch else 'worker'}-{worker}"
+
+
+def label(spec: JobSpec, worker: int) -> str:
+    """How messages name server `worker` of the job."""
+    return f"batch worker {worker}" if spec.batch else f"replica worker-{worker}"
+
+
+def count(spec: JobSpec) -> int:
+    """The job's servers, the chief included."""
+    return spec.servers()
 
 
 def worker_of(name: str) -> int | None:
@@ -62,6 +86,8 @@ class Worker:
     index: int
     server_id: str
     target: ssh.SSHTarget
+    resource_id: int = 0
+    log_offset: int = 0  # the bytes of its log file stored so far (per-replica logs)
 
 
 def workers_of(spec_workers: int) -> range:
@@ -70,12 +96,14 @@ def workers_of(spec_workers: int) -> range:
 
 
 def rows(job_id: str) -> dict[int, Resource]:
-    """The job's live `batch-worker` rows by worker index (detached copies)."""
+    """The job's live `batch-worker` (or replica `worker`) rows by worker index (detached
+    copies); a row being deleted is an earlier run's (a restart: workers/steps/restart.py)."""
+    gone = (ResourceState.DELETED.value, ResourceState.DELETING.value)
     with db() as s:
         out = {}
         for r in repo.resources(s, job_id):
-            k = worker_of(r.name) if r.role == ROLE else None
-            if k is not None and r.state != ResourceState.DELETED.value:
+            k = worker_of(r.name) if r.role in (ROLE, REPLICA_ROLE) else None
+            if k is not None and r.state not in gone:
                 s.expunge(r)
                 out[k] = r
         return out
@@ -84,8 +112,9 @@ def rows(job_id: str) -> dict[int, Resource]:
 def boot(ctx: jobctx.StepContext, workers: int) -> bool:
     """Create the servers of workers 1..W-1 that have no row yet; False when the job left
     PROVISIONING (cancelled) before all were recorded: nothing more is booted."""
-    job_id = ctx.job_id
+    job_id, spec = ctx.job_id, ctx.spec
     backend = jobctx.compute(ctx.trust_id)
+    role = role_of(spec)
     with db() as s:
         chief = jobctx.chief(s, job_id)
         if chief is None:
@@ -93,7 +122,8 @@ def boot(ctx: jobctx.StepContext, workers: int) -> bool:
                 f"job {job_id} has no chief server", reason=FailureReason.SERVER_LOST
             )
         flavor_name = chief.flavor
-        public_key = repo.get_job(s, job_id).ssh_public_key or ""
+        job = repo.get_job(s, job_id)
+        public_key, restarts = job.ssh_public_key or "", job.restarts
     have = rows(job_id)
     missing = [k for k in workers_of(workers) if k not in have]
     if not missing:
@@ -105,7 +135,7 @@ def boot(ctx: jobctx.StepContext, workers: int) -> bool:
             reason=FailureReason.UNKNOWN_FLAVOR,
         )
     for k in missing:
-        name = name_of(job_id, k)
+        name = name_of(job_id, k, batch=spec.batch, restarts=restarts)
         token = secrets.token_hex(4)
         with db() as s:
             job = s.scalars(select(Job).where(Job.id == job_id).with_for_update()).one()
@@ -118,7 +148,7 @@ def boot(ctx: jobctx.StepContext, workers: int) -> bool:
                     job_id=job_id,
                     project_id=ctx.project_id,
                     backend=backend.name,
-                    role=ROLE,
+                    role=role,
                     name=name,
                     flavor=flavor_name,
                     state=ResourceState.BOOTING.value,
@@ -134,16 +164,17 @@ def boot(ctx: jobctx.StepContext, workers: int) -> bool:
                     public_key=public_key,
                     tags=(
                         ("stackml-job", job_id),
-                        ("stackml-role", ROLE),
+                        ("stackml-role", role),
                         ("stackml-project", ctx.project_id),
                     ),
+                    **cluster.peer_spec(job_id, spec.resources.workers if not spec.batch else 1),
                 )
             )
         except TransientBackendError:
             raise  # the claimed row stays: the next run (or the teardown) adopts it by name
         except BackendError as e:
             raise BackendError(
-                f"could not boot the server of batch worker {k} of {workers}: {e}",
+                f"could not boot the server of {label(spec, k)} of {workers}: {e}",
                 reason=e.reason or FailureReason.BOOT_FAILED,
             ) from e
         with db() as s:
@@ -154,7 +185,8 @@ def boot(ctx: jobctx.StepContext, workers: int) -> bool:
             s,
             job_id,
             "provision",
-            f"booting {len(missing)} more {flavor_name} server(s) for batch workers "
+            f"booting {len(missing)} more {flavor_name} server(s) for "
+            f"{'batch workers' if spec.batch else 'replicas worker-'}"
             f"{', '.join(str(k) for k in missing)} of {workers}",
         )
     return True
@@ -177,7 +209,7 @@ def wait_active(ctx: jobctx.StepContext, workers: int) -> list[Worker]:
             if server_id is None:
                 if age > cfg.boot_deadline:
                     raise BackendError(
-                        f"the server of batch worker {k} was never created",
+                        f"the server of {label(ctx.spec, k)} was never created",
                         reason=FailureReason.BOOT_FAILED,
                     )
                 pending += 1
@@ -206,7 +238,7 @@ def wait_active(ctx: jobctx.StepContext, workers: int) -> list[Worker]:
                 else f"{status.state.value}: {status.fault or 'no fault given'}"
             )
             raise BackendError(
-                f"the server {server_id} of batch worker {k} is {what}",
+                f"the server {server_id} of {label(ctx.spec, k)} is {what}",
                 reason=FailureReason.BOOT_FAILED,
             )
         if not pending:
@@ -221,7 +253,7 @@ def wait_active(ctx: jobctx.StepContext, workers: int) -> list[Worker]:
             out.append(Worker(k, str(r.server_id), jobctx.ssh_target(job, r)))
     if [w.index for w in out] != list(workers_of(workers)):
         raise BackendError(
-            f"the job has batch workers {[w.index for w in out]}, not 1..{workers - 1}",
+            f"the job has servers {[w.index for w in out]} beside its chief, not 1..{workers - 1}",
             reason=FailureReason.SERVER_LOST,
         )
     return out
@@ -247,7 +279,9 @@ def targets(job_id: str) -> list[Worker]:
         job = repo.get_job(s, job_id)
         for k, r in sorted(rows(job_id).items()):
             if r.host is not None and r.server_id is not None:
-                out.append(Worker(k, r.server_id, jobctx.ssh_target(job, r)))
+                out.append(
+                    Worker(k, r.server_id, jobctx.ssh_target(job, r), r.id, r.log_offset or 0)
+                )
     return out
 
 
@@ -258,10 +292,11 @@ def _aware(dt: datetime) -> datetime:
 # -- the poll step's look at the other workers ----------------------------------------------
 
 TAIL_BYTES = 4096
+MAX_PULL = 1 << 20
 
 
 class WorkerLost(BackendError):
-    """A batch worker's server is gone (not ACTIVE): the job cannot complete its shards."""
+    """A batch worker's (or replica's) server is gone (not ACTIVE): the job cannot go on."""
 
     reason: str = FailureReason.SERVER_LOST
 
@@ -276,6 +311,7 @@ class Look:
     exit_text: str | None
     heartbeat: float | None
     tail: str
+    more: bool = False  # log bytes are left to pull (the poll comes back for them)
 
 
 def read_small(conn: ssh.SSHConnection, path: str) -> str | None:
@@ -288,25 +324,53 @@ def read_small(conn: ssh.SSHConnection, path: str) -> str | None:
 
 
 def look(ctx: jobctx.StepContext, timeout: float) -> list[Look]:
-    """Every other worker's state, over SSH. A worker whose server is no longer ACTIVE raises
-    WorkerLost; an SSH failure to a server still ACTIVE propagates (the poll's SSH policy)."""
+    """Every other worker's state, over SSH, and the new bytes of its log, stored as that
+    replica's log (GET /v1/jobs/{id}/logs?replica=worker-<k>). A worker whose server is no
+    longer ACTIVE raises WorkerLost; an SSH failure to a server still ACTIVE propagates (the
+    poll's SSH policy)."""
     out = []
     for w in targets(ctx.job_id):
         try:
             conn = ssh.connection(w.target, timeout=timeout)
             exit_text = read_small(conn, f"{jobctx.JOB_DIR}/exit_code")
             beat = conn.stat(f"{jobctx.JOB_DIR}/heartbeat")
+            data = _pull(conn, w.log_offset)  # after exit_code: the log is whole once it is
             tail = _tail(conn) if exit_text is not None else ""
         except ssh.SSHError as e:
             ssh.drop(w.target)
             state = jobctx.compute(ctx.trust_id).get_server(w.server_id).state
             if state is not ServerState.ACTIVE:
                 raise WorkerLost(
-                    f"the server {w.server_id} of batch worker {w.index} is {state.value} ({e})"
+                    f"the server {w.server_id} of {label(ctx.spec, w.index)} is {state.value} ({e})"
                 ) from e
             raise
-        out.append(Look(w.index, w.server_id, exit_text, beat.st_mtime if beat else None, tail))
+        _store_log(ctx.job_id, w, data)
+        beat_at = beat.st_mtime if beat else None
+        out.append(Look(w.index, w.server_id, exit_text, beat_at, tail, more=len(data) >= MAX_PULL))
     return out
+
+
+def _pull(conn: ssh.SSHConnection, offset: int) -> bytes:
+    try:
+        return conn.read_file_from(f"{jobctx.JOB_DIR}/log", offset, MAX_PULL)
+    except FileNotFoundError:
+        return b""
+
+
+def _store_log(job_id: str, w: Worker, data: bytes) -> None:
+    """Store a replica's pulled bytes; a failure (whatever it printed) is logged and never
+    keeps the poll from its exit and heartbeat checks."""
+    if not data:
+        return
+    try:
+        with db() as s:
+            repo.append_replica_log(s, job_id, w.index, w.resource_id, w.log_offset, data)
+    except TRANSIENT:
+        raise  # the database is down: the task retries, as for any step
+    except Exception:  # noqa: BLE001 - a replica's output must never break the poll
+        log.exception(
+            "job %s: could not store %d log bytes of replica %d", job_id, len(data), w.index
+        )
 
 
 def _tail(conn: ssh.SSHConnection, lines: int = 20) -> str:

@@ -52,29 +52,31 @@ def _poll(ctx: jobctx.StepContext) -> None:
         return
 
     others: list[batch_servers.Look] = []
-    if ctx.spec.batch and ctx.spec.predicting().max_workers > 1:
+    if batch_servers.count(ctx.spec) > 1:
         try:
             others = batch_servers.look(ctx, cfg.command_timeout)
         except batch_servers.WorkerLost as e:
             _store_log(job_id, offset, data, cfg.max_metric_points)
-            jobctx.fail(job_id, Phase.TRAIN, FailureReason.SERVER_LOST, str(e))
+            restart.fail_or_restart(ctx, FailureReason.SERVER_LOST, str(e))
             return
         except ssh.SSHError as e:
-            _ssh_failed(ctx, e, started_at, "a batch worker's server has not")
+            _ssh_failed(ctx, e, started_at, "one of the job's other servers has not")
             return
 
     _store_log(job_id, offset, data, cfg.max_metric_points)
-    more = len(data) == MAX_PULL
+    more = len(data) == MAX_PULL or any(o.more for o in others)
     failed = next(
         (o for o in others if o.exit_text is not None and _exit_code(o.exit_text) != 0), None
     )
     if failed is not None and not more:
-        jobctx.fail(
-            job_id,
-            Phase.TRAIN,
+        status = _exit_code(failed.exit_text or "")
+        restart.fail_or_restart(
+            ctx,
             FailureReason.TRAINER_EXIT_NONZERO,
-            f"batch worker {failed.index} (server {failed.server_id}) exited with status "
-            f"{(failed.exit_text or '').strip()[:64]}; last lines of its log:\n{failed.tail}",
+            f"{batch_servers.label(ctx.spec, failed.index)} (server {failed.server_id}) exited "
+            f"with status {(failed.exit_text or '').strip()[:64]}; last lines of its log:\n"
+            f"{failed.tail}",
+            status,
         )
         return
     others_done = all(o.exit_text is not None for o in others)
@@ -91,7 +93,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
             with db() as s:
                 for o in others:
                     last = o.tail.strip().splitlines()[-1:] or ["(no log)"]
-                    repo.add_event(s, job_id, "poll", f"batch worker {o.index} exited 0: {last[0]}")
+                    who = batch_servers.label(ctx.spec, o.index)
+                    repo.add_event(s, job_id, "poll", f"{who} exited 0: {last[0]}")
                 moved = repo.transition(
                     s,
                     job_id,
@@ -109,7 +112,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
             restart.fail_or_restart(
                 ctx,
                 FailureReason.TRAINER_EXIT_NONZERO,
-                f"{'the batch predictor' if ctx.spec.batch else 'the trainer'} exited with "
+                f"{'the batch predictor' if ctx.spec.batch else 'the trainer'}"
+                f"{' (chief)' if others and not ctx.spec.batch else ''} exited with "
                 f"status {code}; last lines of its log:\n{tail}",
                 code,
             )
@@ -120,7 +124,7 @@ def _poll(ctx: jobctx.StepContext) -> None:
     now = time.time()
     stopped = [] if exit_text is not None or heartbeat is None else [("", heartbeat.st_mtime)]
     stopped += [
-        (f" of batch worker {o.index}", o.heartbeat)
+        (f" of {batch_servers.label(ctx.spec, o.index)}", o.heartbeat)
         for o in others
         if o.exit_text is None and o.heartbeat is not None
     ]

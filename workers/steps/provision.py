@@ -8,8 +8,9 @@ from pathlib import Path
 
 from service import queue
 from service.backends import registry
-from service.backends.interfaces import IMAGE_RUNTIMES_DIR, Access, ObjectStore
+from service.backends.interfaces import IMAGE_RUNTIMES_DIR, Access, ObjectStore, ServerState
 from service.db import jobs as repo
+from service.domain import cluster
 from service.domain.errors import BackendError
 from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
@@ -82,6 +83,7 @@ def _prepare(
     backend_name: str,
     worker: int,
     workers: int,
+    peers: list[str] | None = None,
 ) -> dict[str, object]:
     """Ship the runner (and a batch job's predictor), make sure of the runtime, write job.json
     and run `runner prepare`: everything but the start. Idempotent. The job document."""
@@ -95,7 +97,7 @@ def _prepare(
         conn, job_id, runtime_on_server(backend_name, spec.runtime.key), spec.runtime.key
     )
     conn.run(["ln", "-sfn", f"{runtime}/bin/python", PYTHON], timeout=cfg.command_timeout)
-    doc = job_document(job_id, runtime, worker=worker, workers=workers)
+    doc = job_document(job_id, runtime, worker=worker, workers=workers, peers=peers)
     conn.put_bytes(json.dumps(doc).encode(), f"{JOB_DIR}/job.json", 0o600)
     conn.run(jobctx.runner_argv(PYTHON, "prepare", JOB_DIR), timeout=cfg.provision_deadline)
     return doc
@@ -107,6 +109,7 @@ def _prepare_others(
     backend_name: str,
     others: list[batch_servers.Worker],
     workers: int,
+    peers: list[str] | None = None,
 ) -> list[ssh.SSHConnection]:
     """Prepare a batch job's other workers, all at once (each on its own connection); their
     connections, in worker order. The first failure is raised; each is an event of the job
@@ -118,11 +121,14 @@ def _prepare_others(
     def one(w: batch_servers.Worker) -> ssh.SSHConnection:
         try:
             c = ssh.wait_for_ssh(w.target, cfg.ssh_deadline)
-            _prepare(c, job_id, spec, backend_name, w.index, workers)
+            _prepare(c, job_id, spec, backend_name, w.index, workers, peers)
         except ssh.SSHError as e:
             with db() as s:
                 repo.add_event(
-                    s, job_id, "provision", f"batch worker {w.index} ({w.server_id}): {e}"
+                    s,
+                    job_id,
+                    "provision",
+                    f"{batch_servers.label(spec, w.index)} ({w.server_id}): {e}",
                 )
             raise
         return c
@@ -132,10 +138,16 @@ def _prepare_others(
 
 
 def job_document(
-    job_id: str, runtime: str, *, worker: int = 0, workers: int = 1
+    job_id: str,
+    runtime: str,
+    *,
+    worker: int = 0,
+    workers: int = 1,
+    peers: list[str] | None = None,
 ) -> dict[str, object]:
     """job.json for the runner, with signed URLs to read the package and the inputs (a batch
-    job's: workers/steps/batch.py, for worker `worker` of `workers`)."""
+    job's: workers/steps/batch.py, for worker `worker` of `workers`). A distributed training
+    job's replica `worker` gets TF_CONFIG (its cluster at `peers`) and STACKML_REPLICA."""
     cfg = jobctx.settings()
     with db() as s:
         job = repo.get_job(s, job_id)
@@ -160,27 +172,43 @@ def job_document(
         "project_id": project_id,
         "module": spec.training().module,
         "argv": spec.trainer_argv(),
-        "env": dict(spec.env),
+        "env": {**spec.env, **_replica_env(peers, worker)},
         "runtime": runtime,
         "package_url": sign(pkg_grant.url_prefix, pkg_grant.query, ""),
         "inputs": inputs,
     }
     if restart.restartable(spec):
-        doc.update(_checkpoints(store, project_id, job_id, spec, restarts))
+        doc.update(_checkpoints(store, project_id, job_id, spec, restarts, sync=worker == 0))
     return doc
 
 
+def _replica_env(peers: list[str] | None, worker: int) -> dict[str, str]:
+    """A distributed job's replica's own variables (none for a job of one server)."""
+    if not peers or len(peers) < 2:
+        return {}
+    return {
+        "TF_CONFIG": json.dumps(cluster.tf_config(peers, worker)),
+        "STACKML_REPLICA": cluster.replica_name(worker),
+    }
+
+
 def _checkpoints(
-    store: ObjectStore, project_id: str, job_id: str, spec: JobSpec, restarts: int
+    store: ObjectStore,
+    project_id: str,
+    job_id: str,
+    spec: JobSpec,
+    restarts: int,
+    *,
+    sync: bool = True,
 ) -> dict[str, object]:
     """A restartable job's job.json entries: a write grant on its checkpoint prefix that the
     runner syncs STACKML_CHECKPOINT_DIR to while the trainer runs (it outlives the job's
-    max_runtime_seconds), and after a restart the synced files to restore, with their sizes
-    and MD5s (each verified as it is fetched)."""
+    max_runtime_seconds; the chief's only, `sync`), and after a restart the synced files to
+    restore on every replica, with their sizes and MD5s (each verified as it is fetched)."""
     cfg = jobctx.settings()
     prefix = restart.checkpoint_prefix(store, project_id, job_id)
     ttl = max(cfg.grant_ttl, spec.max_runtime_seconds + batch.GRANT_MARGIN)
-    write = store.grant(prefix, Access.WRITE, ttl)
+    write = store.grant(prefix, Access.WRITE, ttl) if sync else None
     restore = []
     if restarts:
         read = store.grant(prefix, Access.READ, cfg.grant_ttl)
@@ -194,15 +222,30 @@ def _checkpoints(
                     "md5": obj.etag.strip('"'),
                 }
             )
-    return {
-        "restart": restarts,
-        "checkpoint_sync": {
+    out: dict[str, object] = {"restart": restarts, "checkpoints": restore}
+    if write is not None:
+        out["checkpoint_sync"] = {
             "url_prefix": write.url_prefix,
             "query": write.query,
             "seconds": cfg.checkpoint_sync_seconds,
-        },
-        "checkpoints": restore,
-    }
+        }
+    return out
+
+
+def _peer_hosts(ctx: jobctx.StepContext, others: list[batch_servers.Worker]) -> list[str]:
+    """The address each replica's peers reach it on, in replica order (the chief first)."""
+    backend = jobctx.compute(ctx.trust_id)
+    out = []
+    for server_id in [ctx.server_id, *(w.server_id for w in others)]:
+        status = backend.get_server(str(server_id))
+        host = status.peer_host or status.host
+        if status.state is not ServerState.ACTIVE or host is None:
+            raise BackendError(
+                f"the job's server {server_id} is {status.state.value}",
+                reason=FailureReason.SERVER_LOST,
+            )
+        out.append(host)
+    return out
 
 
 def sign(url_prefix: str, query: str, rel: str) -> str:
@@ -245,13 +288,20 @@ def _provision(ctx: jobctx.StepContext) -> None:
             f"the server did not answer SSH within {cfg.ssh_deadline:.0f}s: {e}",
         )
         return
-    workers = spec.predicting().max_workers if spec.batch else 1
+    workers = batch_servers.count(spec)
     try:
         if workers > 1 and not batch_servers.boot(ctx, workers):
             return  # cancelled while booting the other workers: the teardown has them
-        doc = _prepare(conn, job_id, spec, backend_name, 0, workers)
-        others = batch_servers.wait_active(ctx, workers) if workers > 1 else []
-        started = _prepare_others(job_id, spec, backend_name, others, workers)
+        if workers > 1 and not spec.batch:
+            # every replica's TF_CONFIG names every replica: all are up before any is prepared
+            others = batch_servers.wait_active(ctx, workers)
+            peers = _peer_hosts(ctx, others)
+            doc = _prepare(conn, job_id, spec, backend_name, 0, workers, peers)
+        else:
+            peers = None
+            doc = _prepare(conn, job_id, spec, backend_name, 0, workers)
+            others = batch_servers.wait_active(ctx, workers) if workers > 1 else []
+        started = _prepare_others(job_id, spec, backend_name, others, workers, peers)
         with db() as s:
             repo.touch(s, job_id)
             if repo.get_job(s, job_id).state != JobState.PROVISIONING:
@@ -303,7 +353,8 @@ def _provision(ctx: jobctx.StepContext) -> None:
                 else "batch predictor started"
             )
             if spec.batch
-            else f"trainer started: python -m {doc['module']}",
+            else f"trainer started: python -m {doc['module']}"
+            + (f" on {workers} replicas" if workers > 1 else ""),
             poll_interval=cfg.poll_min,
         )
     if moved:

@@ -4,6 +4,13 @@ Run as ``python -m trainer.task --epochs=3 --batch_size=128 --learning_rate=0.01
 Environment (set by the stackml runner): STACKML_MODEL_DIR (where the model goes),
 STACKML_INPUT_DIR (optional CSV files: feature columns, then the target),
 STACKML_CHECKPOINT_DIR (optional; training resumes from it after a restart).
+
+Distributed: when TF_CONFIG names a cluster (a job with ``resources.workers`` > 1), every
+replica runs this same module under ``tf.distribute.MultiWorkerMirroredStrategy``, with a
+custom training loop (Keras 3's ``fit`` does not build under that strategy: its symbolic build
+reduces a per-replica batch eagerly and fails); the chief checkpoints to
+STACKML_CHECKPOINT_DIR and exports the model to STACKML_MODEL_DIR, the other replicas to
+scratch directories (saving is a collective: every replica takes part).
 """
 
 from __future__ import annotations
@@ -94,6 +101,91 @@ def load_data(rows: int) -> tuple[np.ndarray, np.ndarray, str]:
     return x, y, f"synthetic data ({rows} x {N_FEATURES}, seed {SEED})"
 
 
+def distribution() -> tuple[object | None, bool, str]:
+    """(strategy, is_chief, what) from TF_CONFIG: MultiWorkerMirroredStrategy when it names a
+    cluster of more than one task, else none (one process, the default strategy)."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    tasks = sum(len(v) for v in (config.get("cluster") or {}).values())
+    if tasks < 2:
+        return None, True, "one process"
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    task = config.get("task") or {}
+    is_chief = task.get("type") == "chief"
+    what = (
+        f"replica {task.get('type')}:{task.get('index')} of {tasks} "
+        f"(MultiWorkerMirroredStrategy, {strategy.num_replicas_in_sync} replicas in sync)"
+    )
+    return strategy, is_chief, what
+
+
+def train_distributed(strategy, is_chief: bool, x, y, args: argparse.Namespace) -> object:
+    """MultiWorkerMirroredStrategy, a custom loop: each global batch is split between the
+    replicas (the dataset is sharded by data), the gradients all-reduced; a checkpoint after
+    every epoch (tf.train.Checkpoint: the model, the optimizer, the epoch), from which a
+    restarted cluster resumes. Returns the model."""
+    import tempfile
+
+    import tensorflow as tf
+
+    from trainer.metrics import emit
+
+    with strategy.scope():
+        model = build_model(x.shape[1], args.learning_rate)
+        optimizer = model.optimizer
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    data = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=SEED)
+        .batch(args.batch_size, drop_remainder=True)
+    )
+    batches = strategy.experimental_distribute_dataset(data)
+    ckpt_dir = os.environ.get("STACKML_CHECKPOINT_DIR") or tempfile.mkdtemp()
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
+    latest = tf.train.latest_checkpoint(ckpt_dir)
+    if latest:
+        ckpt.restore(latest)
+        print(f"trainer: resuming from {ckpt_dir} after epoch {int(epoch.numpy())}", flush=True)
+    # every replica saves (a collective); only the chief's directory is synced and restored
+    saves = tf.train.CheckpointManager(
+        ckpt, ckpt_dir if is_chief else tempfile.mkdtemp(), max_to_keep=2
+    )
+
+    @tf.function
+    def train_step(batch):
+        def replica_step(xb, yb):
+            with tf.GradientTape() as tape:
+                pred = model(xb, training=True)
+                per_row = tf.reduce_mean(tf.square(pred - yb), axis=-1)
+                loss = tf.nn.compute_average_loss(per_row, global_batch_size=args.batch_size)
+                mae = tf.nn.compute_average_loss(
+                    tf.reduce_mean(tf.abs(pred - yb), axis=-1), global_batch_size=args.batch_size
+                )
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            return loss, mae
+
+        loss, mae = strategy.run(replica_step, args=batch)
+        return strategy.reduce("SUM", loss, axis=None), strategy.reduce("SUM", mae, axis=None)
+
+    for e in range(int(epoch.numpy()), args.epochs):
+        started, total, total_mae, steps = time.monotonic(), 0.0, 0.0, 0
+        for batch in batches:
+            loss, mae = train_step(batch)
+            total, total_mae, steps = total + float(loss), total_mae + float(mae), steps + 1
+        epoch.assign(e + 1)
+        saves.save()
+        if is_chief:
+            print(
+                f"Epoch {e + 1}/{args.epochs} - {time.monotonic() - started:.1f}s - "
+                f"loss: {total / steps:.4f} - mae: {total_mae / steps:.4f}",
+                flush=True,
+            )
+            emit({"loss": total / steps, "mae": total_mae / steps}, epoch=e + 1)
+    return model
+
+
 def build_model(n_features: int, learning_rate: float):  # keras is imported late (slow)
     import keras
 
@@ -118,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+    strategy, is_chief, what = distribution()
+    print(f"trainer: {what}", flush=True)
+
     import keras
 
     from trainer.metrics import StackMLMetrics
@@ -125,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     keras.utils.set_random_seed(SEED)
     x, y, source = load_data(args.rows)
     print(f"trainer: {len(x)} rows x {x.shape[1]} features from {source}", flush=True)
+    if strategy is not None:
+        model = train_distributed(strategy, is_chief, x, y, args)
+        export(model, model_dir if is_chief else None, started)
+        return 0
 
     callbacks: list = [StackMLMetrics()]
     initial_epoch = 0
@@ -159,11 +258,25 @@ def main(argv: list[str] | None = None) -> int:
             callbacks=callbacks,
             verbose=2,
         )
-    model.export(model_dir, verbose=False)
-    print(
-        f"trainer: model exported to {model_dir} in {time.monotonic() - started:.1f}s", flush=True
-    )
+    export(model, model_dir, started)
     return 0
+
+
+def export(model, model_dir: str | None, started: float) -> None:
+    """The SavedModel into model_dir; None (a replica other than the chief): into a scratch
+    directory, since every replica takes part in saving and only the chief's copy is kept."""
+    import tempfile
+
+    if model_dir is not None:
+        model.export(model_dir, verbose=False)
+        print(
+            f"trainer: model exported to {model_dir} in {time.monotonic() - started:.1f}s",
+            flush=True,
+        )
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        model.export(scratch, verbose=False)
+    print(f"trainer: done in {time.monotonic() - started:.1f}s (not the chief)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""Distributed training end to end: the example trainer on two sandboxes (`resources.workers`
+2) under MultiWorkerMirroredStrategy, each replica with the TF_CONFIG the platform wrote, the
+two connected on the TensorFlow port over their job's own bridge. The chief's model is
+exported and predicts the known function; the worker replica's log is its own
+(`?replica=worker-1`). With restart_policy OnFailure, the loss of the
+worker replica's sandbox mid-training restarts both replicas on new servers, from the
+checkpoint the chief synced to the store, and the job succeeds; no server is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from service.client import StackMLClient
+from service.config import Settings
+from tests.e2e.conftest import wait_resources_deleted, wait_state
+from tests.e2e.test_tensorflow import (
+    EXAMPLE,
+    assert_learned_the_known_function,
+    assert_loss_went_down,
+    evaluate_model,
+)
+
+TF_QUIET = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _events(client: StackMLClient, job_id: str) -> list[dict[str, Any]]:
+    return list(client.events(job_id)["events"])
+
+
+def test_two_replicas_train_the_example_under_multi_worker_mirrored_strategy(
+    client: StackMLClient, e2e_settings: Settings, runtime_python: Path
+) -> None:
+    pkg = client.stage_package(EXAMPLE)["package_uri"]
+    job = client.create_job(
+        {
+            "name": "e2e-distributed",
+            "trainer": {"package_uri": pkg, "module": "trainer.task"},
+            "hyperparameters": {"epochs": 3, "rows": 4000},
+            "resources": {"workers": 2},
+            "env": TF_QUIET,
+            "max_runtime_seconds": 600,
+        }
+    )
+    done = wait_state(client, job["id"], {"SUCCEEDED", "FAILED"}, timeout=600)
+    log = client.logs(job["id"])[0].decode()
+    assert done["state"] == "SUCCEEDED", (done["failure"], log[-3000:])
+    # the job's log is the chief's: it ran as the cluster's chief, with both replicas in sync
+    assert "trainer: replica chief:0 of 2 (MultiWorkerMirroredStrategy, 2 replicas in sync)" in log
+    roles = [(r["role"], r["name"].rsplit("-", 2)[-2:]) for r in done["resources"]]
+    assert roles == [("chief", ["chief", "0"]), ("worker", ["worker", "1"])], done["resources"]
+    finished = [e["message"] for e in _events(client, job["id"]) if e["kind"] == "poll"]
+    assert any(m.startswith("replica worker-1 exited 0: trainer: done in") for m in finished), (
+        finished
+    )
+    assert_loss_went_down(client.metrics(job["id"])["metrics"], epochs=3)
+    # the worker replica's own log (GET .../logs?replica=worker-1): it trained, did not export
+    worker_log = client.logs(job["id"], replica="worker-1")[0].decode()
+    assert "trainer: replica worker:0 of 2 (MultiWorkerMirroredStrategy, 2 replicas in sync)" in (
+        worker_log
+    ), worker_log[-3000:]
+    assert "(not the chief)" in worker_log and "Epoch 1/3" not in worker_log, worker_log[-3000:]
+    model_dir = e2e_settings.store_dir / done["output"]["model_uri"].split("://", 1)[1]
+    assert_learned_the_known_function(evaluate_model(runtime_python, model_dir))
+    wait_resources_deleted(client, job["id"])
+
+
+def test_a_lost_replica_restarts_the_cluster_from_the_synced_checkpoint(
+    client: StackMLClient, e2e_settings: Settings, runtime_python: Path
+) -> None:
+    from service.backends import registry
+
+    pkg = client.stage_package(EXAMPLE)["package_uri"]
+    epochs = 12
+    job = client.create_job(
+        {
+            "name": "e2e-distributed-failover",
+            "trainer": {"package_uri": pkg, "module": "trainer.task"},
+            "hyperparameters": {"epochs": epochs, "rows": 4000},
+            "resources": {"workers": 2},
+            "env": TF_QUIET,
+            "restart_policy": "OnFailure",
+            "max_restarts": 1,
+            "max_runtime_seconds": 900,
+        }
+    )
+    store = registry.store()
+    area = store.key_of(pkg).split("staging/", 1)[0]
+    index_key = f"{area}checkpoints/{job['id']}/checkpoint"  # tf.train.CheckpointManager's
+
+    def synced_epoch() -> int:  # its `ckpt-N` is the N-th save: one per epoch
+        if store.info(index_key) is None:
+            return 0
+        first = store.get(index_key).decode().splitlines()[0]  # model_checkpoint_path: "ckpt-N"
+        return int(first.rsplit("-", 1)[-1].rstrip('"'))
+
+    deadline = time.monotonic() + 600
+    while (synced := synced_epoch()) < 2:  # the chief's checkpoint of epoch 2 is in the store
+        now = client.get_job(job["id"])
+        assert now["state"] in {"QUEUED", "ALLOCATING", "PROVISIONING", "RUNNING"}, (
+            now["failure"],
+            client.logs(job["id"])[0].decode()[-3000:],
+        )
+        assert time.monotonic() < deadline, "no checkpoint synced in 600s"
+        time.sleep(0.3)
+    now = client.get_job(job["id"])
+    worker = next(r for r in now["resources"] if r["role"] == "worker")
+    record_path = e2e_settings.sandbox_dir / worker["server_id"] / "server.json"
+    record = json.loads(record_path.read_text())
+    os.kill(int(record["sshd_pid"]), signal.SIGKILL)
+
+    done = wait_state(client, job["id"], {"SUCCEEDED", "FAILED"}, timeout=900)
+    log = client.logs(job["id"])[0].decode()
+    assert done["state"] == "SUCCEEDED", (done["failure"], log[-3000:])
+    assert done["restarts"] == 1
+    (why,) = [e["message"] for e in _events(client, job["id"]) if e["kind"] == "restart"]
+    assert "replica worker-1" in why and worker["server_id"] in why, why
+    resumed = [ln for ln in log.splitlines() if ln.startswith("trainer: resuming from")]
+    assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[-1]) >= synced, (resumed, synced)
+    assert log.count("2 replicas in sync") == 2  # both runs formed the cluster
+    worker_log = client.logs(job["id"], replica="worker-1")[0].decode()  # its runs, one log
+    assert worker_log.count("trainer: replica worker:0 of 2") == 2, worker_log[-3000:]
+    assert worker_log.count("trainer: resuming from") == 1, worker_log[-3000:]
+    names = [r["name"] for r in done["resources"]]
+    assert len(names) == 4 and names[2].endswith("-chief-0-r1"), names
+    assert names[3].endswith("-r1-worker-1"), names
+    model_dir = e2e_settings.store_dir / done["output"]["model_uri"].split("://", 1)[1]
+    assert_learned_the_known_function(evaluate_model(runtime_python, model_dir))
+    wait_resources_deleted(client, job["id"])
