@@ -381,6 +381,12 @@ def test_logs(run: Callable[..., Result], trainer_dir: Path, db_url: str) -> Non
     assert run("jobs", "logs", job_id, "--offset", "9").stdout_bytes == TRAINER_LOG[9:]
     res = run("jobs", "logs", job_id, "-f", "-o", "json")
     assert res.exit_code == 2
+    assert run("jobs", "logs", job_id, "--replica", "chief").stdout_bytes == TRAINER_LOG
+    res = run("jobs", "logs", job_id, "--replica", "worker-1")  # a job of one server
+    assert res.exit_code == 1, res.output
+    assert "replica 'worker-1' is not one of this job's: it runs on one server (chief)" in (
+        res.output
+    )
 
 
 def test_logs_follow_streams_a_running_job(
