@@ -570,39 +570,30 @@ def test_a_replicas_log_is_its_own_and_a_replica_the_job_lacks_is_400(
     body = spec(package_uri)
     body["resources"] = {"workers": 3}
     job_id = submit(client, body).get_json()["id"]
+
+    def server(s: Any, name: str) -> int:
+        r = Resource(
+            job_id=job_id,
+            project_id="p",
+            backend="sandbox",
+            role="worker",
+            name=f"stackml-{job_id}-{name}",
+            flavor="cpu.small",
+            state=ResourceState.ACTIVE.value,
+        )
+        s.add(r)
+        s.flush()
+        return int(r.id)
+
     with session_scope(db_url) as s:
         repo.append_log(s, job_id, 0, b"chief says\n")
-        rid = {}
-        for k in (1, 2):
-            r = Resource(
-                job_id=job_id,
-                project_id="p",
-                backend="sandbox",
-                role="worker",
-                name=f"stackml-{job_id}-worker-{k}",
-                flavor="cpu.small",
-                state=ResourceState.ACTIVE.value,
-            )
-            s.add(r)
-            s.flush()
-            rid[k] = r.id
+        rid = {k: server(s, f"worker-{k}") for k in (1, 2)}
         assert repo.append_replica_log(s, job_id, 1, rid[1], 0, b"worker one, ")
         assert not repo.append_replica_log(s, job_id, 1, rid[1], 0, b"worker one, ")  # again
         assert repo.append_replica_log(s, job_id, 1, rid[1], 12, b"goes on\n")
         # a new server for replica 2 after a restart: its file starts at 0, its log follows
         assert repo.append_replica_log(s, job_id, 2, rid[2], 0, b"first run\n")
-        r2 = Resource(
-            job_id=job_id,
-            project_id="p",
-            backend="sandbox",
-            role="worker",
-            name=f"stackml-{job_id}-r1-worker-2",
-            flavor="cpu.small",
-            state=ResourceState.ACTIVE.value,
-        )
-        s.add(r2)
-        s.flush()
-        assert repo.append_replica_log(s, job_id, 2, r2.id, 0, b"second run\n")
+        assert repo.append_replica_log(s, job_id, 2, server(s, "r1-worker-2"), 0, b"second run\n")
     assert client.get(f"/v1/jobs/{job_id}/logs").data == b"chief says\n"
     assert client.get(f"/v1/jobs/{job_id}/logs?replica=chief").data == b"chief says\n"
     one = client.get(f"/v1/jobs/{job_id}/logs?replica=worker-1")

@@ -162,20 +162,22 @@ def test_unbuilt_fields_are_named(over, fields):
     assert [f for f, _ in unbuilt_fields(make(**over))] == fields
 
 
+BATCH = {
+    "name": "b",
+    "type": "batch_prediction",
+    "prediction": {
+        "model": "m",
+        "input_uris": ["local://projects/p/in.jsonl"],
+        "output_prefix": "local://projects/p/out/",
+    },
+}
+
+
 def test_a_batch_job_refuses_resources_workers():
-    body = {
-        "name": "b",
-        "type": "batch_prediction",
-        "prediction": {
-            "model": "m",
-            "input_uris": ["local://projects/p/in.jsonl"],
-            "output_prefix": "local://projects/p/out/",
-        },
-    }
     with pytest.raises(ValidationError) as e:
-        JobSpec.model_validate({**body, "resources": {"workers": 2}})
+        JobSpec.model_validate({**BATCH, "resources": {"workers": 2}})
     assert "resources.workers" in locs(e.value)
-    JobSpec.model_validate({**body, "resources": {"workers": 1}})
+    JobSpec.model_validate({**BATCH, "resources": {"workers": 1}})
 
 
 def test_defaults_and_their_explicit_values_are_built():
@@ -256,19 +258,8 @@ def test_restart_policy_defaults_to_never_and_which_exits_each_policy_retries():
 
 @pytest.mark.parametrize("field", [{"restart_policy": "OnFailure"}, {"max_restarts": 5}])
 def test_a_batch_job_refuses_the_restart_fields(field):
-    body = {
-        "name": "b",
-        "type": "batch_prediction",
-        "prediction": {
-            "model": "m",
-            "input_uris": ["local://projects/p/in.jsonl"],
-            "output_prefix": "local://projects/p/out/",
-        },
-        **field,
-    }
     with pytest.raises(ValidationError) as e:
-        JobSpec.model_validate(body)
+        JobSpec.model_validate({**BATCH, **field})
     assert set(field) <= locs(e.value)
     # the defaults, as a stored spec repeats them, are accepted
-    ok = {k: v for k, v in body.items() if k not in field}
-    JobSpec.model_validate({**ok, "restart_policy": "Never", "max_restarts": 3})
+    JobSpec.model_validate({**BATCH, "restart_policy": "Never", "max_restarts": 3})

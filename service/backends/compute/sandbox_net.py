@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -286,8 +287,6 @@ def peer_veth_name(slot: int) -> str:
 
 def bridge_name(tag: str, group: str) -> str:
     """A peer group's bridge (15 characters at most, as Linux wants)."""
-    import hashlib
-
     return BRIDGE_PREFIX + hashlib.sha256(f"{tag}/{group}".encode()).hexdigest()[:10]
 
 
