@@ -88,6 +88,17 @@ def submit() -> tuple[Response, int, dict[str, str]]:
     project = current_project()
     spec = JobSpec.model_validate(json_body())
     _refuse_unbuilt(spec)
+    if spec.tuning is not None and trusts.enabled(c.settings):
+        raise NotImplementedYet(
+            "not available yet: tuning with per-project tenancy (Keystone trusts)",
+            details={
+                "fields": [
+                    field_error(
+                        "tuning", "a tuning job's trials cannot share its Keystone trust yet"
+                    )
+                ]
+            },
+        )
     spec, batch_record = _resolve_job(spec, project, c)
     store = c.store_for(project)
     trust_id = _create_trust(c, project)
@@ -105,6 +116,8 @@ def submit() -> tuple[Response, int, dict[str, str]]:
             data = stored(spec)
             if spec.batch:
                 output: dict[str, Any] = {"output_prefix": reserved, "prediction": batch_record}
+            elif spec.tuning is not None:
+                output = {}  # the best trial's model, once there is one
             else:
                 if spec.output.model_uri is None:
                     default = outputs.default_prefix(store.project_prefix(project), job_id)
@@ -126,6 +139,19 @@ def submit() -> tuple[Response, int, dict[str, str]]:
                     "submit",
                     f"resuming the batch run under {reserved}: only missing shards run",
                 )
+            if spec.tuning is not None:
+                # it boots nothing: RUNNING at once, its step submits the trials
+                t = spec.tuning
+                repo.transition(
+                    s,
+                    job.id,
+                    JobState.QUEUED,
+                    JobState.RUNNING,
+                    f"tuning {t.metric} ({t.goal}) with {t.algorithm}: {t.trials()} trials, "
+                    f"{t.max_parallel_trials} at a time",
+                    tuning=True,
+                )
+                s.refresh(job)
             s.flush()
             body = _public(repo.serialize_new_job(job))
     except BaseException:
@@ -133,7 +159,7 @@ def submit() -> tuple[Response, int, dict[str, str]]:
             # no job row holds it: it must not outlive this request
             drop_trust_quietly(c.settings, trust_id, "a submission")
         raise
-    c.enqueue_quietly(queue.ALLOCATE, job.id)
+    c.enqueue_quietly(queue.POLL if spec.tuning is not None else queue.ALLOCATE, job.id)
     return jsonify(body), 202, {"Location": url_for("jobs.get", job_id=job.id)}
 
 

@@ -144,6 +144,13 @@ def _default_name(package: str, module: str) -> str:
     help="Restarts allowed before the job fails (default 3).",
 )
 @click.option(
+    "--tuning",
+    "tuning_path",
+    metavar="FILE",
+    help="Tune hyperparameters: a JSON file holding the spec's `tuning` section (metric, "
+    "goal, parameters, max_trials, ...); each trial is a job of its own.",
+)
+@click.option(
     "--label",
     "labels",
     multiple=True,
@@ -190,6 +197,7 @@ def jobs_submit(
     workers: int | None,
     restart_policy: str | None,
     max_restarts: int | None,
+    tuning_path: str | None,
     labels: dict[str, str],
     env: dict[str, str],
     hyperparameters: dict[str, str],
@@ -215,6 +223,7 @@ def jobs_submit(
                 ("--workers", workers),
                 ("--restart-policy", restart_policy),
                 ("--max-restarts", max_restarts is not None),
+                ("--tuning", tuning_path),
                 ("--label", labels),
                 ("--env", env),
                 ("--hp", hyperparameters),
@@ -256,6 +265,8 @@ def jobs_submit(
         spec["restart_policy"] = restart_policy
     if max_restarts is not None:
         spec["max_restarts"] = max_restarts
+    if tuning_path:
+        spec["tuning"] = read_spec(tuning_path, "--tuning", "the tuning section")
 
     client = client_of(ctx)
     err = err_console()
@@ -276,23 +287,19 @@ def jobs_submit(
     _submit(ctx, spec, wait, timeout, output)
 
 
-def read_spec(path: str) -> dict[str, Any]:
-    """A job spec from a JSON file ('-': stdin)."""
+def read_spec(path: str, option: str = "--spec", what: str = "a job spec") -> dict[str, Any]:
+    """A job spec (or `what`) from a JSON file ('-': stdin)."""
     try:
         with click.open_file(path, "r", encoding="utf-8") as fh:
             text = fh.read()
     except OSError as e:
-        raise click.BadParameter(
-            f"cannot read {path}: {e.strerror or e}", param_hint="--spec"
-        ) from e
+        raise click.BadParameter(f"cannot read {path}: {e.strerror or e}", param_hint=option) from e
     try:
         obj = json.loads(text)
     except ValueError as e:
-        raise click.BadParameter(f"{path} is not JSON: {e}", param_hint="--spec") from e
+        raise click.BadParameter(f"{path} is not JSON: {e}", param_hint=option) from e
     if not isinstance(obj, dict):
-        raise click.BadParameter(
-            f"{path} must hold a JSON object (a job spec)", param_hint="--spec"
-        )
+        raise click.BadParameter(f"{path} must hold a JSON object ({what})", param_hint=option)
     return obj
 
 
@@ -564,6 +571,8 @@ def _describe(job: Json, events: list[Json]) -> Group:
             f"python -m {trainer.get('module', '')} " + " ".join(trainer.get("args") or []),
         )
         head.add_row("package", str(trainer.get("package_uri", "")))
+        if job.get("parent_id"):
+            head.add_row("trial", f"{job.get('trial')} of tuning job {job['parent_id']}")
         policy = spec.get("restart_policy") or "Never"
         if policy != "Never":
             head.add_row(
@@ -602,7 +611,10 @@ def _describe(job: Json, events: list[Json]) -> Group:
             short_time(r.get("created_at")),
             short_time(r.get("deleted_at")),
         )
-    parts.append(servers if job.get("resources") else Text("servers: none", style="dim"))
+    if job.get("tuning"):
+        parts.append(_trials_table(job["tuning"]))
+    else:
+        parts.append(servers if job.get("resources") else Text("servers: none", style="dim"))
     parts.append(_events_table(events))
     metrics = job.get("metrics") or {}
     if metrics:
@@ -613,6 +625,31 @@ def _describe(job: Json, events: list[Json]) -> Group:
             mt.add_row(k, num(v))
         parts.append(mt)
     return Group(*parts)
+
+
+def _trials_table(tuning: Json) -> Table:
+    """A tuning job's trials: number, job, state, parameters, value of the metric (the best
+    one marked)."""
+    best = (tuning.get("best_trial") or {}).get("trial")
+    title = (
+        f"trials: {tuning.get('metric')} ({tuning.get('goal')}), "
+        f"{len(tuning.get('trials') or [])} of {tuning.get('max_trials')}"
+    )
+    table = Table(title=title, box=None, header_style="bold", title_justify="left")
+    for col in ("TRIAL", "JOB", "STATE", "HYPERPARAMETERS", "VALUE", "STEPS"):
+        table.add_column(col, no_wrap=col != "HYPERPARAMETERS")
+    for t in tuning.get("trials") or []:
+        value = "" if t.get("value") is None else num(t["value"])
+        mark = " (best)" if t.get("trial") == best else ""
+        table.add_row(
+            f"{t.get('trial')}{mark}",
+            str(t.get("job_id", "")),
+            state_text(str(t.get("state", ""))),
+            ", ".join(f"{k}={v}" for k, v in sorted((t.get("hyperparameters") or {}).items())),
+            value,
+            str(t.get("steps", 0)),
+        )
+    return table
 
 
 def _batch_rows(head: Table, pred: Json, output: Json) -> None:

@@ -196,12 +196,14 @@ def transition(
     message: str = "",
     *,
     failure: Failure | None = None,
+    tuning: bool = False,
     **values: Any,
 ) -> bool:
     """Compare-and-set the job's state; writes one event. False when the job was not in
-    `expected` (another worker moved it first): the caller then does nothing."""
+    `expected` (another worker moved it first): the caller then does nothing. `tuning`: the
+    job is a tuning job, which may also take states.TUNING_EDGES."""
     exp = [expected] if isinstance(expected, JobState) else list(expected)
-    exp = [e for e in exp if can_transition(e, to)]
+    exp = [e for e in exp if can_transition(e, to, tuning=tuning)]
     if not exp:
         raise ValueError(f"no allowed transition to {to} from {expected}")
     now = utcnow()
@@ -572,7 +574,13 @@ def serialize_job(
 ) -> dict[str, Any]:
     """The job as GET /v1/jobs/{id} returns it (docs/api.md); `usage` prices its servers'
     time with `flavors` (default: the configured catalogue, service.db.quotas.flavor_table)."""
-    return _serialized(job, resources(s, job.id), latest_metrics(s, job.id), flavors)
+    from service.db import tuning
+
+    out = _serialized(job, resources(s, job.id), latest_metrics(s, job.id), flavors)
+    block = tuning.summary(s, job)
+    if block is not None:
+        out["tuning"] = block
+    return out
 
 
 def serialize_new_job(job: Job) -> dict[str, Any]:
@@ -643,4 +651,7 @@ def _serialized(
         "queue_reason": job.queue_reason,
         "restarts": job.restarts or 0,
         "usage": quotas.job_usage(servers, flavors).as_dict(),
+        # a tuning trial: its tuning job and number (None for any other job)
+        "parent_id": job.parent_id,
+        "trial": job.trial,
     }

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
 )
@@ -94,9 +95,17 @@ class Job(Base):
     # which the current server's log file starts (workers/steps/restart.py)
     restarts: Mapped[int] = mapped_column(default=0, server_default="0")
     log_base: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # a hyperparameter tuning trial: its tuning job, its number there, and whether the median
+    # rule stopped it (workers/steps/tune.py)
+    parent_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL", name="fk_jobs_parent_id")
+    )
+    trial: Mapped[int | None]
+    trial_stopped: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     __table_args__ = (
         Index("ix_jobs_project_created", "project_id", "created_at", "id"),
+        UniqueConstraint("parent_id", "trial", name="uq_jobs_parent_trial"),
         Index("ix_jobs_trust_owed", "state", postgresql_where=text("trust_id IS NOT NULL")),
     )
 

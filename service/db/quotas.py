@@ -187,6 +187,8 @@ def in_use(
         serving = serving.where(Resource.project_id.in_(wanted))
     out: dict[str, Usage] = {p: Usage() for p in wanted or ()}
     for project, spec in s.execute(q):
+        if spec.get("tuning"):
+            continue  # a tuning job boots nothing: its trials hold (and are counted)
         out[project] = out.get(project, Usage()).plus(job_demand(spec, flavors, default_flavor))
     for project, flavor in [*s.execute(owing), *s.execute(serving)]:
         f = flavors.get(flavor)

@@ -297,8 +297,156 @@ class Prediction(_Strict):
         return self
 
 
+MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")]
+MAX_GRID = 10_000  # grid points a grid search may enumerate
+
+
+class TuningParameter(_Strict):
+    """One hyperparameter a tuning job searches: given to each trial as `--name=value`."""
+
+    name: Annotated[str, StringConstraints(pattern=ENV_NAME_RE)]
+    type: Literal["double", "integer", "discrete", "categorical"] = Field(
+        description="double: a real in [min, max]; integer: an integer in [min, max]; "
+        "discrete: one of `values` (numbers); categorical: one of `values` (strings)."
+    )
+    min: float | None = Field(default=None, allow_inf_nan=False, description="double, integer")
+    max: float | None = Field(default=None, allow_inf_nan=False, description="double, integer")
+    scale: Literal["linear", "log"] = Field(
+        default="linear",
+        description="double, integer: log samples evenly in log space (min must be > 0).",
+    )
+    values: list[float | str] | None = Field(
+        default=None, max_length=1000, description="discrete (numbers), categorical (strings)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuningParameter:
+        ranged = self.type in ("double", "integer")
+        if ranged:
+            if self.min is None or self.max is None:
+                raise ValueError(f"a {self.type} parameter needs min and max")
+            if self.values is not None:
+                raise ValueError(f"a {self.type} parameter takes min and max, not values")
+            if not self.min < self.max:
+                raise ValueError("min must be less than max")
+            if self.type == "integer" and not (self.min.is_integer() and self.max.is_integer()):
+                raise ValueError("an integer parameter's min and max are integers")
+            if self.scale == "log" and self.min <= 0:
+                raise ValueError("a log scale needs min > 0")
+            return self
+        if self.min is not None or self.max is not None:
+            raise ValueError(f"a {self.type} parameter takes values, not min and max")
+        if self.scale != "linear":
+            raise ValueError(f"a {self.type} parameter has no scale")
+        if not self.values:
+            raise ValueError(f"a {self.type} parameter needs at least one value")
+        want = str if self.type == "categorical" else (int, float)
+        if any(isinstance(v, bool) or not isinstance(v, want) for v in self.values):
+            kind = "strings" if self.type == "categorical" else "numbers"
+            raise ValueError(f"a {self.type} parameter's values are {kind}")
+        if len(set(self.values)) != len(self.values):
+            raise ValueError("values must not repeat")
+        for v in self.values:
+            if isinstance(v, str):
+                _check_text(v, "a value", 256)
+        return self
+
+
+class EarlyStopping(_Strict):
+    """The median stopping rule: a running trial whose best value of the metric so far is worse
+    than the median of the completed trials' values at the same step is stopped (cancelled)."""
+
+    rule: Literal["median"] = "median"
+    min_trials: int = Field(
+        default=2, ge=1, le=100, description="Completed trials needed before any is stopped."
+    )
+    min_steps: int = Field(
+        default=1,
+        ge=0,
+        description="A trial is not stopped before it reports a step past this one.",
+    )
+
+
+class Tuning(_Strict):
+    """Hyperparameter tuning: the job runs `max_trials` trials, each a training job of its own
+    with the spec's trainer and one choice of `parameters`, and keeps the best."""
+
+    metric: MetricName = Field(
+        description="The metric the trainer reports in its metric lines "
+        '({"stackml_metric": 1, "step": N, "<metric>": value}); a trial\'s value is its last.'
+    )
+    goal: Literal["minimize", "maximize"]
+    parameters: list[TuningParameter] = Field(min_length=1, max_length=32)
+    max_trials: int = Field(default=10, ge=1, le=100)
+    max_parallel_trials: int = Field(default=1, ge=1, le=32)
+    max_failed_trials: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="The tuning job fails (and cancels the trials still running) once this "
+        "many trials failed.",
+    )
+    algorithm: Literal["random", "grid", "tpe"] = Field(
+        default="tpe",
+        description="random; grid (integer, discrete and categorical parameters only: each "
+        "combination once, in order, at most max_trials of them); tpe (Bayesian: Optuna's "
+        "Tree-structured Parzen Estimator, random for its first trials).",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="Same seed, same parameters per trial."
+    )
+    early_stopping: EarlyStopping | None = Field(
+        default=None, description="Stop bad trials early (the median rule); default: never."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Tuning:
+        names = [p.name for p in self.parameters]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"parameter names must not repeat: {', '.join(dup)}")
+        if self.max_parallel_trials > self.max_trials:
+            raise ValueError("max_parallel_trials must not exceed max_trials")
+        if self.algorithm == "grid":
+            doubles = [p.name for p in self.parameters if p.type == "double"]
+            if doubles:
+                raise ValueError(
+                    f"a grid search takes integer, discrete and categorical parameters, not "
+                    f"double ones ({', '.join(doubles)}): give them as discrete values"
+                )
+            if grid_size(self) > MAX_GRID:
+                raise ValueError(f"the grid has more than {MAX_GRID} points")
+        return self
+
+    def trials(self) -> int:
+        """How many trials run: max_trials, or fewer when a grid has fewer points."""
+        if self.algorithm == "grid":
+            return min(self.max_trials, grid_size(self))
+        return self.max_trials
+
+
+def grid_size(tuning: Tuning) -> int:
+    size = 1
+    for p in tuning.parameters:
+        if p.type == "integer":
+            size *= int(p.max or 0) - int(p.min or 0) + 1
+        else:
+            size *= len(p.values or ())
+        if size > MAX_GRID:
+            return size
+    return size
+
+
 # the fields only one type of job takes (a field of the other type is refused, named)
-TRAINING_ONLY = ("trainer", "inputs", "output", "hyperparameters", "restart_policy", "max_restarts")
+TRAINING_ONLY = (
+    "trainer",
+    "inputs",
+    "output",
+    "hyperparameters",
+    "restart_policy",
+    "max_restarts",
+    "tuning",
+)
 BATCH_ONLY = ("prediction",)
 
 Scalar = str | int | float | bool
@@ -369,6 +517,12 @@ class JobSpec(_Strict):
     )
     labels: dict[Name, Annotated[str, StringConstraints(max_length=256)]] = Field(
         default_factory=dict, max_length=64
+    )
+    tuning: Tuning | None = Field(
+        default=None,
+        description="training only: hyperparameter tuning. The job runs trials, each a "
+        "training job of its own (its child) with one choice of `tuning.parameters` added to "
+        "`hyperparameters`, and ends with the best trial's model.",
     )
 
     @field_validator("hyperparameters")
@@ -466,6 +620,31 @@ def type_problems(spec: JobSpec) -> list[tuple[str, str]]:
             out.append(
                 ("prediction", "prediction is a batch_prediction field; set type: batch_prediction")
             )
+        out += tuning_problems(spec)
+    return out
+
+
+def tuning_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, message) for what a tuning job cannot also ask."""
+    if spec.tuning is None:
+        return []
+    out = []
+    fixed = sorted(set(spec.hyperparameters) & {p.name for p in spec.tuning.parameters})
+    if fixed:
+        out.append(
+            (
+                "tuning.parameters",
+                f"{', '.join(fixed)} is both a fixed hyperparameter and a tuned parameter",
+            )
+        )
+    if spec.output.model_uri is not None:
+        out.append(
+            (
+                "output.model_uri",
+                "a tuning job's trials each write to their own models/<trial job id>/; the "
+                "tuning job's output names the best one's",
+            )
+        )
     return out
 
 
@@ -481,6 +660,8 @@ def _non_default(spec: JobSpec, field: str) -> bool:
         return spec.restart_policy != "Never"
     if field == "max_restarts":
         return spec.max_restarts != JobSpec.model_fields["max_restarts"].default
+    if field == "tuning":
+        return spec.tuning is not None
     return bool(spec.hyperparameters)
 
 
@@ -499,6 +680,19 @@ def unbuilt_fields(spec: JobSpec) -> list[tuple[str, str]]:
     out = []
     if spec.resources.parameter_servers != 0:
         out.append(("resources.parameter_servers", "parameter servers are not available yet"))
+    if spec.tuning is not None and spec.output.gate is not None:
+        out.append(("output.gate", "an evaluation gate on a tuning job is not available yet"))
+    return out
+
+
+def trial_spec(data: dict[str, Any], number: int, params: dict[str, Scalar]) -> dict[str, Any]:
+    """Trial `number`'s spec (JSON) from its tuning job's stored spec: the same trainer and
+    resources, the tuned `params` added to its hyperparameters, no tuning, no registration (the
+    tuning job registers its best trial's model), and the default output (its own prefix)."""
+    out = {k: v for k, v in data.items() if k != "tuning"}
+    out["name"] = f"{str(data['name'])[:55]}-t{number}"
+    out["hyperparameters"] = {**(data.get("hyperparameters") or {}), **params}
+    out["output"] = {}
     return out
 
 

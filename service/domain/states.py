@@ -66,8 +66,15 @@ PHASE_OF_STATE = {
 }
 
 
-def can_transition(src: JobState, dst: JobState) -> bool:
-    return dst in ALLOWED[src]
+# a tuning job boots nothing (its trials are jobs of their own): it starts at once and ends
+# SUCCEEDED straight from RUNNING (its best trial exported the model); no other job may
+TUNING_EDGES = frozenset(
+    {(JobState.QUEUED, JobState.RUNNING), (JobState.RUNNING, JobState.SUCCEEDED)}
+)
+
+
+def can_transition(src: JobState, dst: JobState, *, tuning: bool = False) -> bool:
+    return dst in ALLOWED[src] or (tuning and (src, dst) in TUNING_EDGES)
 
 
 class ResourceState(StrEnum):
@@ -116,6 +123,7 @@ class FailureReason(StrEnum):
     TRAINER_EXIT_NONZERO = "trainer_exit_nonzero"
     TIMEOUT = "timeout"
     SERVER_LOST = "server_lost"
+    TRIALS_FAILED = "trials_failed"  # a tuning job: too many trials failed, or none succeeded
     # export
     NO_MODEL = "no_model"
     UPLOAD_FAILED = "upload_failed"

@@ -801,3 +801,37 @@ def test_describe_shows_the_restarts_of_a_restartable_job_only(
     desc = run("jobs", "describe", restartable)
     assert desc.exit_code == 0, desc.output
     assert re.search(r"restarts\s+0 of 3 \(OnFailure\)", desc.stdout), desc.stdout
+
+
+def test_submit_tuning_from_a_file_and_describe_shows_the_trials(
+    run: Callable[..., Result], trainer_dir: Path, db_url: str, tmp_path: Path
+) -> None:
+    from service.db import jobs as repo
+    from service.db import tuning as tuning_repo
+    from service.db.models import MetricRow
+
+    section = {
+        "metric": "loss",
+        "goal": "minimize",
+        "parameters": [{"name": "lr", "type": "discrete", "values": [0.1, 0.01]}],
+        "max_trials": 2,
+    }
+    (tmp_path / "tuning.json").write_text(json.dumps(section))
+    res = submit(run, trainer_dir, "--tuning", str(tmp_path / "tuning.json"), "-o", "json")
+    assert res.exit_code == 0, res.output
+    job = json.loads(res.stdout)
+    assert job["state"] == "RUNNING" and job["spec"]["tuning"]["max_trials"] == 2
+    with session_scope(db_url) as s:
+        parent = repo.get_job(s, job["id"])
+        for n, (lr, loss) in enumerate([(0.1, 0.7), (0.01, 0.2)], start=1):
+            child = tuning_repo.create_trial(s, parent, n, {"lr": lr}, "p/", "local://{}".format)
+            s.add(MetricRow(job_id=child.id, name="loss", value=loss, step=3, log_offset=0))
+            child.state = "SUCCEEDED"
+    desc = run("jobs", "describe", job["id"])
+    assert desc.exit_code == 0, desc.output
+    assert "trials: loss (minimize), 2 of 2" in desc.stdout
+    assert re.search(r"2 \(best\)\s+job-\S+\s+SUCCEEDED\s+lr=0.01\s+0.2", desc.stdout), desc.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1]")
+    res = submit(run, trainer_dir, "--tuning", str(bad))
+    assert res.exit_code == 2 and "must hold a JSON object (the tuning section)" in res.output

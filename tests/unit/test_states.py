@@ -74,6 +74,13 @@ def test_forbidden_transitions(a, b):
     assert not can_transition(a, b)
 
 
+def test_only_a_tuning_job_starts_at_once_and_succeeds_from_running():
+    for a, b in ((S.QUEUED, S.RUNNING), (S.RUNNING, S.SUCCEEDED)):
+        assert not can_transition(a, b) and can_transition(a, b, tuning=True)
+    assert not can_transition(S.QUEUED, S.SUCCEEDED, tuning=True)
+    assert not can_transition(S.PROVISIONING, S.SUCCEEDED, tuning=True)
+
+
 def test_allocation_may_requeue():
     assert can_transition(S.ALLOCATING, S.QUEUED)
 

@@ -16,7 +16,7 @@ from service.domain.states import FailureReason, JobState, Phase
 from workers import jobctx, ssh
 from workers.base import TRANSIENT
 from workers.jobctx import JOB_DIR, db
-from workers.steps import batch_servers, restart
+from workers.steps import batch_servers, restart, tune
 
 MAX_PULL = 1 << 20
 TAIL_LINES = 20
@@ -29,6 +29,9 @@ def run(job_id: str) -> None:
 
 
 def _poll(ctx: jobctx.StepContext) -> None:
+    if ctx.spec.tuning is not None:
+        tune.run(ctx)  # a tuning job: no server, its trials are jobs of their own
+        return
     cfg = jobctx.settings()
     job_id = ctx.job_id
     if ctx.target is None:

@@ -128,10 +128,14 @@ def inspect_artifact(store: ObjectStore, uri: str) -> tuple[dict[str, Any], dict
     return checksums, signature
 
 
-def register_job_output(s: Any, job: Job, by: str = repo.SYSTEM) -> int | None:
+def register_job_output(
+    s: Any, job: Job, source: Job | None = None, by: str = repo.SYSTEM
+) -> int | None:
     """For a job that just SUCCEEDED with output.register_as: its model (created when
-    missing) gets a new CREATING version of the job's output, with the job's final metrics.
-    Returns the version's id for stackml.register_version, or None when nothing is asked."""
+    missing) gets a new CREATING version of the job's output, with the final metrics of
+    `source` (default: the job; a tuning job's best trial), which the version names as its
+    source job. Returns the version's id for stackml.register_version, or None when nothing
+    is asked."""
     name = ((job.spec or {}).get("output") or {}).get("register_as")
     uri = (job.output or {}).get("model_uri")
     if not isinstance(name, str) or not isinstance(uri, str):
@@ -142,8 +146,8 @@ def register_job_output(s: Any, job: Job, by: str = repo.SYSTEM) -> int | None:
         model,
         artifact_uri=uri if uri.endswith("/") else uri + "/",
         by=by,
-        source_job_id=job.id,
-        metrics=jobs_repo.latest_metrics(s, job.id),
+        source_job_id=(source or job).id,
+        metrics=jobs_repo.latest_metrics(s, (source or job).id),
     )
     gate = ((job.spec or {}).get("output") or {}).get("gate")
     if isinstance(gate, dict):

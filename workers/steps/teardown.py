@@ -6,8 +6,9 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
-from service import trusts
+from service import queue, trusts
 from service.backends import registry
 from service.backends.interfaces import ComputeBackend, ServerState
 from service.db import evaluations
@@ -37,6 +38,8 @@ def run(job_id: str) -> None:
         if not (job.state in (JobState.CANCELLING.value,) or JobState(job.state).terminal):
             return
         trust_id = job.trust_id
+        if (job.spec or {}).get("tuning"):
+            _cancel_trials(s, job_id)  # a tuning job's trials end with it
         backend = jobctx.compute(trust_id)
         # an evaluation gate not yet DONE keeps its server, the job's tag and its trust (its
         # own step enqueues this teardown again when it is done: workers/steps/evaluate.py)
@@ -116,6 +119,21 @@ def run(job_id: str) -> None:
             repo.add_event(s, job_id, "teardown", "all servers deleted")
     if trust_id is not None:
         release_trust(job_id, trust_id, swept=True)
+
+
+def _cancel_trials(s: Session, job_id: str) -> None:
+    """Cancel the active trials of a tuning job that is cancelled or ended (each trial's own
+    cancel task tears its servers down)."""
+    from service.db.tuning import trial_rows
+
+    for child in trial_rows(s, job_id):
+        if JobState(child.state).terminal:
+            continue
+        asked = repo.request_cancel(s, child.id, f"its tuning job {job_id} ended")
+        if asked is repo.CancelRequest.TEARDOWN:
+            repo.add_event(s, job_id, "trial", f"trial {child.trial} ({child.id}) cancelled")
+            s.commit()  # before the cancel task looks
+            jobctx.next_step(queue.CANCEL, child.id)
 
 
 def _sweep(backend: ComputeBackend, job_id: str) -> None:
