@@ -386,13 +386,17 @@ class StackMLClient:
     def delete_job(self, job_id: str) -> None:
         self._request("DELETE", f"/v1/jobs/{_seg(job_id)}")
 
-    def events(self, job_id: str) -> Json:
-        """The timeline as the API returns it: `{"events": [...]}`."""
-        result: Json = self._json("GET", f"/v1/jobs/{_seg(job_id)}/events")
+    def events(self, job_id: str, replica: str | None = None) -> Json:
+        """The timeline as the API returns it: `{"events": [...]}`; with `replica`
+        (`worker-<k>`), only the events about that replica."""
+        params = {"replica": replica} if replica else None
+        result: Json = self._json("GET", f"/v1/jobs/{_seg(job_id)}/events", params=params)
         return result
 
-    def metrics(self, job_id: str) -> Json:
-        result: Json = self._json("GET", f"/v1/jobs/{_seg(job_id)}/metrics")
+    def metrics(self, job_id: str, replica: str | None = None) -> Json:
+        """The metric series: the chief's (the job's), or `replica`'s (`worker-<k>`)."""
+        params = {"replica": replica} if replica else None
+        result: Json = self._json("GET", f"/v1/jobs/{_seg(job_id)}/metrics", params=params)
         return result
 
     def logs(self, job_id: str, offset: int = 0, replica: str | None = None) -> tuple[bytes, int]:

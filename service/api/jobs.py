@@ -576,16 +576,10 @@ def logs(job_id: str) -> Response:
     offset = _int_arg("offset", 0, 0, 1 << 62)
     follow = bool_arg("follow")
     limit = _int_arg("limit", LOG_CHUNK, 1, MAX_LOG_LIMIT)
-    replica_name = request.args.get("replica") or "chief"
     with c.session() as s:
         job = _job(s, job_id)
         state = job.state
-        try:
-            replica = cluster.replica_index(
-                replica_name, JobSpec.model_validate(job.spec).servers()
-            )
-        except ValueError as e:
-            raise InvalidRequest(str(e), details={"parameter": "replica"}) from e
+        replica = _replica_arg(job) or 0
         if not follow:
             data, nxt = repo.read_log(s, job_id, offset, limit, replica=replica)
     headers = {"X-Job-State": state, "Cache-Control": "no-store"}
@@ -596,6 +590,18 @@ def logs(job_id: str) -> Response:
     gen = _follow(c, job_id, offset, timeout, _follow_interval(), replica)
     headers["X-Accel-Buffering"] = "no"  # proxies must not buffer a followed log
     return Response(gen, mimetype="text/plain", headers=headers)
+
+
+def _replica_arg(job: Job) -> int | None:
+    """The replica `?replica=` names (`chief`: 0, `worker-<k>`: k); None when not given; 400
+    naming the job's replicas for one it does not have."""
+    name = request.args.get("replica")
+    if name is None:
+        return None
+    try:
+        return cluster.replica_index(name, JobSpec.model_validate(job.spec).servers())
+    except ValueError as e:
+        raise InvalidRequest(str(e), details={"parameter": "replica"}) from e
 
 
 def _follow_interval() -> float:
@@ -630,8 +636,10 @@ def _follow(
 def events(job_id: str) -> Response:
     c = ctx()
     with c.session() as s:
-        _job(s, job_id)
+        replica = _replica_arg(_job(s, job_id))
         rows = repo.events(s, job_id)
+        if replica is not None:  # the replica's own events (chief: those of the job)
+            rows = [e for e in rows if (e.replica or 0) == replica]
         body = {
             "events": [
                 {
@@ -640,6 +648,7 @@ def events(job_id: str) -> Response:
                     "from": e.from_state,
                     "to": e.to_state,
                     "message": e.message,
+                    "replica": None if e.replica is None else cluster.replica_name(e.replica),
                 }
                 for e in rows
             ]
@@ -651,6 +660,6 @@ def events(job_id: str) -> Response:
 def metrics(job_id: str) -> Response:
     c = ctx()
     with c.session() as s:
-        _job(s, job_id)
-        body: dict[str, Any] = {"metrics": repo.metrics(s, job_id)}
+        replica = _replica_arg(_job(s, job_id)) or 0
+        body: dict[str, Any] = {"metrics": repo.metrics(s, job_id, replica)}
     return jsonify(body)

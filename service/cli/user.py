@@ -682,9 +682,10 @@ def _events_table(events: list[Json]) -> Table:
         table.add_column(col, no_wrap=True)
     table.add_column("MESSAGE")
     for ev in events:
+        who = f"{ev['replica']}: " if ev.get("replica") else ""
         table.add_row(
             short_time(ev.get("at")),
-            str(ev.get("kind") or ""),
+            who + str(ev.get("kind") or ""),
             state_text(ev.get("from_state") or ev.get("from") or ""),
             state_text(ev.get("to_state") or ev.get("to") or ""),
             str(ev.get("message") or ""),
@@ -788,11 +789,16 @@ def jobs_delete(ctx: click.Context, job_id: str) -> None:
 
 @jobs.command("events")
 @click.argument("job_id")
+@click.option(
+    "--replica",
+    metavar="NAME",
+    help="Only the events about one replica: worker-1, worker-2, ...",
+)
 @output_option
 @click.pass_context
-def jobs_events(ctx: click.Context, job_id: str, output: str) -> None:
+def jobs_events(ctx: click.Context, job_id: str, replica: str | None, output: str) -> None:
     """The job's timeline: every state transition, with its time and message."""
-    body = client_of(ctx).events(job_id)
+    body = client_of(ctx).events(job_id, replica)
     if output == "json":
         print_json(body)
         return
@@ -812,13 +818,24 @@ def jobs_events(ctx: click.Context, job_id: str, output: str) -> None:
 @click.option(
     "--width", type=click.IntRange(10, 400), default=60, show_default=True, help="--plot's width."
 )
+@click.option(
+    "--replica",
+    metavar="NAME",
+    help="Another replica's metrics: worker-1, worker-2, ... Default: the chief's (the job's).",
+)
 @output_option
 @click.pass_context
 def jobs_metrics(
-    ctx: click.Context, job_id: str, plot: bool, only: tuple[str, ...], width: int, output: str
+    ctx: click.Context,
+    job_id: str,
+    plot: bool,
+    only: tuple[str, ...],
+    width: int,
+    replica: str | None,
+    output: str,
 ) -> None:
     """The metric series the trainer printed (by epoch, or by step); --plot draws them."""
-    body = client_of(ctx).metrics(job_id)
+    body = client_of(ctx).metrics(job_id, replica)
     if output == "json":
         if plot:
             raise click.UsageError("--plot draws text; it does not combine with -o json")

@@ -21,10 +21,12 @@ from service.db.models import (
     LogChunk,
     MetricRow,
     ReplicaLogChunk,
+    ReplicaMetricRow,
     Resource,
     iso,
     utcnow,
 )
+from service.domain.cluster import replica_name
 from service.domain.errors import InvalidRequest, NotFound
 from service.domain.metrics import MetricPoint, inspect_metric_line, points_allowed
 from service.domain.spec import JobSpec, stored
@@ -248,8 +250,11 @@ def transition(
     return False
 
 
-def add_event(s: Session, job_id: str, kind: str, message: str) -> None:
-    s.add(JobEvent(job_id=job_id, at=utcnow(), kind=kind, message=message))
+def add_event(
+    s: Session, job_id: str, kind: str, message: str, *, replica: int | None = None
+) -> None:
+    """An event of the job's timeline; `replica` (k >= 1): about replica `worker-<k>`."""
+    s.add(JobEvent(job_id=job_id, at=utcnow(), kind=kind, message=message, replica=replica))
 
 
 def touch(s: Session, job_id: str, **values: Any) -> None:
@@ -291,11 +296,13 @@ def append_log(
 
 
 def _ingest_metrics(
-    s: Session, job_id: str, offset: int, data: bytes, max_points: int | None
+    s: Session, job_id: str, offset: int, data: bytes, max_points: int | None, replica: int = 0
 ) -> None:
+    """The metric lines of log bytes stored at `offset` of the chief's log (`metrics`), or of
+    replica k's (`replica_metrics`); at most `max_points` per log."""
     # a line cut between two pulls is completed with the stored bytes before `offset`;
     # the last, unterminated piece waits for the next pull
-    prefix = _partial_line_before(s, job_id, offset)
+    prefix = _partial_line_before(s, job_id, offset, replica)
     pos = offset - len(prefix)
     points: list[tuple[int, MetricPoint]] = []
     problems: list[str] = []
@@ -310,52 +317,66 @@ def _ingest_metrics(
     if not points:
         return
     if max_points is not None:
-        stored = s.scalar(select(func.count()).where(MetricRow.job_id == job_id)) or 0
+        if replica:
+            held = select(func.count()).where(
+                ReplicaMetricRow.job_id == job_id, ReplicaMetricRow.replica == replica
+            )
+        else:
+            held = select(func.count()).where(MetricRow.job_id == job_id)
+        stored = s.scalar(held) or 0
         room = points_allowed(stored, max_points)
         if len(points) > room:
-            if stored < max_points or not _capped(s, job_id):
+            if stored < max_points or not _capped(s, job_id, replica):
+                whose = f"replica {replica_name(replica)}'s log" if replica else "the job"
                 add_event(
                     s,
                     job_id,
                     METRICS_CAPPED,
-                    f"the job holds max_metric_points={max_points} metric points; "
+                    f"{whose} holds max_metric_points={max_points} metric points; "
                     "later points are not stored (its log keeps every line)",
+                    replica=replica or None,
                 )
             points = points[:room]
     now = utcnow()
     for line_off, p in points:
-        s.add(
-            MetricRow(
-                job_id=job_id,
-                name=p.name,
-                value=p.value,
-                step=p.step,
-                epoch=p.epoch,
-                log_offset=line_off,
-                at=now,
-            )
+        row = dict(
+            job_id=job_id,
+            name=p.name,
+            value=p.value,
+            step=p.step,
+            epoch=p.epoch,
+            log_offset=line_off,
+            at=now,
         )
+        s.add(ReplicaMetricRow(replica=replica, **row) if replica else MetricRow(**row))
     s.flush()
 
 
 METRICS_CAPPED = "metrics_capped"
 
 
-def _capped(s: Session, job_id: str) -> bool:
+def _capped(s: Session, job_id: str, replica: int = 0) -> bool:
     q = select(JobEvent.id).where(JobEvent.job_id == job_id, JobEvent.kind == METRICS_CAPPED)
+    q = q.where(JobEvent.replica == replica if replica else JobEvent.replica.is_(None))
     return s.scalars(q.limit(1)).first() is not None
 
 
-def _partial_line_before(s: Session, job_id: str, offset: int) -> bytes:
-    """The bytes after the last newline before `offset` (a line cut between two pulls)."""
+def _partial_line_before(s: Session, job_id: str, offset: int, replica: int = 0) -> bytes:
+    """The bytes after the last newline before `offset` (a line cut between two pulls) of
+    the chief's log, or of replica k's."""
     if offset == 0:
         return b""
-    prev = s.scalars(
-        select(LogChunk)
-        .where(LogChunk.job_id == job_id, LogChunk.offset < offset)
-        .order_by(LogChunk.offset.desc())
-        .limit(1)
-    ).one_or_none()
+    if replica:
+        q: Any = select(ReplicaLogChunk).where(
+            ReplicaLogChunk.job_id == job_id,
+            ReplicaLogChunk.replica == replica,
+            ReplicaLogChunk.offset < offset,
+        )
+        q = q.order_by(ReplicaLogChunk.offset.desc())
+    else:
+        q = select(LogChunk).where(LogChunk.job_id == job_id, LogChunk.offset < offset)
+        q = q.order_by(LogChunk.offset.desc())
+    prev = s.scalars(q.limit(1)).one_or_none()
     if prev is None:
         return b""
     nl = prev.data.rfind(b"\n")
@@ -394,11 +415,19 @@ def read_log(
 
 
 def append_replica_log(
-    s: Session, job_id: str, replica: int, resource_id: int, file_offset: int, data: bytes
+    s: Session,
+    job_id: str,
+    replica: int,
+    resource_id: int,
+    file_offset: int,
+    data: bytes,
+    *,
+    max_points: int | None = None,
 ) -> bool:
     """Store bytes pulled from `file_offset` of the log file on replica `replica`'s server
     (resource `resource_id`) at the end of that replica's log; idempotent under redelivery
-    (CAS on the resource's log_offset). False when another poll stored them first."""
+    (CAS on the resource's log_offset). Its metric lines become that replica's points (as
+    append_log's). False when another poll stored them first."""
     if not data:
         return False
     res = s.execute(
@@ -413,8 +442,16 @@ def append_replica_log(
             ReplicaLogChunk.job_id == job_id, ReplicaLogChunk.replica == replica
         )
     )
-    s.add(ReplicaLogChunk(job_id=job_id, replica=replica, offset=int(end or 0), data=data))
+    at = int(end or 0)
+    s.add(ReplicaLogChunk(job_id=job_id, replica=replica, offset=at, data=data))
     s.flush()
+    try:
+        with s.begin_nested():
+            _ingest_metrics(s, job_id, at, data, max_points, replica)
+    except Exception as e:  # noqa: BLE001 - trainer output never costs the log its bytes
+        log.warning(
+            "job %s: replica %d's metrics at offset %d not stored: %s", job_id, replica, at, e
+        )
     return True
 
 
@@ -426,13 +463,23 @@ def log_tail(s: Session, job_id: str, lines: int = 20) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
-def metrics(s: Session, job_id: str) -> dict[str, list[dict[str, Any]]]:
+def metrics(s: Session, job_id: str, replica: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """The job's metric series by name: the chief's (the job's own), or replica k's."""
     series: dict[str, list[dict[str, Any]]] = {}
-    for m in s.scalars(
-        select(MetricRow)
-        .where(MetricRow.job_id == job_id)
-        .order_by(MetricRow.log_offset, MetricRow.id)
-    ):
+    rows: Iterable[MetricRow | ReplicaMetricRow]
+    if replica:
+        rows = s.scalars(
+            select(ReplicaMetricRow)
+            .where(ReplicaMetricRow.job_id == job_id, ReplicaMetricRow.replica == replica)
+            .order_by(ReplicaMetricRow.log_offset, ReplicaMetricRow.id)
+        )
+    else:
+        rows = s.scalars(
+            select(MetricRow)
+            .where(MetricRow.job_id == job_id)
+            .order_by(MetricRow.log_offset, MetricRow.id)
+        )
+    for m in rows:
         series.setdefault(m.name, []).append(
             {"value": m.value, "step": m.step, "epoch": m.epoch, "at": iso(m.at)}
         )
@@ -564,7 +611,15 @@ def stalled_jobs(s: Session, before: datetime, limit: int = 100) -> list[Job]:
 
 
 def delete_job(s: Session, job_id: str) -> None:
-    for model in (LogChunk, ReplicaLogChunk, MetricRow, JobEvent, JobLabel, Resource):
+    for model in (
+        LogChunk,
+        ReplicaLogChunk,
+        MetricRow,
+        ReplicaMetricRow,
+        JobEvent,
+        JobLabel,
+        Resource,
+    ):
         s.execute(delete(model).where(model.job_id == job_id))
     s.execute(delete(Job).where(Job.id == job_id))
 

@@ -128,6 +128,8 @@ class JobEvent(Base):
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str | None] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text, default="")
+    # the replica the event is about (k >= 1: `worker-<k>`); None: the job as a whole
+    replica: Mapped[int | None] = mapped_column(SmallInteger)
 
 
 class Resource(Base):
@@ -202,6 +204,28 @@ class ReplicaLogChunk(Base):
     replica: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ReplicaMetricRow(Base):
+    """A metric point from replica k's log (ReplicaLogChunk): `metrics` holds the chief's."""
+
+    __tablename__ = "replica_metrics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    replica: Mapped[int] = mapped_column(SmallInteger)
+    name: Mapped[str] = mapped_column(String(128))
+    value: Mapped[float] = mapped_column(Float)
+    step: Mapped[int | None]
+    epoch: Mapped[int | None]
+    log_offset: Mapped[int] = mapped_column(BigInteger)  # in the replica's log
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint(
+            "job_id", "replica", "log_offset", "name", name="uq_replica_metrics_point"
+        ),
+    )
 
 
 class MetricRow(Base):

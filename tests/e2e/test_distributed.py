@@ -96,6 +96,15 @@ def test_two_replicas_train_under_mwms_and_a_lost_one_restarts_the_cluster_from_
     assert worker_log.count(worker_line) == 2, worker_log[-3000:]
     assert "(not the chief)" in worker_log and "Epoch 1/" not in worker_log, worker_log[-3000:]
     assert worker_log.count("trainer: resuming from") == 1, worker_log[-3000:]
+    # the worker's metrics and events are its own
+    # (what it printed after its last pull before its sandbox was killed went with it)
+    worker_loss = client.metrics(job["id"], replica="worker-1")["metrics"]["loss"]
+    after = int(resumed[0].rsplit(" ", 1)[-1])
+    seen = {p["epoch"] for p in worker_loss}
+    assert 1 in seen and set(range(after + 1, epochs + 1)) <= seen, worker_loss
+    worker_events = client.events(job["id"], replica="worker-1")["events"]
+    assert worker_events and all(e["replica"] == "worker-1" for e in worker_events)
+    assert any("exited 0" in e["message"] for e in worker_events), worker_events
     names = [r["name"] for r in done["resources"]]
     assert len(names) == 4 and names[2].endswith("-chief-0-r1"), names
     assert names[3].endswith("-r1-worker-1"), names

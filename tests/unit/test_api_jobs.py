@@ -564,6 +564,22 @@ def test_logs_by_offset(client, package_uri, spec, db_url, error_of):
         error_of(client.get(f"/v1/jobs/{job_id}/logs?{q}"), 400, "invalid_request")
 
 
+def replica_server(s: Any, job_id: str, name: str) -> int:
+    """A worker server row of `job_id` (its resource id)."""
+    r = Resource(
+        job_id=job_id,
+        project_id="p",
+        backend="sandbox",
+        role="worker",
+        name=f"stackml-{job_id}-{name}",
+        flavor="cpu.small",
+        state=ResourceState.ACTIVE.value,
+    )
+    s.add(r)
+    s.flush()
+    return int(r.id)
+
+
 def test_a_replicas_log_is_its_own_and_a_replica_the_job_lacks_is_400(
     client, package_uri, spec, db_url, error_of
 ):
@@ -572,18 +588,7 @@ def test_a_replicas_log_is_its_own_and_a_replica_the_job_lacks_is_400(
     job_id = submit(client, body).get_json()["id"]
 
     def server(s: Any, name: str) -> int:
-        r = Resource(
-            job_id=job_id,
-            project_id="p",
-            backend="sandbox",
-            role="worker",
-            name=f"stackml-{job_id}-{name}",
-            flavor="cpu.small",
-            state=ResourceState.ACTIVE.value,
-        )
-        s.add(r)
-        s.flush()
-        return int(r.id)
+        return replica_server(s, job_id, name)
 
     with session_scope(db_url) as s:
         repo.append_log(s, job_id, 0, b"chief says\n")
@@ -606,6 +611,46 @@ def test_a_replicas_log_is_its_own_and_a_replica_the_job_lacks_is_400(
     alone = submit(client, spec(package_uri)).get_json()["id"]
     err = error_of(client.get(f"/v1/jobs/{alone}/logs?replica=worker-1"), 400, "invalid_request")
     assert "one server (chief)" in err["message"], err
+
+
+def test_a_replicas_metrics_and_events_are_its_own(client, package_uri, spec, db_url, error_of):
+    body = spec(package_uri)
+    body["resources"] = {"workers": 2}
+    job_id = submit(client, body).get_json()["id"]
+    line = b'{"stackml_metric": 1, "step": %d, "loss": %s}\n'
+    with session_scope(db_url) as s:
+        repo.append_log(s, job_id, 0, line % (1, b"0.9"), max_points=10)
+        rid = replica_server(s, job_id, "worker-1")
+        # a metric line cut between two pulls is whole once its end arrives
+        first = line % (1, b"0.5") + line % (2, b"0.4")
+        assert repo.append_replica_log(s, job_id, 1, rid, 0, first[:-10], max_points=10)
+        assert repo.append_replica_log(
+            s, job_id, 1, rid, len(first) - 10, first[-10:], max_points=10
+        )
+        # replica 1 holds at most 10 points of its own; the chief's 1 does not count
+        many = b"".join(line % (k, b"0.1") for k in range(3, 20))
+        assert repo.append_replica_log(s, job_id, 1, rid, len(first), many, max_points=10)
+        repo.add_event(s, job_id, "poll", "replica worker-1 exited 0: done", replica=1)
+    chief = client.get(f"/v1/jobs/{job_id}/metrics").get_json()["metrics"]["loss"]
+    assert [(p["step"], p["value"]) for p in chief] == [(1, 0.9)]
+    assert client.get(f"/v1/jobs/{job_id}/metrics?replica=chief").get_json()["metrics"] == {
+        "loss": chief
+    }
+    one = client.get(f"/v1/jobs/{job_id}/metrics?replica=worker-1").get_json()["metrics"]["loss"]
+    assert [(p["step"], p["value"]) for p in one[:2]] == [(1, 0.5), (2, 0.4)]
+    assert len(one) == 10
+    assert client.get(f"/v1/jobs/{job_id}").get_json()["metrics"] == {"loss": 0.9}
+    events = client.get(f"/v1/jobs/{job_id}/events?replica=worker-1").get_json()["events"]
+    assert [(e["kind"], e["replica"]) for e in events] == [
+        ("metrics_capped", "worker-1"),
+        ("poll", "worker-1"),
+    ]
+    assert "replica worker-1's log holds max_metric_points=10" in events[0]["message"]
+    everything = client.get(f"/v1/jobs/{job_id}/events").get_json()["events"]
+    assert everything[0]["replica"] is None and len(everything) == len(events) + 1
+    for what in ("metrics", "events"):
+        err = error_of(client.get(f"/v1/jobs/{job_id}/{what}?replica=worker-2"), 400)
+        assert "chief, worker-1" in err["message"]
 
 
 def test_follow_streams_until_terminal(client, package_uri, spec, db_url):

@@ -364,7 +364,15 @@ def _store_log(job_id: str, w: Worker, data: bytes) -> None:
         return
     try:
         with db() as s:
-            repo.append_replica_log(s, job_id, w.index, w.resource_id, w.log_offset, data)
+            repo.append_replica_log(
+                s,
+                job_id,
+                w.index,
+                w.resource_id,
+                w.log_offset,
+                data,
+                max_points=jobctx.settings().max_metric_points,
+            )
     except TRANSIENT:
         raise  # the database is down: the task retries, as for any step
     except Exception:  # noqa: BLE001 - a replica's output must never break the poll

@@ -97,7 +97,7 @@ def _poll(ctx: jobctx.StepContext) -> None:
                 for o in others:
                     last = o.tail.strip().splitlines()[-1:] or ["(no log)"]
                     who = batch_servers.label(ctx.spec, o.index)
-                    repo.add_event(s, job_id, "poll", f"{who} exited 0: {last[0]}")
+                    repo.add_event(s, job_id, "poll", f"{who} exited 0: {last[0]}", replica=o.index)
                 moved = repo.transition(
                     s,
                     job_id,

@@ -176,13 +176,17 @@ def train_distributed(strategy, is_chief: bool, x, y, args: argparse.Namespace) 
             total, total_mae, steps = total + float(loss), total_mae + float(mae), steps + 1
         epoch.assign(e + 1)
         saves.save()
+        seconds = time.monotonic() - started
         if is_chief:
             print(
-                f"Epoch {e + 1}/{args.epochs} - {time.monotonic() - started:.1f}s - "
+                f"Epoch {e + 1}/{args.epochs} - {seconds:.1f}s - "
                 f"loss: {total / steps:.4f} - mae: {total_mae / steps:.4f}",
                 flush=True,
             )
-            emit({"loss": total / steps, "mae": total_mae / steps}, epoch=e + 1)
+        # every replica reports (the job's metrics are the chief's; a worker's are its own)
+        emit(
+            {"loss": total / steps, "mae": total_mae / steps, "epoch_seconds": seconds}, epoch=e + 1
+        )
     return model
 
 
