@@ -676,6 +676,8 @@ def _serialized(
             "reason": job.failure_reason,
             "message": job.failure_message,
         }
+    if flavors is None and any(r.active_at is not None for r in servers):
+        flavors = quotas.flavor_table()  # once for the job and each of its servers
     return {
         "id": job.id,
         "name": job.name,
@@ -697,6 +699,7 @@ def _serialized(
                 "state": r.state,
                 "created_at": iso(r.created_at),
                 "deleted_at": iso(r.deleted_at),
+                "usage": quotas.job_usage([r], flavors).as_dict(),  # this server's share
             }
             for r in servers
         ],

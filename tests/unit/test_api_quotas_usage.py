@@ -343,6 +343,12 @@ def test_a_job_carries_its_usage(client_db) -> None:
     assert job["usage"] == {"vm_seconds": 1800.0, "gpu_hours": 1.0, "cost": 2.0}
     listed = client.get("/v1/jobs").get_json()["jobs"][0]
     assert listed["usage"] == job["usage"]
+    # each server carries its own share: the one that ran, and the one that never did
+    assert [r["usage"] for r in job["resources"]] == [
+        {"vm_seconds": 1800.0, "gpu_hours": 1.0, "cost": 2.0},
+        {"vm_seconds": 0.0, "gpu_hours": 0.0, "cost": 0.0},
+    ]
+    assert [r["usage"] for r in listed["resources"]] == [r["usage"] for r in job["resources"]]
     fresh = _job(db, "local")
     assert client.get(f"/v1/jobs/{fresh}").get_json()["usage"] == {
         "vm_seconds": 0.0,
