@@ -4,12 +4,18 @@
    work (matrix products), writing an 8 MiB checkpoint every 10 steps, and reports the median
    seconds of its steps. It runs as a job with restart_policy Never (no sync: the baseline)
    and with OnFailure (the runner syncs every 2 s, five times as often as the default),
-   alternately, BENCH_PAIRS times, on the same platform. Target (issue #12): <= 5%.
+   alternately (and which goes first in turn), BENCH_PAIRS times, on the same platform.
+   Target (issue #12): <= 5%.
 2. A lost server to training resumed. A job with restart_policy OnFailure writes its
    checkpoint, which is synced; the bench SIGKILLs its sandbox and measures the seconds from
    the kill to the first line the resumed trainer prints, with the detection (the kill to the
    `restart` event) and the new server's boot + provision + restore inside it. The baseline,
    in the same run: a fresh job of the same trainer from submission to its first line.
+3. A lost replica to training resumed. The same with a distributed job (resources.workers 2,
+   MultiWorkerMirroredStrategy's restart-all failover): the bench SIGKILLs the sandbox of
+   replica worker-1, and measures the kill to the first line of the resumed chief (both
+   replicas restart on new servers, the chief's checkpoints restored on each). The baseline:
+   a fresh two-replica job to its chief's first line.
 
 Prints each figure, then one JSON line with all of them.
 """
@@ -122,11 +128,15 @@ def step_time(client: StackMLClient, uri: str, policy: str) -> float:
     raise SystemExit(f"job {job['id']} printed no step time")
 
 
-def recovery(client: StackMLClient, settings: Settings, uri: str) -> dict[str, float]:
+def recovery(
+    client: StackMLClient, settings: Settings, uri: str, replicas: int = 1
+) -> dict[str, float]:
+    """Kill the sandbox of the job's last replica (the only one, or worker-<replicas-1>)."""
     job = client.create_job(
         {
-            "name": "bench-restart",
+            "name": "bench-restart" if replicas == 1 else "bench-restart-replica",
             "trainer": {"package_uri": uri, "module": "trainer.resumer"},
+            "resources": {"workers": replicas},
             "restart_policy": "OnFailure",
             "max_restarts": 1,
         }
@@ -152,11 +162,15 @@ def recovery(client: StackMLClient, settings: Settings, uri: str) -> dict[str, f
     }
 
 
-def fresh_start(client: StackMLClient, uri: str) -> float:
+def fresh_start(client: StackMLClient, uri: str, replicas: int = 1) -> float:
     """Submission to the first line of a new job of the same trainer (then it is cancelled)."""
     t0 = time.time()
     job = client.create_job(
-        {"name": "bench-fresh", "trainer": {"package_uri": uri, "module": "trainer.resumer"}}
+        {
+            "name": "bench-fresh",
+            "trainer": {"package_uri": uri, "module": "trainer.resumer"},
+            "resources": {"workers": replicas},
+        }
     )
     t1 = _first_line_at(client, job["id"], b"started", 120)
     client.cancel_job(job["id"])
@@ -189,17 +203,26 @@ def main() -> int:
     on: list[float] = []
     kills: list[dict[str, float]] = []
     fresh: list[float] = []
+    replica_kills: list[dict[str, float]] = []
+    replica_fresh: list[float] = []
     try:
         with LocalPlatform(settings, concurrency=2, quiet=True) as p:
             client = StackMLClient(p.url)
             uri = client.stage_package(pkg_dir)["package_uri"]
             step_time(client, uri, "Never")  # warm-up: worker processes, imports, page cache
-            for _ in range(PAIRS):
-                off.append(step_time(client, uri, "Never"))
-                on.append(step_time(client, uri, "OnFailure"))
+            for n in range(PAIRS):  # in turn which goes first: the second of two runs faster
+                if n % 2:
+                    on.append(step_time(client, uri, "OnFailure"))
+                    off.append(step_time(client, uri, "Never"))
+                else:
+                    off.append(step_time(client, uri, "Never"))
+                    on.append(step_time(client, uri, "OnFailure"))
             for _ in range(KILLS):
                 fresh.append(fresh_start(client, uri))
                 kills.append(recovery(client, settings, uri))
+            for _ in range(KILLS):
+                replica_fresh.append(fresh_start(client, uri, replicas=2))
+                replica_kills.append(recovery(client, settings, uri, replicas=2))
             time.sleep(3)  # let the last teardowns finish before the platform stops
     finally:
         shutil.rmtree(data, ignore_errors=True)
@@ -221,6 +244,11 @@ def main() -> int:
     fig["resume_vs_fresh_start_ratio"] = round(
         float(fig["kill_to_resumed_median_s"]) / float(fig["fresh_job_to_first_line_median_s"]), 2
     )
+    fig["fresh_2_replica_job_to_first_line_median_s"] = round(statistics.median(replica_fresh), 3)
+    for key in ("kill_to_resumed_s", "kill_to_restart_event_s", "restart_event_to_running_s"):
+        fig[f"replica_{key.removesuffix('_s')}_median_s"] = round(
+            statistics.median(k[key] for k in replica_kills), 3
+        )
     print(
         f"checkpoint sync: median step {step_off * 1000:.1f} ms without, {step_on * 1000:.1f} ms "
         f"with a sync every 2 s: {fig['sync_overhead_per_step']:+.1%} per step "
@@ -231,6 +259,13 @@ def main() -> int:
         f"(detected {fig['kill_to_restart_event_median_s']}s, restart -> RUNNING "
         f"{fig['restart_event_to_running_median_s']}s); a fresh job to its first line "
         f"{fig['fresh_job_to_first_line_median_s']}s (ratio {fig['resume_vs_fresh_start_ratio']})"
+    )
+    print(
+        f"lost replica (worker-1 of 2) -> training resumed: median "
+        f"{fig['replica_kill_to_resumed_median_s']}s (detected "
+        f"{fig['replica_kill_to_restart_event_median_s']}s, restart -> RUNNING "
+        f"{fig['replica_restart_event_to_running_median_s']}s); a fresh 2-replica job to its "
+        f"chief's first line {fig['fresh_2_replica_job_to_first_line_median_s']}s"
     )
     print(json.dumps(fig))
     return 0
