@@ -595,6 +595,8 @@ def _describe(job: Json, events: list[Json]) -> Group:
         head.add_row("data", spec["inputs"]["data_uri"])
     for key, value in (job.get("output") or {}).items():
         if value and key != "prediction":
+            if isinstance(value, dict):  # a tuning job's best hyperparameters
+                value = ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
             head.add_row(f"output.{key}", str(value))
     parts: list[Any] = [Panel(head, title=f"job {job.get('id', '')}", expand=False)]
 
@@ -631,9 +633,12 @@ def _trials_table(tuning: Json) -> Table:
     """A tuning job's trials: number, job, state, parameters, value of the metric (the best
     one marked)."""
     best = (tuning.get("best_trial") or {}).get("trial")
+    used = tuning.get("trials_usage") or {}
+    seconds, cost = float(used.get("vm_seconds") or 0), float(used.get("cost") or 0)
     title = (
         f"trials: {tuning.get('metric')} ({tuning.get('goal')}), "
-        f"{len(tuning.get('trials') or [])} of {tuning.get('max_trials')}"
+        f"{len(tuning.get('trials') or [])} of {tuning.get('max_trials')}; their servers "
+        f"{seconds:.0f} VM-seconds, cost {cost:.4f}"
     )
     table = Table(title=title, box=None, header_style="bold", title_justify="left")
     for col in ("TRIAL", "JOB", "STATE", "HYPERPARAMETERS", "VALUE", "STEPS"):

@@ -106,6 +106,10 @@ def summary(s: Session, parent: Job) -> dict[str, Any] | None:
         return None
     got = trials(s, parent, tuning, series_too=False)
     best = best_trial(tuning, got)
+    from service.db import quotas
+
+    servers = repo.resources_of(s, [t.job_id for t in got])
+    used = quotas.job_usage([r for rs in servers.values() for r in rs])
     counts: dict[str, int] = {}
     for t in got:
         counts[t.state.value] = counts.get(t.state.value, 0) + 1
@@ -127,6 +131,8 @@ def summary(s: Session, parent: Job) -> dict[str, Any] | None:
             for t in got
         ],
         "counts": counts,
+        # the trials' servers together (the tuning job holds none: its own usage is zero)
+        "trials_usage": used.as_dict(),
         "best_trial": None
         if best is None
         else {

@@ -5,6 +5,7 @@ holds no quota of its own."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask.testing import FlaskClient
@@ -13,8 +14,9 @@ from sqlalchemy import func, select
 from service.db import jobs as repo
 from service.db import quotas
 from service.db import tuning as tuning_repo
-from service.db.models import Job, MetricRow
+from service.db.models import Job, MetricRow, Resource
 from service.db.session import session_scope
+from service.domain.states import ResourceState
 from service.queue import POLL
 
 TUNING = {
@@ -64,6 +66,21 @@ def test_the_view_shows_the_trials_and_the_best_one(
             ids.append(child.id)
             for k, v in enumerate(losses, start=1):
                 s.add(MetricRow(job_id=child.id, name="loss", value=v, step=k, log_offset=k * 10))
+        t0 = datetime(2026, 12, 1, tzinfo=UTC)
+        for child_id in ids:  # each trial's server ran 90 s
+            s.add(
+                Resource(
+                    job_id=child_id,
+                    project_id="local",
+                    backend="sandbox",
+                    role="chief",
+                    name=f"stackml-{child_id}-chief-0",
+                    flavor="local.small",
+                    state=ResourceState.DELETED.value,
+                    active_at=t0,
+                    deleted_at=t0 + timedelta(seconds=90),
+                )
+            )
         for child_id in ids:
             assert repo.transition(s, child_id, repo.JobState.QUEUED, repo.JobState.CANCELLING)
             assert repo.transition(s, child_id, repo.JobState.CANCELLING, repo.JobState.CANCELLED)
@@ -81,6 +98,8 @@ def test_the_view_shows_the_trials_and_the_best_one(
         "hyperparameters": {"rate": 0.01},
     }
     assert view["counts"] == {"SUCCEEDED": 2}
+    assert view["trials_usage"]["vm_seconds"] == 180.0  # the trials' servers together
+    assert client.get(f"/v1/jobs/{parent_id}").get_json()["usage"]["vm_seconds"] == 0.0
     child = client.get(f"/v1/jobs/{ids[1]}").get_json()
     assert child["parent_id"] == parent_id and child["trial"] == 2
     assert child["spec"]["hyperparameters"] == {"lr": 0.1, "rate": 0.01}  # fixed + tuned
