@@ -363,6 +363,7 @@ class EarlyStopping(_Strict):
     min_steps: int = Field(
         default=1,
         ge=0,
+        le=2**31 - 1,
         description="A trial is not stopped before it reports a step past this one.",
     )
 

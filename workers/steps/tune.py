@@ -2,7 +2,7 @@
 
 A tuning job boots nothing. Each pass reads its trials (child jobs), asks
 service.domain.tuning.decide, and carries the decision out: it stops the trials the median rule
-names (a cancel, marked trials_stopped), submits new trials (QUEUED jobs that admission starts
+names (a cancel, marked trial_stopped), submits new trials (QUEUED jobs that admission starts
 like any other, within the project's quota and its fair turn), and at the end cancels what
 still runs and ends the tuning job: SUCCEEDED with the best trial's model (registered when the
 spec says `output.register_as`), or FAILED. Then it hands itself back to the queue every
