@@ -640,8 +640,13 @@ def serialize_job(
 
 def serialize_new_job(job: Job) -> dict[str, Any]:
     """A job created in this transaction as serialize_job shows it, without its queries: it
-    has no servers and no metrics yet."""
-    return _serialized(job, [], {}, {})
+    has no servers, no metrics and (a tuning job) no trials yet."""
+    out = _serialized(job, [], {}, {})
+    if (job.spec or {}).get("tuning"):
+        from service.db import tuning
+
+        out["tuning"] = tuning.empty_summary(job)
+    return out
 
 
 def serialize_jobs(

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.db import jobs as repo
-from service.db.models import Job, MetricRow
+from service.db.models import Job, MetricRow, Resource
 from service.domain.spec import JobSpec, Scalar, Tuning, stored, trial_spec
 from service.domain.states import JobState
 from service.domain.tuning import Trial, best_trial
@@ -98,18 +98,28 @@ def create_trial(
     return job
 
 
+def empty_summary(parent: Job) -> dict[str, Any] | None:
+    """The `tuning` block of a tuning job just submitted: no trial yet (no query)."""
+    tuning = tuning_of(parent)
+    return None if tuning is None else _block(tuning, [], {})
+
+
 def summary(s: Session, parent: Job) -> dict[str, Any] | None:
     """The `tuning` block of a tuning job's view: its trials (number, job, state, parameters,
-    value of the metric, steps reported) and the best one; None for any other job."""
+    value of the metric, steps reported), the best one and the trials' usage; None for any
+    other job."""
     tuning = tuning_of(parent)
     if tuning is None:
         return None
     got = trials(s, parent, tuning, series_too=False)
-    best = best_trial(tuning, got)
+    servers = repo.resources_of(s, [t.job_id for t in got])
+    return _block(tuning, got, servers)
+
+
+def _block(tuning: Tuning, got: list[Trial], servers: dict[str, list[Resource]]) -> dict[str, Any]:
     from service.db import quotas
 
-    servers = repo.resources_of(s, [t.job_id for t in got])
-    used = quotas.job_usage([r for rs in servers.values() for r in rs])
+    best = best_trial(tuning, got)
     counts: dict[str, int] = {}
     for t in got:
         counts[t.state.value] = counts.get(t.state.value, 0) + 1
@@ -132,7 +142,7 @@ def summary(s: Session, parent: Job) -> dict[str, Any] | None:
         ],
         "counts": counts,
         # the trials' servers together (the tuning job holds none: its own usage is zero)
-        "trials_usage": used.as_dict(),
+        "trials_usage": quotas.job_usage([r for rs in servers.values() for r in rs]).as_dict(),
         "best_trial": None
         if best is None
         else {

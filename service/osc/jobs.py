@@ -66,7 +66,23 @@ def job_fields(job: Json) -> dict[str, Any]:
             f"{r.get('name')} ({r.get('role')}, {r.get('flavor')}, {r.get('state')})"
             for r in job.get("resources") or []
         ],
+        "trial": f"{job['trial']} of {job['parent_id']}" if job.get("parent_id") else None,
+        "trials": _trials(job.get("tuning")),
     }
+
+
+def _trials(tuning: Json | None) -> list[str] | None:
+    """A tuning job's trials, one line each (the best marked); None for any other job."""
+    if not tuning:
+        return None
+    best = (tuning.get("best_trial") or {}).get("trial")
+    out = []
+    for t in tuning.get("trials") or []:
+        params = ", ".join(f"{k}={v}" for k, v in sorted((t.get("hyperparameters") or {}).items()))
+        value = "" if t.get("value") is None else f" {tuning.get('metric')}={t['value']:.6g}"
+        mark = " best" if t.get("trial") == best else ""
+        out.append(f"{t.get('trial')} {t.get('job_id')} {t.get('state')}{value} ({params}){mark}")
+    return out
 
 
 class CreateJob(MLShowOne):
@@ -128,6 +144,12 @@ class CreateJob(MLShowOne):
         )
         parser.add_argument(
             "--max-runtime", metavar="<seconds>", type=int, help="Fail the job after this"
+        )
+        parser.add_argument(
+            "--tuning",
+            metavar="<file>",
+            help="Tune hyperparameters: the spec's `tuning` section (JSON or YAML: metric, goal, "
+            "parameters, max_trials, ...); each trial is a job of its own",
         )
         parser.add_argument(
             "--arg",
@@ -205,6 +227,8 @@ def build_spec(parsed_args: argparse.Namespace) -> dict[str, Any]:
         spec.setdefault("output", {})["register_as"] = a.register_as
     if a.max_runtime is not None:
         spec["max_runtime_seconds"] = a.max_runtime
+    if a.tuning:
+        spec["tuning"] = read_spec(a.tuning)
     return spec
 
 

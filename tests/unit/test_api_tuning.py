@@ -41,6 +41,7 @@ def test_a_tuning_job_starts_running_with_no_server_and_goes_to_its_step(
     job = resp.get_json()
     assert job["state"] == "RUNNING" and job["resources"] == []
     assert job["output"] == {} and job["spec"]["output"]["model_uri"] is None
+    assert job["tuning"]["trials"] == [] and job["tuning"]["max_trials"] == 3
     assert enqueued.calls == [(POLL, job["id"])]
     events = client.get(f"/v1/jobs/{job['id']}/events").get_json()["events"]
     assert events[-1]["to"] == "RUNNING"

@@ -298,6 +298,47 @@ def test_job_commands_columns_and_values(ml: Any, tmp_path: Path, db_url: str) -
     assert str(err.value).startswith(f"job {job_id} not found [not_found, HTTP 404, request req-")
 
 
+def test_job_create_with_tuning_and_job_show_lists_the_trials(
+    ml: Any, tmp_path: Path, db_url: str
+) -> None:
+    from service.db import jobs as repo
+    from service.db import tuning as tuning_repo
+    from service.db.models import MetricRow
+    from service.db.session import session_scope
+
+    pkg = tmp_path / "pkg" / "trainer"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "task.py").write_text("print('hi')\n")
+    section = tmp_path / "tuning.yaml"
+    section.write_text(
+        "metric: loss\ngoal: minimize\nmax_trials: 2\n"
+        "parameters: [{name: lr, type: discrete, values: [0.1, 0.01]}]\n"
+    )
+    cols, values = act(
+        jobs.CreateJob,
+        ml,
+        "--package-path",
+        str(pkg.parent),
+        "--module",
+        "trainer.task",
+        "--tuning",
+        str(section),
+    )
+    job = dict(zip(cols, values, strict=True))
+    assert job["state"] == "RUNNING" and job["trials"].machine_readable() == []
+    with session_scope(db_url) as s:
+        parent = repo.get_job(s, job["id"])
+        child = tuning_repo.create_trial(s, parent, 1, {"lr": 0.1}, "p/", "local://{}".format)
+        s.add(MetricRow(job_id=child.id, name="loss", value=0.5, step=2, log_offset=0))
+        child.state = "SUCCEEDED"
+        child_id = child.id
+    shown = json.loads(output(jobs.ShowJob, ml, job["id"], "-f", "json"))
+    assert shown["trials"] == [f"1 {child_id} SUCCEEDED loss=0.5 (lr=0.1) best"]
+    trial = json.loads(output(jobs.ShowJob, ml, child_id, "-f", "json"))
+    assert trial["trial"] == f"1 of {job['id']}" and trial["trials"] is None
+
+
 def test_api_errors_become_command_errors_with_the_api_sentence(ml: Any) -> None:
     with pytest.raises(exceptions.CommandError) as err:
         output(jobs.CancelJob, ml, "job-nope")
