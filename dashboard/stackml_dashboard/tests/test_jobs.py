@@ -128,6 +128,48 @@ class JobDetailTests(TestCase):
         log_url = reverse("horizon:machine_learning:jobs:log", args=["job-1"])
         self.assertContains(res, f'data-log-url="{log_url}"')  # the page's log tail polls it
 
+    @test.create_mocks({api: ["job_get", "job_events", "job_metrics"]})
+    def test_a_tuning_job_lists_its_trials_and_a_trial_links_back(self) -> None:
+        trials = [
+            {
+                "trial": 1,
+                "job_id": "job-t1",
+                "state": "SUCCEEDED",
+                "value": 0.5,
+                "hyperparameters": {"lr": 0.1},
+            },
+            {
+                "trial": 2,
+                "job_id": "job-t2",
+                "state": "STOPPED",
+                "value": 2.25,
+                "hyperparameters": {"lr": 1.0},
+            },
+        ]
+        tuning = {
+            "metric": "loss",
+            "goal": "minimize",
+            "max_trials": 6,
+            "trials": trials,
+            "best_trial": {"trial": 1, "job_id": "job-t1", "value": 0.5},
+        }
+        self.mock_job_get.return_value = job("job-1", "RUNNING", tuning=tuning)
+        self.mock_job_events.return_value = []
+        self.mock_job_metrics.return_value = {}
+        res = self.client.get(detail("job-1"))
+        self.assertContains(res, 'id="job-trials"')
+        self.assertContains(res, "loss (minimize), 2 of 6")
+        self.assertContains(res, '<tr class="success">', count=1)
+        self.assertContains(res, "1 (best)")
+        self.assertContains(res, "lr=1.0")
+        self.assertContains(res, "STOPPED")
+        self.assertContains(res, detail("job-t2"))
+        self.mock_job_get.return_value = job("job-t2", "CANCELLED", parent_id="job-1", trial=2)
+        res = self.client.get(detail("job-t2"))
+        self.assertContains(res, 'id="job-trial"')
+        self.assertContains(res, f'<a href="{detail("job-1")}">job-1</a>')
+        self.assertNotContains(res, 'id="job-trials"')
+
     @test.create_mocks({api: ["job_get", "job_events", "job_metrics", "job_list"]})
     def test_another_projects_job_is_not_found(self) -> None:
         self.mock_job_get.side_effect = not_found("job-x")

@@ -99,8 +99,30 @@ class DetailView(views.HorizonTemplateView):
             delete_url=reverse("horizon:machine_learning:jobs:delete", args=[job_id]),
             resources=job.get("resources") or [],
             usage=job.get("usage") or {},
+            tuning=job.get("tuning"),
+            trials=_trials(job.get("tuning")),
         )
         return context
+
+
+def _trials(tuning: Any) -> list[dict[str, Any]]:
+    """A tuning job's trials as the page lists them, the best one marked."""
+    if not isinstance(tuning, dict):
+        return []
+    best = (tuning.get("best_trial") or {}).get("trial")
+    return [
+        {
+            "trial": t.get("trial"),
+            "job_id": t.get("job_id"),
+            "state": t.get("state"),
+            "params": ", ".join(
+                f"{k}={v}" for k, v in sorted((t.get("hyperparameters") or {}).items())
+            ),
+            "value": None if t.get("value") is None else f"{t['value']:.6g}",
+            "best": t.get("trial") == best,
+        }
+        for t in tuning.get("trials") or []
+    ]
 
 
 class LogView(View):
