@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from service.client import StackMLClient
 from service.config import Settings
 from tests.e2e.conftest import wait_resources_deleted, wait_state
@@ -27,6 +29,20 @@ def _events(client: StackMLClient, job_id: str) -> list[dict[str, Any]]:
     return list(client.events(job_id)["events"])
 
 
+def _story(client: StackMLClient, job: dict[str, Any]) -> str:
+    """The job's timeline and the tails of both replicas' logs (for a failure's message)."""
+    events = "\n".join(
+        f"{e['at']} {e['kind']} {e['from']}->{e['to']} {e['message']}"
+        for e in _events(client, job["id"])
+    )
+    chief = client.logs(job["id"])[0].decode()[-2000:]
+    worker = client.logs(job["id"], replica="worker-1")[0].decode()[-2000:]
+    return f"events:\n{events}\nchief:\n{chief}\nworker-1:\n{worker}"
+
+
+# its own deadlines (300 s to the first synced checkpoint, 400 s from the kill to the end)
+# come first, so that a job that stalls fails with its timeline, not with a stack dump
+@pytest.mark.timeout(800)
 def test_two_replicas_train_under_mwms_and_a_lost_one_restarts_the_cluster_from_the_checkpoint(
     client: StackMLClient, e2e_settings: Settings, runtime_python: Path
 ) -> None:
@@ -56,14 +72,14 @@ def test_two_replicas_train_under_mwms_and_a_lost_one_restarts_the_cluster_from_
         first = store.get(index_key).decode().splitlines()[0]  # model_checkpoint_path: "ckpt-N"
         return int(first.rsplit("-", 1)[-1].rstrip('"'))
 
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 300
     while (synced := synced_epoch()) < 2:  # the chief's checkpoint of epoch 2 is in the store
         now = client.get_job(job["id"])
         assert now["state"] in {"QUEUED", "ALLOCATING", "PROVISIONING", "RUNNING"}, (
             now["failure"],
             client.logs(job["id"])[0].decode()[-3000:],
         )
-        assert time.monotonic() < deadline, "no checkpoint synced in 600s"
+        assert time.monotonic() < deadline, ("no checkpoint synced in 300s", _story(client, job))
         time.sleep(0.3)
     now = client.get_job(job["id"])
     roles = [(r["role"], r["name"].rsplit("-", 2)[-2:]) for r in now["resources"]]
@@ -73,7 +89,10 @@ def test_two_replicas_train_under_mwms_and_a_lost_one_restarts_the_cluster_from_
     record = json.loads(record_path.read_text())
     os.kill(int(record["sshd_pid"]), signal.SIGKILL)
 
-    done = wait_state(client, job["id"], {"SUCCEEDED", "FAILED"}, timeout=900)
+    try:
+        done = wait_state(client, job["id"], {"SUCCEEDED", "FAILED"}, timeout=400)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_story(client, job)}") from e
     log = client.logs(job["id"])[0].decode()
     assert done["state"] == "SUCCEEDED", (done["failure"], log[-3000:])
     assert done["restarts"] == 1
