@@ -97,7 +97,6 @@ def _restart_postgres() -> None:
             time.sleep(0.3)
 
 
-@pytest.mark.exclusive  # every tier uses the Redis and PostgreSQL it restarts
 @pytest.mark.parametrize("service", ["redis", "postgres"])
 def test_broker_or_database_restart_mid_job_loses_nothing(
     chaos_platform: LocalPlatform, client: StackMLClient, package: str, service: str

@@ -43,7 +43,6 @@ def _peak_rss_mb(proc: psutil.Process) -> float:
     return 0.0
 
 
-@pytest.mark.exclusive  # its figures are the control plane's on an otherwise idle machine
 @pytest.mark.timeout(1500)  # 500 jobs take 2.5 to 5 minutes on 2 cores; its own deadline is 1200 s
 def test_burst_of_jobs_completes_with_none_lost_or_run_twice(tmp_path: Path) -> None:
     from service.config import Settings

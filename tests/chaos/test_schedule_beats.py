@@ -17,8 +17,6 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
-
 from service.client import StackMLClient
 from service.config import Settings
 from service.domain.schedules import SCHEDULE_LABEL
@@ -91,7 +89,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
-@pytest.mark.exclusive  # it shuts the Redis every tier uses down
 def test_each_slot_fires_once_across_two_beats_and_beat_and_broker_down(
     chaos_platform: LocalPlatform, chaos_settings: Settings, client: StackMLClient, package: str
 ) -> None:
