@@ -138,7 +138,7 @@ def _ended(tuning: Tuning, d: Decision, trials: Sequence[Trial], why: str, reaso
         d.finish = JobState.SUCCEEDED
         d.message = (
             f"{why}; best: trial {d.best.number} ({d.best.job_id}) with {tuning.metric} "
-            f"{d.best.value:.6g} ({_params(d.best.params)})"
+            f"{d.best.value:.6g} ({params_text(d.best.params)})"
         )
     else:
         d.finish = JobState.FAILED
@@ -147,7 +147,8 @@ def _ended(tuning: Tuning, d: Decision, trials: Sequence[Trial], why: str, reaso
     return d
 
 
-def _params(params: dict[str, Scalar]) -> str:
+def params_text(params: dict[str, Scalar]) -> str:
+    """`a=1, b=x`: a trial's parameters in events and messages."""
     return ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
 
 

@@ -239,18 +239,21 @@ def output(cls: type[cliff_command.Command], app: Any, *args: str) -> str:
     return str(app.stdout.getvalue())
 
 
-def test_job_commands_columns_and_values(ml: Any, tmp_path: Path, db_url: str) -> None:
+def create_job(ml: Any, tmp_path: Path, *extra: str) -> Any:
+    """`job create` of a one-line trainer directory (staged) with `extra` flags."""
     pkg = tmp_path / "pkg" / "trainer"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "task.py").write_text("print('hi')\n")
-    cols, values = act(
-        jobs.CreateJob,
+    return act(
+        jobs.CreateJob, ml, "--package-path", str(pkg.parent), "--module", "trainer.task", *extra
+    )
+
+
+def test_job_commands_columns_and_values(ml: Any, tmp_path: Path, db_url: str) -> None:
+    cols, values = create_job(
         ml,
-        "--package-path",
-        str(pkg.parent),
-        "--module",
-        "trainer.task",
+        tmp_path,
         "--label",
         "team=red",
     )
@@ -306,22 +309,14 @@ def test_job_create_with_tuning_and_job_show_lists_the_trials(
     from service.db.models import MetricRow
     from service.db.session import session_scope
 
-    pkg = tmp_path / "pkg" / "trainer"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "task.py").write_text("print('hi')\n")
     section = tmp_path / "tuning.yaml"
     section.write_text(
         "metric: loss\ngoal: minimize\nmax_trials: 2\n"
         "parameters: [{name: lr, type: discrete, values: [0.1, 0.01]}]\n"
     )
-    cols, values = act(
-        jobs.CreateJob,
+    cols, values = create_job(
         ml,
-        "--package-path",
-        str(pkg.parent),
-        "--module",
-        "trainer.task",
+        tmp_path,
         "--tuning",
         str(section),
     )

@@ -3,10 +3,11 @@
 A tuning job boots nothing. Each pass reads its trials (child jobs), asks
 service.domain.tuning.decide, and carries the decision out: it stops the trials the median rule
 names (a cancel, marked trial_stopped), submits new trials (QUEUED jobs that admission starts
-like any other, within the project's quota and its fair turn), and at the end cancels what
-still runs and ends the tuning job: SUCCEEDED with the best trial's model (registered when the
-spec says `output.register_as`), or FAILED. Then it hands itself back to the queue every
-`INTERVAL` seconds; a lost message is re-driven by the reconciler as any RUNNING job's.
+like any other, within the project's quota and its fair turn), and at the end ends the tuning
+job: SUCCEEDED with the best trial's model (registered when the spec says
+`output.register_as`), or FAILED; its teardown cancels the trials still running. Until then
+it hands itself back to the queue every `INTERVAL` seconds; a lost message is re-driven by
+the reconciler as any RUNNING job's.
 
 Every decision is a function of the trials' rows, and every act a compare-and-set or a unique
 insert ((parent_id, trial)), so two passes at once (a duplicate message, a re-drive) do each
@@ -28,7 +29,7 @@ from service.db import tuning as tuning_repo
 from service.db.models import Job
 from service.domain.spec import Tuning
 from service.domain.states import FailureReason, JobState, Phase
-from service.domain.tuning import Decision, Trial, decide, suggest
+from service.domain.tuning import Decision, Trial, decide, params_text, suggest
 from workers import jobctx
 from workers.jobctx import db, log
 
@@ -49,7 +50,7 @@ def run(ctx: jobctx.StepContext) -> None:
     for number, why in d.stop:
         _stop(ctx.job_id, by_number[number], why)
     if d.finish is not None:
-        _finish(ctx, d, got)
+        _finish(ctx, d)
         return
     for number in d.launch:
         if not _launch(ctx, tuning, number, got):
@@ -103,7 +104,7 @@ def _launch(ctx: jobctx.StepContext, tuning: Tuning, number: int, got: list[Tria
             if parent.state != JobState.RUNNING.value or parent.cancel_requested:
                 return False
             child = tuning_repo.create_trial(s, parent, number, params, area, store.uri)
-            shown = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+            shown = params_text(params)
             repo.add_event(
                 s, ctx.job_id, "trial", f"trial {number} ({child.id}) submitted: {shown}"
             )
@@ -115,21 +116,16 @@ def _launch(ctx: jobctx.StepContext, tuning: Tuning, number: int, got: list[Tria
     return True
 
 
-def _finish(ctx: jobctx.StepContext, d: Decision, got: list[Trial]) -> None:
-    """Cancel the trials still active and end the tuning job as decided."""
+def _finish(ctx: jobctx.StepContext, d: Decision) -> None:
+    """End the tuning job as decided; its teardown cancels the trials still active (as it does
+    for a cancelled tuning job: workers/steps/teardown.py)."""
     from workers.steps import register
 
-    cancels = []
     version_id = None
     with db() as s:
         parent = s.scalars(select(Job).where(Job.id == ctx.job_id).with_for_update()).one()
         if parent.state != JobState.RUNNING.value:
             return
-        for t in got:
-            if t.state.active:
-                why = f"the tuning job ended: {d.message}"
-                if repo.request_cancel(s, t.job_id, why[:2000]) is repo.CancelRequest.TEARDOWN:
-                    cancels.append(t.job_id)
         if d.finish is JobState.SUCCEEDED and d.best is not None:
             best = repo.get_job(s, d.best.job_id)
             output = {
@@ -159,8 +155,6 @@ def _finish(ctx: jobctx.StepContext, d: Decision, got: list[Trial]) -> None:
                 failure=repo.Failure(Phase.TRAIN, reason, d.message),
             )
     log.info("tuning job %s ended %s: %s", ctx.job_id, d.finish, d.message)
-    for job_id in cancels:
-        jobctx.next_step(queue.CANCEL, job_id)
     jobctx.next_step(queue.TEARDOWN, ctx.job_id)
     if version_id is not None:
         register.enqueue(version_id)
