@@ -121,6 +121,11 @@ class ComputeBackend(abc.ABC):
         each other alone; None when it can."""
         return f"the {self.name} backend cannot connect a distributed job's servers yet"
 
+    def release_peer_group(self, group: str) -> None:  # noqa: B027 - optional hook
+        """Free what connected peer group `group`'s servers (called by the job's teardown once
+        they are all deleted; idempotent). Nothing by default: the sandbox's bridge goes with
+        its last member."""
+
     @abc.abstractmethod
     def flavors(self) -> list[Flavor]: ...
 

@@ -2,8 +2,10 @@
 
 A job with `resources.workers` W > 1 runs the trainer on W servers. Replica 0 is TF_CONFIG's
 `chief` (its model is exported, its checkpoints synced); replicas 1..W-1 are `worker` 0..W-2.
-Every replica listens on TF_PORT on its own server: the servers are one peer group (the job's
-id), which the compute backend connects to each other on that port alone.
+Replica k listens on TF_PORT + k on its own server (distinct ports, so that replicas that share
+one host's network, as the devcloud emulator's servers do, do not collide): the servers are one
+peer group (the job's id), which the compute backend connects to each other on those ports alone
+(an isolated sandbox's peer link, or a Neutron security group of the job's on OpenStack).
 """
 
 from __future__ import annotations
@@ -31,14 +33,19 @@ def replica_index(name: str, servers: int) -> int:
     raise ValueError(f"replica {name[:40]!r} is not one of this job's: it runs on {what} ({have})")
 
 
-def tf_config(peer_hosts: list[str], index: int, port: int = TF_PORT) -> dict[str, Any]:
+def tf_port(index: int) -> int:
+    """The port replica `index` listens on for its peers."""
+    return TF_PORT + index
+
+
+def tf_config(peer_hosts: list[str], index: int) -> dict[str, Any]:
     """TF_CONFIG of replica `index` of a cluster whose replicas are reached at `peer_hosts`
     (in replica order)."""
     if not 0 <= index < len(peer_hosts):
         raise ValueError(f"replica {index} is not one of {len(peer_hosts)}")
-    cluster: dict[str, list[str]] = {"chief": [f"{peer_hosts[0]}:{port}"]}
+    cluster: dict[str, list[str]] = {"chief": [f"{peer_hosts[0]}:{tf_port(0)}"]}
     if len(peer_hosts) > 1:
-        cluster["worker"] = [f"{h}:{port}" for h in peer_hosts[1:]]
+        cluster["worker"] = [f"{h}:{tf_port(k)}" for k, h in enumerate(peer_hosts) if k]
     task = {"type": "chief", "index": 0} if index == 0 else {"type": "worker", "index": index - 1}
     return {"cluster": cluster, "task": task}
 
@@ -47,4 +54,4 @@ def peer_spec(job_id: str, replicas: int) -> dict[str, Any]:
     """The ServerSpec fields that put a server in its job's peer group (none for one replica)."""
     if replicas <= 1:
         return {}
-    return {"peer_group": job_id, "peer_ports": (TF_PORT,)}
+    return {"peer_group": job_id, "peer_ports": tuple(tf_port(k) for k in range(replicas))}

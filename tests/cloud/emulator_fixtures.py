@@ -152,13 +152,19 @@ class EmulatorProcess:
     # ---- leaks
 
     def leftovers(self) -> list[str]:
-        """Servers, keypairs, floating IPs and sandboxes that exist now (empty = clean)."""
+        """Servers, keypairs, floating IPs, distributed jobs' security groups and sandboxes that
+        exist now (empty = clean)."""
         found = []
         servers = self.call("GET", "/compute/v2.1/servers/detail?all_tenants=1").json()["servers"]
         found += [f"server {s['id']} ({s['name']}, {s['status']})" for s in servers]
         found += [f"keypair {k}" for k in self.state()["keypairs"]]
         fips = self.call("GET", "/network/v2.0/floatingips").json()["floatingips"]
         found += [f"floating IP {f['floating_ip_address']} ({f['description']})" for f in fips]
+        found += [
+            f"security group {sg['name']}"
+            for sg in self.state()["security_groups"].values()
+            if sg["name"].startswith("stackml-peers-")
+        ]
         found += leak_report(self.sandbox_root)
         return found
 
@@ -185,6 +191,9 @@ class EmulatorProcess:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+        for sg_id, sg in self.state()["security_groups"].items():
+            if sg["name"].startswith("stackml-peers-"):
+                self.call("DELETE", f"/network/v2.0/security-groups/{sg_id}")
 
     def teardown(self) -> None:
         """Stop the process, delete every sandbox it left, remove the work dir; then check."""

@@ -172,10 +172,13 @@ def no_leaks(cloud_platform: tuple[LocalPlatform, DevCloud]) -> Iterator[None]:
         servers = [s.name for s in admin.compute.servers(all_projects=True)]
         keypairs = [k.name for k in svc.compute.keypairs()]
         ips = [ip.floating_ip_address for ip in admin.network.ips()]
-        if not (servers or keypairs or ips) or time.monotonic() > deadline:
+        groups = [
+            g.name for g in admin.network.security_groups() if g.name.startswith("stackml-peers-")
+        ]
+        if not (servers or keypairs or ips or groups) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert (servers, keypairs, ips) == ([], [], [])
+    assert (servers, keypairs, ips, groups) == ([], [], [], [])
     assert leak_report(cloud.sandbox_root) == []
 
 
@@ -203,24 +206,53 @@ def test_job_runs_on_the_openstack_path_and_its_model_lands_in_swift(
     assert [r["backend"] for r in done["resources"]] == ["openstack"]
 
 
-def test_example_tensorflow_job_on_the_openstack_path(
+def test_example_trains_distributed_on_two_nova_servers_and_its_model_lands_in_swift(
     client: StackMLClient, cloud_platform: tuple[LocalPlatform, DevCloud], tmp_path: Path
 ) -> None:
-    """The example trains on a Nova server, its loss goes down, and the SavedModel fetched back
-    from Swift loads and predicts the example's known function on fresh points."""
+    """The example under MultiWorkerMirroredStrategy on two Nova servers (`resources.workers`
+    2): the replicas reach each other on their fixed addresses through the job's own security
+    group (each peer port admitted from the group's members alone), the chief's loss goes down,
+    its SavedModel fetched back from Swift predicts the example's known function on fresh
+    points, and the group is deleted with the servers (no_leaks)."""
     from service.backends import registry
     from service.runtime import ensure_runtime
 
     pkg = client.stage_package(REPO_ROOT / "examples" / "keras_regression")
     job = client.create_job(
         {
-            "name": "cloud-keras",
+            "name": "cloud-keras-distributed",
             "hyperparameters": {"epochs": 2},
             "trainer": {"package_uri": pkg["package_uri"], "module": "trainer.task"},
+            "resources": {"workers": 2},
+            "env": {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"},
         }
     )
+    admin = cloud_platform[1].connection("devcloud")
+    group = f"stackml-peers-{job['id']}"
+    running = wait_job(client, job["id"], lambda j: j["state"] in TERMINAL | {"RUNNING"}, 300)
+    assert running["state"] == "RUNNING", running["failure"]
+    [sg] = admin.network.security_groups(name=group)
+    rules = sorted(
+        (r["port_range_min"], r["remote_group_id"], r["remote_ip_prefix"])
+        for r in sg.security_group_rules
+        if r["direction"] == "ingress"
+    )
+    assert rules == [(2222, sg.id, None), (2223, sg.id, None)]
+    servers = {s.name: s for s in admin.compute.servers(all_projects=True)}
+    assert len(servers) == 2 and all(
+        {x["name"] for x in s.security_groups} == {"stackml-ssh", group} for s in servers.values()
+    ), servers
+
     done = _done(client, job["id"], timeout=600)
-    assert done["state"] == "SUCCEEDED", done["failure"]
+    assert done["state"] == "SUCCEEDED", (done["failure"], client.logs(job["id"])[0][-3000:])
+    assert [(r["backend"], r["role"]) for r in done["resources"]] == [
+        ("openstack", "chief"),
+        ("openstack", "worker"),
+    ]
+    chief_line = "trainer: replica chief:0 of 2 (MultiWorkerMirroredStrategy, 2 replicas in sync)"
+    assert chief_line in client.logs(job["id"])[0].decode()
+    worker_log = client.logs(job["id"], replica="worker-1")[0].decode()
+    assert "trainer: replica worker:0 of 2" in worker_log, worker_log[-3000:]
     listed = {o["key"]: o["size"] for o in done["output"]["objects"]}
     assert "saved_model.pb" in listed
     assert_loss_went_down(client.metrics(job["id"])["metrics"], epochs=2)
@@ -237,6 +269,7 @@ def test_example_tensorflow_job_on_the_openstack_path(
     settings = Settings()
     runtime_python = ensure_runtime(settings, settings.default_runtime, echo=print)
     assert_learned_the_known_function(evaluate_model(runtime_python, model_dir))
+    assert list(admin.network.security_groups(name=group)) == []
 
 
 def test_no_valid_host_retries_the_next_flavor(

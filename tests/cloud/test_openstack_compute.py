@@ -199,6 +199,51 @@ def test_security_group_is_ensured_once_and_idempotently(
     ]
 
 
+def test_a_peer_group_is_a_security_group_of_its_own_admitting_its_members_alone(
+    emu: EmulatorProcess, backend: OpenStackBackend, keypair: tuple[str, str]
+):
+    conn = sdk_connection(emu)
+    assert backend.peer_network is None
+    peers = {"peer_group": "j-1", "peer_ports": (2222, 2223)}
+    chief = backend.create_server(spec(backend, keypair[1], image="cirros", **peers))
+    backend.calls.reset()
+    worker = backend.create_server(
+        spec(backend, keypair[1], name="stackml-j-1-worker-1", image="cirros", **peers)
+    )
+    # the second member finds the group and its rules: one list, nothing made
+    calls = backend.calls.snapshot()
+    assert not any(k.startswith("POST /network") for k in calls), calls
+    assert sum(n for k, n in calls.items() if k.startswith("GET /network")) == 1, calls
+    [sg] = conn.network.security_groups(name="stackml-peers-j-1")
+    ingress = sorted(
+        (r["protocol"], r["port_range_min"], r["port_range_max"], r["remote_group_id"])
+        for r in sg.security_group_rules
+        if r["direction"] == "ingress"
+    )
+    # only the group's own members, only on the peer ports: no address range is admitted
+    assert ingress == [("tcp", 2222, 2222, sg.id), ("tcp", 2223, 2223, sg.id)]
+    servers = emu.state()["servers"]
+    for ref in (chief, worker):
+        assert servers[ref.id]["security_groups"] == ["stackml-ssh", "stackml-peers-j-1"]
+        st = wait_state(backend, ref.id)
+        assert st.state is ServerState.ACTIVE and st.peer_host == st.host  # the fixed address
+    # a server of no group is in the SSH group alone
+    lone = backend.create_server(
+        spec(backend, keypair[1], name="stackml-j-2-chief", image="cirros")
+    )
+    assert emu.state()["servers"][lone.id]["security_groups"] == ["stackml-ssh"]
+
+    # while a member's port holds it, Neutron refuses (409): teardown retries
+    with pytest.raises(CloudError, match="in use"):
+        backend.release_peer_group("j-1")
+    assert len(list(conn.network.security_groups(name="stackml-peers-j-1"))) == 1
+    for ref in (chief, worker, lone):
+        delete_and_confirm(backend, ref.id)
+    backend.release_peer_group("j-1")
+    assert list(conn.network.security_groups(name="stackml-peers-j-1")) == []
+    backend.release_peer_group("j-1")  # idempotent
+
+
 def test_floating_ip_when_configured(
     emu: EmulatorProcess, backend: OpenStackBackend, keypair: tuple[str, str]
 ):

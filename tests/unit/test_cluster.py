@@ -14,7 +14,7 @@ HOSTS = ["10.252.0.3", "10.252.0.7", "10.252.0.9"]
 def test_tf_config_names_the_chief_then_the_workers_in_replica_order():
     want_cluster = {
         "chief": ["10.252.0.3:2222"],
-        "worker": ["10.252.0.7:2222", "10.252.0.9:2222"],
+        "worker": ["10.252.0.7:2223", "10.252.0.9:2224"],
     }
     assert cluster.tf_config(HOSTS, 0) == {
         "cluster": want_cluster,
@@ -33,7 +33,9 @@ def test_tf_config_names_the_chief_then_the_workers_in_replica_order():
 
 def test_only_a_job_of_several_replicas_is_a_peer_group():
     assert cluster.peer_spec("job-1", 1) == {}
-    assert cluster.peer_spec("job-1", 2) == {"peer_group": "job-1", "peer_ports": (2222,)}
+    assert cluster.peer_spec("job-1", 2) == {"peer_group": "job-1", "peer_ports": (2222, 2223)}
+    # each replica its own port: replicas on one host's network (the emulator's) do not collide
+    assert cluster.peer_spec("job-1", 3)["peer_ports"] == (2222, 2223, 2224)
 
 
 def test_replica_rows_are_named_per_run_and_parse_back():

@@ -138,9 +138,11 @@ def _cancel_trials(s: Session, job_id: str) -> None:
 
 def _sweep(backend: ComputeBackend, job_id: str) -> None:
     """Delete what the backend still lists under the job's tag once every recorded server is
-    gone: a server no row names (a create that answered an error after the cloud had made it).
-    Done through the job's own backend (its trust, in its project) before the trust goes:
-    after that nothing of stackml can see that project any more."""
+    gone: a server no row names (a create that answered an error after the cloud had made it);
+    then, for a distributed job, what connected its replicas (`release_peer_group`: the
+    OpenStack backend's security group of the job). Done through the job's own backend (its
+    trust, in its project) before the trust goes: after that nothing of stackml can see that
+    project any more."""
     for ref in backend.list_servers(("stackml-job", job_id)):
         if backend.get_server(ref.id).state is ServerState.DELETED:
             continue  # listed while on its way out (a cloud that soft-deletes)
@@ -155,6 +157,13 @@ def _sweep(backend: ComputeBackend, job_id: str) -> None:
             repo.add_event(
                 s, job_id, "teardown", f"deleted server {ref.id} ({ref.name}): no record named it"
             )
+    with db() as s:
+        spec = repo.get_job(s, job_id).spec or {}
+    if (
+        spec.get("type") != "batch_prediction"
+        and int((spec.get("resources") or {}).get("workers") or 1) > 1
+    ):
+        backend.release_peer_group(job_id)
 
 
 def release_trust(job_id: str, trust_id: str, *, swept: bool = False) -> bool:

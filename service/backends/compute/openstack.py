@@ -16,6 +16,12 @@ What one server costs in API calls, and why (the bench counts them):
 - once per process: version discovery, flavors (cached `flavor_cache_seconds`), the network,
   the image per runtime, and the security group (ensured idempotently: looked up by name,
   created with an SSH ingress rule from `ssh_cidr` when missing).
+- a distributed job's replicas (ServerSpec.peer_group): per server, list the job's own group
+  `stackml-peers-<job>` (made the first time, with one ingress rule per peer port whose remote
+  group is the group itself: its members reach each other on those ports, and nothing else
+  does); each server is booted in both groups. Teardown deletes the group once the job's
+  servers are gone (`release_peer_group`; Neutron's 409 while a port still holds it is a
+  CloudError, retried).
 
 Servers carry metadata stackml-job/-role/-project (= ServerSpec.tags) and Nova tags `stackml`
 and `key=value` (where Nova allows the characters) so `list_servers` filters server-side with
@@ -105,6 +111,7 @@ SEGMENT_IDS = {
     "tokens",
     "_stackml",
 }
+PEER_GROUP_NAME = "stackml-peers-{}"  # a distributed job's security group (its job id)
 _ID_LIKE = re.compile(r"^[0-9a-fA-F-]{16,}$")
 
 
@@ -491,6 +498,65 @@ class OpenStackBackend(ComputeBackend):
             c.sg_id = sg.id
         return str(sg.id)
 
+    @property
+    def peer_network(self) -> str | None:
+        return None  # a security group per peer group (`_peer_group_id`)
+
+    def _peer_groups(self, group: str) -> list[Any]:
+        """The project's security groups of peer group `group`, the oldest first."""
+        conn = self._conn()
+        found = list(
+            conn.network.security_groups(
+                name=PEER_GROUP_NAME.format(group), project_id=conn.current_project_id
+            )
+        )
+        return sorted(found, key=lambda g: (g.created_at or "", g.id))
+
+    def _peer_group_id(self, group: str, ports: tuple[int, ...]) -> str:
+        """The security group of peer group `group` (a distributed job's replicas), made the
+        first time with an ingress rule per port of `ports` from the group's own members
+        (remote group = itself); idempotent across workers, which settle on the oldest."""
+        name = PEER_GROUP_NAME.format(group)
+        conn = self._conn()
+        with self._translate(f"ensuring security group {name!r}"):
+            groups = self._peer_groups(group)
+            if not groups:
+                conn.network.create_security_group(
+                    name=name, description=f"stackml: the replicas of job {group} reach each other"
+                )
+                groups = self._peer_groups(group)
+            sg = groups[0]
+            rules = sg.security_group_rules or []
+            for port in sorted({int(p) for p in ports}):
+                if any(
+                    r.get("direction") == "ingress"
+                    and r.get("protocol") == "tcp"
+                    and (r.get("port_range_min") or 0) <= port <= (r.get("port_range_max") or 65535)
+                    and r.get("remote_group_id") == sg.id
+                    for r in rules
+                ):
+                    continue
+                with contextlib.suppress(sdk_exc.ConflictException):
+                    conn.network.create_security_group_rule(
+                        security_group_id=sg.id,
+                        direction="ingress",
+                        ethertype="IPv4",
+                        protocol="tcp",
+                        port_range_min=port,
+                        port_range_max=port,
+                        remote_group_id=sg.id,
+                        description="stackml: a distributed job's replicas reach each other",
+                    )
+        return str(sg.id)
+
+    def release_peer_group(self, group: str) -> None:
+        """Delete peer group `group`'s security group(s); CloudError while a port (a server
+        on its way out) still holds one: the caller retries."""
+        conn = self._conn()
+        with self._translate(f"deleting security group {PEER_GROUP_NAME.format(group)!r}"):
+            for sg in self._peer_groups(group):
+                conn.network.delete_security_group(sg, ignore_missing=True)
+
     def _ensure_ingress(self, sg_id: str, ports: tuple[int, ...]) -> None:
         """A rule in the group admitting TCP to each of `ports` (ServerSpec.ingress_ports: a
         serving replica's REST port) from `ssh_cidr`, where the workers and the API are; made
@@ -532,6 +598,9 @@ class OpenStackBackend(ComputeBackend):
         net_id = self._network_id(self.network)
         sg_id = self._security_group_id()
         self._ensure_ingress(sg_id, spec.ingress_ports)
+        groups = [{"name": sg_id}]
+        if spec.peer_group is not None:
+            groups.append({"name": self._peer_group_id(spec.peer_group, spec.peer_ports)})
         conn = self._conn()
         kp = keypair_name(spec.name)
         with self._translate(f"creating keypair {kp}"):
@@ -552,7 +621,7 @@ class OpenStackBackend(ComputeBackend):
                         key_name=kp,
                         metadata=dict(spec.tags),
                         tags=nova_tags(spec.tags),
-                        security_groups=[{"name": sg_id}],
+                        security_groups=groups,
                         **(
                             {"availability_zone": spec.availability_zone}
                             if spec.availability_zone
@@ -591,6 +660,7 @@ class OpenStackBackend(ComputeBackend):
             return ServerStatus(id=server_id, state=ServerState.DELETED, **common)
         fixed, floating = self._addresses(s.addresses or {})
         common["host"] = floating or fixed
+        common["peer_host"] = fixed  # a job's replicas reach each other on the fixed network
         if status == "BUILD":
             return ServerStatus(id=server_id, state=ServerState.BUILD, **common)
         if status == "ERROR":
