@@ -35,6 +35,7 @@ from service.backends.interfaces import ObjectStore, gpu_candidates
 from service.backends.storage.local import LocalStore, check_key
 from service.db import evaluations, quotas
 from service.db import jobs as repo
+from service.db import tuning as tuning_repo
 from service.db.models import Job, iso
 from service.domain import cluster, outputs
 from service.domain.errors import (
@@ -140,18 +141,7 @@ def submit() -> tuple[Response, int, dict[str, str]]:
                     f"resuming the batch run under {reserved}: only missing shards run",
                 )
             if spec.tuning is not None:
-                # it boots nothing: RUNNING at once, its step submits the trials
-                t = spec.tuning
-                repo.transition(
-                    s,
-                    job.id,
-                    JobState.QUEUED,
-                    JobState.RUNNING,
-                    f"tuning {t.metric} ({t.goal}) with {t.algorithm}: {t.trials()} trials, "
-                    f"{t.max_parallel_trials} at a time",
-                    tuning=True,
-                )
-                s.refresh(job)
+                tuning_repo.start(s, job, spec.tuning)
             s.flush()
             body = _public(repo.serialize_new_job(job))
     except BaseException:

@@ -121,13 +121,6 @@ def _checked_job(
                 ]
             },
         )
-    if spec.tuning is not None:
-        raise jobs_api.NotImplementedYet(
-            "not available yet: job.tuning in a schedule",
-            details={
-                "fields": [field_error("job.tuning", "a schedule cannot fire tuning jobs yet")]
-            },
-        )
     if spec.output.model_uri is not None:
         raise fields_failed(
             [

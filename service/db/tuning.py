@@ -21,6 +21,21 @@ def tuning_of(job: Job) -> Tuning | None:
     return Tuning.model_validate(data) if isinstance(data, dict) else None
 
 
+def start(s: Session, job: Job, tuning: Tuning) -> None:
+    """A new tuning job (POST /v1/jobs, or a schedule's slot) boots nothing: RUNNING at once,
+    and its first task is the poll step that submits its trials (queue.POLL, not ALLOCATE)."""
+    repo.transition(
+        s,
+        job.id,
+        JobState.QUEUED,
+        JobState.RUNNING,
+        f"tuning {tuning.metric} ({tuning.goal}) with {tuning.algorithm}: {tuning.trials()} "
+        f"trials, {tuning.max_parallel_trials} at a time",
+        tuning=True,
+    )
+    s.refresh(job)
+
+
 def trial_rows(s: Session, parent_id: str) -> list[Job]:
     return list(s.scalars(select(Job).where(Job.parent_id == parent_id).order_by(Job.trial)))
 

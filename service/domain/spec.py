@@ -689,8 +689,15 @@ def unbuilt_fields(spec: JobSpec) -> list[tuple[str, str]]:
 def trial_spec(data: dict[str, Any], number: int, params: dict[str, Scalar]) -> dict[str, Any]:
     """Trial `number`'s spec (JSON) from its tuning job's stored spec: the same trainer and
     resources, the tuned `params` added to its hyperparameters, no tuning, no registration (the
-    tuning job registers its best trial's model), and the default output (its own prefix)."""
+    tuning job registers its best trial's model), and the default output (its own prefix). The
+    labels a schedule put on its slot's job stay the tuning job's: a schedule's jobs are its
+    runs, and a trial is reached from its tuning job (`parent_id`)."""
+    from service.domain.schedules import SCHEDULE_LABEL, SLOT_LABEL
+
     out = {k: v for k, v in data.items() if k != "tuning"}
+    if data.get("labels"):
+        labels = data["labels"]
+        out["labels"] = {k: v for k, v in labels.items() if k not in (SCHEDULE_LABEL, SLOT_LABEL)}
     out["name"] = f"{str(data['name'])[:55]}-t{number}"
     out["hyperparameters"] = {**(data.get("hyperparameters") or {}), **params}
     out["output"] = {}

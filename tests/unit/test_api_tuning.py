@@ -134,9 +134,40 @@ def test_bad_tuning_sections_are_422_naming_the_field_and_store_nothing(
     assert count(db_url) == 0 and enqueued.calls == []
 
 
-def test_a_schedule_cannot_fire_a_tuning_job_yet(
-    client: FlaskClient, package_uri: str, spec: Any, error_of: Any
+def test_a_schedule_fires_a_tuning_job_whose_trials_are_not_its_runs(
+    client: FlaskClient, package_uri: str, spec: Any, db_url: str, settings: Any
 ) -> None:
-    body = {"name": "nightly", "cron": "0 3 * * *", "job": spec(package_uri, tuning=TUNING)}
-    err = error_of(client.post("/v1/schedules", json=body), 422, "not_implemented")
-    assert [f["field"] for f in err["details"]["fields"]] == ["job.tuning"]
+    from service.db.models import Schedule
+    from workers.steps import schedules as firing
+
+    labelled = spec(package_uri, tuning=TUNING, labels={"team": "ml"})
+    body = {"name": "nightly", "cron": "0 3 * * *", "timezone": "UTC", "job": labelled}
+    resp = client.post("/v1/schedules", json=body)
+    assert resp.status_code == 201, resp.get_json()
+    sid = resp.get_json()["id"]
+    with session_scope(db_url) as s:
+        after = s.get(Schedule, sid).handled_until.replace(tzinfo=UTC)
+    slot = (after + timedelta(days=1)).replace(hour=3, minute=0, second=0, microsecond=0)
+    sent: list[tuple[str, str]] = []
+    [fired] = firing.run(
+        slot + timedelta(seconds=2), settings=settings, enqueue=lambda *a: sent.append(a)
+    ).started()
+    assert sent == [(POLL, fired.job_id)]  # its step submits the trials: nothing to allocate
+    job = client.get(f"/v1/jobs/{fired.job_id}").get_json()
+    assert job["state"] == "RUNNING" and job["output"] == {} and job["resources"] == []
+    assert job["spec"]["labels"] == {
+        "team": "ml",
+        "stackml.schedule": sid,
+        "stackml.slot": f"{slot:%Y-%m-%dT%H:%M:%SZ}",
+    }
+    assert job["tuning"]["max_trials"] == 3
+    with session_scope(db_url) as s:
+        parent = repo.get_job(s, fired.job_id)
+        trial = tuning_repo.create_trial(
+            s, parent, 1, {"rate": 0.1}, "projects/local/", "local://{}".format
+        )
+        trial_id = trial.id
+    # the trial keeps the user's labels, not the schedule's: the schedule's jobs are its runs
+    assert client.get(f"/v1/jobs/{trial_id}").get_json()["spec"]["labels"] == {"team": "ml"}
+    listed = client.get(f"/v1/jobs?label=stackml.schedule={sid}").get_json()["jobs"]
+    assert [j["id"] for j in listed] == [fired.job_id]

@@ -41,6 +41,7 @@ from service.config import Settings, get_settings
 from service.db import datasets as datasets_repo
 from service.db import jobs as jobs_repo
 from service.db import schedules as repo
+from service.db import tuning as tuning_repo
 from service.db.models import DatasetVersion, Job, Schedule, ScheduleRun, utcnow
 from service.db.session import session_scope
 from service.domain import outputs
@@ -193,7 +194,7 @@ def _start_on_dataset(
         for job_id in repo.live_jobs(s, sch.id):
             if job_id != job.id and _request_cancel(s, job_id, sch.name):
                 after_commit.append((queue.CANCEL, job_id))
-    after_commit.append((queue.ALLOCATE, job.id))
+    after_commit.append((_first_task(job), job.id))
     done(
         dom.Outcome.STARTED,
         f"on dataset {sch.dataset!r} version {run.dataset_version} ({dv.prefix_uri}train/)",
@@ -315,7 +316,7 @@ def _fire_slot(
         for job_id in decision.cancel:
             if _request_cancel(s, job_id, sch.name):
                 after_commit.append((queue.CANCEL, job_id))
-    after_commit.append((queue.ALLOCATE, job.id))
+    after_commit.append((_first_task(job), job.id))
     done(dom.Outcome.STARTED, decision.reason, job.id)
 
 
@@ -326,7 +327,9 @@ def _create_job(
     slot: datetime,
     template: dict[str, Any] | None = None,
 ) -> Job:
-    """The slot's job, as POST /v1/jobs makes it: QUEUED, its output in models/<job id>/."""
+    """The slot's job, as POST /v1/jobs makes it: QUEUED, its output in models/<job id>/; a
+    tuning job RUNNING, with no output until its best trial's (its trials each write to their
+    own prefix)."""
     spec = JobSpec.model_validate(dom.fired_spec(template or sch.job, sch.id, slot))
     if spec.batch:
         raise ValueError("batch prediction jobs cannot be fired by a schedule yet")
@@ -336,14 +339,22 @@ def _create_job(
     job = jobs_repo.create_job(s, sch.project_id, spec)
     store = registry.store(settings, project_id=sch.project_id)
     data = stored(spec)
-    if data["output"].get("model_uri") is None:
+    if spec.tuning is None and data["output"].get("model_uri") is None:
         default = outputs.default_prefix(store.project_prefix(sch.project_id), job.id)
         data["output"]["model_uri"] = store.uri(default)
     job.spec = data
-    job.output = {"model_uri": data["output"]["model_uri"]}
+    job.output = {} if spec.tuning is not None else {"model_uri": data["output"]["model_uri"]}
     jobs_repo.add_event(s, job.id, "schedule", f"submitted by schedule {sch.name} ({sch.id})")
     s.flush()
+    if spec.tuning is not None:
+        tuning_repo.start(s, job, spec.tuning)
     return job
+
+
+def _first_task(job: Job) -> str:
+    """A new job's first task: a tuning job's poll step submits its trials; any other job is
+    allocated."""
+    return queue.POLL if (job.spec or {}).get("tuning") else queue.ALLOCATE
 
 
 def _request_cancel(s: Session, job_id: str, schedule: str) -> bool:
