@@ -34,7 +34,7 @@ demo-loop: deps ## The closed loop on the local default: feedback -> dataset -> 
 up: deps ## Run the local platform (API + worker + beat) in the foreground
 	$(VENV)/bin/stackml up
 
-test: deps ## Run the whole test-suite: chaos alone, then cloud beside unit+integration+e2e
+test: deps ## Run the whole test-suite: chaos beside unit, then cloud beside integration+e2e
 	PY=$(PY) bash scripts/test-all.sh $(PYTEST_ARGS)
 
 test-unit: venv ## Run the unit tests only

@@ -1,5 +1,10 @@
 """The fault-injection suite's platform: real API, worker, Redis, PostgreSQL and sandboxes, with
-short deadlines so that faults resolve in seconds, and a figure sheet printed at the end."""
+short deadlines so that faults resolve in seconds, and a figure sheet printed at the end.
+
+The tier's broker is a redis-server of its own (`CHAOS_REDIS`, on a port of its own, started
+for the session): the tests shut it down and restart it mid-job, and nothing else on the
+machine loses its broker, so `make test` runs another tier beside this one (the unit tier,
+which uses no PostgreSQL either: test_faults restarts the machine's PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -25,7 +30,69 @@ from tests.envutil import environ, free_port, reap_dead_runs, reap_sandboxes, wa
 from tests.pgutil import temp_database
 
 RUNTIME_ROOT = Path(os.environ.get("STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes"))
-REDIS_URL = os.environ.get("STACKML_TEST_REDIS_CHAOS", "redis://127.0.0.1:6379/10")
+REDIS_START_DEADLINE = 20.0
+
+
+class ChaosRedis:
+    """A real redis-server on `port`, a child of the test process (no persistence): what the
+    chaos tests shut down and restart. Fails loudly when redis-server is not installed."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.dir = Path(f"/var/tmp/stackml-chaos-redis-{os.getpid()}")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def ping(self) -> bool:
+        return (
+            subprocess.run(
+                ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "ping"],
+                capture_output=True,
+                timeout=5,
+            ).returncode
+            == 0
+        )
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        assert server, (
+            "the chaos tier needs redis-server (Debian's redis-server; .ci/run installs it)"
+        )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        argv = [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", str(self.dir), "--logfile", "redis.log"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + REDIS_START_DEADLINE
+        while not self.ping():
+            assert self.proc.poll() is None, f"redis-server exited: see {self.dir}/redis.log"
+            assert time.monotonic() < deadline, f"redis-server on port {self.port} never answered"
+            time.sleep(0.1)
+
+    def shutdown(self) -> None:
+        """What a crash or a restart of the broker is to its clients: gone, nothing kept."""
+        subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "shutdown", "nosave"],
+            capture_output=True,
+            timeout=30,
+        )
+        if self.proc is not None:
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.shutdown()
+        time.sleep(1.0)
+        self.start()
+
+
+CHAOS_REDIS = ChaosRedis(int(os.environ.get("STACKML_TEST_CHAOS_REDIS_PORT") or free_port()))
+REDIS_URL = CHAOS_REDIS.url(10)
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 FIGURES: dict[str, Any] = {"faults": [], "load": {}}
 
@@ -58,8 +125,18 @@ QUICK = """
 """
 
 
+@pytest.fixture(scope="session", autouse=True)
+def chaos_redis() -> Iterator[ChaosRedis]:
+    CHAOS_REDIS.start()
+    try:
+        yield CHAOS_REDIS
+    finally:
+        CHAOS_REDIS.shutdown()
+        shutil.rmtree(CHAOS_REDIS.dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="package")
-def chaos_settings() -> Iterator[Settings]:
+def chaos_settings(chaos_redis: ChaosRedis) -> Iterator[Settings]:
     reap_dead_runs("chaos")  # what an interrupted earlier run left running
     data = Path(f"/var/tmp/stackml-chaos-{os.getpid()}")
     shutil.rmtree(data, ignore_errors=True)
@@ -95,7 +172,7 @@ def chaos_platform(chaos_settings: Settings) -> Iterator[LocalPlatform]:
     p = LocalPlatform(chaos_settings, concurrency=4, quiet=True)
     p.start()
     try:
-        # test_faults restarts the Redis at 127.0.0.1:6379: the platform must be using it
+        # test_faults restarts the tier's Redis: the platform must be using it
         assert_configured_redis(p, REDIS_URL, chaos_settings.queue)
         yield p
     finally:

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -19,6 +18,7 @@ from service.client import StackMLClient
 from service.config import Settings
 from service.platform import LocalPlatform
 from tests.chaos.conftest import (
+    CHAOS_REDIS,
     assert_complete_log,
     record_fault,
     steady_lines,
@@ -38,43 +38,7 @@ def _server_record(settings: Settings, job: dict) -> dict:
 
 
 def _restart_redis() -> None:
-    subprocess.run(
-        ["redis-cli", "-h", "127.0.0.1", "shutdown", "nosave"], capture_output=True, timeout=30
-    )
-    time.sleep(1.0)
-    Path("/var/lib/redis").mkdir(parents=True, exist_ok=True)
-    Path("/var/log/redis").mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            "redis-server",
-            "--daemonize",
-            "yes",
-            "--bind",
-            "127.0.0.1",
-            "-::1",
-            "--port",
-            "6379",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            "/var/lib/redis",
-            "--logfile",
-            "/var/log/redis/ci.log",
-        ],
-        check=True,
-        timeout=30,
-    )
-    deadline = time.monotonic() + 20
-    while (
-        subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "ping"], capture_output=True, timeout=5
-        ).returncode
-        != 0
-    ):
-        assert time.monotonic() < deadline, "Redis did not come back"
-        time.sleep(0.2)
+    CHAOS_REDIS.restart()
 
 
 def _restart_postgres() -> None:

@@ -23,13 +23,13 @@ import pytest
 import requests
 
 from service.client import StackMLClient
-from tests.chaos.conftest import FIGURES, QUICK, RUNTIME_ROOT, assert_no_leaks
+from tests.chaos.conftest import CHAOS_REDIS, FIGURES, QUICK, RUNTIME_ROOT, assert_no_leaks
 from tests.envutil import free_port, reap_dead_runs, reap_sandboxes
 from tests.pgutil import temp_database
 
 JOBS = int(os.environ.get("STACKML_LOAD_JOBS", "200"))
 CAP = 6
-REDIS_URL = "redis://127.0.0.1:6379/11"
+REDIS_URL = CHAOS_REDIS.url(11)
 
 
 def _peak_rss_mb(proc: psutil.Process) -> float:

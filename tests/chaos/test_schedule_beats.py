@@ -21,8 +21,7 @@ from service.client import StackMLClient
 from service.config import Settings
 from service.domain.schedules import SCHEDULE_LABEL
 from service.platform import LocalPlatform
-from tests.chaos.conftest import TERMINAL, wait_clean
-from tests.chaos.test_faults import _restart_redis
+from tests.chaos.conftest import CHAOS_REDIS, TERMINAL, wait_clean
 
 MINUTE = 60.0
 
@@ -125,11 +124,9 @@ def test_each_slot_fires_once_across_two_beats_and_beat_and_broker_down(
         time.sleep(max(0.0, _until_boundary() - 8))
         chaos_platform.kill_worker()
         time.sleep(3)
-        subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "shutdown", "nosave"], capture_output=True, timeout=30
-        )
+        CHAOS_REDIS.shutdown()
         _sleep_until(slot + timedelta(seconds=10))
-        _restart_redis()
+        CHAOS_REDIS.start()
         _sleep_until(slot + timedelta(seconds=15))
         chaos_platform.restart_worker()
         run = _wait_slot(client, sid, slot, 90)
