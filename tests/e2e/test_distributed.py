@@ -130,3 +130,70 @@ def test_two_replicas_train_under_mwms_and_a_lost_one_restarts_the_cluster_from_
     model_dir = e2e_settings.store_dir / done["output"]["model_uri"].split("://", 1)[1]
     assert_learned_the_known_function(evaluate_model(runtime_python, model_dir))
     wait_resources_deleted(client, job["id"])
+
+
+# The chief prints numbered lines and keeps the last number in its checkpoint directory; the
+# worker replica waits. On the restart both find the restored
+# mark: the chief says where it resumes and exports, the worker exits 0.
+NUMBERED = """
+    import os, sys, time
+    mark = os.path.join(os.environ["STACKML_CHECKPOINT_DIR"], "printed")
+    if os.path.exists(mark):
+        if os.environ["STACKML_REPLICA"] == "chief":
+            print("resumed after line", open(mark).read(), flush=True)
+            open(os.path.join(os.environ["STACKML_MODEL_DIR"], "m"), "w").write("1")
+        sys.exit(0)
+    if os.environ["STACKML_REPLICA"] != "chief":
+        time.sleep(600)
+    for i in range(100000):
+        print(f"line {i}", flush=True)
+        with open(mark + ".tmp", "w") as fh:
+            fh.write(str(i))
+        os.replace(mark + ".tmp", mark)
+        time.sleep(0.02)
+"""
+
+
+def test_a_lost_replica_costs_none_of_the_chiefs_lines_its_checkpoint_kept(
+    client: StackMLClient, e2e_settings: Settings, tmp_path: Path
+) -> None:
+    """When another replica is lost, the chief is stopped and the rest of its log read before
+    its server goes: the job's log holds every line the chief printed, and the restart resumes
+    from the checkpoint it wrote last (the runner's final sync, which runs before it writes the
+    exit status the drain waits for), not from an older one. (This trainer rewrites its
+    checkpoint every 20 ms, so the periodic sync, which waits for a quiet directory, never
+    uploads it: without the stop and its final sync the restart would find no checkpoint.)"""
+    from tests.e2e.conftest import job_spec, make_package
+
+    pkg = client.stage_package(make_package(tmp_path / "numbered", {"numbered": NUMBERED}))
+    spec = job_spec(pkg["package_uri"], "trainer.numbered", name="e2e-distributed-drain")
+    spec.update({"resources": {"workers": 2}, "restart_policy": "OnFailure", "max_restarts": 1})
+    job = client.create_job(spec)
+    deadline = time.monotonic() + 120
+    while client.logs(job["id"])[0].count(b"line ") < 60:
+        now = client.get_job(job["id"])
+        assert now["state"] in {"QUEUED", "ALLOCATING", "PROVISIONING", "RUNNING"}, now["failure"]
+        assert time.monotonic() < deadline, _story(client, job)
+        time.sleep(0.2)
+    worker = next(r for r in client.get_job(job["id"])["resources"] if r["role"] == "worker")
+    record = json.loads(
+        (e2e_settings.sandbox_dir / worker["server_id"] / "server.json").read_text()
+    )
+    os.kill(int(record["sshd_pid"]), signal.SIGKILL)
+
+    try:
+        done = wait_state(client, job["id"], {"SUCCEEDED", "FAILED"}, timeout=180)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_story(client, job)}") from e
+    log = client.logs(job["id"])[0].decode()
+    assert done["state"] == "SUCCEEDED" and done["restarts"] == 1, (
+        done["failure"],
+        _story(client, job),
+    )
+    numbers = [int(ln.split()[1]) for ln in log.splitlines() if ln.startswith("line ")]
+    assert numbers == list(range(len(numbers))), "the chief's lines are not contiguous"
+    (resumed,) = [ln for ln in log.splitlines() if ln.startswith("resumed after line ")]
+    # every line the chief printed is in the log, and the restart resumed from the mark it
+    # wrote last (its runner's final sync, once stopped): the mark follows its line
+    assert numbers[-1] - 1 <= int(resumed.rsplit(" ", 1)[-1]) <= numbers[-1], (resumed, numbers)
+    wait_resources_deleted(client, job["id"])

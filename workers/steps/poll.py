@@ -60,6 +60,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
             others = batch_servers.look(ctx, cfg.command_timeout)
         except batch_servers.WorkerLost as e:
             _store_log(job_id, offset, data, cfg.max_metric_points)
+            if exit_text is None:
+                _drain_chief(job_id, conn, offset + len(data), log_base)
             restart.fail_or_restart(ctx, FailureReason.SERVER_LOST, str(e))
             return
         except ssh.SSHError as e:
@@ -73,6 +75,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
     )
     if failed is not None and not more:
         status = _exit_code(failed.exit_text or "")
+        if exit_text is None:
+            _drain_chief(job_id, conn, offset + len(data), log_base)
         restart.fail_or_restart(
             ctx,
             FailureReason.TRAINER_EXIT_NONZERO,
@@ -133,6 +137,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
     ]
     for who, beat in stopped:
         if now - beat > cfg.heartbeat_timeout:
+            if who and exit_text is None:  # another replica's: the chief still runs
+                _drain_chief(job_id, conn, offset + len(data), log_base)
             restart.fail_or_restart(
                 ctx,
                 FailureReason.SERVER_LOST,
@@ -144,6 +150,35 @@ def _poll(ctx: jobctx.StepContext) -> None:
     with db() as s:
         repo.touch(s, job_id, poll_interval=interval, ssh_failing_since=None)
     jobctx.next_step(queue.POLL, job_id, 0 if more else interval)
+
+
+def _drain_chief(job_id: str, conn: ssh.SSHConnection, offset: int, log_base: int) -> None:
+    """Another replica ended the run (lost, or failed) while the chief's trainer still runs:
+    stop the trainer, read the rest of its log once the runner has written its exit status
+    (every line the trainer printed is then in the file), and store it at the job's log
+    `offset`. Without this, what it printed between the last pull and the deletion of its
+    server would be lost, while a checkpoint it synced meanwhile is kept: a restart would
+    resume past epochs whose lines the job never got. Best effort within the command
+    timeout: an SSH failure drains nothing more (as with any lost server)."""
+    from workers.steps.provision import PYTHON
+
+    cfg = jobctx.settings()
+    deadline = time.monotonic() + cfg.command_timeout
+    out = b""
+    try:
+        conn.run(jobctx.runner_argv(PYTHON, "kill", JOB_DIR), timeout=cfg.command_timeout)
+        while batch_servers.read_small(conn, f"{JOB_DIR}/exit_code") is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        while chunk := _read_log(conn, offset - log_base + len(out)):
+            out += chunk
+            if len(chunk) < MAX_PULL:
+                break
+    except ssh.SSHError as e:
+        jobctx.log.warning("job %s: the chief's log was not drained before the end: %s", job_id, e)
+    if out:
+        _store_log(job_id, offset, out, cfg.max_metric_points)
 
 
 def _ssh_failed(
