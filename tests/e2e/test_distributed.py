@@ -40,6 +40,19 @@ def _story(client: StackMLClient, job: dict[str, Any]) -> str:
     return f"events:\n{events}\nchief:\n{chief}\nworker-1:\n{worker}"
 
 
+def _kill_then_wait(
+    client: StackMLClient, settings: Settings, job: dict[str, Any], server_id: str, timeout: float
+) -> dict[str, Any]:
+    """SIGKILL the sandbox of `server_id` (its sshd, the sandbox's first process), then the job
+    once it SUCCEEDED or FAILED (its timeline in the message when it does not in `timeout`)."""
+    record = json.loads((settings.sandbox_dir / server_id / "server.json").read_text())
+    os.kill(int(record["sshd_pid"]), signal.SIGKILL)
+    try:
+        return wait_state(client, job["id"], {"SUCCEEDED", "FAILED"}, timeout=timeout)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_story(client, job)}") from e
+
+
 # its own deadlines (300 s to the first synced checkpoint, 400 s from the kill to the end)
 # come first, so that a job that stalls fails with its timeline, not with a stack dump
 @pytest.mark.timeout(800)
@@ -85,14 +98,7 @@ def test_two_replicas_train_under_mwms_and_a_lost_one_restarts_the_cluster_from_
     roles = [(r["role"], r["name"].rsplit("-", 2)[-2:]) for r in now["resources"]]
     assert roles == [("chief", ["chief", "0"]), ("worker", ["worker", "1"])], now["resources"]
     worker = next(r for r in now["resources"] if r["role"] == "worker")
-    record_path = e2e_settings.sandbox_dir / worker["server_id"] / "server.json"
-    record = json.loads(record_path.read_text())
-    os.kill(int(record["sshd_pid"]), signal.SIGKILL)
-
-    try:
-        done = wait_state(client, job["id"], {"SUCCEEDED", "FAILED"}, timeout=400)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{_story(client, job)}") from e
+    done = _kill_then_wait(client, e2e_settings, job, worker["server_id"], 400)
     log = client.logs(job["id"])[0].decode()
     assert done["state"] == "SUCCEEDED", (done["failure"], log[-3000:])
     assert done["restarts"] == 1
@@ -176,15 +182,7 @@ def test_a_lost_replica_costs_none_of_the_chiefs_lines_its_checkpoint_kept(
         assert time.monotonic() < deadline, _story(client, job)
         time.sleep(0.2)
     worker = next(r for r in client.get_job(job["id"])["resources"] if r["role"] == "worker")
-    record = json.loads(
-        (e2e_settings.sandbox_dir / worker["server_id"] / "server.json").read_text()
-    )
-    os.kill(int(record["sshd_pid"]), signal.SIGKILL)
-
-    try:
-        done = wait_state(client, job["id"], {"SUCCEEDED", "FAILED"}, timeout=180)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{_story(client, job)}") from e
+    done = _kill_then_wait(client, e2e_settings, job, worker["server_id"], 180)
     log = client.logs(job["id"])[0].decode()
     assert done["state"] == "SUCCEEDED" and done["restarts"] == 1, (
         done["failure"],
