@@ -147,3 +147,29 @@ def test_a_refused_upload_is_one_log_line_and_the_next_pass_retries(
     assert sync.run_pass(final=True) == 1
     assert stored(store) == {"ckpt": b"x"}
     assert json.loads((job / runner.SYNCED).read_text())["ckpt"][0] == 1
+
+
+def test_a_pass_uploads_the_files_in_the_order_they_were_written(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    """The index a trainer writes last goes up last: a pass cut short after any upload leaves
+    no index in the store naming data that is not there (names sort the other way here)."""
+    job = job_dir(tmp_path / "job")
+    ckpt = job / "checkpoints"
+    (ckpt / "weights").mkdir()
+    t = time.time() - 10
+    for i, name in enumerate(["weights/w-2.bin", "weights/w-1.bin", "checkpoint"]):
+        (ckpt / name).write_bytes(name.encode())
+        os.utime(ckpt / name, (t + i, t + i))
+    sync = sync_of(store, job)
+    order: list[str] = []
+    put = sync.uploader.put
+
+    def recorded(key: str, path: str, offset: int, length: int) -> str:
+        order.append(key)
+        return put(key, path, offset, length)
+
+    sync.uploader.put = recorded  # type: ignore[method-assign]
+    assert sync.run_pass(final=False) == 3
+    assert order == ["weights/w-2.bin", "weights/w-1.bin", "checkpoint"]
+    assert store.get(PREFIX + "checkpoint") == b"checkpoint"

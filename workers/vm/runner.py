@@ -305,8 +305,9 @@ class _CheckpointSync:
 
     A pass uploads only when nothing in the directory changed for CHECKPOINT_QUIET seconds (else
     it tries again after that long), so that what is in the store is one checkpoint, not the
-    index of the next one beside half of its data. A failure is one line in the log, never the
-    trainer's end: the next pass tries again."""
+    index of the next one beside half of its data; and it uploads the files oldest first, so
+    that a pass cut short leaves no index naming data that is not in the store. A failure is
+    one line in the log, never the trainer's end: the next pass tries again."""
 
     def __init__(self, job_dir: str, cfg: dict) -> None:
         self.root = os.path.join(job_dir, "checkpoints")
@@ -360,6 +361,11 @@ class _CheckpointSync:
         if not final and time.time() - newest < CHECKPOINT_QUIET:
             return None
         sent = 0
+        # in the order they were written: the file a trainer writes last to say a checkpoint
+        # is whole (TensorFlow's `checkpoint` index, a step counter) goes up after the data it
+        # names, so a pass cut short (the server lost mid-upload) never leaves an index in the
+        # store whose data is not there
+        files.sort(key=lambda f: (f[2].st_mtime_ns, f[0]))
         for rel, path, st in files:
             sig = [st.st_size, st.st_mtime_ns]
             if self.seen.get(rel) != sig:
