@@ -473,27 +473,12 @@ class OpenStackBackend(ComputeBackend):
                 groups = list(conn.network.security_groups(name=name, project_id=project))
             groups.sort(key=lambda g: (g.created_at or "", g.id))
             sg = groups[0]
-            has_rule = any(
-                r.get("direction") == "ingress"
-                and r.get("protocol") == "tcp"
-                and (r.get("port_range_min") or 0)
-                <= self.ssh_port
-                <= (r.get("port_range_max") or 65535)
-                and r.get("remote_ip_prefix") == self.ssh_cidr
-                for r in (sg.security_group_rules or [])
+            self._admit(
+                sg,
+                [self.ssh_port],
+                "stackml workers reach servers over SSH",
+                remote_ip_prefix=self.ssh_cidr,
             )
-            if not has_rule:
-                with contextlib.suppress(sdk_exc.ConflictException):
-                    conn.network.create_security_group_rule(
-                        security_group_id=sg.id,
-                        direction="ingress",
-                        ethertype="IPv4",
-                        protocol="tcp",
-                        port_range_min=self.ssh_port,
-                        port_range_max=self.ssh_port,
-                        remote_ip_prefix=self.ssh_cidr,
-                        description="stackml workers reach servers over SSH",
-                    )
         with self._lock:
             c.sg_id = sg.id
         return str(sg.id)
@@ -526,27 +511,12 @@ class OpenStackBackend(ComputeBackend):
                 )
                 groups = self._peer_groups(group)
             sg = groups[0]
-            rules = sg.security_group_rules or []
-            for port in sorted({int(p) for p in ports}):
-                if any(
-                    r.get("direction") == "ingress"
-                    and r.get("protocol") == "tcp"
-                    and (r.get("port_range_min") or 0) <= port <= (r.get("port_range_max") or 65535)
-                    and r.get("remote_group_id") == sg.id
-                    for r in rules
-                ):
-                    continue
-                with contextlib.suppress(sdk_exc.ConflictException):
-                    conn.network.create_security_group_rule(
-                        security_group_id=sg.id,
-                        direction="ingress",
-                        ethertype="IPv4",
-                        protocol="tcp",
-                        port_range_min=port,
-                        port_range_max=port,
-                        remote_group_id=sg.id,
-                        description="stackml: a distributed job's replicas reach each other",
-                    )
+            self._admit(
+                sg,
+                sorted({int(p) for p in ports}),
+                "stackml: a distributed job's replicas reach each other",
+                remote_group_id=sg.id,
+            )
         return str(sg.id)
 
     def release_peer_group(self, group: str) -> None:
@@ -566,28 +536,39 @@ class OpenStackBackend(ComputeBackend):
             return
         conn = self._conn()
         with self._translate(f"ensuring ingress rules {wanted} in security group {sg_id}"):
-            sg = conn.network.get_security_group(sg_id)
-            rules = sg.security_group_rules or []
-            for port in wanted:
-                if any(
-                    r.get("direction") == "ingress"
-                    and r.get("protocol") == "tcp"
-                    and (r.get("port_range_min") or 0) <= port <= (r.get("port_range_max") or 65535)
-                    and r.get("remote_ip_prefix") == self.ssh_cidr
-                    for r in rules
-                ):
-                    continue
-                with contextlib.suppress(sdk_exc.ConflictException):
-                    conn.network.create_security_group_rule(
-                        security_group_id=sg_id,
-                        direction="ingress",
-                        ethertype="IPv4",
-                        protocol="tcp",
-                        port_range_min=port,
-                        port_range_max=port,
-                        remote_ip_prefix=self.ssh_cidr,
-                        description="stackml: the API reaches serving replicas",
-                    )
+            self._admit(
+                conn.network.get_security_group(sg_id),
+                wanted,
+                "stackml: the API reaches serving replicas",
+                remote_ip_prefix=self.ssh_cidr,
+            )
+
+    def _admit(self, sg: Any, ports: list[int], description: str, **source: str) -> None:
+        """An ingress TCP rule in group `sg` for each of `ports` from `source` (one of
+        remote_ip_prefix, remote_group_id), unless a rule of the group already admits it;
+        a rule another worker made meanwhile (409) is as good. Inside `_translate`."""
+        [(key, value)] = source.items()
+        conn = self._conn()
+        for port in ports:
+            if any(
+                r.get("direction") == "ingress"
+                and r.get("protocol") == "tcp"
+                and (r.get("port_range_min") or 0) <= port <= (r.get("port_range_max") or 65535)
+                and r.get(key) == value
+                for r in sg.security_group_rules or []
+            ):
+                continue
+            with contextlib.suppress(sdk_exc.ConflictException):
+                conn.network.create_security_group_rule(
+                    security_group_id=sg.id,
+                    direction="ingress",
+                    ethertype="IPv4",
+                    protocol="tcp",
+                    port_range_min=port,
+                    port_range_max=port,
+                    description=description,
+                    **source,
+                )
 
     # ------------------------------------------------------------------ servers
 
