@@ -30,6 +30,10 @@ class ServerSpec:
     # `peer_ports`, and nothing else does (ComputeBackend.peer_network says whether it can)
     peer_group: str | None = None
     peer_ports: tuple[int, ...] = ()
+    # the server's place in its peer group (a replica's index): a backend whose capabilities
+    # say stable_peer_addresses gives the server of an index the same peer address each time,
+    # so that a replacement is reached where the replica it replaces was
+    peer_index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,10 @@ class Capabilities:
     # where the image carries the runtimes (<dir>/<runtime key>); None: the server sees the
     # worker's own runtime builds at their paths (the sandbox)
     runtimes_dir: str | None = IMAGE_RUNTIMES_DIR
+    # a peer group's server of a given ServerSpec.peer_index always gets the same peer address
+    # (a replacement replica is reached where the lost one was, as ParameterServerStrategy's
+    # coordinator needs to take a worker back)
+    stable_peer_addresses: bool = False
 
 
 @dataclass(frozen=True)

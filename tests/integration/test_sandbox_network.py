@@ -437,3 +437,57 @@ def test_a_peer_group_reaches_its_own_members_on_its_ports_only(
     for bridge in bridges:
         assert not Path(f"/sys/class/net/{bridge}").exists(), f"bridge {bridge} remains"
     assert leak_report(base / "sandboxes") == []
+
+
+def test_a_replicas_replacement_gets_its_peer_address_and_is_reached_there(
+    base: Path, net: SandboxNetwork, keypair: tuple[str, str]
+) -> None:
+    """With a peer index, a group member's peer address is the index's, not the slot's: the
+    server booted for the same index after the first is deleted (a replica replaced alone)
+    has the same address, and its peer reaches it there (a fresh neighbour, not the gone
+    one's)."""
+    pem, pub = keypair
+    backend = SandboxBackend(base / "sandboxes", [SMALL], network=net)
+    assert backend.capabilities.stable_peer_addresses
+
+    def boot(name: str, index: int) -> str:
+        spec = ServerSpec(
+            name=name, flavor=SMALL, image="tensorflow-2.21", public_key=pub,
+            peer_group="job-3", peer_ports=(2222, 2223), peer_index=index,
+        )  # fmt: skip
+        return backend.create_server(spec).id
+
+    chief, first = boot("c0", 0), boot("c1", 1)
+    ids = [chief, first]
+    try:
+        address = backend.get_server(first).peer_host
+        assert address == net.peer_address(1), address
+        conn = ssh.wait_for_ssh(_target(backend.get_server(chief), pem), 10)
+        assert _probe(conn, [f"{address}:2223"])[f"{address}:2223"] != "connected"  # no listener
+        backend.delete_server(first)
+        second = boot("c1-again", 1)
+        ids.append(second)
+        again = backend.get_server(second)
+        assert again.peer_host == address
+        replacement = ssh.wait_for_ssh(_target(again, pem), 10)
+        got: list[str] = []
+        t = threading.Thread(
+            target=lambda: got.append(
+                replacement.run(["python3", "-c", LISTEN, "2223", "20"], timeout=60).text.strip()
+            )
+        )
+        t.start()
+        time.sleep(1.0)
+        conn.run(
+            ["python3", "-c", f"import socket; socket.create_connection(('{address}', 2223), "
+             "timeout=15).send(b'again')"],
+            timeout=30,
+        )  # fmt: skip
+        t.join(timeout=30)
+        assert got == [f"{net.peer_address(0)} again"]
+        conn.close()
+        replacement.close()
+    finally:
+        for i in ids:
+            backend.delete_server(i)
+    assert leak_report(base / "sandboxes") == []

@@ -669,7 +669,7 @@ class SandboxBackend(ComputeBackend):
 
     name = "sandbox"
     # the host key is in the server's record at ACTIVE; runtimes are the worker's own builds
-    capabilities = Capabilities(HostKeySource.RECORD, runtimes_dir=None)
+    capabilities = Capabilities(HostKeySource.RECORD, runtimes_dir=None, stable_peer_addresses=True)
 
     def __init__(
         self,
@@ -945,6 +945,7 @@ class SandboxBackend(ComputeBackend):
                     ingress_ports=spec.ingress_ports,
                     peer_group=spec.peer_group,
                     peer_ports=spec.peer_ports,
+                    peer_index=spec.peer_index,
                 )
                 _write(d / "server.json", json.dumps(rec, indent=1))
 

@@ -26,7 +26,9 @@ host answer on the gateway address too, which is why the nft table admits only t
 A sandbox of a peer group (ServerSpec.peer_group: a distributed job's replicas) also gets a
 second veth: `smp<slot>` on the host, enslaved to the group's own bridge `smb<hash of root tag
 and group>` (no address on the host, the bridge's netfilter calls off), and `eth1` inside with
-the peer address `<peer_cidr> + 1 + slot` on the peer CIDR's prefix. Only the group's sandboxes
+the peer address `<peer_cidr> + 1 + <its peer_index>` (the replica's index; without one,
+`+ 1 + slot`) on the peer CIDR's prefix: the same address for a replica's replacement (each
+group has a bridge of its own, so the groups' addresses may repeat). Only the group's sandboxes
 are on that bridge, so only they reach each other there; the nft table admits TCP on
 `peer_ports` in and out of `eth1` and nothing else on it. The last member's teardown deletes
 the bridge.
@@ -46,6 +48,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,6 +347,7 @@ def setup(
     ingress_ports: tuple[int, ...] = (),
     peer_group: str | None = None,
     peer_ports: tuple[int, ...] = (),
+    peer_index: int | None = None,
 ) -> dict[str, str]:
     """Make the sandbox's namespace, veth, routes and nft table (and its peer group's link);
     returns what server.json records. On failure nothing is left."""
@@ -354,7 +358,9 @@ def setup(
         info.update(
             bridge=bridge_name(tag, peer_group),
             peer_veth=peer_veth_name(slot),
-            peer_address=net.peer_address(slot),
+            # the replica's index where given (stable: its replacement gets the same address;
+            # each group has a bridge of its own), else the slot's
+            peer_address=net.peer_address(slot if peer_index is None else peer_index),
         )
     try:
         # the slot is ours now: a veth of that name is a leftover of a sandbox that is gone
@@ -410,6 +416,25 @@ def _join_bridge(net: SandboxNetwork, info: dict[str, str], ns: str, owner: Path
         f"link set {PEER_LINK} up",
     ]
     _run(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(inside) + "\n")
+    # a gratuitous ARP once the link is up: a replica's replacement takes the address of the
+    # one it replaces (a stable peer index), and its peers' neighbour entries (REACHABLE for
+    # up to 45 s) must learn the new MAC at once instead of blackholing their connects. The
+    # kernel's own (arp_notify) goes out before the veth has carrier and is lost: sent here,
+    # twice, from inside the namespace.
+    _run([*launcher(ns), sys.executable, "-c", GARP, PEER_LINK, info["peer_address"]])
+
+
+# a gratuitous ARP request (sender = target = the address) out of argv[1], twice
+GARP = """
+import socket, struct, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+mac, ip = s.getsockname()[4], socket.inet_aton(sys.argv[2])
+arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + bytes(6) + ip
+for n in range(2):
+    time.sleep(0.1 * n)
+    s.send(b"\\xff" * 6 + mac + b"\\x08\\x06" + arp)
+"""
 
 
 def teardown(info: dict[str, str] | None, owner: Path) -> None:
