@@ -16,6 +16,13 @@
    replica worker-1, and measures the kill to the first line of the resumed chief (both
    replicas restart on new servers, the chief's checkpoints restored on each). The baseline:
    a fresh two-replica job to its chief's first line.
+4. A lost parameter-server worker replaced alone. A job of a chief, two workers and a
+   parameter server (resources.workers 3, parameter_servers 1: ParameterServerStrategy's
+   failover, no TensorFlow): the chief ticks for CHIEF_SECONDS while the others serve; the
+   bench SIGKILLs worker-1's sandbox and measures the kill to the first line of its
+   replacement (the `replace` events in between), checking that the chief never stopped (no
+   restart, its ticks contiguous). The baseline: a fresh job of the same four replicas to its
+   chief's first line.
 
 Prints each figure, then one JSON line with all of them.
 """
@@ -74,6 +81,19 @@ else:
     open(mark, "wb").write(os.urandom(1 << 20))
     print("started", flush=True)
     time.sleep(600)
+open(os.path.join(os.environ["STACKML_MODEL_DIR"], "m"), "w").write("1")
+"""
+CHIEF_SECONDS = 40
+# ParameterServerStrategy's shape without TensorFlow: the chief works, the others serve
+SERVER = f"""
+import os, time
+if os.environ["STACKML_REPLICA"] != "chief":
+    print("serving", flush=True)
+    time.sleep(600)
+print("started", flush=True)
+for i in range({CHIEF_SECONDS} * 5):
+    print(f"tick {{i}}", flush=True)
+    time.sleep(0.2)
 open(os.path.join(os.environ["STACKML_MODEL_DIR"], "m"), "w").write("1")
 """
 
@@ -162,14 +182,60 @@ def recovery(
     }
 
 
-def fresh_start(client: StackMLClient, uri: str, replicas: int = 1) -> float:
+PS_RESOURCES = {"workers": 3, "parameter_servers": 1}
+
+
+def replaced_alone(client: StackMLClient, settings: Settings, uri: str) -> dict[str, float]:
+    """Kill worker-1's sandbox of a parameter-server job; the seconds to its replacement's
+    first line, and to the two `replace` events (handed over, started)."""
+    job = client.create_job(
+        {
+            "name": "bench-replace",
+            "trainer": {"package_uri": uri, "module": "trainer.server"},
+            "resources": PS_RESOURCES,
+            "restart_policy": "OnFailure",
+            "max_restarts": 1,
+        }
+    )
+    _first_line_at(client, job["id"], b"tick 5", 120)
+    running = client.get_job(job["id"])
+    server = next(r for r in running["resources"] if r["name"].endswith("-worker-1"))
+    record = json.loads((settings.sandbox_dir / server["server_id"] / "server.json").read_text())
+    t_kill = time.time()
+    os.kill(int(record["sshd_pid"]), signal.SIGKILL)
+    deadline = time.monotonic() + CHIEF_SECONDS
+    while client.logs(job["id"], replica="worker-1")[0].count(b"serving") < 2:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"job {job['id']}: worker-1 not replaced in {CHIEF_SECONDS}s")
+        time.sleep(0.05)
+    t_serving = time.time()
+    done = client.wait(job["id"], timeout=120, interval=0.2, max_interval=0.5)
+    if done["state"] != "SUCCEEDED" or done["restarts"] != 0:
+        raise SystemExit(f"job {job['id']} ended {done['state']} ({done['restarts']} restarts)")
+    ticks = [ln for ln in client.logs(job["id"])[0].decode().splitlines() if ln.startswith("tick")]
+    if ticks != [f"tick {i}" for i in range(CHIEF_SECONDS * 5)]:
+        raise SystemExit(f"job {job['id']}: the chief's ticks are not contiguous")
+    handed, started = (
+        _at(e["at"]) for e in client.events(job["id"])["events"] if e["kind"] == "replace"
+    )
+    return {
+        "kill_to_replacement_serving_s": t_serving - t_kill,
+        "kill_to_replace_event_s": handed - t_kill,
+        "replace_event_to_started_s": started - handed,
+    }
+
+
+def fresh_start(
+    client: StackMLClient, uri: str, replicas: int = 1, module: str = "trainer.resumer"
+) -> float:
     """Submission to the first line of a new job of the same trainer (then it is cancelled)."""
     t0 = time.time()
+    resources = PS_RESOURCES if module == "trainer.server" else {"workers": replicas}
     job = client.create_job(
         {
             "name": "bench-fresh",
-            "trainer": {"package_uri": uri, "module": "trainer.resumer"},
-            "resources": {"workers": replicas},
+            "trainer": {"package_uri": uri, "module": module},
+            "resources": resources,
         }
     )
     t1 = _first_line_at(client, job["id"], b"started", 120)
@@ -199,12 +265,15 @@ def main() -> int:
     (pkg_dir / "trainer" / "__init__.py").write_text("")
     (pkg_dir / "trainer" / "stepper.py").write_text(STEPPER)
     (pkg_dir / "trainer" / "resumer.py").write_text(RESUMER)
+    (pkg_dir / "trainer" / "server.py").write_text(SERVER)
     off: list[float] = []
     on: list[float] = []
     kills: list[dict[str, float]] = []
     fresh: list[float] = []
     replica_kills: list[dict[str, float]] = []
     replica_fresh: list[float] = []
+    alone: list[dict[str, float]] = []
+    ps_fresh: list[float] = []
     try:
         with LocalPlatform(settings, concurrency=2, quiet=True) as p:
             client = StackMLClient(p.url)
@@ -223,6 +292,9 @@ def main() -> int:
             for _ in range(KILLS):
                 replica_fresh.append(fresh_start(client, uri, replicas=2))
                 replica_kills.append(recovery(client, settings, uri, replicas=2))
+            for _ in range(KILLS):
+                ps_fresh.append(fresh_start(client, uri, module="trainer.server"))
+                alone.append(replaced_alone(client, settings, uri))
             time.sleep(3)  # let the last teardowns finish before the platform stops
     finally:
         shutil.rmtree(data, ignore_errors=True)
@@ -249,6 +321,11 @@ def main() -> int:
         fig[f"replica_{key.removesuffix('_s')}_median_s"] = round(
             statistics.median(k[key] for k in replica_kills), 3
         )
+    fig["fresh_ps_job_to_first_line_median_s"] = round(statistics.median(ps_fresh), 3)
+    for key in alone[0]:
+        fig[f"ps_{key.removesuffix('_s')}_median_s"] = round(
+            statistics.median(k[key] for k in alone), 3
+        )
     print(
         f"checkpoint sync: median step {step_off * 1000:.1f} ms without, {step_on * 1000:.1f} ms "
         f"with a sync every 2 s: {fig['sync_overhead_per_step']:+.1%} per step "
@@ -266,6 +343,14 @@ def main() -> int:
         f"{fig['replica_kill_to_restart_event_median_s']}s, restart -> RUNNING "
         f"{fig['replica_restart_event_to_running_median_s']}s); a fresh 2-replica job to its "
         f"chief's first line {fig['fresh_2_replica_job_to_first_line_median_s']}s"
+    )
+    print(
+        f"lost parameter-server worker (worker-1 of chief + 2 workers + 1 ps) -> its replacement "
+        f"serving: median {fig['ps_kill_to_replacement_serving_median_s']}s (detected "
+        f"{fig['ps_kill_to_replace_event_median_s']}s, replace -> started "
+        f"{fig['ps_replace_event_to_started_median_s']}s), the chief never stopped; a fresh "
+        f"job of the same 4 replicas to its chief's first line "
+        f"{fig['fresh_ps_job_to_first_line_median_s']}s"
     )
     print(json.dumps(fig))
     return 0

@@ -132,12 +132,15 @@ LATER = frozenset({FailureReason.STORE_UNAVAILABLE, FailureReason.KEYSTONE_UNAVA
 
 
 @contextmanager
-def open_step(job_id: str, state: JobState) -> Iterator[StepContext | None]:
+def open_step(
+    job_id: str, state: JobState, *, leased: bool | None = None
+) -> Iterator[StepContext | None]:
     """The one prologue of the job steps (allocate, provision, poll, export): None when the job is
     not in `state` (moved on, or a cancel was asked while it runs) or when another run of a
     leased step holds the job; else its context, with the lease held (and renewed by a
     heartbeat) until the block ends. A BackendError that is not transient escaping the block
-    fails the job with its reason (a transient one propagates: the task retries)."""
+    fails the job with its reason (a transient one propagates: the task retries). `leased`
+    overrides the step's own (a task beside the state's step that must not run twice)."""
     step = pipeline.PIPELINE[state]
     cfg = settings()
     with db() as s:
@@ -146,7 +149,7 @@ def open_step(job_id: str, state: JobState) -> Iterator[StepContext | None]:
             yield None
             return
     lease = None
-    if step.leased:
+    if step.leased if leased is None else leased:
         lease = pipeline.take_lease(cfg.db_url, job_id, state, pipeline.lease_ttl(cfg))
         if lease is None:
             log.info("job %s: another %s step holds the job; this one ends", job_id, step.step)

@@ -15,6 +15,7 @@ from workers.steps import (
     poll,
     provision,
     register,
+    replace,
     schedules,
     serve,
     serving_index,
@@ -40,6 +41,11 @@ def provision_task(job_id: str) -> None:
 @app.task(name=queue.POLL, base=JobTask, **_limits(queue.POLL))
 def poll_task(job_id: str) -> None:
     poll.run(job_id)
+
+
+@app.task(name=replace.TASK, base=JobTask, time_limit=600, soft_time_limit=540)
+def replace_replica_task(job_id: str) -> None:
+    replace.run(job_id)  # a ParameterServerStrategy worker replaced alone
 
 
 @app.task(name=queue.EXPORT, base=JobTask, **_limits(queue.EXPORT))

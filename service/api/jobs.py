@@ -589,7 +589,8 @@ def _replica_arg(job: Job) -> int | None:
     if name is None:
         return None
     try:
-        return cluster.replica_index(name, JobSpec.model_validate(job.spec).servers())
+        spec = JobSpec.model_validate(job.spec)
+        return cluster.replica_index(name, spec.servers(), spec.resources.parameter_servers)
     except ValueError as e:
         raise InvalidRequest(str(e), details={"parameter": "replica"}) from e
 
@@ -626,7 +627,9 @@ def _follow(
 def events(job_id: str) -> Response:
     c = ctx()
     with c.session() as s:
-        replica = _replica_arg(_job(s, job_id))
+        job = _job(s, job_id)
+        replica = _replica_arg(job)
+        workers = JobSpec.model_validate(job.spec).resources.workers
         rows = repo.events(s, job_id)
         if replica is not None:  # the replica's own events (chief: those of the job)
             rows = [e for e in rows if (e.replica or 0) == replica]
@@ -638,7 +641,9 @@ def events(job_id: str) -> Response:
                     "from": e.from_state,
                     "to": e.to_state,
                     "message": e.message,
-                    "replica": None if e.replica is None else cluster.replica_name(e.replica),
+                    "replica": None
+                    if e.replica is None
+                    else cluster.replica_name(e.replica, workers),
                 }
                 for e in rows
             ]

@@ -132,6 +132,13 @@ def _default_name(package: str, module: str) -> str:
     help="Replicas of the trainer, one server each (TF_CONFIG's chief and N-1 workers).",
 )
 @click.option(
+    "--parameter-servers",
+    type=click.IntRange(1, 16),
+    metavar="P",
+    help="Parameter servers for ParameterServerStrategy, one server each (needs --workers 2 "
+    "or more: the chief coordinates, the workers compute).",
+)
+@click.option(
     "--restart-policy",
     type=click.Choice(["Never", "OnFailure", "ExitCode"]),
     help="Restart the trainer on a new server, its checkpoints restored: OnFailure (any "
@@ -195,6 +202,7 @@ def jobs_submit(
     runtime_: str | None,
     max_runtime: int | None,
     workers: int | None,
+    parameter_servers: int | None,
     restart_policy: str | None,
     max_restarts: int | None,
     tuning_path: str | None,
@@ -221,6 +229,7 @@ def jobs_submit(
                 ("--runtime", runtime_),
                 ("--max-runtime", max_runtime),
                 ("--workers", workers),
+                ("--parameter-servers", parameter_servers),
                 ("--restart-policy", restart_policy),
                 ("--max-restarts", max_restarts is not None),
                 ("--tuning", tuning_path),
@@ -249,6 +258,8 @@ def jobs_submit(
         spec["resources"] = {"flavor": flavor}
     if workers:
         spec["resources"] = {**spec.get("resources", {}), "workers": workers}
+    if parameter_servers:
+        spec["resources"] = {**spec.get("resources", {}), "parameter_servers": parameter_servers}
     if data_uri:
         spec["inputs"] = {"data_uri": data_uri}
     if model_uri:

@@ -295,6 +295,12 @@ def append_log(
     return offset + len(data)
 
 
+def _replica_name(s: Session, job_id: str, replica: int) -> str:
+    job = s.get(Job, job_id)
+    workers = None if job is None else (job.spec.get("resources") or {}).get("workers")
+    return replica_name(replica, workers if isinstance(workers, int) else None)
+
+
 def _ingest_metrics(
     s: Session, job_id: str, offset: int, data: bytes, max_points: int | None, replica: int = 0
 ) -> None:
@@ -327,7 +333,9 @@ def _ingest_metrics(
         room = points_allowed(stored, max_points)
         if len(points) > room:
             if stored < max_points or not _capped(s, job_id, replica):
-                whose = f"replica {replica_name(replica)}'s log" if replica else "the job"
+                whose = (
+                    f"replica {_replica_name(s, job_id, replica)}'s log" if replica else "the job"
+                )
                 add_event(
                     s,
                     job_id,

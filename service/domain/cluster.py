@@ -1,7 +1,13 @@
 """A distributed training job's cluster: its replicas, their TF_CONFIG, its peer group (no I/O).
 
-A job with `resources.workers` W > 1 runs the trainer on W servers. Replica 0 is TF_CONFIG's
-`chief` (its model is exported, its checkpoints synced); replicas 1..W-1 are `worker` 0..W-2.
+A job with `resources.workers` W > 1 (or `resources.parameter_servers` P > 0) runs the trainer
+on W + P servers, one per replica, in replica order:
+
+- replica 0 is TF_CONFIG's `chief` (its model is exported, its checkpoints synced);
+- replicas 1..W-1 are `worker` 0..W-2, named `worker-1`..`worker-<W-1>`;
+- replicas W..W+P-1 are `ps` 0..P-1, named `ps-0`..`ps-<P-1>` (ParameterServerStrategy: the
+  chief coordinates, the workers compute, the parameter servers hold the variables).
+
 Replica k listens on TF_PORT + k on its own server (distinct ports, so that replicas that share
 one host's network, as the devcloud emulator's servers do, do not collide): the servers are one
 peer group (the job's id), which the compute backend connects to each other on those ports alone
@@ -15,22 +21,51 @@ from typing import Any
 TF_PORT = 2222
 
 
-def replica_name(index: int) -> str:
-    """`chief` for replica 0, `worker-<k>` for replica k (STACKML_REPLICA, messages)."""
-    return "chief" if index == 0 else f"worker-{index}"
+def replica_name(index: int, workers: int | None = None) -> str:
+    """`chief` for replica 0, `worker-<k>` for replica k < `workers`, `ps-<k - workers>` past
+    them (STACKML_REPLICA, messages, `?replica=`). Without `workers`, every replica but the
+    chief is a worker."""
+    if index == 0:
+        return "chief"
+    if workers is not None and index >= workers:
+        return f"ps-{index - workers}"
+    return f"worker-{index}"
 
 
-def replica_index(name: str, servers: int) -> int:
+def role(index: int, workers: int) -> str:
+    """TF_CONFIG's task type of replica `index`."""
+    return "chief" if index == 0 else "worker" if index < workers else "ps"
+
+
+def replica_index(name: str, servers: int, parameter_servers: int = 0) -> int:
     """The replica a log's `?replica=` names: 0 for `chief`, k for `worker-<k>` (1 <= k <
-    servers); ValueError, with what the job has, for any other name."""
+    W = servers - parameter_servers), W + j for `ps-<j>`; ValueError, with what the job has,
+    for any other name."""
+    workers = servers - parameter_servers
     if name == "chief":
         return 0
-    k = name.removeprefix("worker-")
-    if k != name and k.isdigit() and not k.startswith("0") and int(k) < servers:
-        return int(k)
-    have = "chief" if servers == 1 else f"chief, worker-1 .. worker-{servers - 1}"
+    k = _number(name.removeprefix("worker-")) if name.startswith("worker-") else None
+    if k is not None and 1 <= k < workers:
+        return k
+    j = _number(name.removeprefix("ps-")) if name.startswith("ps-") else None
+    if j is not None and j < parameter_servers:
+        return workers + j
+    have = ["chief"]
+    if workers > 1:
+        have.append("worker-1" if workers == 2 else f"worker-1 .. worker-{workers - 1}")
+    if parameter_servers:
+        have.append("ps-0" if parameter_servers == 1 else f"ps-0 .. ps-{parameter_servers - 1}")
     what = "one server" if servers == 1 else f"{servers} servers"
-    raise ValueError(f"replica {name[:40]!r} is not one of this job's: it runs on {what} ({have})")
+    raise ValueError(
+        f"replica {name[:40]!r} is not one of this job's: it runs on {what} ({', '.join(have)})"
+    )
+
+
+def _number(text: str) -> int | None:
+    """A replica number as names write it: digits, no leading zero."""
+    if text.isdigit() and (text == "0" or not text.startswith("0")):
+        return int(text)
+    return None
 
 
 def tf_port(index: int) -> int:
@@ -38,20 +73,33 @@ def tf_port(index: int) -> int:
     return TF_PORT + index
 
 
-def tf_config(peer_hosts: list[str], index: int) -> dict[str, Any]:
+def tf_config(peer_hosts: list[str], index: int, workers: int | None = None) -> dict[str, Any]:
     """TF_CONFIG of replica `index` of a cluster whose replicas are reached at `peer_hosts`
-    (in replica order)."""
+    (in replica order): the first `workers` (all, by default) are the chief and its workers,
+    the rest parameter servers."""
     if not 0 <= index < len(peer_hosts):
         raise ValueError(f"replica {index} is not one of {len(peer_hosts)}")
-    cluster: dict[str, list[str]] = {"chief": [f"{peer_hosts[0]}:{tf_port(0)}"]}
-    if len(peer_hosts) > 1:
-        cluster["worker"] = [f"{h}:{tf_port(k)}" for k, h in enumerate(peer_hosts) if k]
-    task = {"type": "chief", "index": 0} if index == 0 else {"type": "worker", "index": index - 1}
-    return {"cluster": cluster, "task": task}
+    w = len(peer_hosts) if workers is None else workers
+    if not 1 <= w <= len(peer_hosts):
+        raise ValueError(f"{w} workers is not 1 .. {len(peer_hosts)}")
+    addresses = [f"{h}:{tf_port(k)}" for k, h in enumerate(peer_hosts)]
+    cluster: dict[str, list[str]] = {"chief": addresses[:1]}
+    if w > 1:
+        cluster["worker"] = addresses[1:w]
+    if w < len(peer_hosts):
+        cluster["ps"] = addresses[w:]
+    kind = role(index, w)
+    task_index = {"chief": 0, "worker": index - 1, "ps": index - w}[kind]
+    return {"cluster": cluster, "task": {"type": kind, "index": task_index}}
 
 
-def peer_spec(job_id: str, replicas: int) -> dict[str, Any]:
-    """The ServerSpec fields that put a server in its job's peer group (none for one replica)."""
+def peer_spec(job_id: str, replicas: int, index: int = 0) -> dict[str, Any]:
+    """The ServerSpec fields that put replica `index`'s server in its job's peer group (none
+    for one replica)."""
     if replicas <= 1:
         return {}
-    return {"peer_group": job_id, "peer_ports": tuple(tf_port(k) for k in range(replicas))}
+    return {
+        "peer_group": job_id,
+        "peer_ports": tuple(tf_port(k) for k in range(replicas)),
+        "peer_index": index,
+    }

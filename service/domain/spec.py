@@ -98,7 +98,11 @@ class Resources(_Strict):
         default=0,
         ge=0,
         le=16,
-        description="Not available yet: any value but 0 is refused (422 not_implemented).",
+        description="training only: parameter servers, one server each, booted with the "
+        "replicas (gang admission), for ParameterServerStrategy: TF_CONFIG names them `ps` "
+        "0..P-1 beside the chief and its workers (so resources.workers must be at least 2: the "
+        "chief coordinates, the workers compute). A lost worker is replaced alone; a lost "
+        "parameter server or chief restarts the job from its checkpoint.",
     )
 
     @model_validator(mode="after")
@@ -107,6 +111,11 @@ class Resources(_Strict):
             raise ValueError("give either flavor or gpus/gpu_type, not both")
         if self.gpu_type is not None and not self.gpus:
             raise ValueError("gpu_type needs gpus >= 1")
+        if self.parameter_servers and self.workers < 2:
+            raise ValueError(
+                "parameter_servers needs workers >= 2: under ParameterServerStrategy the chief "
+                "(replica 0) coordinates and only the other workers compute"
+            )
         return self
 
 
@@ -586,8 +595,11 @@ class JobSpec(_Strict):
 
     def servers(self) -> int:
         """The servers the job runs on, the chief included: a batch job's
-        `prediction.max_workers`, a training job's `resources.workers` (its replicas)."""
-        return self.predicting().max_workers if self.batch else self.resources.workers
+        `prediction.max_workers`, a training job's `resources.workers` and
+        `resources.parameter_servers` (its replicas)."""
+        if self.batch:
+            return self.predicting().max_workers
+        return self.resources.workers + self.resources.parameter_servers
 
     def trainer_argv(self) -> list[str]:
         """`args` then hyperparameters as `--name=value` (the trainer contract)."""
@@ -679,8 +691,6 @@ def unbuilt_fields(spec: JobSpec) -> list[tuple[str, str]]:
     yet; such a spec is refused (422 not_implemented) before anything is stored or charged.
     The values the schema defaults to (and a stored spec repeats) are accepted."""
     out = []
-    if spec.resources.parameter_servers != 0:
-        out.append(("resources.parameter_servers", "parameter servers are not available yet"))
     if spec.tuning is not None and spec.output.gate is not None:
         out.append(("output.gate", "an evaluation gate on a tuning job is not available yet"))
     return out

@@ -162,22 +162,24 @@ def test_two_submissions_racing_for_one_prefix_one_wins(
     assert job_count(db_url) == 1
 
 
-UNBUILT = [
-    ({"resources": {"parameter_servers": 1}}, "resources.parameter_servers"),
-    ({"resources": {"workers": 3, "parameter_servers": 2}}, "resources.parameter_servers"),
-]
-
-
-@pytest.mark.parametrize(("over", "field"), UNBUILT)
-def test_unbuilt_fields_are_422_not_implemented(
-    client, package_uri, spec, error_of, db_url, enqueued, over, field
+def test_parameter_servers_without_two_workers_are_422_and_change_nothing(
+    client, package_uri, spec, error_of, db_url, enqueued
 ):
     before = client.get("/v1/quotas").get_json()
-    err = error_of(submit(client, spec(package_uri, **over)), 422, "not_implemented")
-    assert field in [f["field"] for f in err["details"]["fields"]]
-    assert "not available yet" in err["message"]
+    for workers in (1, None):
+        resources = {"parameter_servers": 1} | ({"workers": workers} if workers else {})
+        err = error_of(submit(client, spec(package_uri, resources=resources)), 422)
+        assert err["code"] == "validation_failed", err
+        (field,) = err["details"]["fields"]
+        assert field["field"] == "resources", err
+        assert "parameter_servers needs workers >= 2" in field["message"], err
     assert job_count(db_url) == 0 and enqueued.calls == []
     assert client.get("/v1/quotas").get_json() == before
+    # with two workers or more, a job of parameter servers is taken: all its servers counted
+    resp = submit(client, spec(package_uri, resources={"workers": 3, "parameter_servers": 2}))
+    assert resp.status_code == 202, resp.get_json()
+    assert resp.get_json()["spec"]["resources"]["parameter_servers"] == 2
+    assert job_count(db_url) == 1
 
 
 def test_the_values_a_stored_spec_repeats_are_accepted(client, package_uri, spec):

@@ -166,6 +166,8 @@ def test_submit_stages_the_package_and_creates_the_job(
         "600",
         "--workers",
         "3",
+        "--parameter-servers",
+        "2",
         "--restart-policy",
         "ExitCode",
         "--max-restarts",
@@ -207,7 +209,12 @@ def test_submit_stages_the_package_and_creates_the_job(
     assert spec["env"] == {"FOO": "***"}  # the API never shows env values again
     with session_scope(db_url) as s:  # the workers read them from the job's row
         assert repo.get_job(s, job["id"]).spec["env"] == {"FOO": "bar=baz"}
-    assert (spec["resources"]["flavor"], spec["resources"]["workers"]) == ("local.medium", 3)
+    resources = spec["resources"]
+    assert (resources["flavor"], resources["workers"], resources["parameter_servers"]) == (
+        "local.medium",
+        3,
+        2,
+    )
     assert spec["runtime"] == {"framework": "tensorflow", "version": "2.21"}
     assert spec["max_runtime_seconds"] == 600
     assert (spec["restart_policy"], spec["max_restarts"], job["restarts"]) == ("ExitCode", 0, 0)

@@ -33,9 +33,41 @@ def test_tf_config_names_the_chief_then_the_workers_in_replica_order():
 
 def test_only_a_job_of_several_replicas_is_a_peer_group():
     assert cluster.peer_spec("job-1", 1) == {}
-    assert cluster.peer_spec("job-1", 2) == {"peer_group": "job-1", "peer_ports": (2222, 2223)}
+    assert cluster.peer_spec("job-1", 2) == {
+        "peer_group": "job-1",
+        "peer_ports": (2222, 2223),
+        "peer_index": 0,
+    }
     # each replica its own port: replicas on one host's network (the emulator's) do not collide
     assert cluster.peer_spec("job-1", 3)["peer_ports"] == (2222, 2223, 2224)
+    # and its index: where a backend keeps peer addresses stable, a replacement gets the same
+    assert cluster.peer_spec("job-1", 3, 2)["peer_index"] == 2
+
+
+def test_tf_config_with_parameter_servers_names_them_after_the_workers():
+    hosts = ["10.252.0.1", "10.252.0.2", "10.252.0.3", "10.252.0.4"]
+    want = {
+        "chief": ["10.252.0.1:2222"],
+        "worker": ["10.252.0.2:2223", "10.252.0.3:2224"],
+        "ps": ["10.252.0.4:2225"],
+    }
+    tasks = [cluster.tf_config(hosts, k, workers=3)["task"] for k in range(4)]
+    assert cluster.tf_config(hosts, 0, workers=3)["cluster"] == want
+    assert tasks == [
+        {"type": "chief", "index": 0},
+        {"type": "worker", "index": 0},
+        {"type": "worker", "index": 1},
+        {"type": "ps", "index": 0},
+    ]
+    names = [cluster.replica_name(k, 3) for k in range(4)]
+    assert names == ["chief", "worker-1", "worker-2", "ps-0"]
+    assert [cluster.replica_index(n, 4, 1) for n in names] == [0, 1, 2, 3]
+    for bad in ("ps-1", "ps-01", "worker-3", "ps-"):
+        with pytest.raises(ValueError, match=r"4 servers \(chief, worker-1 .. worker-2, ps-0\)"):
+            cluster.replica_index(bad, 4, 1)
+    for bad_workers in (0, 5):
+        with pytest.raises(ValueError):
+            cluster.tf_config(hosts, 0, workers=bad_workers)
 
 
 def test_replica_rows_are_named_per_run_and_parse_back():
@@ -53,6 +85,15 @@ def test_replica_rows_are_named_per_run_and_parse_back():
     )
     assert batch_servers.count(spec) == 4 and batch_servers.role_of(spec) == "worker"
     assert batch_servers.label(spec, 3) == "replica worker-3"
+    # a parameter server: named by its own index, read back past the workers
+    ps = spec.model_copy(
+        update={"resources": spec.resources.model_copy(update={"parameter_servers": 2})}
+    )
+    assert batch_servers.count(ps) == 6 and batch_servers.role_of(ps, 5) == "ps"
+    name = batch_servers.name_of("job-1", 5, batch=False, restarts=1, workers=4)
+    assert name == "stackml-job-1-r1-ps-1" and batch_servers.worker_of(name, 4) == 5
+    assert batch_servers.label(ps, 4) == "replica ps-0"
+    assert batch_servers.worker_of("stackml-job-1-batch-3") == 3
 
 
 def test_replica_index_names_the_chief_and_the_workers_the_job_has() -> None:

@@ -113,10 +113,10 @@ def booting_message(job: Job) -> str:
     steps = plan(spec)
     flavor, zone = steps[min(job.alloc_attempt, len(steps) - 1)]
     where = f" in zone {zone}" if zone else ""
-    if not spec.batch and spec.resources.workers > 1:
+    if not spec.batch and spec.servers() > 1:
         return (
             f"booting the chief's {flavor} server{where} "
-            f"(then {spec.resources.workers - 1} more for its replicas)"
+            f"(then {spec.servers() - 1} more for its replicas)"
         )
     return f"booting one {flavor} server{where}"
 
@@ -208,7 +208,7 @@ def _look(ctx: jobctx.StepContext) -> None:
                     )
             jobctx.next_step(queue.ALLOCATE, job_id, BUILD_RECHECK)
             return
-    replicas = 1 if spec.batch else spec.resources.workers
+    replicas = 1 if spec.batch else spec.servers()
     if server_id is None and replicas > 1 and backend.peer_network is not None:
         _forget(res_id)
         jobctx.fail(

@@ -2,7 +2,8 @@
 `prediction.max_workers`, or a distributed training job's `resources.workers` (its replicas:
 the chief is replica 0, these are `worker-1`..`worker-<W-1>`, role `worker`, named
 `stackml-<job>-worker-<k>`, booted in the job's peer group so that they reach each other on
-the TensorFlow port; after a restart, `stackml-<job>-r<n>-worker-<k>`). What follows says
+the TensorFlow port; after a restart, `stackml-<job>-r<n>-worker-<k>`; its parameter servers
+follow as replicas W..W+P-1, role `ps`, `stackml-<job>-ps-<j>`). What follows says
 "batch worker"; a training replica goes through the same steps.
 
 Admission counts all W servers of such a job against the quota and the platform's server cap
@@ -31,12 +32,14 @@ it made and goes on with them: every step here is idempotent.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from service.backends.interfaces import ComputeBackend, HostKeySource, ServerSpec, ServerState
 from service.db import jobs as repo
@@ -52,20 +55,31 @@ from workers.steps.allocate import build_recheck
 
 ROLE = "batch-worker"
 REPLICA_ROLE = "worker"  # a distributed training job's replicas 1..W-1
+PS_ROLE = "ps"  # its parameter servers, replicas W..W+P-1
 
 
-def role_of(spec: JobSpec) -> str:
-    return ROLE if spec.batch else REPLICA_ROLE
+def role_of(spec: JobSpec, worker: int = 1) -> str:
+    """The `resources.role` of the job's server `worker` (1..servers-1)."""
+    if spec.batch:
+        return ROLE
+    return PS_ROLE if worker >= spec.resources.workers else REPLICA_ROLE
 
 
-def name_of(job_id: str, worker: int, *, batch: bool = True, restarts: int = 0) -> str:
+def name_of(
+    job_id: str, worker: int, *, batch: bool = True, restarts: int = 0, workers: int | None = None
+) -> str:
+    """Server `worker`'s name: `stackml-<job>[-r<restarts>]-batch-<k>`, or a replica's
+    `...-worker-<k>` / `...-ps-<j>` (past `workers`, a parameter server)."""
     run = f"r{restarts}-" if restarts else ""
-    return f"stackml-{job_id}-{run}{'batch' if batch else 'worker'}-{worker}"
+    tail = f"batch-{worker}" if batch else cluster.replica_name(worker, workers)
+    return f"stackml-{job_id}-{run}{tail}"
 
 
 def label(spec: JobSpec, worker: int) -> str:
     """How messages name server `worker` of the job."""
-    return f"batch worker {worker}" if spec.batch else f"replica worker-{worker}"
+    if spec.batch:
+        return f"batch worker {worker}"
+    return f"replica {cluster.replica_name(worker, spec.resources.workers)}"
 
 
 def count(spec: JobSpec) -> int:
@@ -73,10 +87,13 @@ def count(spec: JobSpec) -> int:
     return spec.servers()
 
 
-def worker_of(name: str) -> int | None:
-    """The worker index a `batch-worker` row's name carries."""
-    tail = name.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else None
+def worker_of(name: str, workers: int = 0) -> int | None:
+    """The worker index a `batch-worker` (or replica) row's name carries: a parameter
+    server's `ps-<j>` is replica `workers` + j."""
+    parts = name.rsplit("-", 2)
+    if not parts[-1].isdigit():
+        return None
+    return int(parts[-1]) + (workers if len(parts) == 3 and parts[1] == "ps" else 0)
 
 
 @dataclass(frozen=True)
@@ -90,31 +107,46 @@ class Worker:
     log_offset: int = 0  # the bytes of its log file stored so far (per-replica logs)
 
 
+def ps_from(spec: JobSpec) -> int:
+    """The index of the job's first parameter server (its resources.workers; 0 for a batch
+    job, which has none): what rows() needs to read a `ps-<j>` name."""
+    return 0 if spec.batch else spec.resources.workers
+
+
 def workers_of(spec_workers: int) -> range:
     """The indexes of the servers this module boots (the chief is worker 0)."""
     return range(1, max(1, spec_workers))
 
 
-def rows(job_id: str) -> dict[int, Resource]:
-    """The job's live `batch-worker` (or replica `worker`) rows by worker index (detached
-    copies); a row being deleted is an earlier run's (a restart: workers/steps/restart.py)."""
+def rows(job_id: str, workers: int = 0) -> dict[int, Resource]:
+    """The job's live `batch-worker` (or replica `worker` and `ps`) rows by worker index
+    (detached copies; `workers`: the job's resources.workers, where its parameter servers'
+    indexes start); a row being deleted is an earlier run's (a restart:
+    workers/steps/restart.py)."""
     gone = (ResourceState.DELETED.value, ResourceState.DELETING.value)
     with db() as s:
         out = {}
         for r in repo.resources(s, job_id):
-            k = worker_of(r.name) if r.role in (ROLE, REPLICA_ROLE) else None
+            k = worker_of(r.name, workers) if r.role in (ROLE, REPLICA_ROLE, PS_ROLE) else None
             if k is not None and r.state not in gone:
                 s.expunge(r)
                 out[k] = r
         return out
 
 
-def boot(ctx: jobctx.StepContext, workers: int) -> bool:
-    """Create the servers of workers 1..W-1 that have no row yet; False when the job left
-    PROVISIONING (cancelled) before all were recorded: nothing more is booted."""
+REPLACING = "replacing"  # resources.replica_state of a replica's replacement until it starts
+
+
+def boot(
+    ctx: jobctx.StepContext, workers: int, state: JobState = JobState.PROVISIONING
+) -> list[int]:
+    """Create the servers of workers 1..W-1 that have no row yet; returns the worker indexes
+    it booted. Raises Cancelled when the job left `state` (cancelled) before all were
+    recorded: nothing more is booted. Booted while the job is RUNNING (a replica replaced
+    alone: workers/steps/replace.py), a server gets a name no earlier one had (`-x<n>-`) and
+    its row says `replacing` until it is started."""
     job_id, spec = ctx.job_id, ctx.spec
     backend = jobctx.compute(ctx.trust_id)
-    role = role_of(spec)
     with db() as s:
         chief = jobctx.chief(s, job_id)
         if chief is None:
@@ -124,10 +156,11 @@ def boot(ctx: jobctx.StepContext, workers: int) -> bool:
         flavor_name = chief.flavor
         job = repo.get_job(s, job_id)
         public_key, restarts = job.ssh_public_key or "", job.restarts
-    have = rows(job_id)
+    have = rows(job_id, ps_from(spec))
     missing = [k for k in workers_of(workers) if k not in have]
     if not missing:
-        return True
+        return []
+    replacing = state is not JobState.PROVISIONING
     flavor = backend.find_flavor(flavor_name)
     if flavor is None:
         raise BackendError(
@@ -135,13 +168,18 @@ def boot(ctx: jobctx.StepContext, workers: int) -> bool:
             reason=FailureReason.UNKNOWN_FLAVOR,
         )
     for k in missing:
-        name = name_of(job_id, k, batch=spec.batch, restarts=restarts)
+        role = role_of(spec, k)
         token = secrets.token_hex(4)
         with db() as s:
             job = s.scalars(select(Job).where(Job.id == job_id).with_for_update()).one()
-            if job.state != JobState.PROVISIONING or job.cancel_requested:
-                return False
-            if s.scalars(select(Resource.id).where(Resource.name == name)).first() is not None:
+            if job.state != state or job.cancel_requested:
+                raise Cancelled(f"job {job_id} left {state.value} while its servers booted")
+            name = name_of(
+                job_id, k, batch=spec.batch, restarts=restarts, workers=spec.resources.workers
+            )
+            if replacing:
+                name = _unused(s, name)
+            elif s.scalars(select(Resource.id).where(Resource.name == name)).first() is not None:
                 continue  # another run of this step recorded it (its lease lapsed)
             s.add(
                 Resource(
@@ -153,6 +191,7 @@ def boot(ctx: jobctx.StepContext, workers: int) -> bool:
                     flavor=flavor_name,
                     state=ResourceState.BOOTING.value,
                     creating=token,
+                    replica_state=REPLACING if replacing else None,
                 )
             )
         try:
@@ -167,7 +206,7 @@ def boot(ctx: jobctx.StepContext, workers: int) -> bool:
                         ("stackml-role", role),
                         ("stackml-project", ctx.project_id),
                     ),
-                    **cluster.peer_spec(job_id, spec.resources.workers if not spec.batch else 1),
+                    **cluster.peer_spec(job_id, 1 if spec.batch else spec.servers(), k),
                 )
             )
         except TransientBackendError:
@@ -180,16 +219,31 @@ def boot(ctx: jobctx.StepContext, workers: int) -> bool:
         with db() as s:
             r = s.scalars(select(Resource).where(Resource.name == name)).one()
             r.server_id, r.creating = ref.id, None
+    names = [str(k) if spec.batch else cluster.replica_name(k, ps_from(spec)) for k in missing]
     with db() as s:
         repo.add_event(
             s,
             job_id,
             "provision",
             f"booting {len(missing)} more {flavor_name} server(s) for "
-            f"{'batch workers' if spec.batch else 'replicas worker-'}"
-            f"{', '.join(str(k) for k in missing)} of {workers}",
+            f"{'batch workers' if spec.batch else 'replicas'} {', '.join(names)} of {workers}",
         )
-    return True
+    return missing
+
+
+class Cancelled(Exception):
+    """The job left the state its servers were being booted in (a cancel): boot no more."""
+
+
+def _unused(s: Session, name: str) -> str:
+    """A replacement's server name: `name` with `-x<n>-` before its replica, the first n that
+    no row of any run has."""
+    head, kind, k = name.rsplit("-", 2)
+    for n in itertools.count(1):
+        candidate = f"{head}-x{n}-{kind}-{k}"
+        if s.scalars(select(Resource.id).where(Resource.name == candidate)).first() is None:
+            return candidate
+    raise AssertionError("unreachable")
 
 
 def wait_active(ctx: jobctx.StepContext, workers: int) -> list[Worker]:
@@ -201,7 +255,7 @@ def wait_active(ctx: jobctx.StepContext, workers: int) -> list[Worker]:
     while True:
         pending = 0
         oldest = 0.0
-        for k, r in sorted(rows(ctx.job_id).items()):
+        for k, r in sorted(rows(ctx.job_id, ps_from(ctx.spec)).items()):
             if r.state == ResourceState.ACTIVE.value and r.host is not None:
                 continue
             age = (datetime.now(UTC) - _aware(r.created_at)).total_seconds()
@@ -249,7 +303,7 @@ def wait_active(ctx: jobctx.StepContext, workers: int) -> list[Worker]:
     out = []
     with db() as s:
         job = repo.get_job(s, ctx.job_id)
-        for k, r in sorted(rows(ctx.job_id).items()):
+        for k, r in sorted(rows(ctx.job_id, ps_from(ctx.spec)).items()):
             out.append(Worker(k, str(r.server_id), jobctx.ssh_target(job, r)))
     if [w.index for w in out] != list(workers_of(workers)):
         raise BackendError(
@@ -272,12 +326,13 @@ def _adopt(backend: ComputeBackend, job_id: str, r: Resource) -> str | None:
     return found[0].id
 
 
-def targets(job_id: str) -> list[Worker]:
-    """The job's other workers as they were recorded ACTIVE (for the poll step)."""
+def targets(job_id: str, workers: int = 0) -> list[Worker]:
+    """The job's other workers as they were recorded ACTIVE (for the poll step); `workers`
+    as for rows()."""
     out = []
     with db() as s:
         job = repo.get_job(s, job_id)
-        for k, r in sorted(rows(job_id).items()):
+        for k, r in sorted(rows(job_id, workers).items()):
             if r.host is not None and r.server_id is not None:
                 out.append(
                     Worker(k, r.server_id, jobctx.ssh_target(job, r), r.id, r.log_offset or 0)
@@ -296,9 +351,14 @@ MAX_PULL = 1 << 20
 
 
 class WorkerLost(BackendError):
-    """A batch worker's (or replica's) server is gone (not ACTIVE): the job cannot go on."""
+    """A batch worker's (or replica's) server is gone (not ACTIVE): the job cannot go on
+    (unless the replica is replaced alone: workers/steps/replace.py)."""
 
     reason: str = FailureReason.SERVER_LOST
+
+    def __init__(self, message: str, index: int = 0, server_id: str = "") -> None:
+        super().__init__(message)
+        self.index, self.server_id = index, server_id
 
 
 @dataclass(frozen=True)
@@ -329,7 +389,7 @@ def look(ctx: jobctx.StepContext, timeout: float) -> list[Look]:
     longer ACTIVE raises WorkerLost; an SSH failure to a server still ACTIVE propagates (the
     poll's SSH policy)."""
     out = []
-    for w in targets(ctx.job_id):
+    for w in targets(ctx.job_id, ps_from(ctx.spec)):
         try:
             conn = ssh.connection(w.target, timeout=timeout)
             exit_text = read_small(conn, f"{jobctx.JOB_DIR}/exit_code")
@@ -341,7 +401,10 @@ def look(ctx: jobctx.StepContext, timeout: float) -> list[Look]:
             state = jobctx.compute(ctx.trust_id).get_server(w.server_id).state
             if state is not ServerState.ACTIVE:
                 raise WorkerLost(
-                    f"the server {w.server_id} of {label(ctx.spec, w.index)} is {state.value} ({e})"
+                    f"the server {w.server_id} of {label(ctx.spec, w.index)} is "
+                    f"{state.value} ({e})",
+                    w.index,
+                    w.server_id,
                 ) from e
             raise
         _store_log(ctx.job_id, w, data)

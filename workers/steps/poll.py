@@ -16,7 +16,7 @@ from service.domain.states import FailureReason, JobState, Phase
 from workers import jobctx, ssh
 from workers.base import TRANSIENT
 from workers.jobctx import JOB_DIR, db
-from workers.steps import batch_servers, restart, tune
+from workers.steps import batch_servers, replace, restart, tune
 
 MAX_PULL = 1 << 20
 TAIL_LINES = 20
@@ -43,6 +43,7 @@ def _poll(ctx: jobctx.StepContext) -> None:
         offset, interval = job.log_offset, job.poll_interval or cfg.poll_min
         started_at, log_base = job.started_at, job.log_base or 0
     max_runtime = ctx.spec.max_runtime_seconds
+    parameter_servers = not ctx.spec.batch and ctx.spec.resources.parameter_servers > 0
 
     try:
         conn = ssh.connection(target, timeout=cfg.command_timeout)
@@ -60,6 +61,9 @@ def _poll(ctx: jobctx.StepContext) -> None:
             others = batch_servers.look(ctx, cfg.command_timeout)
         except batch_servers.WorkerLost as e:
             _store_log(job_id, offset, data, cfg.max_metric_points)
+            if replace.alone(ctx, e.index) and replace.begin(ctx, e.index, e.server_id, str(e)):
+                _again(job_id, cfg.poll_min, False)  # the others train on meanwhile
+                return
             if exit_text is None:
                 _drain_chief(job_id, conn, offset + len(data), log_base)
             restart.fail_or_restart(ctx, FailureReason.SERVER_LOST, str(e))
@@ -73,6 +77,14 @@ def _poll(ctx: jobctx.StepContext) -> None:
     failed = next(
         (o for o in others if o.exit_text is not None and _exit_code(o.exit_text) != 0), None
     )
+    if failed is not None and _replaced(
+        ctx,
+        failed,
+        f"its trainer exited with status {(failed.exit_text or '').strip()[:64]}; last lines "
+        f"of its log:\n{failed.tail}",
+    ):
+        others = [o for o in others if o is not failed]
+        failed = None
     if failed is not None and not more:
         status = _exit_code(failed.exit_text or "")
         if exit_text is None:
@@ -86,7 +98,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
             status,
         )
         return
-    others_done = all(o.exit_text is not None for o in others)
+    # under ParameterServerStrategy the workers and parameter servers serve until the job ends
+    others_done = parameter_servers or all(o.exit_text is not None for o in others)
     if exit_text is not None and not more and (others_done or _exit_code(exit_text) != 0):
         code = _exit_code(exit_text)
         if code is None:
@@ -101,7 +114,12 @@ def _poll(ctx: jobctx.StepContext) -> None:
                 for o in others:
                     last = o.tail.strip().splitlines()[-1:] or ["(no log)"]
                     who = batch_servers.label(ctx.spec, o.index)
-                    repo.add_event(s, job_id, "poll", f"{who} exited 0: {last[0]}", replica=o.index)
+                    what = (
+                        "served the cluster until the chief finished"
+                        if o.exit_text is None
+                        else f"exited {o.exit_text.strip()[:16]}: {last[0]}"
+                    )
+                    repo.add_event(s, job_id, "poll", f"{who} {what}", replica=o.index)
                 moved = repo.transition(
                     s,
                     job_id,
@@ -129,27 +147,41 @@ def _poll(ctx: jobctx.StepContext) -> None:
     if _past_deadline(job_id, started_at, max_runtime):
         return
     now = time.time()
-    stopped = [] if exit_text is not None or heartbeat is None else [("", heartbeat.st_mtime)]
+    stopped: list[tuple[str, float, batch_servers.Look | None]] = []
+    if exit_text is None and heartbeat is not None:
+        stopped.append(("", heartbeat.st_mtime, None))
     stopped += [
-        (f" of {batch_servers.label(ctx.spec, o.index)}", o.heartbeat)
+        (f" of {batch_servers.label(ctx.spec, o.index)}", o.heartbeat, o)
         for o in others
         if o.exit_text is None and o.heartbeat is not None
     ]
-    for who, beat in stopped:
+    for who, beat, other in stopped:
         if now - beat > cfg.heartbeat_timeout:
+            why = f"the runner's heartbeat{who} stopped {now - beat:.0f}s ago"
+            if other is not None and _replaced(ctx, other, why):
+                continue
             if who and exit_text is None:  # another replica's: the chief still runs
                 _drain_chief(job_id, conn, offset + len(data), log_base)
-            restart.fail_or_restart(
-                ctx,
-                FailureReason.SERVER_LOST,
-                f"the runner's heartbeat{who} stopped {now - beat:.0f}s ago",
-            )
+            restart.fail_or_restart(ctx, FailureReason.SERVER_LOST, why)
             return
 
+    if parameter_servers:
+        replace.resume(ctx)
     interval = cfg.poll_min if data else min(cfg.poll_max, max(interval, cfg.poll_min) * 1.5)
+    _again(job_id, interval, more)
+
+
+def _again(job_id: str, interval: float, more: bool) -> None:
+    """The next poll in `interval` seconds (at once when log bytes are left to pull)."""
     with db() as s:
         repo.touch(s, job_id, poll_interval=interval, ssh_failing_since=None)
     jobctx.next_step(queue.POLL, job_id, 0 if more else interval)
+
+
+def _replaced(ctx: jobctx.StepContext, other: batch_servers.Look, why: str) -> bool:
+    """Whether replica `other`, which failed for `why`, is being replaced alone (a worker of a
+    ParameterServerStrategy job: workers/steps/replace.py) instead of ending the run."""
+    return replace.alone(ctx, other.index) and replace.begin(ctx, other.index, other.server_id, why)
 
 
 def _drain_chief(job_id: str, conn: ssh.SSHConnection, offset: int, log_base: int) -> None:

@@ -172,7 +172,7 @@ def job_document(
         "project_id": project_id,
         "module": spec.training().module,
         "argv": spec.trainer_argv(),
-        "env": {**spec.env, **_replica_env(peers, worker)},
+        "env": {**spec.env, **_replica_env(peers, worker, spec.resources.workers)},
         "runtime": runtime,
         "package_url": sign(pkg_grant.url_prefix, pkg_grant.query, ""),
         "inputs": inputs,
@@ -182,13 +182,14 @@ def job_document(
     return doc
 
 
-def _replica_env(peers: list[str] | None, worker: int) -> dict[str, str]:
-    """A distributed job's replica's own variables (none for a job of one server)."""
+def _replica_env(peers: list[str] | None, worker: int, workers: int) -> dict[str, str]:
+    """A distributed job's replica's own variables (none for a job of one server); the
+    replicas past the first `workers` are its parameter servers."""
     if not peers or len(peers) < 2:
         return {}
     return {
-        "TF_CONFIG": json.dumps(cluster.tf_config(peers, worker)),
-        "STACKML_REPLICA": cluster.replica_name(worker),
+        "TF_CONFIG": json.dumps(cluster.tf_config(peers, worker, workers)),
+        "STACKML_REPLICA": cluster.replica_name(worker, workers),
     }
 
 
@@ -290,8 +291,8 @@ def _provision(ctx: jobctx.StepContext) -> None:
         return
     workers = batch_servers.count(spec)
     try:
-        if workers > 1 and not batch_servers.boot(ctx, workers):
-            return  # cancelled while booting the other workers: the teardown has them
+        if workers > 1:
+            batch_servers.boot(ctx, workers)
         if workers > 1 and not spec.batch:
             # every replica's TF_CONFIG names every replica: all are up before any is prepared
             others = batch_servers.wait_active(ctx, workers)
@@ -309,6 +310,8 @@ def _provision(ctx: jobctx.StepContext) -> None:
         for other in started:
             other.run(jobctx.runner_argv(PYTHON, "start", JOB_DIR), timeout=cfg.command_timeout)
         conn.run(jobctx.runner_argv(PYTHON, "start", JOB_DIR), timeout=cfg.command_timeout)
+    except batch_servers.Cancelled:
+        return  # cancelled while booting the other workers: the teardown has them
     except ssh.RemoteCommandError as e:
         jobctx.fail(
             job_id,

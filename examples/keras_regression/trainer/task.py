@@ -11,6 +11,14 @@ custom training loop (Keras 3's ``fit`` does not build under that strategy: its 
 reduces a per-replica batch eagerly and fails); the chief checkpoints to
 STACKML_CHECKPOINT_DIR and exports the model to STACKML_MODEL_DIR, the other replicas to
 scratch directories (saving is a collective: every replica takes part).
+
+When the cluster has parameter servers (``resources.parameter_servers`` > 0), it trains under
+``tf.distribute.ParameterServerStrategy`` instead: the workers and parameter servers run a
+``tf.distribute.Server`` until the job ends, and the chief coordinates (a
+``ClusterCoordinator`` schedules each step on a free worker; the variables live on the parameter
+servers), checkpoints and exports. Training is asynchronous: a worker that is lost only slows
+it down, its steps go to the others, and a worker that comes back at the same address is used
+again.
 """
 
 from __future__ import annotations
@@ -103,21 +111,125 @@ def load_data(rows: int) -> tuple[np.ndarray, np.ndarray, str]:
 
 def distribution() -> tuple[object | None, bool, str]:
     """(strategy, is_chief, what) from TF_CONFIG: MultiWorkerMirroredStrategy when it names a
-    cluster of more than one task, else none (one process, the default strategy)."""
+    cluster of more than one task, ParameterServerStrategy when it has parameter servers (on
+    the chief: a worker or a parameter server serves the cluster and never returns), else none
+    (one process, the default strategy)."""
     config = json.loads(os.environ.get("TF_CONFIG") or "{}")
     tasks = sum(len(v) for v in (config.get("cluster") or {}).values())
     if tasks < 2:
         return None, True, "one process"
     import tensorflow as tf
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
     task = config.get("task") or {}
     is_chief = task.get("type") == "chief"
+    if (config.get("cluster") or {}).get("ps"):
+        return parameter_servers(config, task, tasks)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
     what = (
         f"replica {task.get('type')}:{task.get('index')} of {tasks} "
         f"(MultiWorkerMirroredStrategy, {strategy.num_replicas_in_sync} replicas in sync)"
     )
     return strategy, is_chief, what
+
+
+def parameter_servers(config: dict, task: dict, tasks: int) -> tuple[object, bool, str]:
+    """ParameterServerStrategy: the chief's strategy; a worker or parameter server starts its
+    server and serves the cluster until its process is stopped (it never returns)."""
+    import tensorflow as tf
+
+    os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")  # as TensorFlow's guide asks
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    cluster = config["cluster"]
+    what = (
+        f"replica {task.get('type')}:{task.get('index')} of {tasks} (ParameterServerStrategy, "
+        f"{len(cluster.get('worker') or [])} workers, {len(cluster['ps'])} parameter servers)"
+    )
+    if resolver.task_type in ("worker", "ps"):
+        server = tf.distribute.Server(
+            resolver.cluster_spec(),
+            job_name=resolver.task_type,
+            task_index=resolver.task_id,
+            protocol=resolver.rpc_layer or "grpc",
+            start=True,
+        )
+        print(f"trainer: {what}: serving the cluster", flush=True)
+        server.join()  # until the job ends (the platform stops it)
+        raise SystemExit(0)
+    strategy = tf.distribute.ParameterServerStrategy(resolver)
+    return strategy, True, what
+
+
+def train_parameter_servers(strategy, x, y, args: argparse.Namespace) -> object:
+    """ParameterServerStrategy, on the chief (the coordinator): each step runs on whichever
+    worker is free, on a batch of its own dataset; the variables live on the parameter servers.
+    A checkpoint after every epoch, as under MultiWorkerMirroredStrategy. Returns the model."""
+    import tempfile
+
+    import tensorflow as tf
+
+    from trainer.metrics import emit
+
+    tf.get_logger().setLevel("ERROR")  # not a warning per epoch that the saver retraces
+    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    with strategy.scope():
+        model = build_model(x.shape[1], args.learning_rate)
+        optimizer = model.optimizer
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def dataset_fn(_context=None):
+        return (
+            tf.data.Dataset.from_tensor_slices((x, y))
+            .shuffle(len(x), seed=SEED)
+            .batch(args.batch_size, drop_remainder=True)
+            .repeat()
+        )
+
+    batches = iter(coordinator.create_per_worker_dataset(dataset_fn))
+    ckpt_dir = os.environ.get("STACKML_CHECKPOINT_DIR") or tempfile.mkdtemp()
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
+    # every shard is read and written by the chief, into its own directory: each parameter
+    # server would otherwise write its variables on its own disk, which no one else sees
+    on_chief = tf.train.CheckpointOptions(experimental_io_device="/job:chief/replica:0/task:0")
+    latest = tf.train.latest_checkpoint(ckpt_dir)
+    if latest:
+        ckpt.restore(latest, options=on_chief)
+        print(f"trainer: resuming from {ckpt_dir} after epoch {int(epoch.numpy())}", flush=True)
+    saves = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=2)
+
+    @tf.function
+    def train_step(iterator):
+        def replica_step(xb, yb):
+            with tf.GradientTape() as tape:
+                pred = model(xb, training=True)
+                loss = tf.reduce_mean(tf.square(pred - yb))
+                mae = tf.reduce_mean(tf.abs(pred - yb))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            return loss, mae
+
+        xb, yb = next(iterator)
+        return strategy.run(replica_step, args=(xb, yb))
+
+    steps = max(1, len(x) // args.batch_size)
+    for e in range(int(epoch.numpy()), args.epochs):
+        started = time.monotonic()
+        results = [coordinator.schedule(train_step, args=(batches,)) for _ in range(steps)]
+        coordinator.join()
+        values = [r.fetch() for r in results]
+        loss = float(np.mean([v[0] for v in values]))
+        mae = float(np.mean([v[1] for v in values]))
+        epoch.assign(e + 1)
+        saves.save(options=on_chief)
+        seconds = time.monotonic() - started
+        print(
+            f"Epoch {e + 1}/{args.epochs} - {seconds:.1f}s - loss: {loss:.4f} - mae: {mae:.4f}",
+            flush=True,
+        )
+        emit({"loss": loss, "mae": mae, "epoch_seconds": seconds}, epoch=e + 1)
+    # the variables live on the parameter servers: export a local copy of the trained model
+    local = build_model(x.shape[1], args.learning_rate)
+    local.set_weights([v.numpy() for v in model.weights])
+    return local
 
 
 def train_distributed(strategy, is_chief: bool, x, y, args: argparse.Namespace) -> object:
@@ -224,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     keras.utils.set_random_seed(SEED)
     x, y, source = load_data(args.rows)
     print(f"trainer: {len(x)} rows x {x.shape[1]} features from {source}", flush=True)
+    if strategy is not None and "ParameterServerStrategy" in what:
+        model = train_parameter_servers(strategy, x, y, args)
+        export(model, model_dir, started)
+        return 0
     if strategy is not None:
         model = train_distributed(strategy, is_chief, x, y, args)
         export(model, model_dir if is_chief else None, started)
