@@ -173,3 +173,32 @@ def test_a_pass_uploads_the_files_in_the_order_they_were_written(
     assert sync.run_pass(final=False) == 3
     assert order == ["weights/w-2.bin", "weights/w-1.bin", "checkpoint"]
     assert store.get(PREFIX + "checkpoint") == b"checkpoint"
+
+
+def test_files_written_in_one_clock_tick_go_up_larger_first(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    """Files a trainer writes within one kernel clock tick share their mtime (CI saw a step
+    counter sent before the weights it names, both written in the same tick): of those the
+    larger go up first, so the small file that names the others (a step counter, TensorFlow's
+    `checkpoint` index) goes last, whatever the names."""
+    job = job_dir(tmp_path / "job")
+    ckpt = job / "checkpoints"
+    (ckpt / "weights").mkdir()
+    t = time.time() - 10
+    files = {"step": b"2", "weights/w-2.bin": bytes(4096), "ckpt-2.index": bytes(300)}
+    for name, body in files.items():
+        (ckpt / name).write_bytes(body)
+        os.utime(ckpt / name, ns=(int(t * 1e9), int(t * 1e9)))  # one tick
+    sync = sync_of(store, job)
+    order: list[str] = []
+    put = sync.uploader.put
+
+    def recorded(key: str, path: str, offset: int, length: int) -> str:
+        order.append(key)
+        return put(key, path, offset, length)
+
+    sync.uploader.put = recorded  # type: ignore[method-assign]
+    assert sync.run_pass(final=False) == 3
+    assert order == ["weights/w-2.bin", "ckpt-2.index", "step"]
+    assert stored(store) == files

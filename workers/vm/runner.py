@@ -364,8 +364,10 @@ class _CheckpointSync:
         # in the order they were written: the file a trainer writes last to say a checkpoint
         # is whole (TensorFlow's `checkpoint` index, a step counter) goes up after the data it
         # names, so a pass cut short (the server lost mid-upload) never leaves an index in the
-        # store whose data is not there
-        files.sort(key=lambda f: (f[2].st_mtime_ns, f[0]))
+        # store whose data is not there. Files written within one kernel clock tick (a few
+        # ms) have the same mtime: of those the larger go first, since the file that names
+        # the others is the small one (`checkpoint` after ckpt-N.index after its data)
+        files.sort(key=lambda f: (f[2].st_mtime_ns, -f[2].st_size, f[0]))
         for rel, path, st in files:
             sig = [st.st_size, st.st_mtime_ns]
             if self.seen.get(rel) != sig:
