@@ -270,3 +270,70 @@ def test_one_ps_two_workers_train_under_pss_and_a_lost_worker_is_replaced_alone(
     model_dir = e2e_settings.store_dir / done["output"]["model_uri"].split("://", 1)[1]
     assert_learned_the_known_function(evaluate_model(runtime_python, model_dir))
     wait_resources_deleted(client, job["id"])
+
+
+# ParameterServerStrategy's shape without TensorFlow: the workers and the parameter server
+# serve until the job ends; the chief prints numbered lines, its mark in its checkpoint
+# directory, and on the restart says where it resumes and exports.
+SERVING = """
+    import os, sys, time
+    mark = os.path.join(os.environ["STACKML_CHECKPOINT_DIR"], "printed")
+    if os.environ["STACKML_REPLICA"] != "chief":
+        print("serving", flush=True)
+        time.sleep(600)
+    if os.path.exists(mark):
+        print("resumed after line", open(mark).read(), flush=True)
+        open(os.path.join(os.environ["STACKML_MODEL_DIR"], "m"), "w").write("1")
+        sys.exit(0)
+    for i in range(100000):
+        print(f"line {i}", flush=True)
+        with open(mark + ".tmp", "w") as fh:
+            fh.write(str(i))
+        os.replace(mark + ".tmp", mark)
+        time.sleep(0.05)
+"""
+
+
+def test_a_lost_parameter_server_restarts_the_cluster_from_the_checkpoint(
+    client: StackMLClient, e2e_settings: Settings, tmp_path: Path
+) -> None:
+    """A parameter server holds the variables: losing one ends the run (unlike a worker), and
+    with a restart policy every replica starts again on a new server, the chief from its last
+    checkpoint, every line it printed kept."""
+    from tests.e2e.conftest import job_spec, make_package
+
+    pkg = client.stage_package(make_package(tmp_path / "serving", {"serving": SERVING}))
+    spec = job_spec(pkg["package_uri"], "trainer.serving", name="e2e-ps-lost")
+    spec.update(
+        {
+            "resources": {"workers": 2, "parameter_servers": 1},
+            "restart_policy": "OnFailure",
+            "max_restarts": 1,
+        }
+    )
+    job = client.create_job(spec)
+    deadline = time.monotonic() + 120
+    while client.logs(job["id"])[0].count(b"line ") < 40:
+        now = client.get_job(job["id"])
+        assert now["state"] in {"QUEUED", "ALLOCATING", "PROVISIONING", "RUNNING"}, now["failure"]
+        assert time.monotonic() < deadline, _story(client, job)
+        time.sleep(0.2)
+    ps = next(r for r in client.get_job(job["id"])["resources"] if r["role"] == "ps")
+    assert ps["name"].endswith("-ps-0"), ps
+    done = _kill_then_wait(client, e2e_settings, job, ps["server_id"], 180)
+    assert done["state"] == "SUCCEEDED" and done["restarts"] == 1, (
+        done["failure"],
+        _story(client, job),
+    )
+    events = _events(client, job["id"])
+    assert not [e for e in events if e["kind"] == "replace"], events  # never replaced alone
+    (why,) = [e["message"] for e in events if e["kind"] == "restart"]
+    assert "replica ps-0" in why and ps["server_id"] in why, why
+    log = client.logs(job["id"])[0].decode()
+    numbers = [int(ln.split()[1]) for ln in log.splitlines() if ln.startswith("line ")]
+    assert numbers == list(range(len(numbers))), "the chief's lines are not contiguous"
+    (resumed,) = [ln for ln in log.splitlines() if ln.startswith("resumed after line ")]
+    assert numbers[-1] - 1 <= int(resumed.rsplit(" ", 1)[-1]) <= numbers[-1], (resumed, numbers)
+    ps_log = client.logs(job["id"], replica="ps-0")[0].decode()
+    assert ps_log.startswith("serving"), ps_log  # its own log (its second run may be unread)
+    wait_resources_deleted(client, job["id"])
