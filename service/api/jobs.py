@@ -590,7 +590,7 @@ def _replica_arg(job: Job) -> int | None:
         return None
     try:
         spec = JobSpec.model_validate(job.spec)
-        return cluster.replica_index(name, spec.servers(), spec.resources.parameter_servers)
+        return cluster.replica_index(name, spec.shape())
     except ValueError as e:
         raise InvalidRequest(str(e), details={"parameter": "replica"}) from e
 
@@ -629,7 +629,7 @@ def events(job_id: str) -> Response:
     with c.session() as s:
         job = _job(s, job_id)
         replica = _replica_arg(job)
-        workers = JobSpec.model_validate(job.spec).resources.workers
+        shape = JobSpec.model_validate(job.spec).shape()
         rows = repo.events(s, job_id)
         if replica is not None:  # the replica's own events (chief: those of the job)
             rows = [e for e in rows if (e.replica or 0) == replica]
@@ -643,7 +643,7 @@ def events(job_id: str) -> Response:
                     "message": e.message,
                     "replica": None
                     if e.replica is None
-                    else cluster.replica_name(e.replica, workers),
+                    else cluster.replica_name(e.replica, shape),
                 }
                 for e in rows
             ]

@@ -139,6 +139,13 @@ def _default_name(package: str, module: str) -> str:
     "or more: the chief coordinates, the workers compute).",
 )
 @click.option(
+    "--evaluator",
+    is_flag=True,
+    default=False,
+    help="One more server running the trainer as TF_CONFIG's side-car evaluator: it gets the "
+    "chief's checkpoints as they are synced (`--replica evaluator` for its log and metrics).",
+)
+@click.option(
     "--restart-policy",
     type=click.Choice(["Never", "OnFailure", "ExitCode"]),
     help="Restart the trainer on a new server, its checkpoints restored: OnFailure (any "
@@ -203,6 +210,7 @@ def jobs_submit(
     max_runtime: int | None,
     workers: int | None,
     parameter_servers: int | None,
+    evaluator: bool,
     restart_policy: str | None,
     max_restarts: int | None,
     tuning_path: str | None,
@@ -230,6 +238,7 @@ def jobs_submit(
                 ("--max-runtime", max_runtime),
                 ("--workers", workers),
                 ("--parameter-servers", parameter_servers),
+                ("--evaluator", evaluator),
                 ("--restart-policy", restart_policy),
                 ("--max-restarts", max_restarts is not None),
                 ("--tuning", tuning_path),
@@ -260,6 +269,8 @@ def jobs_submit(
         spec["resources"] = {**spec.get("resources", {}), "workers": workers}
     if parameter_servers:
         spec["resources"] = {**spec.get("resources", {}), "parameter_servers": parameter_servers}
+    if evaluator:
+        spec["resources"] = {**spec.get("resources", {}), "evaluator": True}
     if data_uri:
         spec["inputs"] = {"data_uri": data_uri}
     if model_uri:

@@ -297,8 +297,8 @@ def append_log(
 
 def _replica_name(s: Session, job_id: str, replica: int) -> str:
     job = s.get(Job, job_id)
-    workers = None if job is None else (job.spec.get("resources") or {}).get("workers")
-    return replica_name(replica, workers if isinstance(workers, int) else None)
+    shape = None if job is None else JobSpec.model_validate(job.spec).shape()
+    return replica_name(replica, shape)
 
 
 def _ingest_metrics(

@@ -93,11 +93,12 @@ def demand(
     flavors: Iterable[Flavor] | Mapping[str, Flavor],
     default_flavor: str | None = None,
 ) -> Demand:
-    """Servers and GPUs of a job from its spec's `resources` (JSON form): one server per worker
-    and parameter server; GPUs per server from the named flavor, or from the best-fitting GPU
-    flavor when the spec asks for `gpus` (at least what it asked for)."""
+    """Servers and GPUs of a job from its spec's `resources` (JSON form): one server per
+    worker, parameter server and evaluator; GPUs per server from the named flavor, or from the
+    best-fitting GPU flavor when the spec asks for `gpus` (at least what it asked for)."""
     workers = _int(resources.get("workers"), 1)
     servers = max(1, workers) + max(0, _int(resources.get("parameter_servers"), 0))
+    servers += 1 if resources.get("evaluator") is True else 0
     asked = _int(resources.get("gpus"), 0)
     table = _flavor_map(flavors)
     per_server = 0
@@ -109,8 +110,9 @@ def demand(
         name = resources.get("flavor") or default_flavor
         f = table.get(name) if isinstance(name, str) else None
         per_server = f.gpus if f is not None else 0
-    # parameter servers hold no GPUs in TensorFlow's layout; workers (the chief included) do
-    return Demand(servers=servers, gpus=per_server * max(1, workers))
+    # every server of the job boots with the same flavor (the chief's: parameter servers and
+    # the evaluator included), so each holds the flavor's GPUs
+    return Demand(servers=servers, gpus=per_server * servers)
 
 
 def priority_of(labels: Mapping[str, Any] | None) -> int:

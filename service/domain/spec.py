@@ -17,6 +17,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from service.domain.cluster import Shape
+
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 MODULE_RE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
@@ -103,6 +105,14 @@ class Resources(_Strict):
         "0..P-1 beside the chief and its workers (so resources.workers must be at least 2: the "
         "chief coordinates, the workers compute). A lost worker is replaced alone; a lost "
         "parameter server or chief restarts the job from its checkpoint.",
+    )
+    evaluator: bool = Field(
+        default=False,
+        description="training only: one more server running the trainer as TF_CONFIG's "
+        "`evaluator` (a side-car, outside the cluster): the checkpoints the chief writes to "
+        "STACKML_CHECKPOINT_DIR are put in its own STACKML_CHECKPOINT_DIR as they are synced "
+        "to the store, and its log and metrics are the replica `evaluator`'s. It never fails "
+        "the job: its failure or loss is an event, and it is stopped when the job ends.",
     )
 
     @model_validator(mode="after")
@@ -599,7 +609,12 @@ class JobSpec(_Strict):
         `resources.parameter_servers` (its replicas)."""
         if self.batch:
             return self.predicting().max_workers
-        return self.resources.workers + self.resources.parameter_servers
+        return self.shape().servers
+
+    def shape(self) -> Shape:
+        """A training job's replicas by kind (service/domain/cluster.py)."""
+        r = self.resources
+        return Shape(r.workers, r.parameter_servers, r.evaluator)
 
     def trainer_argv(self) -> list[str]:
         """`args` then hyperparameters as `--name=value` (the trainer contract)."""
@@ -626,6 +641,8 @@ def type_problems(spec: JobSpec) -> list[tuple[str, str]]:
                     "not resources.workers",
                 )
             )
+        if spec.resources.evaluator:
+            out.append(("resources.evaluator", "a batch_prediction job has no evaluator"))
     else:
         if spec.trainer is None:
             out.append(("trainer", "a training job needs a trainer"))

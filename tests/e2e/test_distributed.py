@@ -202,9 +202,11 @@ def test_one_ps_two_workers_train_under_pss_and_a_lost_worker_is_replaced_alone(
     client: StackMLClient, e2e_settings: Settings, runtime_python: Path
 ) -> None:
     """ParameterServerStrategy (`resources.workers` 3, `parameter_servers` 1): the chief
-    coordinates, worker-1 and worker-2 compute, ps-0 holds the variables. worker-1's sandbox
-    killed mid-training is replaced alone at the same peer address: the job neither restarts
-    nor resumes, every epoch is trained once, and the model learns the known function."""
+    coordinates, worker-1 and worker-2 compute, ps-0 holds the variables, and a side-car
+    evaluator (`resources.evaluator`) evaluates the chief's checkpoints as they come. worker-1's
+    sandbox killed mid-training is replaced alone at the same peer address: the job neither
+    restarts nor resumes, every epoch is trained once, and the model learns the known
+    function; the evaluator saw it get better."""
     pkg = client.stage_package(EXAMPLE)["package_uri"]
     epochs = 30
     job = client.create_job(
@@ -212,7 +214,7 @@ def test_one_ps_two_workers_train_under_pss_and_a_lost_worker_is_replaced_alone(
             "name": "e2e-parameter-servers",
             "trainer": {"package_uri": pkg, "module": "trainer.task"},
             "hyperparameters": {"epochs": epochs, "rows": 4000, "batch_size": 32},
-            "resources": {"workers": 3, "parameter_servers": 1},
+            "resources": {"workers": 3, "parameter_servers": 1, "evaluator": True},
             "env": TF_QUIET,
             "restart_policy": "OnFailure",
             "max_restarts": 1,
@@ -234,6 +236,7 @@ def test_one_ps_two_workers_train_under_pss_and_a_lost_worker_is_replaced_alone(
         ("worker", ["worker", "1"]),
         ("worker", ["worker", "2"]),
         ("ps", ["ps", "0"]),
+        ("tf-evaluator", ["evaluator", "0"]),
     ], now["resources"]
     lost = now["resources"][1]
     record = json.loads((e2e_settings.sandbox_dir / lost["server_id"] / "server.json").read_text())
@@ -242,7 +245,7 @@ def test_one_ps_two_workers_train_under_pss_and_a_lost_worker_is_replaced_alone(
     log = client.logs(job["id"])[0].decode()
     assert done["state"] == "SUCCEEDED", (done["failure"], _story(client, job))
     assert done["restarts"] == 0, _story(client, job)
-    chief_line = (
+    chief_line = (  # (the evaluator is not in the chief's cluster)
         "trainer: replica chief:0 of 4 (ParameterServerStrategy, 2 workers, 1 parameter servers)"
     )
     assert log.count(chief_line) == 1 and "resuming from" not in log, log[-3000:]
@@ -267,6 +270,14 @@ def test_one_ps_two_workers_train_under_pss_and_a_lost_worker_is_replaced_alone(
     ), worker_log[-3000:]
     ps_log = client.logs(job["id"], replica="ps-0")[0].decode()
     assert "trainer: replica ps:0 of 4" in ps_log, ps_log[-3000:]
+    # the evaluator got the chief's checkpoints one after the other and saw the model improve
+    evaluated = client.metrics(job["id"], replica="evaluator")["metrics"]["eval_loss"]
+    seen = [p["epoch"] for p in evaluated]
+    assert len(seen) >= 2 and seen == sorted(set(seen)), _story(client, job)
+    assert evaluated[-1]["value"] < evaluated[0]["value"], evaluated
+    evaluator_log = client.logs(job["id"], replica="evaluator")[0].decode()
+    assert "trainer: side-car evaluator on 1000 rows" in evaluator_log, evaluator_log[-3000:]
+    assert f"Evaluation after epoch {seen[-1]}: loss: " in evaluator_log, evaluator_log[-3000:]
     model_dir = e2e_settings.store_dir / done["output"]["model_uri"].split("://", 1)[1]
     assert_learned_the_known_function(evaluate_model(runtime_python, model_dir))
     wait_resources_deleted(client, job["id"])

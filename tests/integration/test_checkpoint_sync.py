@@ -202,3 +202,64 @@ def test_files_written_in_one_clock_tick_go_up_larger_first(
     assert sync.run_pass(final=False) == 3
     assert order == ["weights/w-2.bin", "ckpt-2.index", "step"]
     assert stored(store) == files
+
+
+def test_an_evaluators_feed_fetches_what_changed_and_moves_the_index_in_last(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The side-car evaluator's runner (`_CheckpointFeed`) against the gateway with the read
+    grant the poll step signs: the files of the feed land in checkpoints/ byte for byte, the
+    large first (TensorFlow's small `checkpoint` index last); an unchanged feed fetches
+    nothing, a changed file is fetched again; a feed being written is read again later; a
+    file whose MD5 does not match is refused."""
+    import hashlib
+
+    bodies = {"ckpt-1.data-00000-of-00001": os.urandom(50_000), "ckpt-1.index": b"i" * 300}
+    bodies["checkpoint"] = b'model_checkpoint_path: "ckpt-1"\n'
+    for name, body in bodies.items():
+        store.put(PREFIX + name, body)
+    grant = store.grant(PREFIX, Access.READ, 600)
+
+    def feed_of(names: dict[str, bytes]) -> bytes:
+        return json.dumps(
+            [
+                {
+                    "name": n,
+                    "url": sign(grant.url_prefix, grant.query, n),
+                    "size": len(b),
+                    "md5": hashlib.md5(b).hexdigest(),
+                }
+                for n, b in sorted(names.items())
+            ]
+        ).encode()
+
+    job = job_dir(tmp_path / "job")
+    feed = runner._CheckpointFeed(str(job))
+    assert feed.run_pass() == 0  # no feed yet
+    moved: list[str] = []
+    real_replace = os.replace
+
+    def recorded(src: str, dst: str) -> None:
+        if Path(dst).parent == job / "checkpoints":  # (not a fetch's own .part -> aside)
+            moved.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(runner.os, "replace", recorded)
+    (job / runner.FEED).write_bytes(feed_of(bodies))
+    assert feed.run_pass() == 3
+    assert moved == ["ckpt-1.data-00000-of-00001", "ckpt-1.index", "checkpoint"]
+    for name, body in bodies.items():
+        assert (job / "checkpoints" / name).read_bytes() == body
+    assert feed.run_pass() == 0  # the same feed: nothing more
+    bodies["checkpoint"] = b'model_checkpoint_path: "ckpt-2"\n'
+    store.put(PREFIX + "checkpoint", bodies["checkpoint"])
+    (job / runner.FEED).write_bytes(b'[{"name": "chec')  # being written
+    os.utime(job / runner.FEED, ns=(1, 1))
+    assert feed.run_pass() == 0
+    (job / runner.FEED).write_bytes(feed_of(bodies))
+    assert feed.run_pass() == 1  # only what changed
+    assert (job / "checkpoints" / "checkpoint").read_bytes() == bodies["checkpoint"]
+    forged = json.loads(feed_of({"ckpt-1.index": b"x" * 300}))
+    (job / runner.FEED).write_bytes(json.dumps(forged).encode())
+    with pytest.raises(runner.RunnerError):
+        feed.run_pass()  # its bytes do not have the MD5 the feed names

@@ -168,6 +168,7 @@ def test_submit_stages_the_package_and_creates_the_job(
         "3",
         "--parameter-servers",
         "2",
+        "--evaluator",
         "--restart-policy",
         "ExitCode",
         "--max-restarts",
@@ -215,6 +216,7 @@ def test_submit_stages_the_package_and_creates_the_job(
         3,
         2,
     )
+    assert resources["evaluator"] is True
     assert spec["runtime"] == {"framework": "tensorflow", "version": "2.21"}
     assert spec["max_runtime_seconds"] == 600
     assert (spec["restart_policy"], spec["max_restarts"], job["restarts"]) == ("ExitCode", 0, 0)

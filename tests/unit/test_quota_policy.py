@@ -57,9 +57,12 @@ def ids(jobs: list[Queued]) -> list[str]:
 def test_demand_of_a_named_flavor_counts_its_gpus_per_worker() -> None:
     assert demand({"flavor": "cpu.small"}, FLAVORS) == Demand(servers=1, gpus=0)
     assert demand({"flavor": "gpu.4"}, FLAVORS) == Demand(servers=1, gpus=4)
+    # every server boots with the job's flavor: parameter servers and the evaluator hold GPUs too
     assert demand({"flavor": "gpu.4", "workers": 2, "parameter_servers": 1}, FLAVORS) == Demand(
-        servers=3, gpus=8
+        servers=3, gpus=12
     )
+    assert demand({"flavor": "gpu.4", "workers": 2, "evaluator": True}, FLAVORS) == Demand(3, 12)
+    assert demand({"flavor": "cpu.small", "workers": 3, "evaluator": True}, FLAVORS) == Demand(4, 0)
 
 
 def test_demand_of_gpus_is_the_best_fitting_flavor() -> None:

@@ -51,7 +51,7 @@ class Env:
                 name = (
                     f"stackml-{job_id}-chief-0"
                     if k == 0
-                    else batch_servers.name_of(job_id, k, batch=False, workers=3)
+                    else batch_servers.name_of(job_id, k, batch=False, shape=spec.shape())
                 )
                 s.add(
                     Resource(

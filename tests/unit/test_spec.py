@@ -174,6 +174,9 @@ def test_a_batch_job_refuses_resources_workers():
         JobSpec.model_validate({**BATCH, "resources": {"workers": 2}})
     assert "resources.workers" in locs(e.value)
     JobSpec.model_validate({**BATCH, "resources": {"workers": 1}})
+    with pytest.raises(ValidationError) as e:
+        JobSpec.model_validate({**BATCH, "resources": {"evaluator": True}})
+    assert "resources.evaluator" in locs(e.value)
 
 
 def test_defaults_and_their_explicit_values_are_built():

@@ -56,22 +56,38 @@ from workers.steps.allocate import build_recheck
 ROLE = "batch-worker"
 REPLICA_ROLE = "worker"  # a distributed training job's replicas 1..W-1
 PS_ROLE = "ps"  # its parameter servers, replicas W..W+P-1
+EVALUATOR_ROLE = "tf-evaluator"  # its side-car evaluator, replica W+P (not a gate's "evaluator")
+ROLES = (ROLE, REPLICA_ROLE, PS_ROLE, EVALUATOR_ROLE)
+
+
+def shape_of(spec: JobSpec) -> cluster.Shape | None:
+    """A training job's replicas by kind (what rows() needs to read a `ps-<j>` or evaluator
+    name); None for a batch job, whose servers are all batch workers."""
+    return None if spec.batch else spec.shape()
 
 
 def role_of(spec: JobSpec, worker: int = 1) -> str:
     """The `resources.role` of the job's server `worker` (1..servers-1)."""
     if spec.batch:
         return ROLE
-    return PS_ROLE if worker >= spec.resources.workers else REPLICA_ROLE
+    kind = cluster.role(worker, spec.shape())
+    return {"worker": REPLICA_ROLE, "ps": PS_ROLE}.get(kind, EVALUATOR_ROLE)
 
 
 def name_of(
-    job_id: str, worker: int, *, batch: bool = True, restarts: int = 0, workers: int | None = None
+    job_id: str,
+    worker: int,
+    *,
+    batch: bool = True,
+    restarts: int = 0,
+    shape: cluster.Shape | None = None,
 ) -> str:
     """Server `worker`'s name: `stackml-<job>[-r<restarts>]-batch-<k>`, or a replica's
-    `...-worker-<k>` / `...-ps-<j>` (past `workers`, a parameter server)."""
+    `...-worker-<k>`, `...-ps-<j>` (a parameter server) or `...-evaluator-0`."""
     run = f"r{restarts}-" if restarts else ""
-    tail = f"batch-{worker}" if batch else cluster.replica_name(worker, workers)
+    tail = f"batch-{worker}" if batch else cluster.replica_name(worker, shape)
+    if tail == cluster.EVALUATOR:
+        tail += "-0"
     return f"stackml-{job_id}-{run}{tail}"
 
 
@@ -79,7 +95,7 @@ def label(spec: JobSpec, worker: int) -> str:
     """How messages name server `worker` of the job."""
     if spec.batch:
         return f"batch worker {worker}"
-    return f"replica {cluster.replica_name(worker, spec.resources.workers)}"
+    return f"replica {cluster.replica_name(worker, spec.shape())}"
 
 
 def count(spec: JobSpec) -> int:
@@ -87,13 +103,18 @@ def count(spec: JobSpec) -> int:
     return spec.servers()
 
 
-def worker_of(name: str, workers: int = 0) -> int | None:
+def worker_of(name: str, shape: cluster.Shape | None = None) -> int | None:
     """The worker index a `batch-worker` (or replica) row's name carries: a parameter
-    server's `ps-<j>` is replica `workers` + j."""
+    server's `ps-<j>` is replica W + j, the evaluator's replica W + P (`shape`)."""
     parts = name.rsplit("-", 2)
     if not parts[-1].isdigit():
         return None
-    return int(parts[-1]) + (workers if len(parts) == 3 and parts[1] == "ps" else 0)
+    kind = parts[1] if len(parts) == 3 else ""
+    if kind == cluster.EVALUATOR:
+        return None if shape is None else shape.evaluator_index
+    if kind == "ps":
+        return None if shape is None else shape.workers + int(parts[-1])
+    return int(parts[-1])
 
 
 @dataclass(frozen=True)
@@ -107,27 +128,20 @@ class Worker:
     log_offset: int = 0  # the bytes of its log file stored so far (per-replica logs)
 
 
-def ps_from(spec: JobSpec) -> int:
-    """The index of the job's first parameter server (its resources.workers; 0 for a batch
-    job, which has none): what rows() needs to read a `ps-<j>` name."""
-    return 0 if spec.batch else spec.resources.workers
-
-
 def workers_of(spec_workers: int) -> range:
     """The indexes of the servers this module boots (the chief is worker 0)."""
     return range(1, max(1, spec_workers))
 
 
-def rows(job_id: str, workers: int = 0) -> dict[int, Resource]:
-    """The job's live `batch-worker` (or replica `worker` and `ps`) rows by worker index
-    (detached copies; `workers`: the job's resources.workers, where its parameter servers'
-    indexes start); a row being deleted is an earlier run's (a restart:
-    workers/steps/restart.py)."""
+def rows(job_id: str, shape: cluster.Shape | None = None) -> dict[int, Resource]:
+    """The job's live `batch-worker` (or replica `worker`, `ps` and evaluator) rows by worker
+    index (detached copies; `shape`: the job's replicas by kind, shape_of()); a row being
+    deleted is an earlier run's (a restart: workers/steps/restart.py) or a lost replica's."""
     gone = (ResourceState.DELETED.value, ResourceState.DELETING.value)
     with db() as s:
         out = {}
         for r in repo.resources(s, job_id):
-            k = worker_of(r.name, workers) if r.role in (ROLE, REPLICA_ROLE, PS_ROLE) else None
+            k = worker_of(r.name, shape) if r.role in ROLES else None
             if k is not None and r.state not in gone:
                 s.expunge(r)
                 out[k] = r
@@ -156,7 +170,7 @@ def boot(
         flavor_name = chief.flavor
         job = repo.get_job(s, job_id)
         public_key, restarts = job.ssh_public_key or "", job.restarts
-    have = rows(job_id, ps_from(spec))
+    have = rows(job_id, shape_of(spec))
     missing = [k for k in workers_of(workers) if k not in have]
     if not missing:
         return []
@@ -174,9 +188,7 @@ def boot(
             job = s.scalars(select(Job).where(Job.id == job_id).with_for_update()).one()
             if job.state != state or job.cancel_requested:
                 raise Cancelled(f"job {job_id} left {state.value} while its servers booted")
-            name = name_of(
-                job_id, k, batch=spec.batch, restarts=restarts, workers=spec.resources.workers
-            )
+            name = name_of(job_id, k, batch=spec.batch, restarts=restarts, shape=shape_of(spec))
             if replacing:
                 name = _unused(s, name)
             elif s.scalars(select(Resource.id).where(Resource.name == name)).first() is not None:
@@ -219,7 +231,7 @@ def boot(
         with db() as s:
             r = s.scalars(select(Resource).where(Resource.name == name)).one()
             r.server_id, r.creating = ref.id, None
-    names = [str(k) if spec.batch else cluster.replica_name(k, ps_from(spec)) for k in missing]
+    names = [str(k) if spec.batch else cluster.replica_name(k, spec.shape()) for k in missing]
     with db() as s:
         repo.add_event(
             s,
@@ -255,7 +267,7 @@ def wait_active(ctx: jobctx.StepContext, workers: int) -> list[Worker]:
     while True:
         pending = 0
         oldest = 0.0
-        for k, r in sorted(rows(ctx.job_id, ps_from(ctx.spec)).items()):
+        for k, r in sorted(rows(ctx.job_id, shape_of(ctx.spec)).items()):
             if r.state == ResourceState.ACTIVE.value and r.host is not None:
                 continue
             age = (datetime.now(UTC) - _aware(r.created_at)).total_seconds()
@@ -303,9 +315,10 @@ def wait_active(ctx: jobctx.StepContext, workers: int) -> list[Worker]:
     out = []
     with db() as s:
         job = repo.get_job(s, ctx.job_id)
-        for k, r in sorted(rows(ctx.job_id, ps_from(ctx.spec)).items()):
+        for k, r in sorted(rows(ctx.job_id, shape_of(ctx.spec)).items()):
             out.append(Worker(k, str(r.server_id), jobctx.ssh_target(job, r)))
-    if [w.index for w in out] != list(workers_of(workers)):
+    side = None if ctx.spec.batch else ctx.spec.shape().evaluator_index  # may be lost: optional
+    if [w.index for w in out if w.index != side] != [k for k in workers_of(workers) if k != side]:
         raise BackendError(
             f"the job has servers {[w.index for w in out]} beside its chief, not 1..{workers - 1}",
             reason=FailureReason.SERVER_LOST,
@@ -326,13 +339,13 @@ def _adopt(backend: ComputeBackend, job_id: str, r: Resource) -> str | None:
     return found[0].id
 
 
-def targets(job_id: str, workers: int = 0) -> list[Worker]:
-    """The job's other workers as they were recorded ACTIVE (for the poll step); `workers`
-    as for rows()."""
+def targets(job_id: str, shape: cluster.Shape | None = None) -> list[Worker]:
+    """The job's other workers as they were recorded ACTIVE (for the poll step); `shape` as
+    for rows()."""
     out = []
     with db() as s:
         job = repo.get_job(s, job_id)
-        for k, r in sorted(rows(job_id, workers).items()):
+        for k, r in sorted(rows(job_id, shape).items()):
             if r.host is not None and r.server_id is not None:
                 out.append(
                     Worker(k, r.server_id, jobctx.ssh_target(job, r), r.id, r.log_offset or 0)
@@ -389,7 +402,8 @@ def look(ctx: jobctx.StepContext, timeout: float) -> list[Look]:
     longer ACTIVE raises WorkerLost; an SSH failure to a server still ACTIVE propagates (the
     poll's SSH policy)."""
     out = []
-    for w in targets(ctx.job_id, ps_from(ctx.spec)):
+    side = None if ctx.spec.batch else ctx.spec.shape().evaluator_index
+    for w in targets(ctx.job_id, shape_of(ctx.spec)):
         try:
             conn = ssh.connection(w.target, timeout=timeout)
             exit_text = read_small(conn, f"{jobctx.JOB_DIR}/exit_code")
@@ -399,6 +413,9 @@ def look(ctx: jobctx.StepContext, timeout: float) -> list[Look]:
         except ssh.SSHError as e:
             ssh.drop(w.target)
             state = jobctx.compute(ctx.trust_id).get_server(w.server_id).state
+            if state is not ServerState.ACTIVE and w.index == side:
+                _lose_evaluator(ctx, w, f"its server {w.server_id} is {state.value} ({e})")
+                continue  # the job goes on without it
             if state is not ServerState.ACTIVE:
                 raise WorkerLost(
                     f"the server {w.server_id} of {label(ctx.spec, w.index)} is "
@@ -411,6 +428,23 @@ def look(ctx: jobctx.StepContext, timeout: float) -> list[Look]:
         beat_at = beat.st_mtime if beat else None
         out.append(Look(w.index, w.server_id, exit_text, beat_at, tail, more=len(data) >= MAX_PULL))
     return out
+
+
+def _lose_evaluator(ctx: jobctx.StepContext, w: Worker, why: str) -> None:
+    """The side-car evaluator's server is gone: its row DELETING (no look goes there again;
+    the teardown deletes the server), one event; the job goes on without it."""
+    with db() as s:
+        row = s.get_one(Resource, w.resource_id)
+        if row.state in (ResourceState.DELETING.value, ResourceState.DELETED.value):
+            return
+        row.state = ResourceState.DELETING.value
+        repo.add_event(
+            s,
+            ctx.job_id,
+            "poll",
+            f"{label(ctx.spec, w.index)} is lost: {why}; the job goes on without it",
+            replica=w.index,
+        )
 
 
 def _pull(conn: ssh.SSHConnection, offset: int) -> bytes:

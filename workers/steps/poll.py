@@ -16,7 +16,7 @@ from service.domain.states import FailureReason, JobState, Phase
 from workers import jobctx, ssh
 from workers.base import TRANSIENT
 from workers.jobctx import JOB_DIR, db
-from workers.steps import batch_servers, replace, restart, tune
+from workers.steps import batch_servers, replace, restart, sidecar, tune
 
 MAX_PULL = 1 << 20
 TAIL_LINES = 20
@@ -74,6 +74,9 @@ def _poll(ctx: jobctx.StepContext) -> None:
 
     _store_log(job_id, offset, data, cfg.max_metric_points)
     more = len(data) == MAX_PULL or any(o.more for o in others)
+    others, side = sidecar.split(ctx, others)  # the evaluator never decides the job
+    if side is not None:
+        sidecar.tend(ctx, side, cfg.command_timeout)
     failed = next(
         (o for o in others if o.exit_text is not None and _exit_code(o.exit_text) != 0), None
     )

@@ -172,24 +172,27 @@ def job_document(
         "project_id": project_id,
         "module": spec.training().module,
         "argv": spec.trainer_argv(),
-        "env": {**spec.env, **_replica_env(peers, worker, spec.resources.workers)},
+        "env": {**spec.env, **_replica_env(peers, worker, spec.shape())},
         "runtime": runtime,
         "package_url": sign(pkg_grant.url_prefix, pkg_grant.query, ""),
         "inputs": inputs,
     }
-    if restart.restartable(spec):
+    shape = spec.shape()
+    if restart.restartable(spec) or shape.evaluator:
+        # a side-car evaluator reads the chief's checkpoints from the store: they are synced
         doc.update(_checkpoints(store, project_id, job_id, spec, restarts, sync=worker == 0))
+    if worker == shape.evaluator_index:
+        doc["checkpoint_feed"] = True  # the runner fetches what the poll step feeds it
     return doc
 
 
-def _replica_env(peers: list[str] | None, worker: int, workers: int) -> dict[str, str]:
-    """A distributed job's replica's own variables (none for a job of one server); the
-    replicas past the first `workers` are its parameter servers."""
+def _replica_env(peers: list[str] | None, worker: int, shape: cluster.Shape) -> dict[str, str]:
+    """A distributed job's replica's own variables (none for a job of one server)."""
     if not peers or len(peers) < 2:
         return {}
     return {
-        "TF_CONFIG": json.dumps(cluster.tf_config(peers, worker, workers)),
-        "STACKML_REPLICA": cluster.replica_name(worker, workers),
+        "TF_CONFIG": json.dumps(cluster.tf_config(peers, worker, shape)),
+        "STACKML_REPLICA": cluster.replica_name(worker, shape),
     }
 
 

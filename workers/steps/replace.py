@@ -93,7 +93,7 @@ def resume(ctx: jobctx.StepContext) -> None:
     spec = ctx.spec
     if spec.batch or not spec.resources.parameter_servers:
         return
-    have = batch_servers.rows(ctx.job_id, spec.resources.workers)
+    have = batch_servers.rows(ctx.job_id, spec.shape())
     pending = [
         k
         for k in range(1, spec.resources.workers)
@@ -132,7 +132,7 @@ def _replace(ctx: jobctx.StepContext) -> None:
             raise TransientBackendError(f"the lost servers {left} are not deleted yet")
         booted = batch_servers.boot(ctx, servers, JobState.RUNNING)
         others = batch_servers.wait_active(ctx, servers)
-        live = batch_servers.rows(job_id, spec.resources.workers)
+        live = batch_servers.rows(job_id, spec.shape())
         waiting = {k for k, r in live.items() if r.replica_state == batch_servers.REPLACING}
         peers = _peer_hosts(ctx, others)
         for w in others:

@@ -265,6 +265,8 @@ def _supervise(job_dir: str) -> int:
     stop = threading.Event()
     if sync is not None:
         threading.Thread(target=sync.loop, args=(stop,), daemon=True).start()
+    if job.get("checkpoint_feed"):
+        threading.Thread(target=_CheckpointFeed(job_dir).loop, args=(stop,), daemon=True).start()
     code = _run_supervised(
         job_dir,
         argv,
@@ -293,6 +295,72 @@ def _beat(job_dir: str, stop: threading.Event) -> None:
         with open(hb, "w") as fh:
             fh.write(f"{time.time()}\n")
         stop.wait(HEARTBEAT)
+
+
+FEED = "checkpoints.feed"
+FEED_INTERVAL = 1.0
+
+
+class _CheckpointFeed:
+    """A side-car evaluator's STACKML_CHECKPOINT_DIR, filled with the chief's checkpoints: the
+    poll step writes `checkpoints.feed` (the files of the job's checkpoint prefix in the store,
+    each with a signed URL, size and MD5) whenever the chief synced more. Every FEED_INTERVAL
+    the runner reads it when it changed, fetches the new or changed files aside (verified),
+    then moves them into checkpoints/ larger first, so that the trainer never finds an index
+    (TensorFlow's `checkpoint`, small) naming data that is not there yet. A feed that does not
+    parse (being written) is read again the next time; a failed fetch is one log line and is
+    retried."""
+
+    def __init__(self, job_dir: str) -> None:
+        self.job_dir = job_dir
+        self.root = os.path.join(job_dir, "checkpoints")
+        self.aside = os.path.join(job_dir, "checkpoints.fetching")
+        self.path = os.path.join(job_dir, FEED)
+        self.seen: dict[str, str] = {}  # name -> md5 of what is in checkpoints/
+        self.read_at = -1
+        self.last_error = ""
+
+    def loop(self, stop: threading.Event) -> None:
+        while not stop.wait(FEED_INTERVAL):
+            try:
+                self.run_pass()
+                self.last_error = ""
+            except Exception as e:  # noqa: BLE001 - a failed fetch is retried, never fatal
+                text = f"{type(e).__name__}: {e}"[:300]
+                if text != self.last_error:  # one line per distinct failure
+                    self.last_error = text
+                    with open(os.path.join(self.job_dir, "log"), "ab") as log:
+                        log.write(f"stackml-runner: checkpoint feed failed: {text}\n".encode())
+
+    def run_pass(self) -> int:
+        """Fetch what the feed has that checkpoints/ has not; the files moved in."""
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except FileNotFoundError:
+            return 0
+        if mtime == self.read_at:
+            return 0
+        try:
+            with open(self.path, "rb") as fh:
+                items = json.loads(fh.read())
+        except ValueError:
+            return 0  # being written: read again next time
+        fetched = []
+        for item in items:
+            name, md5 = item["name"], str(item["md5"])
+            _check_rel_path(name, "a checkpoint")
+            if self.seen.get(name) == md5:
+                continue
+            part = os.path.join(self.aside, name)
+            _fetch_verified(item["url"], part, int(item["size"]), md5)
+            fetched.append((int(item["size"]), name, md5, part))
+        for _size, name, md5, part in sorted(fetched, key=lambda f: (-f[0], f[1])):
+            target = os.path.join(self.root, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(part, target)
+            self.seen[name] = md5
+        self.read_at = mtime
+        return len(fetched)
 
 
 SYNCED = "checkpoints.synced"

@@ -19,6 +19,13 @@ When the cluster has parameter servers (``resources.parameter_servers`` > 0), it
 servers), checkpoints and exports. Training is asynchronous: a worker that is lost only slows
 it down, its steps go to the others, and a worker that comes back at the same address is used
 again.
+
+A side-car evaluator (``resources.evaluator``: TF_CONFIG's task type ``evaluator``) trains
+nothing: it evaluates each checkpoint of the chief's as it arrives in its
+STACKML_CHECKPOINT_DIR (the platform copies them there from the store), on fresh points of the
+known function (or the last fifth of the CSV rows), reports ``eval_loss`` and ``eval_mae`` per
+epoch, and ends after the last epoch's. It follows the distributed paths' checkpoints
+(``tf.train.Checkpoint``), so it goes with ``resources.workers`` > 1.
 """
 
 from __future__ import annotations
@@ -302,6 +309,36 @@ def train_distributed(strategy, is_chief: bool, x, y, args: argparse.Namespace) 
     return model
 
 
+def side_car_evaluator(args: argparse.Namespace) -> int:
+    """TF_CONFIG's evaluator: each checkpoint of the chief's, as it arrives, evaluated on
+    points the training never saw; ends after the last epoch's."""
+    import tensorflow as tf
+
+    from trainer.metrics import emit
+
+    x, y, source = load_data(args.rows)
+    if source.startswith("synthetic"):  # fresh points of the known function, without noise
+        x = np.random.default_rng(SEED + 2).normal(size=(1000, x.shape[1])).astype("float32")
+        y = target(x)
+    else:
+        x, y = x[-max(1, len(x) // 5) :], y[-max(1, len(y) // 5) :]
+    model = build_model(x.shape[1], args.learning_rate)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    ckpt = tf.train.Checkpoint(model=model, epoch=epoch)
+    ckpt_dir = os.environ["STACKML_CHECKPOINT_DIR"]
+    print(f"trainer: side-car evaluator on {len(x)} rows: waiting for checkpoints", flush=True)
+    for path in tf.train.checkpoints_iterator(ckpt_dir, min_interval_secs=0.5):
+        ckpt.restore(path).expect_partial()
+        pred = model(x, training=False).numpy()
+        loss, mae = float(np.mean((pred - y) ** 2)), float(np.mean(np.abs(pred - y)))
+        done = int(epoch.numpy())
+        print(f"Evaluation after epoch {done}: loss: {loss:.4f} - mae: {mae:.4f}", flush=True)
+        emit({"eval_loss": loss, "eval_mae": mae}, epoch=done)
+        if done >= args.epochs:
+            break
+    return 0
+
+
 def build_model(n_features: int, learning_rate: float):  # keras is imported late (slow)
     import keras
 
@@ -326,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+    task = (json.loads(os.environ.get("TF_CONFIG") or "{}").get("task")) or {}
+    if task.get("type") == "evaluator":
+        return side_car_evaluator(args)
     strategy, is_chief, what = distribution()
     print(f"trainer: {what}", flush=True)
 
