@@ -607,12 +607,13 @@ class JobSpec(_Strict):
         """The servers the job runs on, the chief included: a batch job's
         `prediction.max_workers`, a training job's `resources.workers` and
         `resources.parameter_servers` (its replicas)."""
-        if self.batch:
-            return self.predicting().max_workers
         return self.shape().servers
 
     def shape(self) -> Shape:
-        """A training job's replicas by kind (service/domain/cluster.py)."""
+        """The job's servers by kind (service/domain/cluster.py): a training job's replicas; a
+        batch job's workers, all of one kind (`worker-<k>` beside the chief)."""
+        if self.batch:
+            return Shape(self.predicting().max_workers)
         r = self.resources
         return Shape(r.workers, r.parameter_servers, r.evaluator)
 

@@ -133,3 +133,23 @@ def test_replica_index_names_the_chief_and_the_workers_the_job_has() -> None:
     with pytest.raises(ValueError) as e:
         cluster.replica_index("x" * 500, cluster.Shape(2))
     assert len(str(e.value)) < 200  # a long name is cut in the message
+
+
+def test_a_batch_jobs_servers_are_its_workers() -> None:
+    """A batch job spread over prediction.max_workers servers: `?replica=worker-<k>` names
+    them (CI caught a shape read from resources.workers, which a batch job leaves at 1)."""
+    spec = JobSpec.model_validate(
+        {
+            "name": "b",
+            "type": "batch_prediction",
+            "prediction": {
+                "model": "m",
+                "input_uris": ["local://projects/p/in.jsonl"],
+                "output_prefix": "local://projects/p/out/",
+                "max_workers": 3,
+            },
+        }
+    )
+    assert spec.shape() == cluster.Shape(3) and spec.servers() == 3
+    assert cluster.replica_index("worker-2", spec.shape()) == 2
+    assert batch_servers.label(spec, 2) == "batch worker 2"
