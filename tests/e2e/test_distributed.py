@@ -138,8 +138,9 @@ def test_two_replicas_train_under_mwms_and_a_lost_one_restarts_the_cluster_from_
 
 
 # The chief prints numbered lines and keeps the last number in its checkpoint directory; the
-# worker replica waits. On the restart both find the restored
-# mark: the chief says where it resumes and exports, the worker exits 0.
+# other replicas say so and wait (a worker replica, or ParameterServerStrategy's shape without
+# TensorFlow: workers and a parameter server serving until the job ends). On the restart all
+# find the restored mark: the chief says where it resumes and exports, the others exit 0.
 NUMBERED = """
     import os, sys, time
     mark = os.path.join(os.environ["STACKML_CHECKPOINT_DIR"], "printed")
@@ -149,6 +150,7 @@ NUMBERED = """
             open(os.path.join(os.environ["STACKML_MODEL_DIR"], "m"), "w").write("1")
         sys.exit(0)
     if os.environ["STACKML_REPLICA"] != "chief":
+        print("serving", flush=True)
         time.sleep(600)
     for i in range(100000):
         print(f"line {i}", flush=True)
@@ -283,28 +285,6 @@ def test_one_ps_two_workers_train_under_pss_and_a_lost_worker_is_replaced_alone(
     wait_resources_deleted(client, job["id"])
 
 
-# ParameterServerStrategy's shape without TensorFlow: the workers and the parameter server
-# serve until the job ends; the chief prints numbered lines, its mark in its checkpoint
-# directory, and on the restart says where it resumes and exports.
-SERVING = """
-    import os, sys, time
-    mark = os.path.join(os.environ["STACKML_CHECKPOINT_DIR"], "printed")
-    if os.environ["STACKML_REPLICA"] != "chief":
-        print("serving", flush=True)
-        time.sleep(600)
-    if os.path.exists(mark):
-        print("resumed after line", open(mark).read(), flush=True)
-        open(os.path.join(os.environ["STACKML_MODEL_DIR"], "m"), "w").write("1")
-        sys.exit(0)
-    for i in range(100000):
-        print(f"line {i}", flush=True)
-        with open(mark + ".tmp", "w") as fh:
-            fh.write(str(i))
-        os.replace(mark + ".tmp", mark)
-        time.sleep(0.05)
-"""
-
-
 def test_a_lost_parameter_server_restarts_the_cluster_from_the_checkpoint(
     client: StackMLClient, e2e_settings: Settings, tmp_path: Path
 ) -> None:
@@ -313,8 +293,8 @@ def test_a_lost_parameter_server_restarts_the_cluster_from_the_checkpoint(
     checkpoint, every line it printed kept."""
     from tests.e2e.conftest import job_spec, make_package
 
-    pkg = client.stage_package(make_package(tmp_path / "serving", {"serving": SERVING}))
-    spec = job_spec(pkg["package_uri"], "trainer.serving", name="e2e-ps-lost")
+    pkg = client.stage_package(make_package(tmp_path / "numbered", {"numbered": NUMBERED}))
+    spec = job_spec(pkg["package_uri"], "trainer.numbered", name="e2e-ps-lost")
     spec.update(
         {
             "resources": {"workers": 2, "parameter_servers": 1},

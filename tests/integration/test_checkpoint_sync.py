@@ -56,6 +56,19 @@ def aged(path: Path, seconds: float = 5.0) -> None:
     os.utime(path, (t, t))
 
 
+def recording(sync: runner._CheckpointSync) -> list[str]:
+    """The keys the sync's passes upload, in order (appended as each is sent)."""
+    order: list[str] = []
+    put = sync.uploader.put
+
+    def recorded(key: str, path: str, offset: int, length: int) -> str:
+        order.append(key)
+        return put(key, path, offset, length)
+
+    sync.uploader.put = recorded  # type: ignore[method-assign]
+    return order
+
+
 def stored(store: LocalStore) -> dict[str, bytes]:
     return {o.key[len(PREFIX) :]: store.get(o.key) for o in store.list(PREFIX)}
 
@@ -162,14 +175,7 @@ def test_a_pass_uploads_the_files_in_the_order_they_were_written(
         (ckpt / name).write_bytes(name.encode())
         os.utime(ckpt / name, (t + i, t + i))
     sync = sync_of(store, job)
-    order: list[str] = []
-    put = sync.uploader.put
-
-    def recorded(key: str, path: str, offset: int, length: int) -> str:
-        order.append(key)
-        return put(key, path, offset, length)
-
-    sync.uploader.put = recorded  # type: ignore[method-assign]
+    order = recording(sync)
     assert sync.run_pass(final=False) == 3
     assert order == ["weights/w-2.bin", "weights/w-1.bin", "checkpoint"]
     assert store.get(PREFIX + "checkpoint") == b"checkpoint"
@@ -191,14 +197,7 @@ def test_files_written_in_one_clock_tick_go_up_larger_first(
         (ckpt / name).write_bytes(body)
         os.utime(ckpt / name, ns=(int(t * 1e9), int(t * 1e9)))  # one tick
     sync = sync_of(store, job)
-    order: list[str] = []
-    put = sync.uploader.put
-
-    def recorded(key: str, path: str, offset: int, length: int) -> str:
-        order.append(key)
-        return put(key, path, offset, length)
-
-    sync.uploader.put = recorded  # type: ignore[method-assign]
+    order = recording(sync)
     assert sync.run_pass(final=False) == 3
     assert order == ["weights/w-2.bin", "ckpt-2.index", "step"]
     assert stored(store) == files

@@ -371,6 +371,36 @@ except socket.timeout:
 """
 
 
+def _send(
+    sender: ssh.SSHConnection,
+    receiver: ssh.SSHConnection,
+    address: str,
+    port: int,
+    message: str,
+    seconds: float,
+) -> list[str]:
+    """`receiver` listens on `port` while `sender` connects to `address` (within `seconds`)
+    and sends `message`: what the listener printed ("<peer address> <message>", or
+    "timeout")."""
+    got: list[str] = []
+    t = threading.Thread(
+        target=lambda: got.append(
+            receiver.run(
+                ["python3", "-c", LISTEN, str(port), str(seconds + 5)], timeout=60
+            ).text.strip()
+        )
+    )
+    t.start()
+    time.sleep(1.0)
+    sender.run(
+        ["python3", "-c", f"import socket; socket.create_connection(('{address}', {port}), "
+         f"timeout={seconds}).send(b'{message}')"],
+        timeout=30,
+    )  # fmt: skip
+    t.join(timeout=30)
+    return got
+
+
 def test_a_peer_group_reaches_its_own_members_on_its_ports_only(
     base: Path, net: SandboxNetwork, keypair: tuple[str, str]
 ) -> None:
@@ -407,20 +437,7 @@ def test_a_peer_group_reaches_its_own_members_on_its_ports_only(
         conns = {n: ssh.wait_for_ssh(_target(st[n], pem), 10) for n in ids}
 
         # a (same group) reaches b on the peer port; b sees a's peer address
-        got: list[str] = []
-        t = threading.Thread(
-            target=lambda: got.append(
-                conns["b"].run(["python3", "-c", LISTEN, "2222", "10"], timeout=60).text.strip()
-            )
-        )
-        t.start()
-        time.sleep(1.0)
-        conns["a"].run(
-            ["python3", "-c", f"import socket; socket.create_connection(('{peers['b']}', 2222), "
-             "timeout=5).send(b'hello')"],
-            timeout=30,
-        )  # fmt: skip
-        t.join(timeout=30)
+        got = _send(conns["a"], conns["b"], str(peers["b"]), 2222, "hello", 5)
         assert got == [f"{peers['a']} hello"]
         # nobody else gets there: another group, no group, the host; nor a's other ports
         for n in ("x", "z"):
@@ -470,20 +487,7 @@ def test_a_replicas_replacement_gets_its_peer_address_and_is_reached_there(
         again = backend.get_server(second)
         assert again.peer_host == address
         replacement = ssh.wait_for_ssh(_target(again, pem), 10)
-        got: list[str] = []
-        t = threading.Thread(
-            target=lambda: got.append(
-                replacement.run(["python3", "-c", LISTEN, "2223", "20"], timeout=60).text.strip()
-            )
-        )
-        t.start()
-        time.sleep(1.0)
-        conn.run(
-            ["python3", "-c", f"import socket; socket.create_connection(('{address}', 2223), "
-             "timeout=15).send(b'again')"],
-            timeout=30,
-        )  # fmt: skip
-        t.join(timeout=30)
+        got = _send(conn, replacement, str(address), 2223, "again", 15)
         assert got == [f"{net.peer_address(0)} again"]
         conn.close()
         replacement.close()

@@ -6,6 +6,7 @@ import pytest
 
 from service.domain import cluster
 from service.domain.spec import JobSpec
+from tests.unit.test_spec import BATCH
 from workers.steps import batch_servers
 
 HOSTS = ["10.252.0.3", "10.252.0.7", "10.252.0.9"]
@@ -139,16 +140,7 @@ def test_a_batch_jobs_servers_are_its_workers() -> None:
     """A batch job spread over prediction.max_workers servers: `?replica=worker-<k>` names
     them (CI caught a shape read from resources.workers, which a batch job leaves at 1)."""
     spec = JobSpec.model_validate(
-        {
-            "name": "b",
-            "type": "batch_prediction",
-            "prediction": {
-                "model": "m",
-                "input_uris": ["local://projects/p/in.jsonl"],
-                "output_prefix": "local://projects/p/out/",
-                "max_workers": 3,
-            },
-        }
+        {**BATCH, "prediction": {**BATCH["prediction"], "max_workers": 3}}
     )
     assert spec.shape() == cluster.Shape(3) and spec.servers() == 3
     assert cluster.replica_index("worker-2", spec.shape()) == 2

@@ -25,15 +25,13 @@ leaves the job's lease to lapse, and the poll hands the job here again (`resume`
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from service.db import jobs as repo
 from service.db.models import Job, Resource
 from service.domain.errors import BackendError, TransientBackendError
 from service.domain.states import FailureReason, JobState, ResourceState
-from workers import jobctx, ssh
+from workers import jobctx, pipeline, ssh
 from workers.jobctx import JOB_DIR, db, log
 from workers.steps import batch_servers, restart
 
@@ -102,8 +100,8 @@ def resume(ctx: jobctx.StepContext) -> None:
     if not pending:
         return
     with db() as s:
-        until = s.get_one(Job, ctx.job_id).step_lease_until
-    if until is None or _aware(until) < datetime.now(UTC):
+        free = s.scalar(select(Job.id).where(Job.id == ctx.job_id, pipeline.no_live_lease()))
+    if free is not None:
         log.info("job %s: replacement of replicas %s resumed", ctx.job_id, pending)
         jobctx.next_step(TASK, ctx.job_id)
 
@@ -166,7 +164,3 @@ def _replace(ctx: jobctx.StepContext) -> None:
         restart.fail_or_restart(
             ctx, FailureReason.SERVER_LOST, f"a replica's replacement failed: {e}"
         )
-
-
-def _aware(dt: datetime) -> datetime:
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
