@@ -20,6 +20,13 @@ CONVERGE_ENDPOINT = "stackml.converge_endpoint"  # an endpoint id, not a job id
 REGISTER_VERSION = "stackml.register_version"  # a model_versions.id, not a job id
 BUILD_DATASET = "stackml.build_dataset"  # a dataset_versions.id, not a job id
 
+# Steps that finish work go before steps that start more (Redis serves priority 0 first, then
+# the lists of kombu's priority steps 3, 6, 9): under a burst every job already holding a
+# server is polled, exported and torn down before another server is booted, so jobs finish
+# one after another instead of all together at the end, and no server waits booted for a
+# worker while new ones boot (docs/operations.md, "Sizing the API and the workers").
+PRIORITY = {ALLOCATE: 6, PROVISION: 3}
+
 
 @functools.cache
 def _producer(broker_url: str, queue_name: str) -> Celery:
@@ -38,6 +45,7 @@ def enqueue(task: str, job_id: str, countdown: float = 0.0) -> None:
         task,
         args=[job_id],
         countdown=countdown or None,
+        priority=PRIORITY.get(task, 0),
         retry=True,
         retry_policy={
             "max_retries": 3,
