@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     command_timeout: float = 60
     heartbeat_timeout: float = 30
     grant_ttl: int = 86400
+    # the first look at a started trainer: one extra poll per job, and a trainer that fails at
+    # once (an import error) or a quick job is seen without waiting poll_min
+    first_poll: float = Field(default=0.05, ge=0)
     poll_min: float = 0.1
     poll_max: float = 2.0
     # how often the runner uploads new checkpoint files of a restartable job (restart_policy)

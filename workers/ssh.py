@@ -2,7 +2,7 @@
 
     target = SSHTarget(host, port, username, private_key_pem, host_key)
     conn = wait_for_ssh(target, deadline_s=30)        # first contact: retries until sshd answers
-    conn.run(["mkdir", "-p", ".stackml/job"], timeout=60)
+    conn.makedirs(".stackml/job")
     conn.put_bytes(data, ".stackml/job/job.json", 0o600)
     later = connection(target, timeout=60)            # reuses the live transport in this process
 
@@ -23,6 +23,7 @@ import os
 import select
 import shlex
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -503,6 +504,20 @@ class SSHConnection:
             except BaseException:
                 _discard(sftp, tmp)
                 raise
+
+    def makedirs(self, remote: str, mode: int = 0o755, *, timeout: float | None = None) -> None:
+        """`mkdir -p remote` over SFTP (no remote process started)."""
+        parts = [p for p in remote.split("/") if p not in ("", ".")]
+        root = "/" if remote.startswith("/") else ""
+        with self._sftp_op(f"creating {remote}", timeout) as sftp:
+            for i in range(len(parts)):
+                path = root + "/".join(parts[: i + 1])
+                try:
+                    sftp.mkdir(path, mode)
+                except OSError as e:
+                    a = sftp.stat(path)  # FileNotFoundError when a parent is not a directory
+                    if not stat.S_ISDIR(a.st_mode or 0):
+                        raise NotADirectoryError(f"{path} exists and is not a directory") from e
 
     def put_file(
         self,

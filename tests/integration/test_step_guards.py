@@ -40,7 +40,7 @@ from service.domain.states import JobState, ResourceState
 from tests.pgutil import temp_database
 from workers import jobctx, pipeline, reconciler, ssh
 from workers.jobctx import JOB_DIR, RUNNER
-from workers.steps import export, poll
+from workers.steps import export, poll, provision
 from workers.steps.provision import PYTHON
 
 FLAVOR = Flavor(name="test.small", vcpus=1, ram_mb=512, pids=256)
@@ -500,3 +500,58 @@ def test_a_runner_that_floods_stdout_costs_the_worker_a_bounded_tail(
     result = conn.run(["python3", "-c", flood], timeout=30)
     assert len(result.stdout) == 1 << 20
     assert result.stdout.endswith(b"\nlast line\n")
+
+
+# -- provision: the image's runtime first, the slow path when the image has none --------------
+
+FAKE_RUNTIME = ".stackml/runtimes/installed"
+# a runtime's "python" that records how the runner was called and answers as `launch` does
+FAKE_PYTHON = '#!/bin/sh\necho "$@" >> "$HOME/.stackml/calls"\necho \'{"ok": true}\'\n'
+
+
+def test_provision_installs_the_runtime_the_image_lacks_then_launches_with_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner is run by the runtime's own python; a missing one (the shell's 127) sends
+    provision down the slow path once, and job.json then names the installed runtime."""
+    job_id, conn = start_job(env, JobState.PROVISIONING)
+    installed: list[str] = []
+
+    def install(c: ssh.SSHConnection, jid: str, runtime: str, key: str) -> str:
+        installed.append(runtime)
+        c.makedirs(f"{FAKE_RUNTIME}/bin")
+        c.put_bytes(FAKE_PYTHON.encode(), f"{FAKE_RUNTIME}/bin/python", 0o755)
+        return c.run(["pwd"], timeout=10).text.strip() + "/" + FAKE_RUNTIME
+
+    monkeypatch.setattr(provision, "runtime_on_server", lambda backend, key: "/nonexistent/rt")
+    monkeypatch.setattr(provision, "install_runtime", install)
+    monkeypatch.setattr(
+        provision, "job_document", lambda jid, runtime, **kw: {"job_id": jid, "runtime": runtime}
+    )
+    spec = JobSpec.model_validate(job_row(env, job_id).spec)
+    doc = provision._prepare(conn, job_id, spec, "sandbox", 0, 1, start=True)
+    assert installed == ["/nonexistent/rt"]  # asked once, for the runtime that was missing
+    assert str(doc["runtime"]).endswith(FAKE_RUNTIME)
+    on_server = json.loads(conn.run(["cat", f"{JOB_DIR}/job.json"], timeout=10).stdout)
+    assert on_server["runtime"] == doc["runtime"]
+    calls = conn.run(["cat", ".stackml/calls"], timeout=10).text.split()
+    assert calls[-2:] == ["launch", JOB_DIR]  # one command prepared and started it
+
+
+def test_provision_reports_what_the_runner_said_when_it_fails(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id, conn = start_job(env, JobState.PROVISIONING)
+    conn.makedirs(f"{FAKE_RUNTIME}/bin")
+    broken = "#!/bin/sh\necho 'stackml-runner: the package is not a valid .tar.gz' >&2\nexit 3\n"
+    conn.put_bytes(broken.encode(), f"{FAKE_RUNTIME}/bin/python", 0o755)
+    home = conn.run(["pwd"], timeout=10).text.strip()
+    monkeypatch.setattr(provision, "runtime_on_server", lambda b, k: f"{home}/{FAKE_RUNTIME}")
+    monkeypatch.setattr(
+        provision, "job_document", lambda jid, runtime, **kw: {"job_id": jid, "runtime": runtime}
+    )
+    spec = JobSpec.model_validate(job_row(env, job_id).spec)
+    with pytest.raises(ssh.RemoteCommandError) as e:
+        provision._prepare(conn, job_id, spec, "sandbox", 0, 1, start=True)
+    assert e.value.returncode == 3
+    assert "not a valid .tar.gz" in e.value.stderr_tail

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,15 +45,10 @@ def runtime_on_server(backend_name: str, key: str) -> str:
     return f"{runtimes_dir}/{key}"
 
 
-def ensure_runtime_on_server(conn: ssh.SSHConnection, job_id: str, runtime: str, key: str) -> str:
-    """The image's runtime when it carries one (fast path); otherwise install it from the
-    configured index into the job's home (slow path, bounded by provision_deadline)."""
+def install_runtime(conn: ssh.SSHConnection, job_id: str, runtime: str, key: str) -> str:
+    """The image has no runtime at `runtime`: install it from the configured index into the
+    job's home (slow path, bounded by provision_deadline). Where it went."""
     cfg = jobctx.settings()
-    probe = conn.run(
-        ["test", "-x", f"{runtime}/bin/python"], timeout=cfg.command_timeout, check=False
-    )
-    if probe.returncode == 0:
-        return runtime
     home = conn.run(["pwd"], timeout=cfg.command_timeout).text.strip()
     target = f"{home}/{SLOW_PATH_RUNTIMES}/{key}"
     with db() as s:
@@ -67,6 +63,7 @@ def ensure_runtime_on_server(conn: ssh.SSHConnection, job_id: str, runtime: str,
     from service.config import REPO_ROOT
 
     reqs = (REPO_ROOT / (rdef.vm_requirements or rdef.requirements)).read_bytes()
+    conn.makedirs(SLOW_PATH_RUNTIMES)
     conn.put_bytes(reqs, f"{SLOW_PATH_RUNTIMES}/{key}.txt", 0o644)
     conn.run(["python3", "-m", "venv", target], timeout=cfg.command_timeout)
     pip = [f"{target}/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
@@ -74,6 +71,10 @@ def ensure_runtime_on_server(conn: ssh.SSHConnection, job_id: str, runtime: str,
         pip += ["--index-url", cfg.runtime_index_url]
     conn.run([*pip, "-r", f"{SLOW_PATH_RUNTIMES}/{key}.txt"], timeout=cfg.provision_deadline)
     return target
+
+
+# the remote shell's statuses for a command it cannot run: not executable, not found
+NO_RUNTIME = (126, 127)
 
 
 def _prepare(
@@ -84,22 +85,39 @@ def _prepare(
     worker: int,
     workers: int,
     peers: list[str] | None = None,
+    *,
+    start: bool = False,
 ) -> dict[str, object]:
-    """Ship the runner (and a batch job's predictor), make sure of the runtime, write job.json
-    and run `runner prepare`: everything but the start. Idempotent. The job document."""
+    """Ship the runner (and a batch job's predictor), write job.json and run `runner prepare`
+    with the runtime's python: everything but the start (with `start`, `runner launch` starts
+    the trainer in the same command). The image's runtime is the fast path; when the image has
+    none the runtime is installed first. Idempotent. The job document."""
     cfg = jobctx.settings()
-    conn.run(["mkdir", "-p", JOB_DIR, SLOW_PATH_RUNTIMES], timeout=cfg.command_timeout)
+    conn.makedirs(JOB_DIR)
     conn.put_bytes(RUNNER_SRC.read_bytes(), RUNNER, 0o644)
     if spec.batch:
         for dest, src in BATCH_FILES.items():
             conn.put_bytes(src.read_bytes(), dest, 0o644)
-    runtime = ensure_runtime_on_server(
-        conn, job_id, runtime_on_server(backend_name, spec.runtime.key), spec.runtime.key
-    )
-    conn.run(["ln", "-sfn", f"{runtime}/bin/python", PYTHON], timeout=cfg.command_timeout)
-    doc = job_document(job_id, runtime, worker=worker, workers=workers, peers=peers)
-    conn.put_bytes(json.dumps(doc).encode(), f"{JOB_DIR}/job.json", 0o600)
-    conn.run(jobctx.runner_argv(PYTHON, "prepare", JOB_DIR), timeout=cfg.provision_deadline)
+    key = spec.runtime.key
+    command = "launch" if start else "prepare"
+
+    def stage(runtime: str) -> tuple[dict[str, object], ssh.CommandResult, list[str]]:
+        doc = job_document(job_id, runtime, worker=worker, workers=workers, peers=peers)
+        conn.put_bytes(json.dumps(doc).encode(), f"{JOB_DIR}/job.json", 0o600)
+        argv = jobctx.runner_argv(f"{runtime}/bin/python", command, JOB_DIR)
+        return doc, conn.run(argv, timeout=cfg.provision_deadline, check=False), argv
+
+    expected = runtime_on_server(backend_name, key)
+    doc, result, argv = stage(expected)
+    if result.returncode in NO_RUNTIME:
+        doc, result, argv = stage(install_runtime(conn, job_id, expected, key))
+    if result.returncode != 0:
+        raise ssh.RemoteCommandError(
+            result.returncode,
+            shlex.join(argv),
+            result.stderr[-ssh.TAIL :].decode(errors="replace"),
+            result.stdout[-ssh.TAIL :].decode(errors="replace"),
+        )
     return doc
 
 
@@ -301,18 +319,24 @@ def _provision(ctx: jobctx.StepContext) -> None:
             others = batch_servers.wait_active(ctx, workers)
             peers = _peer_hosts(ctx, others)
             doc = _prepare(conn, job_id, spec, backend_name, 0, workers, peers)
-        else:
+        elif workers > 1:
             peers = None
             doc = _prepare(conn, job_id, spec, backend_name, 0, workers)
-            others = batch_servers.wait_active(ctx, workers) if workers > 1 else []
-        started = _prepare_others(job_id, spec, backend_name, others, workers, peers)
-        with db() as s:
-            repo.touch(s, job_id)
-            if repo.get_job(s, job_id).state != JobState.PROVISIONING:
-                return  # cancelled meanwhile: do not start the trainer
-        for other in started:
-            other.run(jobctx.runner_argv(PYTHON, "start", JOB_DIR), timeout=cfg.command_timeout)
-        conn.run(jobctx.runner_argv(PYTHON, "start", JOB_DIR), timeout=cfg.command_timeout)
+            others = batch_servers.wait_active(ctx, workers)
+        else:
+            # one server: staged and started by one command (a cancel meanwhile finds the
+            # trainer started; the teardown stops it with the server)
+            doc = _prepare(conn, job_id, spec, backend_name, 0, 1, start=True)
+        if workers > 1:
+            # every server prepared before any starts, and none when the job was cancelled
+            started = _prepare_others(job_id, spec, backend_name, others, workers, peers)
+            with db() as s:
+                repo.touch(s, job_id)
+                if repo.get_job(s, job_id).state != JobState.PROVISIONING:
+                    return  # cancelled meanwhile: do not start the trainer
+            for other in started:
+                other.run(jobctx.runner_argv(PYTHON, "start", JOB_DIR), timeout=cfg.command_timeout)
+            conn.run(jobctx.runner_argv(PYTHON, "start", JOB_DIR), timeout=cfg.command_timeout)
     except batch_servers.Cancelled:
         return  # cancelled while booting the other workers: the teardown has them
     except ssh.RemoteCommandError as e:
@@ -364,4 +388,4 @@ def _provision(ctx: jobctx.StepContext) -> None:
             poll_interval=cfg.poll_min,
         )
     if moved:
-        jobctx.next_step(queue.POLL, job_id, cfg.poll_min)
+        jobctx.next_step(queue.POLL, job_id, cfg.first_poll)

@@ -16,8 +16,11 @@ Layout under the job directory (``~/.stackml/job`` by default)::
     exit_code    written atomically when the trainer exits
 
 Commands (each prints one JSON object on stdout):
-    prepare JOBDIR      attach the runtime, fetch the package and inputs
+    prepare JOBDIR      link ../python to the runtime's python, attach the runtime, fetch the
+                        package and inputs
     start JOBDIR        start the trainer detached (idempotent)
+    launch JOBDIR       prepare, then start: a job of one server is staged and started by one
+                        SSH command (run by the runtime's python itself)
     export JOBDIR       upload model/ with the write grant read from stdin
     kill JOBDIR         stop the trainer's process group
     serve JOBDIR        fetch serve.json's model versions (size + md5 checked) into models/<V>/
@@ -138,8 +141,23 @@ def _safe_extract(tar_path: str, dest: str) -> None:
                 os.chmod(target, 0o755 if m.mode & 0o111 else 0o644)
 
 
+def _link_python(job_dir: str, runtime: str) -> None:
+    """JOBDIR/../python -> the runtime's python: the later commands (start, export, kill) are
+    run by it. Replaced atomically when it points elsewhere (a runtime installed later)."""
+    link = os.path.join(os.path.dirname(job_dir), "python")
+    target = os.path.join(runtime, "bin", "python")
+    if os.path.islink(link) and os.readlink(link) == target:
+        return
+    tmp = f"{link}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
 def prepare(job_dir: str) -> dict:
     job = _load(job_dir)
+    _link_python(job_dir, job["runtime"])
     for sub in ("package", "input", "model", "checkpoints"):
         os.makedirs(os.path.join(job_dir, sub), exist_ok=True)
     t0 = time.monotonic()
@@ -197,6 +215,12 @@ def _restore_checkpoints(job_dir: str, items: list) -> int:
 
 
 # -- start -----------------------------------------------------------------------------------
+
+
+def launch(job_dir: str) -> dict:
+    out = prepare(job_dir)
+    out["start"] = start(job_dir)
+    return out
 
 
 def start(job_dir: str) -> dict:
@@ -1005,6 +1029,7 @@ def stop_serving(job_dir: str) -> dict:
 COMMANDS = {
     "prepare": prepare,
     "start": start,
+    "launch": launch,
     "export": export,
     "kill": kill,
     "serve": serve,
