@@ -48,6 +48,7 @@ from service.client import StackMLClient, build_package  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.db.migrate import upgrade  # noqa: E402
 from service.db.session import engine_for  # noqa: E402
+from service.queue import redis_keys  # noqa: E402
 from tests.envutil import environ, free_port, reap_sandboxes  # noqa: E402
 from tests.pgutil import temp_database  # noqa: E402
 from tests.topology import Topology, api_argv, beat_argv, worker_argv  # noqa: E402
@@ -139,7 +140,7 @@ def submission_cost(tmp: Path) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 fn()
                 lat[key].append(time.perf_counter() - t0)
-        redis.Redis.from_url(REDIS_URL).delete(queue)
+        redis.Redis.from_url(REDIS_URL).delete(*redis_keys(queue))
     out = {k: _ms(v) for k, v in lat.items()}
     out["statements_per_submit"] = statements  # type: ignore[assignment]
     print(
@@ -269,7 +270,7 @@ def burst(tmp: Path, workers: int) -> dict[str, Any]:
                     time.sleep(1)
         finally:
             reap_sandboxes(data / "sandboxes")
-            redis.Redis.from_url(REDIS_URL).delete(env["STACKML_QUEUE"])
+            redis.Redis.from_url(REDIS_URL).delete(*redis_keys(env["STACKML_QUEUE"]))
             shutil.rmtree(data, ignore_errors=True)
     seconds = last - first
     out = {

@@ -28,6 +28,13 @@ BUILD_DATASET = "stackml.build_dataset"  # a dataset_versions.id, not a job id
 PRIORITY = {ALLOCATE: 6, PROVISION: 3}
 
 
+def redis_keys(queue_name: str) -> list[str]:
+    """The Redis lists that hold a queue's messages: kombu keeps one per priority step."""
+    from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+    return [queue_name, *(f"{queue_name}{Channel.sep}{p}" for p in PRIORITY_STEPS if p)]
+
+
 @functools.cache
 def _producer(broker_url: str, queue_name: str) -> Celery:
     app = Celery("stackml-producer", broker=broker_url)
