@@ -130,10 +130,15 @@ def park(s: Session, job: Job, reason: str) -> None:
 
 
 def admit_waiting() -> list[str]:
-    """Admit what the queue now allows (servers freed, quotas raised); the jobs admitted."""
+    """Admit what the queue now allows (servers freed, quotas raised); the jobs admitted.
+    With no job QUEUED it takes no lock and reads nothing more (every teardown calls it): a job
+    queued after that look is admitted by its own allocate step, which sees what was freed."""
     from workers.steps.allocate import booting_message
 
     with db() as s:
+        queued = select(Job.id).where(Job.state == JobState.QUEUED.value).limit(1)
+        if s.scalars(queued).first() is None:
+            return []
         lock(s)
         done = admit(s, booting_message)
     for job_id in done.enqueue:

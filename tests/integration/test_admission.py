@@ -525,3 +525,33 @@ def test_admins_setting_one_projects_quota_at_once_do_not_collide(env: Env) -> N
     with session_scope(env.url) as s:
         got = quotas.overrides(s, "fresh")
     assert got["jobs"] in (2, 4, 6) and got["gpus"] in (0, 2, 4)
+
+
+def test_admission_with_nothing_queued_is_one_read_and_takes_no_lock(env: Env) -> None:
+    """Every teardown calls admit_waiting: with an empty queue it costs one indexed read, and
+    a job queued right after is admitted by its own step."""
+    from sqlalchemy import event
+
+    from service.db.session import engine_for
+
+    running = submit(env, "p", "running")
+    assert deliver_one(env, running)
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine_for(env.url), "before_cursor_execute", seen)
+    try:
+        assert admission.admit_waiting() == []
+    finally:
+        event.remove(engine_for(env.url), "before_cursor_execute", seen)
+    assert len(statements) == 1 and "pg_advisory" not in statements[0]
+    later = submit(env, "p", "later")
+    assert deliver_one(env, later)
+    assert state(env, later)[0] == JobState.ALLOCATING
+
+
+def deliver_one(env: Env, job_id: str) -> bool:
+    env.enqueued.clear()
+    return allocate._admit(job_id)
