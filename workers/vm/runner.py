@@ -39,13 +39,15 @@ import sys
 import threading
 import time
 
-# Every command starts a Python, three per job on the critical path (prepare, start, export):
-# modules only some commands need are imported where they are used (urllib, hashlib, tarfile,
-# subprocess, shutil, ipaddress: ~40 ms of a start), and typing is left out at run time.
+# Every command starts a Python, two per job on the critical path (launch, export): modules
+# only some commands need are imported where they are used (hashlib, tarfile, subprocess,
+# shutil, ipaddress, ssl), HTTP is spoken on a socket (below: http.client would bring the email
+# package, ~14 ms), and typing is left out at run time.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable
-    from typing import NoReturn
+    from typing import IO, NoReturn
 
 HEARTBEAT = 2.0
 HTTP_TIMEOUT = 60
@@ -66,25 +68,221 @@ def _emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def _http(method: str, url: str, data=None, headers=None):
-    import urllib.error
-    import urllib.request
+# -- HTTP ------------------------------------------------------------------------------------
+# A small HTTP/1.1 client on a socket (TLS with the system's CAs for https): http.client, and
+# urllib.request on top of it, import the email package to parse headers, about 14 ms of CPU
+# of every runner command that talks to the store (launch, export). It sends Content-Length
+# bodies, reads Content-Length, chunked and to-the-close answers, and keeps connections alive.
 
-    last: Exception | None = None
-    for attempt in range(RETRIES):
-        if hasattr(data, "seek"):
-            data.seek(0)
-        req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+MAX_LINE = 65536
+MAX_HEADERS = 200
+
+
+class BadAnswer(OSError):
+    """What came back is not an HTTP answer (a connection closed or garbled mid-answer)."""
+
+
+class _Headers(dict):
+    """Header names in lower case; get() takes any case."""
+
+    def get(self, name: str, default=None):
+        return super().get(name.lower(), default)
+
+
+class _Conn:
+    """One kept-alive connection to a store endpoint (scheme, host, port of a URL)."""
+
+    def __init__(self, url: str) -> None:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise RunnerError(f"not an http(s) URL: {_redact(url)}")
+        self.https = u.scheme == "https"
+        self.host = u.hostname
+        self.port = u.port or (443 if self.https else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = (443 if self.https else 80) == self.port
+        self.host_header = host if default else f"{host}:{self.port}"
+        self.sock: socket.socket | None = None
+        self.fp: IO[bytes] | None = None
+
+    def close(self) -> None:
+        if self.fp is not None:
+            self.fp.close()
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = self.fp = None
+
+    def _open(self) -> None:
+        import socket
+
+        sock = socket.create_connection((self.host, self.port), timeout=HTTP_TIMEOUT)
         try:
-            return urllib.request.urlopen(req, timeout=HTTP_TIMEOUT)
-        except urllib.error.HTTPError as e:
-            if e.code < 500:
-                raise RunnerError(f"{method} {_redact(url)} answered {e.code} {e.reason}") from e
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.https:
+                import ssl
+
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.fp = sock, sock.makefile("rb")
+
+    def send_head(self, method: str, target: str, headers: dict, length: int | None) -> None:
+        """The request line and headers (the body, `length` bytes, follows with send())."""
+        if self.sock is None:
+            self._open()
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
+        for line in lines:
+            if "\r" in line or "\n" in line:
+                raise RunnerError("a header holds a line break")
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+    def send(self, data: bytes) -> None:
+        assert self.sock is not None
+        self.sock.sendall(data)
+
+    def answer(self, method: str) -> _Answer:
+        return _Answer(self, method)
+
+
+class _Answer:
+    """The answer to one request: status, reason, headers, and its body through read()."""
+
+    def __init__(self, conn: _Conn, method: str) -> None:
+        self._conn = conn
+        fp = conn.fp
+        assert fp is not None
+        while True:  # interim answers (100 Continue) are skipped
+            line = fp.readline(MAX_LINE + 1)
+            if not line:
+                raise BadAnswer("the connection closed before an answer")
+            version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
+            code, _, reason = rest.partition(" ")
+            if not version.startswith("HTTP/") or not code.isdigit() or len(code) != 3:
+                raise BadAnswer(f"not an HTTP answer: {line[:60]!r}")
+            headers = _read_headers(fp)
+            if not 100 <= int(code) < 200:
+                break
+        self.status: int = int(code)
+        self.reason: str = reason.strip()
+        self.headers: _Headers = headers
+        self.will_close = version == "HTTP/1.0" or "close" in headers.get("connection", "").lower()
+        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        self._left: int | None = None  # body bytes left (None: up to the close)
+        if method == "HEAD" or self.status in (204, 304):
+            self._left = 0
+        elif not self._chunked:
+            length = headers.get("content-length")
+            if length is None:
+                self.will_close = True
+            elif not length.strip().isdigit():
+                raise BadAnswer(f"Content-Length {length[:20]!r}")
+            else:
+                self._left = int(length)
+        self._done: bool = self._left == 0
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes of the body (all of it when n < 0); b"" at its end."""
+        if n < 0:
+            return b"".join(iter(lambda: self.read(1 << 20), b""))
+        if self._done or n == 0:
+            return b""
+        fp = self._conn.fp
+        assert fp is not None
+        if self._chunked:
+            if self._left is None or self._left == 0:
+                size = fp.readline(MAX_LINE + 1).split(b";", 1)[0].strip()
+                try:
+                    self._left = int(size, 16)
+                except ValueError as e:
+                    raise BadAnswer(f"chunk size {size[:20]!r}") from e
+                if self._left == 0:
+                    _read_headers(fp)  # the trailer
+                    self._done = True
+                    return b""
+            data = fp.read(min(n, self._left))
+            if not data:
+                raise BadAnswer("the connection closed inside a chunk")
+            self._left -= len(data)
+            if self._left == 0 and fp.readline(MAX_LINE + 1) not in (b"\r\n", b"\n"):
+                raise BadAnswer("a chunk does not end with CRLF")
+            return data
+        data = fp.read(n if self._left is None else min(n, self._left))
+        if self._left is None:
+            self._done = not data
+            return data
+        if not data:
+            raise BadAnswer(f"the connection closed {self._left} bytes before the body's end")
+        self._left -= len(data)
+        self._done = self._left == 0
+        return data
+
+    def drain(self) -> None:
+        """Read the rest of the body, so that the connection can carry the next request."""
+        while self.read(1 << 20):
+            pass
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> _Answer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_headers(fp) -> _Headers:
+    headers = _Headers()
+    for _ in range(MAX_HEADERS):
+        line = fp.readline(MAX_LINE + 1)
+        if line in (b"\r\n", b"\n", b""):
+            return headers
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep:
+            raise BadAnswer(f"a header line without a colon: {line[:60]!r}")
+        key = name.strip().lower()
+        value = value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    raise BadAnswer(f"more than {MAX_HEADERS} header lines")
+
+
+def _target(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    return (u.path or "/") + (f"?{u.query}" if u.query else "")
+
+
+def _http(method: str, url: str, data: bytes | None = None, headers: dict | None = None):
+    """One request on a new connection, retried on 5xx and broken connections; the answer
+    (a context manager: read() its body). A 4xx is a RunnerError that names it."""
+    last: Exception | str | None = None
+    for attempt in range(RETRIES):
+        conn = _Conn(url)
+        try:
+            conn.send_head(method, _target(url), headers or {}, None if data is None else len(data))
+            if data:
+                conn.send(data)
+            resp = conn.answer(method)
+        except OSError as e:
+            conn.close()
             last = e
-        except (urllib.error.URLError, OSError) as e:
-            last = e
+        else:
+            if 200 <= resp.status < 300:
+                return resp
+            conn.close()
+            if resp.status < 500:
+                raise RunnerError(f"{method} {_redact(url)} answered {resp.status} {resp.reason}")
+            last = f"{resp.status} {resp.reason}"
         time.sleep(0.5 * (attempt + 1))
-    raise RunnerError(f"{method} {_redact(url)} failed after {RETRIES} tries: {last}") from last
+    cause = last if isinstance(last, Exception) else None
+    raise RunnerError(f"{method} {_redact(url)} failed after {RETRIES} tries: {last}") from cause
 
 
 def _redact(url: str) -> str:
@@ -643,35 +841,23 @@ class _Uploader:
     thread), hashing what it sends and checking it against the ETag the store answers."""
 
     def __init__(self, url_prefix: str, query: str) -> None:
-        import urllib.parse
+        from urllib.parse import urlsplit
 
-        u = urllib.parse.urlsplit(url_prefix)
-        self._https = u.scheme == "https"
-        self._host = u.hostname or "127.0.0.1"
-        self._port = u.port
-        self._base = u.path
+        self._prefix = url_prefix
+        self._base = urlsplit(url_prefix).path
         self._query = query
         self._local = threading.local()
-        self._all: list = []
+        self._all: list[_Conn] = []
         self._lock = threading.Lock()
 
-    def _conn(self):
-        import http.client
-
+    def _conn(self) -> _Conn:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            conn = cls(self._host, self._port, timeout=HTTP_TIMEOUT, blocksize=SEND_BLOCK)
+            conn = _Conn(self._prefix)
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
         return conn
-
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
 
     def close(self) -> None:
         with self._lock:
@@ -680,19 +866,16 @@ class _Uploader:
 
     def put(self, key: str, path: str, offset: int, length: int) -> str:
         import hashlib
-        import http.client
-        import urllib.parse
+        from urllib.parse import quote
 
-        target = f"{self._base}{urllib.parse.quote(key)}?{self._query}"
+        target = f"{self._base}{quote(key)}?{self._query}"
+        headers = {"Content-Type": "application/octet-stream"}
         last: Exception | str | None = None
         for attempt in range(RETRIES):
             md5 = hashlib.md5(usedforsecurity=False)
             conn = self._conn()
             try:
-                conn.putrequest("PUT", target, skip_accept_encoding=True)
-                conn.putheader("Content-Length", str(length))
-                conn.putheader("Content-Type", "application/octet-stream")
-                conn.endheaders()
+                conn.send_head("PUT", target, headers, length)
                 try:
                     with open(path, "rb") as fh:
                         fh.seek(offset)
@@ -707,37 +890,39 @@ class _Uploader:
                 except OSError as send_err:
                     # the store may have refused early (expired or out-of-prefix grant): read why
                     try:
-                        resp = conn.getresponse()
-                    except (OSError, http.client.HTTPException):
+                        resp = conn.answer("PUT")
+                    except OSError:
                         raise send_err from None
-                    resp.read()
+                    finally:
+                        conn.close()  # what was not sent is still owed on it
                     if resp.status < 500:
                         raise RunnerError(
                             f"PUT {key} answered {resp.status} {resp.reason}"
                         ) from send_err
                     raise
-                resp = conn.getresponse()
-                resp.read()
-            except (OSError, http.client.HTTPException) as e:
-                self._drop()
+                resp = conn.answer("PUT")
+                resp.drain()
+            except OSError as e:
+                conn.close()
                 last = e
                 time.sleep(0.5 * (attempt + 1))
                 continue
-            if resp.getheader("Connection", "").lower() == "close":
-                self._drop()
+            if resp.will_close:
+                conn.close()
             if resp.status >= 500:
                 last = f"{resp.status} {resp.reason}"
                 time.sleep(0.5 * (attempt + 1))
                 continue
             if resp.status not in (200, 201):
                 raise RunnerError(f"PUT {key} answered {resp.status} {resp.reason}")
-            etag = (resp.getheader("Etag") or "").strip('"')
+            etag = (resp.headers.get("Etag") or "").strip('"')
             if etag and etag != md5.hexdigest():
                 raise RunnerError(
                     f"upload of {key} was corrupted: etag {etag} != md5 {md5.hexdigest()}"
                 )
             return md5.hexdigest()
-        raise RunnerError(f"PUT {key} failed after {RETRIES} tries: {last}")
+        cause = last if isinstance(last, Exception) else None
+        raise RunnerError(f"PUT {key} failed after {RETRIES} tries: {last}") from cause
 
 
 def kill(job_dir: str) -> dict:
