@@ -291,6 +291,25 @@ def test_leak_report_sees_a_leftover_namespace_and_veth(
     assert leak_report(root) == []
 
 
+def test_a_sandbox_whose_path_has_blanks_and_quotes_is_set_up_and_torn_down(
+    base: Path, net: SandboxNetwork
+) -> None:
+    """setup() hands its commands to `ip -batch`, one process: the veth's alias (the owner's
+    path, which teardown checks before it deletes anything) survives blanks and a quote."""
+    owner = base / 'a "quoted" dir' / "srv-1"
+    info = sandbox_net.setup(net, "tq", "srv-1", 3999, owner)
+    try:
+        assert sandbox_net._alias(info["veth"]) == str(owner)
+        assert Path("/run/netns", info["netns"]).exists()
+    finally:
+        sandbox_net.teardown(info, owner)
+    assert not Path(f"/sys/class/net/{info['veth']}").exists()
+    assert not Path("/run/netns", info["netns"]).exists()
+    with pytest.raises(sandbox_net.SandboxNetError, match="both quote characters"):
+        sandbox_net.setup(net, "tq", "srv-2", 3998, base / 'it\'s a "dir"')
+    assert not Path(f"/sys/class/net/{sandbox_net.veth_name(3998)}").exists()
+
+
 def test_network_needs_root_isolation(base: Path, net: SandboxNetwork) -> None:
     with pytest.raises(SandboxError, match="network isolation needs sandbox isolation 'root'"):
         SandboxBackend(base / "sandboxes", [SMALL], isolation="rootless", network=net)

@@ -268,12 +268,27 @@ def ensure_gateway(net: SandboxNetwork) -> None:
     dead sandbox, e.g. for a serving replica the proxy has not dropped yet."""
     require_tools()
     with _locked():
-        addrs = _run(["ip", "-o", "-4", "addr", "show", "dev", GATEWAY_LINK])
-        if f"inet {net.gateway}/" not in addrs:
-            _run(["ip", "addr", "add", f"{net.gateway}/32", "dev", GATEWAY_LINK])
-        _run(["ip", "-4", "route", "replace", "unreachable", str(net._net())])  # idempotent
-        # peer addresses live only on the groups' bridges: the host never routes them out
-        _run(["ip", "-4", "route", "replace", "unreachable", net.peer_cidr])
+        # one `ip` for the three (every sandbox's setup runs this); each is idempotent. Peer
+        # addresses live only on the groups' bridges: the host never routes them out either.
+        _ip_batch(
+            f"addr replace {net.gateway}/32 dev {GATEWAY_LINK}",
+            f"route replace unreachable {net._net()}",
+            f"route replace unreachable {net.peer_cidr}",
+        )
+
+
+def _ip_batch(*commands: str, netns: str | None = None) -> None:
+    """Run `ip` commands in one process (`ip -batch`), stopping at the first that fails."""
+    _run(["ip", *(("-n", netns) if netns else ()), "-batch", "-"], stdin="\n".join(commands) + "\n")
+
+
+def _quoted(word: str) -> str:
+    """A word for an `ip -batch` line, which splits on blanks and takes a word in double or
+    single quotes as it is (no escapes)."""
+    for q in "\"'":
+        if q not in word and "\n" not in word and "\r" not in word:
+            return f"{q}{word}{q}"
+    raise SandboxNetError(f"{word!r} holds both quote characters or a line break")
 
 
 def netns_name(tag: str, sid: str) -> str:
@@ -366,20 +381,22 @@ def setup(
         # the slot is ours now: a veth of that name is a leftover of a sandbox that is gone
         if Path(f"/sys/class/net/{veth}").exists():
             _run(["ip", "link", "del", veth], check=False)
-        _run(["ip", "netns", "add", ns])
-        _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-        _run(["ip", "link", "set", veth, "alias", f"{owner}"])
-        _run(["ip", "link", "set", veth, "up"])
-        _run(["ip", "route", "replace", f"{addr}/32", "dev", veth, "src", net.gateway])
-        inside = [
+        _ip_batch(
+            f"netns add {ns}",
+            f"link add {veth} type veth peer name eth0 netns {ns}",
+            f"link set {veth} alias {_quoted(str(owner))}",
+            f"link set {veth} up",
+            f"route replace {addr}/32 dev {veth} src {net.gateway}",
+        )
+        _ip_batch(
             "link set lo up",
             "link set eth0 addrgenmode none",  # no IPv6 link-local address
             f"addr add {addr}/32 dev eth0",
             "link set eth0 up",
             f"route add {net.gateway}/32 dev eth0 src {addr}",
             *(f"route replace {ip}/32 via {net.gateway} dev eth0" for ip, _ in net.allow),
-        ]
-        _run(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(inside) + "\n")
+            netns=ns,
+        )
         if peer_group is not None:
             _join_bridge(net, info, ns, owner)
         _run([*launcher(ns), "nft", "-f", "-"], stdin=ruleset(net, ingress_ports, peer_ports))
@@ -395,27 +412,27 @@ def _join_bridge(net: SandboxNetwork, info: dict[str, str], ns: str, owner: Path
     bridge, pveth = info["bridge"], info["peer_veth"]
     with _locked():
         if not Path(f"/sys/class/net/{bridge}").exists():
-            _run(["ip", "link", "add", bridge, "type", "bridge"])
-            # bridged frames skip the host's iptables (br_netfilter, a Docker FORWARD drop)
-            _run(
-                [
-                    "ip", "link", "set", bridge, "type", "bridge",
-                    "nf_call_iptables", "0", "nf_call_ip6tables", "0", "nf_call_arptables", "0",
-                ]
-            )  # fmt: skip
-            _run(["ip", "link", "set", bridge, "alias", f"{owner.parent}"])
-            _run(["ip", "link", "set", bridge, "up"])
+            _ip_batch(
+                f"link add {bridge} type bridge",
+                # bridged frames skip the host's iptables (br_netfilter, a Docker FORWARD drop)
+                f"link set {bridge} type bridge nf_call_iptables 0 nf_call_ip6tables 0 "
+                "nf_call_arptables 0",
+                f"link set {bridge} alias {_quoted(str(owner.parent))}",
+                f"link set {bridge} up",
+            )
         if Path(f"/sys/class/net/{pveth}").exists():
             _run(["ip", "link", "del", pveth], check=False)  # a gone sandbox's leftover
-        _run(["ip", "link", "add", pveth, "type", "veth", "peer", "name", PEER_LINK, "netns", ns])
-        _run(["ip", "link", "set", pveth, "alias", f"{owner}"])
-        _run(["ip", "link", "set", pveth, "master", bridge, "up"])
-    inside = [
+        _ip_batch(
+            f"link add {pveth} type veth peer name {PEER_LINK} netns {ns}",
+            f"link set {pveth} alias {_quoted(str(owner))}",
+            f"link set {pveth} master {bridge} up",
+        )
+    _ip_batch(
         f"link set {PEER_LINK} addrgenmode none",
         f"addr add {info['peer_address']}/{net.peer_prefix} dev {PEER_LINK}",
         f"link set {PEER_LINK} up",
-    ]
-    _run(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(inside) + "\n")
+        netns=ns,
+    )
     # a gratuitous ARP once the link is up: a replica's replacement takes the address of the
     # one it replaces (a stable peer index), and its peers' neighbour entries (REACHABLE for
     # up to 45 s) must learn the new MAC at once instead of blackholing their connects. The
