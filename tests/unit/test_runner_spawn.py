@@ -1,0 +1,76 @@
+"""How the runner starts a trainer (workers/vm/runner.py: _spawn, _run_supervised) without
+subprocess: its own session, in the package directory, stdin from /dev/null, stdout and stderr
+into the log, looked up on the job's PATH; an exit status, a signal, or a sentence in the log
+when it cannot start."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from workers.vm import runner
+
+SHOW = (
+    "import os, sys; print(os.getsid(0) == os.getpid(), os.getcwd(), sys.stdin.read() == '', "
+    "os.environ['X']); print('err', file=sys.stderr)"
+)
+
+
+def test_a_trainer_runs_in_its_own_session_and_directory_with_its_output_in_the_log(
+    tmp_path: Path,
+) -> None:
+    pkg = tmp_path / "package"
+    pkg.mkdir()
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "X": "from the job"}
+    env["PYTHONUNBUFFERED"] = "1"  # as the runner sets it: the lines in the order printed
+    argv = [Path(sys.executable).name, "-c", SHOW]  # found on the job's PATH
+    code = runner._run_supervised(
+        str(tmp_path), argv, env, cwd=str(pkg), start_label="the trainer", kill_label="it"
+    )
+    assert code == 0
+    assert (tmp_path / "log").read_text() == f"True {pkg} True from the job\nerr\n"
+    assert int((tmp_path / "pid").read_text()) > 0
+
+
+def test_exit_codes_and_signals_are_reported_as_the_shell_would(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    code = runner._run_supervised(
+        str(tmp_path),
+        ["sh", "-c", "exit 3"],
+        env,
+        cwd=str(tmp_path),
+        start_label="a",
+        kill_label="a",
+    )
+    assert code == 3
+    code = runner._run_supervised(
+        str(tmp_path),
+        ["sh", "-c", "kill -9 $$"],
+        env,
+        cwd=str(tmp_path),
+        start_label="the trainer",
+        kill_label="the trainer",
+    )
+    assert code == 137
+    assert "stackml-runner: the trainer was killed by signal 9" in (tmp_path / "log").read_text()
+
+
+def test_a_program_that_cannot_start_is_127_and_a_sentence_in_the_log(tmp_path: Path) -> None:
+    code = runner._run_supervised(
+        str(tmp_path),
+        [str(tmp_path / "env/bin/python"), "-m", "trainer"],
+        {"PATH": "/usr/bin:/bin"},
+        cwd=str(tmp_path),
+        start_label="the trainer",
+        kill_label="the trainer",
+    )
+    assert code == 127
+    log = (tmp_path / "log").read_text()
+    assert log.startswith("stackml-runner: cannot start the trainer: [Errno 2] No such file")
+    assert str(tmp_path / "env/bin/python") in log
+    assert not (tmp_path / "pid").exists()
+    with pytest.raises(ChildProcessError):  # the child that failed to exec was reaped
+        os.waitpid(-1, os.WNOHANG)
