@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
+import py_compile
+import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import select, update
@@ -25,7 +30,7 @@ from service.domain.errors import BackendError, TransientBackendError
 from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
 from workers import chaos, pipeline
-from workers.ssh import SSHTarget
+from workers.ssh import SSHConnection, SSHTarget
 
 log = logging.getLogger("stackml.worker")
 
@@ -38,6 +43,36 @@ _RUN_MODULE = (
     "import runpy,sys;sys.path.insert(0,sys.argv.pop(1));"
     "runpy.run_module('runner',run_name='__main__',alter_sys=True)"
 )
+
+
+RUNNER_SRC = Path(__file__).resolve().parent / "vm" / "runner.py"
+
+
+@functools.cache
+def _runner_bytecode() -> tuple[str, bytes]:
+    """runner.py compiled by this worker's Python, checked against the source by hash (an mtime
+    would not survive the upload): where it goes in the server's __pycache__, and its bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfile = Path(tmp) / "runner.pyc"
+        py_compile.compile(
+            str(RUNNER_SRC),
+            cfile=str(cfile),
+            doraise=True,
+            invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
+        )
+        return f"runner.{sys.implementation.cache_tag}.pyc", cfile.read_bytes()
+
+
+def ship_runner(conn: SSHConnection, *dirs: str) -> None:
+    """Make `dirs` (and the runner's own) and put runner.py and its bytecode on the server: the
+    first command does not compile it (~9 ms of CPU). A runtime whose Python differs looks for
+    another file name and compiles the source, as before."""
+    where = RUNNER.rsplit("/", 1)[0]
+    for d in (*dirs, f"{where}/__pycache__"):
+        conn.makedirs(d)
+    conn.put_bytes(RUNNER_SRC.read_bytes(), RUNNER, 0o644)
+    name, code = _runner_bytecode()
+    conn.put_bytes(code, f"{where}/__pycache__/{name}", 0o644)
 
 
 def runner_argv(python: str, command: str, job_dir: str, runner: str = RUNNER) -> list[str]:

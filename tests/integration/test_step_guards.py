@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -555,3 +556,25 @@ def test_provision_reports_what_the_runner_said_when_it_fails(
         provision._prepare(conn, job_id, spec, "sandbox", 0, 1, start=True)
     assert e.value.returncode == 3
     assert "not a valid .tar.gz" in e.value.stderr_tail
+
+
+def test_the_runner_is_shipped_with_its_bytecode_and_the_first_command_uses_it(env: Env) -> None:
+    """ship_runner puts a hash-checked .pyc beside runner.py: the first command loads it
+    instead of compiling; a rewritten runner.py no longer matches it and is compiled."""
+    _, conn = start_job(env, JobState.PROVISIONING)
+    jobctx.ship_runner(conn, JOB_DIR)
+    python = provision.runtime_on_server("sandbox", env.settings.default_runtime) + "/bin/python"
+    argv = jobctx.runner_argv(python, "kill", JOB_DIR)
+    argv.insert(1, "-v")  # the import system says where each code object came from
+    pyc = f"/.stackml/__pycache__/runner.{sys.implementation.cache_tag}.pyc'"
+    first = conn.run(argv, timeout=30).stderr.decode()
+    assert any(
+        ln.startswith("# code object from '") and ln.endswith(pyc) for ln in first.splitlines()
+    )
+    conn.put_bytes(b'import json\nprint(json.dumps({"rewritten": True}))\n', RUNNER, 0o644)
+    second = conn.run(argv, timeout=30)
+    lines = second.stderr.decode().splitlines()
+    assert any(
+        ln.startswith("# code object from ") and ln.endswith("/.stackml/runner.py") for ln in lines
+    )
+    assert json.loads(second.stdout) == {"rewritten": True}

@@ -54,7 +54,6 @@ log = logging.getLogger("stackml.worker.evaluate")
 TASK = "stackml.evaluate"
 VM_DIR = Path(__file__).resolve().parents[1] / "vm"
 EVAL_DIR = ".stackml/eval"
-RUNNER = ".stackml/runner.py"
 EVALUATOR = ".stackml/evaluator.py"
 AGAIN = 0.5  # seconds between steps while booting
 MAX_ANSWER = 64 * 1024
@@ -434,8 +433,7 @@ def _score(eid: int) -> float | None:
     nonce = secrets.token_hex(16)
     try:
         conn = ssh.wait_for_ssh(target, cfg.ssh_deadline)
-        conn.run(["mkdir", "-p", EVAL_DIR], timeout=cfg.command_timeout)
-        conn.put_bytes((VM_DIR / "runner.py").read_bytes(), RUNNER, 0o644)
+        jobctx.ship_runner(conn, EVAL_DIR)
         conn.put_bytes((VM_DIR / "evaluator.py").read_bytes(), EVALUATOR, 0o644)
         runtime = runtime_on_server(backend_name, cfg.default_runtime)
         doc = eval_document(eid, runtime)

@@ -17,10 +17,10 @@ from service.domain.spec import JobSpec
 from service.domain.states import FailureReason, JobState, Phase
 from service.runtime import ensure_runtime
 from workers import jobctx, ssh
-from workers.jobctx import JOB_DIR, RUNNER, db
+from workers.jobctx import JOB_DIR, db
 from workers.steps import batch, batch_servers, restart
 
-RUNNER_SRC = Path(__file__).resolve().parents[1] / "vm" / "runner.py"
+RUNNER_SRC = jobctx.RUNNER_SRC
 # a batch prediction job's server also gets the predictor, the model server it predicts with
 # and the shard plan, next to the runner (workers/steps/batch.py)
 BATCH_FILES = {
@@ -93,8 +93,7 @@ def _prepare(
     the trainer in the same command). The image's runtime is the fast path; when the image has
     none the runtime is installed first. Idempotent. The job document."""
     cfg = jobctx.settings()
-    conn.makedirs(JOB_DIR)
-    conn.put_bytes(RUNNER_SRC.read_bytes(), RUNNER, 0o644)
+    jobctx.ship_runner(conn, JOB_DIR)
     if spec.batch:
         for dest, src in BATCH_FILES.items():
             conn.put_bytes(src.read_bytes(), dest, 0o644)

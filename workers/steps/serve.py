@@ -63,7 +63,7 @@ log = logging.getLogger("stackml.worker.serve")
 
 VM_DIR = Path(__file__).resolve().parents[1] / "vm"
 SERVE_DIR = ".stackml/serve"
-RUNNER = ".stackml/runner.py"
+RUNNER = jobctx.RUNNER
 MODEL_SERVER = ".stackml/model_server.py"
 TAG = "stackml-endpoint"
 CONVERGE_AGAIN = 0.5  # seconds between rounds while converging
@@ -461,8 +461,7 @@ def _provision(endpoint_id: str, replica_id: int) -> None:
     target = _target(endpoint_id, replica_id)
     try:
         conn = ssh.wait_for_ssh(target, cfg.ssh_deadline)
-        conn.run(["mkdir", "-p", SERVE_DIR], timeout=cfg.command_timeout)
-        conn.put_bytes((VM_DIR / "runner.py").read_bytes(), RUNNER, 0o644)
+        jobctx.ship_runner(conn, SERVE_DIR)
         conn.put_bytes((VM_DIR / "model_server.py").read_bytes(), MODEL_SERVER, 0o644)
         runtime = runtime_on_server(backend_name, cfg.default_runtime)
         doc = serve_document(endpoint_id, version, runtime, host)
