@@ -59,6 +59,16 @@ def _private_data_dir(**_: object) -> None:
     secure_data_dir(get_settings())
 
 
+@worker_init.connect
+def _warm(**_: object) -> None:
+    """What every pool process would do on its first step, done once in the parent before the
+    pool forks: the runner's bytecode compiled, the configured backends' modules imported (no
+    cloud login)."""
+    from workers import jobctx
+
+    jobctx.warm()
+
+
 @worker_process_init.connect
 def _after_fork(**_: object) -> None:
     """Pooled DB connections and SSH transports must not cross a fork."""

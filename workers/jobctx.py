@@ -63,6 +63,14 @@ def _runner_bytecode() -> tuple[str, bytes]:
         return f"runner.{sys.implementation.cache_tag}.pyc", cfile.read_bytes()
 
 
+def warm() -> None:
+    """Work every worker process does once, done before the pool forks (celery_app)."""
+    cfg = settings()
+    _runner_bytecode()
+    registry.capabilities(cfg.compute)  # imports the backend's module
+    from workers import admission  # noqa: F401 - imported by teardown on its first run
+
+
 def ship_runner(conn: SSHConnection, *dirs: str) -> None:
     """Make `dirs` (and the runner's own) and put runner.py and its bytecode on the server: the
     first command does not compile it (~9 ms of CPU). A runtime whose Python differs looks for
