@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import BindParameter, Select, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.backends.interfaces import Flavor
@@ -508,7 +509,17 @@ def latest_metrics_of(s: Session, job_ids: Sequence[str]) -> dict[str, dict[str,
     joining back on it hashes the rows where ranking them with a window sorts them all."""
     if not job_ids:
         return {}
-    ids = list(job_ids)
+    by_job: dict[str, list[tuple[str, float]]] = {}
+    for job_id, name, value in s.execute(_latest_metrics_query(), {"ids": list(job_ids)}):
+        by_job.setdefault(job_id, []).append((name, value))
+    return {job_id: dict(sorted(pairs)) for job_id, pairs in by_job.items()}
+
+
+@functools.cache
+def _latest_metrics_query() -> Select[str, str, float]:
+    """latest_metrics_of's statement, built once (every GET of a job runs it): `ids` is bound
+    at execution, expanded to the list's length."""
+    ids: BindParameter[list[str]] = bindparam("ids", expanding=True)
     last = (
         select(
             MetricRow.job_id,
@@ -519,19 +530,19 @@ def latest_metrics_of(s: Session, job_ids: Sequence[str]) -> dict[str, dict[str,
         .group_by(MetricRow.job_id, MetricRow.name)
         .subquery()
     )
-    q = select(MetricRow.job_id, MetricRow.name, MetricRow.value).join(
-        last,
-        and_(
-            MetricRow.job_id == last.c.job_id,
-            MetricRow.name == last.c.name,
-            MetricRow.log_offset == last.c.log_offset,
-        ),
-    )
     # the page's ids on the outer side too: PostgreSQL then reads only their rows
-    by_job: dict[str, list[tuple[str, float]]] = {}
-    for job_id, name, value in s.execute(q.where(MetricRow.job_id.in_(ids))):
-        by_job.setdefault(job_id, []).append((name, value))
-    return {job_id: dict(sorted(pairs)) for job_id, pairs in by_job.items()}
+    return (
+        select(MetricRow.job_id, MetricRow.name, MetricRow.value)
+        .join(
+            last,
+            and_(
+                MetricRow.job_id == last.c.job_id,
+                MetricRow.name == last.c.name,
+                MetricRow.log_offset == last.c.log_offset,
+            ),
+        )
+        .where(MetricRow.job_id.in_(ids))
+    )
 
 
 def resources(s: Session, job_id: str) -> list[Resource]:
