@@ -58,6 +58,7 @@ def _runner_bytecode() -> tuple[str, bytes]:
             str(RUNNER_SRC),
             cfile=str(cfile),
             doraise=True,
+            optimize=0,  # what the server's python loads under that name, whatever runs here
             invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
         )
         return f"runner.{sys.implementation.cache_tag}.pyc", cfile.read_bytes()
