@@ -139,6 +139,17 @@ class CommandResult:
     def text(self) -> str:
         return self.stdout.decode(errors="replace")
 
+    def checked(self, command: str) -> CommandResult:
+        """This result, or RemoteCommandError (with the output's tails) when `command` failed."""
+        if self.returncode != 0:
+            raise RemoteCommandError(
+                self.returncode,
+                command,
+                self.stderr[-TAIL:].decode(errors="replace"),
+                self.stdout[-TAIL:].decode(errors="replace"),
+            )
+        return self
+
 
 @dataclass(frozen=True)
 class RemoteStat:
@@ -350,14 +361,7 @@ class SSHConnection:
                 f"{self.target}: connection lost while `{command[:80]}` ran (the server went away)"
             )
         result = CommandResult(status, bytes(out), bytes(err))
-        if check and status != 0:
-            raise RemoteCommandError(
-                status,
-                command,
-                result.stderr[-TAIL:].decode(errors="replace"),
-                result.stdout[-TAIL:].decode(errors="replace"),
-            )
-        return result
+        return result.checked(command) if check else result
 
     def _lost_soon(self) -> bool:
         """A channel closed without an exit status: the transport died, or a signal killed the

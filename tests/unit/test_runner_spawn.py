@@ -35,38 +35,26 @@ def test_a_trainer_runs_in_its_own_session_and_directory_with_its_output_in_the_
     assert int((tmp_path / "pid").read_text()) > 0
 
 
-def test_exit_codes_and_signals_are_reported_as_the_shell_would(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin"}
-    code = runner._run_supervised(
-        str(tmp_path),
-        ["sh", "-c", "exit 3"],
-        env,
-        cwd=str(tmp_path),
-        start_label="a",
-        kill_label="a",
-    )
-    assert code == 3
-    code = runner._run_supervised(
-        str(tmp_path),
-        ["sh", "-c", "kill -9 $$"],
-        env,
-        cwd=str(tmp_path),
+def _trainer(job_dir: Path, argv: list[str]) -> int:
+    """_run_supervised as the supervisor runs a trainer, in `job_dir`, on a minimal PATH."""
+    return runner._run_supervised(
+        str(job_dir),
+        argv,
+        {"PATH": "/usr/bin:/bin"},
+        cwd=str(job_dir),
         start_label="the trainer",
         kill_label="the trainer",
     )
-    assert code == 137
+
+
+def test_exit_codes_and_signals_are_reported_as_the_shell_would(tmp_path: Path) -> None:
+    assert _trainer(tmp_path, ["sh", "-c", "exit 3"]) == 3
+    assert _trainer(tmp_path, ["sh", "-c", "kill -9 $$"]) == 137
     assert "stackml-runner: the trainer was killed by signal 9" in (tmp_path / "log").read_text()
 
 
 def test_a_program_that_cannot_start_is_127_and_a_sentence_in_the_log(tmp_path: Path) -> None:
-    code = runner._run_supervised(
-        str(tmp_path),
-        [str(tmp_path / "env/bin/python"), "-m", "trainer"],
-        {"PATH": "/usr/bin:/bin"},
-        cwd=str(tmp_path),
-        start_label="the trainer",
-        kill_label="the trainer",
-    )
+    code = _trainer(tmp_path, [str(tmp_path / "env/bin/python"), "-m", "trainer"])
     assert code == 127
     log = (tmp_path / "log").read_text()
     assert log.startswith("stackml-runner: cannot start the trainer: [Errno 2] No such file")

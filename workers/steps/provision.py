@@ -110,13 +110,7 @@ def _prepare(
     doc, result, argv = stage(expected)
     if result.returncode in NO_RUNTIME:
         doc, result, argv = stage(install_runtime(conn, job_id, expected, key))
-    if result.returncode != 0:
-        raise ssh.RemoteCommandError(
-            result.returncode,
-            shlex.join(argv),
-            result.stderr[-ssh.TAIL :].decode(errors="replace"),
-            result.stdout[-ssh.TAIL :].decode(errors="replace"),
-        )
+    result.checked(shlex.join(argv))
     return doc
 
 

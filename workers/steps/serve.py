@@ -63,7 +63,6 @@ log = logging.getLogger("stackml.worker.serve")
 
 VM_DIR = Path(__file__).resolve().parents[1] / "vm"
 SERVE_DIR = ".stackml/serve"
-RUNNER = jobctx.RUNNER
 MODEL_SERVER = ".stackml/model_server.py"
 TAG = "stackml-endpoint"
 CONVERGE_AGAIN = 0.5  # seconds between rounds while converging
@@ -467,9 +466,7 @@ def _provision(endpoint_id: str, replica_id: int) -> None:
         doc = serve_document(endpoint_id, version, runtime, host)
         conn.put_bytes(json.dumps(doc).encode(), f"{SERVE_DIR}/serve.json", 0o600)
         python = f"{runtime}/bin/python"
-        conn.run(
-            jobctx.runner_argv(python, "serve", SERVE_DIR, RUNNER), timeout=cfg.provision_deadline
-        )
+        conn.run(jobctx.runner_argv(python, "serve", SERVE_DIR), timeout=cfg.provision_deadline)
     except ssh.RemoteCommandError as e:
         _replica_failed(replica_id, f"starting the model server failed: {e.stderr_tail.strip()}")
         return
