@@ -3,7 +3,9 @@ fair-share bookkeeping, and metered usage (VM-seconds, GPU-hours, cost) of jobs 
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -161,6 +163,50 @@ def job_demand(
     return spec_demand(spec, flavors, default_flavor)
 
 
+# -- what admission reads of a job's spec -----------------------------------------------------
+
+_DEMAND_KEYS = ("resources", "prediction", "labels", "tuning")
+
+
+class _DemandParts:
+    """The parts of each job's spec that admission reads (its demand, its priority, whether it
+    tunes), read from the database once per job and process: a committed job's spec never
+    changes, and every admission decision reads those of the whole queue, so without this each
+    decision parsed every queued job's full spec again (O(queue) JSON per decision, with a
+    decision after every allocate and teardown). Bounded: the least recently read go first."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self.size = size
+        self._parts: OrderedDict[str, Mapping[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def of(self, s: Session, ids: Iterable[str]) -> dict[str, Mapping[str, Any]]:
+        wanted = list(dict.fromkeys(ids))
+        out: dict[str, Mapping[str, Any]] = {}
+        with self._lock:
+            for job_id in wanted:
+                parts = self._parts.get(job_id)
+                if parts is not None:
+                    self._parts.move_to_end(job_id)
+                    out[job_id] = parts
+        missing = [j for j in wanted if j not in out]
+        for start in range(0, len(missing), 1000):
+            chunk = missing[start : start + 1000]
+            for job_id, spec in s.execute(select(Job.id, Job.spec).where(Job.id.in_(chunk))):
+                out[job_id] = {k: spec.get(k) for k in _DEMAND_KEYS if spec.get(k) is not None}
+        if missing:
+            with self._lock:
+                for job_id in missing:
+                    if job_id in out:
+                        self._parts[job_id] = out[job_id]
+                while len(self._parts) > self.size:
+                    self._parts.popitem(last=False)
+        return out
+
+
+demand_parts = _DemandParts()
+
+
 def in_use(
     s: Session,
     flavors: Mapping[str, Flavor],
@@ -170,7 +216,7 @@ def in_use(
     """Per project: jobs holding or getting servers, and the servers and GPUs they hold
     (what they need, by their spec), plus servers that finished jobs have not yet given back."""
     wanted = None if projects is None else sorted(set(projects))
-    q = select(Job.project_id, Job.spec).where(Job.state.in_(_HOLDING))
+    q = select(Job.id, Job.project_id).where(Job.state.in_(_HOLDING))
     owing = (
         select(Resource.project_id, Resource.flavor)
         .join(Job, Job.id == Resource.job_id)
@@ -186,8 +232,11 @@ def in_use(
         owing = owing.where(Resource.project_id.in_(wanted))
         serving = serving.where(Resource.project_id.in_(wanted))
     out: dict[str, Usage] = {p: Usage() for p in wanted or ()}
-    for project, spec in s.execute(q):
-        if spec.get("tuning"):
+    holding = s.execute(q).all()
+    specs = demand_parts.of(s, [job_id for job_id, _ in holding])
+    for job_id, project in holding:
+        spec = specs.get(job_id)
+        if spec is None or spec.get("tuning"):  # (None: deleted since the first read)
             continue  # a tuning job boots nothing: its trials hold (and are counted)
         out[project] = out.get(project, Usage()).plus(job_demand(spec, flavors, default_flavor))
     for project, flavor in [*s.execute(owing), *s.execute(serving)]:
@@ -236,14 +285,18 @@ def admission_view(
 ) -> AdmissionView:
     now = now or utcnow()
     rows = s.execute(
-        select(
-            Job.id, Job.project_id, Job.created_at, Job.spec, Job.queue_reason, Job.not_before
-        ).where(Job.state == JobState.QUEUED.value)
+        select(Job.id, Job.project_id, Job.created_at, Job.queue_reason, Job.not_before).where(
+            Job.state == JobState.QUEUED.value
+        )
     ).all()
+    # backing off: its own allocate step comes back when the time is up
+    rows = [r for r in rows if r.not_before is None or _aware(r.not_before) <= _aware(now)]
+    specs = demand_parts.of(s, [r.id for r in rows])
     queue: list[QueueRow] = []
-    for job_id, project, created, spec, reason, not_before in rows:
-        if not_before is not None and _aware(not_before) > _aware(now):
-            continue  # backing off: its own allocate step comes back when the time is up
+    for job_id, project, created, reason, _ in rows:
+        spec = specs.get(job_id)
+        if spec is None:
+            continue  # deleted since the first read
         q = Queued(
             job_id=job_id,
             project_id=project,

@@ -555,3 +555,36 @@ def test_admission_with_nothing_queued_is_one_read_and_takes_no_lock(env: Env) -
 def deliver_one(env: Env, job_id: str) -> bool:
     env.enqueued.clear()
     return allocate._admit(job_id)
+
+
+def test_each_queued_jobs_spec_is_read_once_per_process(env: Env) -> None:
+    """Every decision weighs the whole queue: the specs' demand parts are read from the
+    database once per job (a committed spec never changes), so a second decision over the same
+    queue sends no statement that reads a spec, and still counts each job's demand."""
+    from sqlalchemy import event
+
+    from service.db.session import engine_for
+
+    set_quota(env, "q", gpus=2)
+    first = submit(env, "q", "first", resources={"flavor": "gpu.2"})
+    waiting = [submit(env, "q", f"w{i}", resources={"gpus": 1}) for i in range(5)]
+    assert deliver_one(env, first)
+    for job_id in waiting:
+        assert not deliver_one(env, job_id)  # parked, with its reason
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine_for(env.url), "before_cursor_execute", seen)
+    try:
+        assert admission.admit_waiting() == []
+    finally:
+        event.remove(engine_for(env.url), "before_cursor_execute", seen)
+    assert any("pg_advisory" in s for s in statements)  # a whole decision was taken
+    assert not [s for s in statements if "jobs.spec" in s]
+    assert state(env, waiting[0])[1] == (
+        "waiting for quota: project q uses 2 of 2 GPUs; the job needs 2"
+    )
+    finish(env, first)
+    assert admission.admit_waiting() == [waiting[0]]
