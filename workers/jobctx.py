@@ -164,6 +164,9 @@ class StepContext:
     backend: str | None  # the name of the backend that booted it
     target: SSHTarget | None  # how to reach it (None: no server row, or a step without one)
     lease: pipeline.Lease | None  # held while the step runs (leased steps)
+    # the job's row as the step found it (detached): what the step reads of it once, not the
+    # fields other steps write while it runs (read those again)
+    job: Job
 
     @property
     def phase(self) -> Phase:
@@ -187,35 +190,39 @@ def open_step(
     overrides the step's own (a task beside the state's step that must not run twice)."""
     step = pipeline.PIPELINE[state]
     cfg = settings()
-    with db() as s:
-        job = repo.get_job(s, job_id)
-        if job.state != state or job.cancel_requested:
-            yield None
-            return
     lease = None
     if step.leased if leased is None else leased:
+        # compare-and-set on the state: a job that moved on takes no lease
         lease = pipeline.take_lease(cfg.db_url, job_id, state, pipeline.lease_ttl(cfg))
         if lease is None:
-            log.info("job %s: another %s step holds the job; this one ends", job_id, step.step)
+            log.info("job %s: moved on, or another %s step holds it", job_id, step.step)
             yield None
             return
     with pipeline.heartbeat(cfg.db_url, lease) if lease else nullcontext():
-        chaos.pause(step.step)
-        with db() as s:
+        if lease is not None:
+            chaos.pause(step.step)
+        with db() as s:  # one read: the check and the context
             job = repo.get_job(s, job_id)
-            res = chief(s, job_id)
-            ctx = StepContext(
-                job_id=job_id,
-                state=state,
-                step=step,
-                project_id=job.project_id,
-                trust_id=job.trust_id,
-                spec=JobSpec.model_validate(job.spec),
-                server_id=res.server_id if res else None,
-                backend=res.backend if res else None,
-                target=ssh_target(job, res) if res and step.server else None,
-                lease=lease,
-            )
+            moved_on = job.state != state or job.cancel_requested
+            res = None if moved_on else chief(s, job_id)
+        if moved_on:
+            yield None
+            return
+        ctx = StepContext(
+            job_id=job_id,
+            state=state,
+            step=step,
+            project_id=job.project_id,
+            trust_id=job.trust_id,
+            spec=JobSpec.model_validate(job.spec),
+            server_id=res.server_id if res else None,
+            backend=res.backend if res else None,
+            target=ssh_target(job, res) if res and step.server else None,
+            lease=lease,
+            job=job,
+        )
+        if lease is None:
+            chaos.pause(step.step)
         try:
             yield ctx
         except TransientBackendError:

@@ -578,3 +578,36 @@ def test_the_runner_is_shipped_with_its_bytecode_and_the_first_command_uses_it(e
         ln.startswith("# code object from ") and ln.endswith("/.stackml/runner.py") for ln in lines
     )
     assert json.loads(second.stdout) == {"rewritten": True}
+
+
+def test_a_step_reads_its_job_once_and_a_moved_on_job_not_at_all(env: Env) -> None:
+    """open_step's one read: a step's context comes from one SELECT of the job's row (plus its
+    servers), leased or not; a leased step whose job moved on ends at the lease's
+    compare-and-set, with no read of the row."""
+    from sqlalchemy import event
+
+    from service.db.session import engine_for
+
+    job_id, _ = start_job(env, JobState.RUNNING)
+    selects: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
+        if statement.startswith("SELECT") and "FROM jobs" in statement:
+            selects.append(statement)
+
+    event.listen(engine_for(env.url), "before_cursor_execute", seen)
+    try:
+        with jobctx.open_step(job_id, JobState.RUNNING) as ctx:
+            assert ctx is not None and ctx.job.id == job_id and ctx.target is not None
+        assert len(selects) == 1
+        selects.clear()
+        with jobctx.open_step(job_id, JobState.RUNNING, leased=True) as ctx:
+            assert ctx is not None and ctx.lease is not None
+        assert len(selects) == 1
+        selects.clear()
+        with jobctx.open_step(job_id, JobState.EXPORTING) as ctx:  # leased, and not EXPORTING
+            assert ctx is None
+        assert selects == []
+    finally:
+        event.remove(engine_for(env.url), "before_cursor_execute", seen)
+    assert job_row(env, job_id).step_lease_owner is None  # the lease went with its block

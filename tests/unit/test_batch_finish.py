@@ -17,6 +17,7 @@ from service import queue
 from service.backends.storage.local import LocalStore
 from service.config import Settings
 from service.db import jobs as repo
+from service.db.models import Job
 from service.db.session import session_scope
 from service.domain import batch as dom
 from service.domain.spec import JobSpec
@@ -73,7 +74,12 @@ class Env:
             backend=None,
             target=None,
             lease=None,
+            job=self.row(job_id),
         )
+
+    def row(self, job_id: str) -> Job:
+        with session_scope(self.url) as s:
+            return repo.get_job(s, job_id)
 
     def state(self, job_id: str) -> tuple[str, str | None, str | None, dict[str, Any]]:
         with session_scope(self.url) as s:

@@ -77,7 +77,12 @@ class Env:
             backend="sandbox",
             target=None,
             lease=None,
+            job=self.row(job_id),
         )
+
+    def row(self, job_id: str) -> Job:
+        with session_scope(self.url) as s:
+            return repo.get_job(s, job_id)
 
     def replace_events(self, job_id: str) -> list[tuple[str, int | None]]:
         with session_scope(self.url) as s:

@@ -37,11 +37,9 @@ def _poll(ctx: jobctx.StepContext) -> None:
     if ctx.target is None:
         jobctx.fail(job_id, Phase.TRAIN, FailureReason.SERVER_LOST, "the job has no server record")
         return
-    target = ctx.target
-    with db() as s:
-        job = repo.get_job(s, job_id)
-        offset, interval = job.log_offset, job.poll_interval or cfg.poll_min
-        started_at, log_base = job.started_at, job.log_base or 0
+    target, job = ctx.target, ctx.job
+    offset, interval = job.log_offset, job.poll_interval or cfg.poll_min
+    started_at, log_base = job.started_at, job.log_base or 0
     max_runtime = ctx.spec.max_runtime_seconds
     parameter_servers = not ctx.spec.batch and ctx.spec.resources.parameter_servers > 0
 

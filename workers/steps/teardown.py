@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, cast
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service import queue, trusts
@@ -44,10 +45,14 @@ def run(job_id: str) -> None:
         # an evaluation gate not yet DONE keeps its server, the job's tag and its trust (its
         # own step enqueues this teardown again when it is done: workers/steps/evaluate.py)
         held = evaluations.holds_teardown(s, job_id)
-        rows = [
-            (r.id, r.server_id, r.creating, r.name, r.created_at, r.host, r.port)
+        spec = job.spec or {}
+        recorded = [
+            r
             for r in repo.resources(s, job_id)
             if r.state != ResourceState.DELETED and not (held and r.role == evaluations.ROLE)
+        ]
+        rows = [
+            (r.id, r.server_id, r.creating, r.name, r.created_at, r.host, r.port) for r in recorded
         ]
         if held and not rows:
             return
@@ -55,12 +60,11 @@ def run(job_id: str) -> None:
             if trust_id is not None:
                 release_trust(job_id, trust_id)  # (sweeps first)
             else:
-                _sweep(backend, job_id)
+                _sweep(backend, job_id, spec)
             return  # already paid
         chaos.pause("teardown")
-        for r in repo.resources(s, job_id):
-            if r.state != ResourceState.DELETED and not (held and r.role == evaluations.ROLE):
-                r.state = ResourceState.DELETING.value
+        for r in recorded:
+            r.state = ResourceState.DELETING.value
     pending = []
     for res_id, server_id, creating, name, created_at, host, port in rows:
         if server_id is None and creating is None:
@@ -103,14 +107,14 @@ def run(job_id: str) -> None:
             repo.add_event(s, job_id, "teardown", "servers deleted; the gate's evaluator is kept")
         admit_waiting()
         return  # the sweep and the trust wait for the evaluation
-    _sweep(backend, job_id)
+    _sweep(backend, job_id, spec)
     if rows:
         from workers.admission import admit_waiting
 
         admit_waiting()
     with db() as s:
-        job = repo.get_job(s, job_id)
-        job.ssh_key_enc = None  # the key dies with the servers it opened
+        # the key dies with the servers it opened
+        s.execute(update(Job).where(Job.id == job_id).values(ssh_key_enc=None))
         if repo.transition(
             s, job_id, JobState.CANCELLING, JobState.CANCELLED, "cancelled; servers deleted"
         ):
@@ -136,7 +140,7 @@ def _cancel_trials(s: Session, job_id: str) -> None:
             jobctx.next_step(queue.CANCEL, child.id)
 
 
-def _sweep(backend: ComputeBackend, job_id: str) -> None:
+def _sweep(backend: ComputeBackend, job_id: str, spec: Mapping[str, Any] | None = None) -> None:
     """Delete what the backend still lists under the job's tag once every recorded server is
     gone: a server no row names (a create that answered an error after the cloud had made it);
     then, for a distributed job, what connected its replicas (`release_peer_group`: the
@@ -157,8 +161,9 @@ def _sweep(backend: ComputeBackend, job_id: str) -> None:
             repo.add_event(
                 s, job_id, "teardown", f"deleted server {ref.id} ({ref.name}): no record named it"
             )
-    with db() as s:
-        spec = repo.get_job(s, job_id).spec or {}
+    if spec is None:
+        with db() as s:
+            spec = s.scalar(select(Job.spec).where(Job.id == job_id)) or {}
     if (
         spec.get("type") != "batch_prediction"
         and int((spec.get("resources") or {}).get("workers") or 1) > 1
