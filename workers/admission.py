@@ -7,9 +7,14 @@ ALLOCATING in that order, so racing workers can neither exceed a quota nor start
 one before it. It runs in the allocate step of any queued job (workers/steps/allocate.py
 `_admit`), in the reconciler every interval, and after every teardown (`admit_waiting`).
 
-Who advances a job admitted on someone else's turn: a parked job (QUEUED with queue_wait
-'parked') has no allocate step in flight, so admission enqueues one; any other queued job (fresh
-from submission, or back from a backoff) has its own step coming, which finds it ALLOCATING.
+Every decision parks every job it leaves waiting (QUEUED with queue_wait 'parked' and the
+reason), fresh ones too: a fresh job's own allocate step, on its way, then finds it parked and
+ends at once, instead of taking the whole decision again (in a burst, the queue's every job
+would). Who advances a job admitted on someone else's turn: a parked job is advanced by the
+allocate step admission enqueues for it (a fresh job parked by another's decision and admitted
+before its own step ran gets a second step: allocate claims its boot by compare-and-set, so two
+runs boot one server); any other queued job (fresh from submission, or back from a backoff)
+has its own step coming, which finds it ALLOCATING.
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from service import queue
 from service.backends.interfaces import Flavor
 from service.db import jobs as repo
 from service.db import quotas
-from service.db.models import Job, utcnow
+from service.db.models import Job, JobEvent, utcnow
 from service.domain.errors import BackendError
 from service.domain.quota import CAPACITY_WAIT, QUOTA_WAIT, Decision, decide
 from service.domain.states import JobState, QueueWait
@@ -71,11 +76,13 @@ def decision(s: Session) -> tuple[Decision, quotas.AdmissionView]:
 @dataclass
 class Admitted:
     """What one admission pass did: `admitted` moved to ALLOCATING (in fair order), of which
-    `enqueue` need an allocate step (after the commit); `waiting` says why the others wait."""
+    `enqueue` need an allocate step (after the commit); `waiting` says why the others wait, and
+    `parked` are those it parked or gave a new reason now."""
 
     admitted: list[str] = field(default_factory=list)
     enqueue: list[str] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)
+    parked: set[str] = field(default_factory=set)
 
 
 def admit(s: Session, describe: Describe) -> Admitted:
@@ -109,13 +116,41 @@ def admit(s: Session, describe: Describe) -> Admitted:
                 out.admitted.append(job_id)
                 if parked:
                     out.enqueue.append(job_id)
-    # only parked jobs: a fresh one is parked by its own step, which is on its way
-    changed = [j for j, why in d.waiting.items() if j in parked_ids and current.get(j) != why]
-    if changed:
-        for job in s.scalars(select(Job).where(Job.id.in_(changed))):
-            if job.state == JobState.QUEUED:
-                park(s, job, d.waiting[job.id])
+    # fresh jobs and parked ones whose reason changed (the others stay as they are)
+    out.parked = park_all(
+        s,
+        {j: why for j, why in d.waiting.items() if j not in parked_ids or current.get(j) != why},
+        current,
+    )
     return out
+
+
+def park_all(s: Session, reasons: Mapping[str, str], current: Mapping[str, str | None]) -> set[str]:
+    """Park each job of `reasons` still QUEUED with its reason, in one statement a reason; a
+    timeline event where the reason differs from `current` (what the decision read). The ids
+    parked. The rows are not loaded: a burst parks hundreds of jobs in one decision."""
+    now = utcnow()
+    by_reason: dict[str, list[str]] = {}
+    for job_id, why in reasons.items():
+        by_reason.setdefault(why, []).append(job_id)
+    parked: set[str] = set()
+    for why, ids in by_reason.items():
+        moved = s.scalars(
+            update(Job)
+            .where(Job.id.in_(ids), Job.state == JobState.QUEUED.value)
+            .values(queue_wait=QueueWait.PARKED.value, queue_reason=why, last_progress_at=now)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        parked.update(moved)
+        events = [
+            {"job_id": j, "at": now, "kind": "waiting", "message": why}
+            for j in moved
+            if current.get(j) != why
+        ]
+        if events:
+            s.execute(insert(JobEvent), events)
+    return parked
 
 
 def park(s: Session, job: Job, reason: str) -> None:

@@ -588,3 +588,45 @@ def test_each_queued_jobs_spec_is_read_once_per_process(env: Env) -> None:
     )
     finish(env, first)
     assert admission.admit_waiting() == [waiting[0]]
+
+
+def test_a_decision_parks_every_job_it_leaves_waiting_and_their_steps_end_at_once(
+    env: Env,
+) -> None:
+    """One decision parks the whole waiting queue, fresh jobs included; each fresh job's own
+    allocate step then finds it parked and ends after one read (no lock, no decision), and the
+    job is admitted, with an allocate step enqueued, when its turn comes."""
+    from sqlalchemy import event
+
+    from service.db.session import engine_for
+
+    set_quota(env, "w", servers=1)
+    first = submit(env, "w", "first")
+    fresh = [submit(env, "w", f"f{i}") for i in range(4)]
+    assert deliver_one(env, first)
+    why = "waiting for quota: project w uses 1 of 1 servers; the job needs 1"
+    assert state(env, fresh[0]) == (JobState.QUEUED, why)
+    for job_id in fresh[1:]:
+        later = f"{why} (an earlier job of the project is first in line)"
+        assert state(env, job_id) == (JobState.QUEUED, later)
+    for job_id in fresh:
+        assert len(waiting_events(env, job_id)) == 1
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine_for(env.url), "before_cursor_execute", seen)
+    try:
+        env.enqueued.clear()
+        for job_id in fresh:
+            allocate.run(job_id)  # each one's own step, arriving after the decision
+    finally:
+        event.remove(engine_for(env.url), "before_cursor_execute", seen)
+    assert len(statements) == len(fresh)
+    assert not [s for s in statements if "pg_advisory" in s]
+    assert env.enqueued == []
+    finish(env, first)
+    assert admission.admit_waiting() == [fresh[0]]
+    assert env.enqueued == [(queue.ALLOCATE, fresh[0])]
+    assert state(env, fresh[1])[0] == JobState.QUEUED

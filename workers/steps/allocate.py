@@ -70,8 +70,12 @@ def plan(spec: JobSpec) -> list[tuple[str, str | None]]:
 
 def run(job_id: str) -> None:
     with db() as s:
-        job = repo.get_job(s, job_id)
-        state = JobState(job.state)
+        found = s.execute(select(Job.state, Job.queue_wait).where(Job.id == job_id)).first()
+    if found is None:
+        return  # deleted (by hand): nothing to allocate
+    state, wait = JobState(found[0]), found[1]
+    if state is JobState.QUEUED and wait == QueueWait.PARKED:
+        return  # parked by a decision: admission enqueues its step when its turn comes
     if state is JobState.QUEUED:
         if not _admit(job_id):
             return
@@ -98,10 +102,9 @@ def _admit(job_id: str) -> bool:
             return False
         done = admission.admit(s, booting_message)
         admitted = job_id in done.admitted
-        if not admitted:
+        if not admitted and job_id not in done.waiting:
             # no re-enqueue: admission admits it when its turn comes (admission.py)
-            why = done.waiting.get(job_id) or f"{admission.WAITING} for its turn"
-            admission.park(s, job, why)
+            admission.park(s, job, f"{admission.WAITING} for its turn")
     for other in done.enqueue:
         jobctx.next_step(queue.ALLOCATE, other)
     return admitted
@@ -133,13 +136,12 @@ def _look(ctx: jobctx.StepContext) -> None:
     job_id, spec, project_id = ctx.job_id, ctx.spec, ctx.project_id
     backend = jobctx.compute(ctx.trust_id)
     steps = plan(spec)
-    with db() as s:
-        job = repo.get_job(s, job_id)
-        attempt, restarts = job.alloc_attempt, job.restarts
-        flavor_name, zone = steps[min(attempt, len(steps) - 1)]
-        if job.ssh_key_enc is None:
-            # compare-and-set: two allocate runs of one job must agree on one key
-            pem, pub = ssh.generate_keypair()
+    attempt, restarts = ctx.job.alloc_attempt, ctx.job.restarts
+    flavor_name, zone = steps[min(attempt, len(steps) - 1)]
+    if ctx.job.ssh_key_enc is None:
+        # compare-and-set: two allocate runs of one job must agree on one key
+        pem, pub = ssh.generate_keypair()
+        with db() as s:
             s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.ssh_key_enc.is_(None))
@@ -171,7 +173,7 @@ def _look(ctx: jobctx.StepContext) -> None:
             return  # cancelled since: the teardown forgets the unclaimed row
         res = s.scalars(select(Resource).where(Resource.name == name)).one()
         res_id, server_id, created = res.id, res.server_id, _aware(res.created_at)
-        public_key = repo.get_job(s, job_id).ssh_public_key or ""
+        public_key = s.scalar(select(Job.ssh_public_key).where(Job.id == job_id)) or ""
         busy = server_id is None and res.creating is not None  # another run claimed it
         if server_id is None and not busy:
             # claim the creation: only the run that wins this compare-and-set boots a server
