@@ -13,6 +13,11 @@
    BENCH_BURST_CAP servers (default 6). For each: submit p50/p99 as clients see it, jobs/s from
    the first submission to the last job's finished_at, which worker processes ran steps, and
    the check that every job SUCCEEDED once (its log says "run <id>" exactly once, one server).
+   And where the CPU went, per job (bench/cpu_account.py): the control plane's parts (API,
+   workers, beat, PostgreSQL, Redis) and the emulated cloud's (the rest of the machine's busy
+   time: the sandboxes' sshd, runner and trainer, the sandbox backend's tools); the jobs/s the
+   control plane alone could carry on this machine's cores; and the worker pool's CPU per job
+   by step (bench/taskcpu/sitecustomize.py, on the worker processes' PYTHONPATH).
 
 Targets (issue #13): submit p50 <= 5 ms and p99 <= 20 ms, >= 10 jobs/s, 0 lost, 0 run twice.
 Prints each figure next to its target, then one JSON line with every figure.
@@ -62,6 +67,7 @@ WORKER_PROCESSES = [int(n) for n in os.environ.get("BENCH_WORKER_PROCESSES", "1,
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 RUNTIME_ROOT = os.environ.get("STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes")
 CORES = os.cpu_count() or 1
+TASK_CPU = Path(__file__).resolve().parent / "taskcpu"
 # the parts of bench/cpu_account.py that are the control plane (the store gateway is the local
 # stand-in for Swift, the cloud's part; so is everything the account calls "cloud")
 CONTROL_PLANE = ("api", "workers", "beat", "postgresql", "redis")
@@ -192,6 +198,25 @@ def _parts(topo: Topology) -> dict[str, list[int]]:
     return parts
 
 
+def _task_cpu(where: Path, jobs: int) -> dict[str, dict[str, float]]:
+    """Per task name (without "stackml."): tasks a job, the pool's CPU ms a job, and the
+    median task's CPU ms, from what bench/taskcpu/sitecustomize.py wrote in each pool
+    process; most CPU first."""
+    each: dict[str, list[float]] = {}
+    for f in where.glob("*.json"):
+        for name, ms in json.loads(f.read_text()).items():
+            each.setdefault(name.removeprefix("stackml."), []).extend(ms)
+    rows = sorted(each.items(), key=lambda kv: -sum(kv[1]))
+    return {
+        k: {
+            "per_job": round(len(ms) / jobs, 2),
+            "ms_per_job": round(sum(ms) / jobs, 1),
+            "median_ms": round(statistics.median(ms), 1),
+        }
+        for k, ms in rows
+    }
+
+
 def _worker_of_steps(logs: Path) -> dict[str, int]:
     """Steps each worker process ran, from its log's 'Task ... succeeded' lines."""
     out = {}
@@ -205,6 +230,8 @@ def burst(tmp: Path, workers: int) -> dict[str, Any]:
     os.chmod(data, 0o755)
     logs = tmp / f"burst-{workers}"
     logs.mkdir()
+    task_cpu = logs / "task-cpu"
+    task_cpu.mkdir()
     port = free_port()
     with temp_database("benchburst") as db_url:
         upgrade(db_url)
@@ -221,6 +248,11 @@ def burst(tmp: Path, workers: int) -> dict[str, Any]:
                 "STACKML_RECONCILE_INTERVAL": "2",
                 "STACKML_QUOTA_DEFAULTS": json.dumps({"jobs": BURST + 10, "servers": CAP}),
                 "STACKML_SECRET_KEY": "bench-burst-signing-key",
+                # each task's CPU in the worker pool (bench/taskcpu/sitecustomize.py)
+                "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(TASK_CPU), os.environ.get("PYTHONPATH", "")) if p
+                ),
+                "BENCH_TASK_CPU_DIR": str(task_cpu),
             }
         )
         try:
@@ -293,6 +325,7 @@ def burst(tmp: Path, workers: int) -> dict[str, Any]:
             shutil.rmtree(data, ignore_errors=True)
     seconds = last - first
     per_job = cpu.per_job(BURST, CONTROL_PLANE)
+    steps = _task_cpu(task_cpu, BURST)
     out = {
         "worker_processes": workers,
         "jobs": BURST,
@@ -304,6 +337,7 @@ def burst(tmp: Path, workers: int) -> dict[str, Any]:
         "run_twice": twice,
         "cpu_ms_per_job": per_job,
         "control_plane_jobs_per_s": round(CORES * 1000 / per_job["control_plane"], 1),
+        "worker_steps_per_job": steps,
     }
     print(
         f"burst of {BURST}, {workers} worker process(es): {out['jobs_per_s']} jobs/s "
@@ -319,6 +353,13 @@ def burst(tmp: Path, workers: int) -> dict[str, Any]:
         f"{per_job['postgresql']}, Redis {per_job['redis']}); emulated cloud {per_job['cloud']}"
         f" ms; bench clients {per_job['clients']} ms. The control plane alone on {CORES} cores: "
         f"{out['control_plane_jobs_per_s']} jobs/s (target >= {TARGETS['jobs_per_s']})",
+        flush=True,
+    )
+    print(
+        "  worker pool CPU per job, by step (steps a job, ms a job, median ms a step): "
+        + ", ".join(
+            f"{k} {v['per_job']}x {v['ms_per_job']} ({v['median_ms']})" for k, v in steps.items()
+        ),
         flush=True,
     )
     return out
