@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -719,3 +720,24 @@ def test_runner_chooses_tf_serving_when_the_image_has_it(tmp_path, monkeypatch):
     assert bound[-1] == "--rest_api_bind=10.0.0.5"
     with pytest.raises(runner.RunnerError, match="bind"):
         runner.model_server_argv("/job", {**cfg, "server": "stackml", "bind": "0.0.0.0 --x"})
+
+
+def test_the_runtime_is_compiled_and_readable_by_a_sandbox_user(runtime_python: Path) -> None:
+    """Every module of the shared runtime has its bytecode, and every file and directory of it
+    is readable by others: a sandbox's user (who may write no cache there) never compiles
+    TensorFlow at a process's start (service/runtime.py)."""
+    unreadable, uncompiled = [], []
+    for d, dirs, files in os.walk(runtime_python.parent.parent / "lib"):
+        here = Path(d)
+        for name in (*dirs, *files):
+            p = here / name
+            if not p.is_symlink() and p.stat().st_mode & 0o004 == 0:
+                unreadable.append(str(p))
+        if here.name == "__pycache__":
+            continue
+        for f in files:
+            pyc = here / "__pycache__" / f"{f[:-3]}.{sys.implementation.cache_tag}.pyc"
+            if f.endswith(".py") and not pyc.exists():
+                uncompiled.append(str(here / f))
+    assert unreadable == [], unreadable[:5]
+    assert uncompiled == [], uncompiled[:5]
