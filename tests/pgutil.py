@@ -35,3 +35,23 @@ def temp_database(tag: str) -> Iterator[str]:
         dispose_all()
         with psycopg.connect(_dsn(ADMIN_URL), autocommit=True, connect_timeout=10) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def recorded_statements(url: str) -> Iterator[list[str]]:
+    """The SQL statements this process sends to `url`'s engine inside the block, in order."""
+    from sqlalchemy import event
+
+    from service.db.session import engine_for
+
+    sent: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_a: object) -> None:
+        sent.append(statement)
+
+    engine = engine_for(url)
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)

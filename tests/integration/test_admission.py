@@ -30,7 +30,7 @@ from service.db.models import Job, JobEvent, Resource
 from service.db.session import session_scope
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, Phase, ResourceState
-from tests.pgutil import temp_database
+from tests.pgutil import recorded_statements, temp_database
 from workers import admission, jobctx
 from workers.steps import allocate
 
@@ -530,22 +530,10 @@ def test_admins_setting_one_projects_quota_at_once_do_not_collide(env: Env) -> N
 def test_admission_with_nothing_queued_is_one_read_and_takes_no_lock(env: Env) -> None:
     """Every teardown calls admit_waiting: with an empty queue it costs one indexed read, and
     a job queued right after is admitted by its own step."""
-    from sqlalchemy import event
-
-    from service.db.session import engine_for
-
     running = submit(env, "p", "running")
     assert deliver_one(env, running)
-    statements: list[str] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
-        statements.append(statement)
-
-    event.listen(engine_for(env.url), "before_cursor_execute", seen)
-    try:
+    with recorded_statements(env.url) as statements:
         assert admission.admit_waiting() == []
-    finally:
-        event.remove(engine_for(env.url), "before_cursor_execute", seen)
     assert len(statements) == 1 and "pg_advisory" not in statements[0]
     later = submit(env, "p", "later")
     assert deliver_one(env, later)
@@ -561,26 +549,14 @@ def test_each_queued_jobs_spec_is_read_once_per_process(env: Env) -> None:
     """Every decision weighs the whole queue: the specs' demand parts are read from the
     database once per job (a committed spec never changes), so a second decision over the same
     queue sends no statement that reads a spec, and still counts each job's demand."""
-    from sqlalchemy import event
-
-    from service.db.session import engine_for
-
     set_quota(env, "q", gpus=2)
     first = submit(env, "q", "first", resources={"flavor": "gpu.2"})
     waiting = [submit(env, "q", f"w{i}", resources={"gpus": 1}) for i in range(5)]
     assert deliver_one(env, first)
     for job_id in waiting:
         assert not deliver_one(env, job_id)  # parked, with its reason
-    statements: list[str] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
-        statements.append(statement)
-
-    event.listen(engine_for(env.url), "before_cursor_execute", seen)
-    try:
+    with recorded_statements(env.url) as statements:
         assert admission.admit_waiting() == []
-    finally:
-        event.remove(engine_for(env.url), "before_cursor_execute", seen)
     assert any("pg_advisory" in s for s in statements)  # a whole decision was taken
     assert not [s for s in statements if "jobs.spec" in s]
     assert state(env, waiting[0])[1] == (
@@ -596,10 +572,6 @@ def test_a_decision_parks_every_job_it_leaves_waiting_and_their_steps_end_at_onc
     """One decision parks the whole waiting queue, fresh jobs included; each fresh job's own
     allocate step then finds it parked and ends after one read (no lock, no decision), and the
     job is admitted, with an allocate step enqueued, when its turn comes."""
-    from sqlalchemy import event
-
-    from service.db.session import engine_for
-
     set_quota(env, "w", servers=1)
     first = submit(env, "w", "first")
     fresh = [submit(env, "w", f"f{i}") for i in range(4)]
@@ -611,18 +583,10 @@ def test_a_decision_parks_every_job_it_leaves_waiting_and_their_steps_end_at_onc
         assert state(env, job_id) == (JobState.QUEUED, later)
     for job_id in fresh:
         assert len(waiting_events(env, job_id)) == 1
-    statements: list[str] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
-        statements.append(statement)
-
-    event.listen(engine_for(env.url), "before_cursor_execute", seen)
-    try:
+    with recorded_statements(env.url) as statements:
         env.enqueued.clear()
         for job_id in fresh:
             allocate.run(job_id)  # each one's own step, arriving after the decision
-    finally:
-        event.remove(engine_for(env.url), "before_cursor_execute", seen)
     assert len(statements) == len(fresh)
     assert not [s for s in statements if "pg_advisory" in s]
     assert env.enqueued == []

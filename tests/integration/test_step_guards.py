@@ -38,7 +38,7 @@ from service.db.session import session_scope
 from service.domain.errors import StoreError
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, ResourceState
-from tests.pgutil import temp_database
+from tests.pgutil import recorded_statements, temp_database
 from workers import jobctx, pipeline, reconciler, ssh
 from workers.jobctx import JOB_DIR, RUNNER
 from workers.steps import export, poll, provision
@@ -584,30 +584,21 @@ def test_a_step_reads_its_job_once_and_a_moved_on_job_not_at_all(env: Env) -> No
     """open_step's one read: a step's context comes from one SELECT of the job's row (plus its
     servers), leased or not; a leased step whose job moved on ends at the lease's
     compare-and-set, with no read of the row."""
-    from sqlalchemy import event
-
-    from service.db.session import engine_for
-
     job_id, _ = start_job(env, JobState.RUNNING)
-    selects: list[str] = []
 
-    def seen(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
-        if statement.startswith("SELECT") and "FROM jobs" in statement:
-            selects.append(statement)
+    def job_selects(sent: list[str]) -> list[str]:
+        return [q for q in sent if q.startswith("SELECT") and "FROM jobs" in q]
 
-    event.listen(engine_for(env.url), "before_cursor_execute", seen)
-    try:
+    with recorded_statements(env.url) as sent:
         with jobctx.open_step(job_id, JobState.RUNNING) as ctx:
             assert ctx is not None and ctx.job.id == job_id and ctx.target is not None
-        assert len(selects) == 1
-        selects.clear()
+    assert len(job_selects(sent)) == 1
+    with recorded_statements(env.url) as sent:
         with jobctx.open_step(job_id, JobState.RUNNING, leased=True) as ctx:
             assert ctx is not None and ctx.lease is not None
-        assert len(selects) == 1
-        selects.clear()
+    assert len(job_selects(sent)) == 1
+    with recorded_statements(env.url) as sent:
         with jobctx.open_step(job_id, JobState.EXPORTING) as ctx:  # leased, and not EXPORTING
             assert ctx is None
-        assert selects == []
-    finally:
-        event.remove(engine_for(env.url), "before_cursor_execute", seen)
+    assert job_selects(sent) == []
     assert job_row(env, job_id).step_lease_owner is None  # the lease went with its block
