@@ -76,13 +76,12 @@ def decision(s: Session) -> tuple[Decision, quotas.AdmissionView]:
 @dataclass
 class Admitted:
     """What one admission pass did: `admitted` moved to ALLOCATING (in fair order), of which
-    `enqueue` need an allocate step (after the commit); `waiting` says why the others wait, and
-    `parked` are those it parked or gave a new reason now."""
+    `enqueue` need an allocate step (after the commit); `waiting` says why the others wait (each
+    is parked with its reason)."""
 
     admitted: list[str] = field(default_factory=list)
     enqueue: list[str] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)
-    parked: set[str] = field(default_factory=set)
 
 
 def admit(s: Session, describe: Describe) -> Admitted:
@@ -117,7 +116,7 @@ def admit(s: Session, describe: Describe) -> Admitted:
                 if parked:
                     out.enqueue.append(job_id)
     # fresh jobs and parked ones whose reason changed (the others stay as they are)
-    out.parked = park_all(
+    park_all(
         s,
         {j: why for j, why in d.waiting.items() if j not in parked_ids or current.get(j) != why},
         current,
@@ -125,15 +124,14 @@ def admit(s: Session, describe: Describe) -> Admitted:
     return out
 
 
-def park_all(s: Session, reasons: Mapping[str, str], current: Mapping[str, str | None]) -> set[str]:
+def park_all(s: Session, reasons: Mapping[str, str], current: Mapping[str, str | None]) -> None:
     """Park each job of `reasons` still QUEUED with its reason, in one statement a reason; a
-    timeline event where the reason differs from `current` (what the decision read). The ids
-    parked. The rows are not loaded: a burst parks hundreds of jobs in one decision."""
+    timeline event where the reason differs from `current` (what the decision read). The rows
+    are not loaded: a burst parks hundreds of jobs in one decision."""
     now = utcnow()
     by_reason: dict[str, list[str]] = {}
     for job_id, why in reasons.items():
         by_reason.setdefault(why, []).append(job_id)
-    parked: set[str] = set()
     for why, ids in by_reason.items():
         moved = s.scalars(
             update(Job)
@@ -142,7 +140,6 @@ def park_all(s: Session, reasons: Mapping[str, str], current: Mapping[str, str |
             .returning(Job.id)
             .execution_options(synchronize_session=False)
         ).all()
-        parked.update(moved)
         events = [
             {"job_id": j, "at": now, "kind": "waiting", "message": why}
             for j in moved
@@ -150,7 +147,6 @@ def park_all(s: Session, reasons: Mapping[str, str], current: Mapping[str, str |
         ]
         if events:
             s.execute(insert(JobEvent), events)
-    return parked
 
 
 def park(s: Session, job: Job, reason: str) -> None:
