@@ -103,9 +103,7 @@ def test_the_access_log_has_one_redacted_line_a_request(served: tuple[int, Path]
     lines = log.read_text().splitlines()
     assert len(lines) == 2, lines
     assert lines[0].startswith("127.0.0.1 - - [")
-    assert lines[0].endswith(
-        '"GET /echo?temp_url_sig=REDACTED&temp_url_expires=17 HTTP/1.1" 200 -'
-    )
+    assert lines[0].endswith('"GET /echo?temp_url_sig=REDACTED&temp_url_expires=17 HTTP/1.1" 200 -')
     assert "deadbeef1234" not in lines[0]
     assert lines[1].endswith('"POST /echo HTTP/1.1" 200 -')
 
