@@ -14,14 +14,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# prints the process umask after the entry point ran, then the app's class
+# prints the process umask after the entry point ran, whether the app is a Flask app, its routes
 WSGI = """
 import json, os
 os.umask(0o022)  # whatever the test process had: the entry point must set it
 import service.wsgi as w
+from flask import Flask
 flask_app = w.{attr}
 rules = sorted(r.rule for r in flask_app.url_map.iter_rules())
-print(json.dumps([oct(os.umask(0o022)), type(flask_app).__name__, rules]))
+print(json.dumps([oct(os.umask(0o022)), isinstance(flask_app, Flask), rules]))
 """
 SIGNAL = """
 import os
@@ -58,9 +59,9 @@ def _mode(path: Path) -> int:
 @pytest.mark.parametrize("attr", ["app", "gateway"])
 def test_wsgi_entry_point_makes_a_new_data_dir_private(tmp_path: Path, attr: str) -> None:
     data_dir = tmp_path / "data"
-    umask, kind, rules = json.loads(_run(WSGI.format(attr=attr), data_dir))
+    umask, is_flask, rules = json.loads(_run(WSGI.format(attr=attr), data_dir))
     assert umask == "0o77"
-    assert kind == "Flask"
+    assert is_flask is True
     assert _mode(data_dir) == 0o700
     if attr == "gateway":  # the gateway serves the signed store routes and nothing else
         assert all(r.startswith("/v1/store") or r.startswith("/static") for r in rules)
