@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import tarfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ import pytest
 from click.testing import CliRunner, Result
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.serving import make_server
 
 from service.api import create_app
 from service.backends.storage.local import LocalStore
@@ -24,6 +22,7 @@ from service.cli import cli
 from service.config import Settings
 from service.db.models import Base
 from service.db.session import dispose_all, engine_for
+from service.httpserver import ApiServer
 
 PROJECT = "local"
 
@@ -86,14 +85,12 @@ def client(app: Flask) -> FlaskClient:
 
 @pytest.fixture
 def api_url(app: Flask) -> Iterator[str]:
-    """The app served over real HTTP on an ephemeral loopback port (werkzeug, threaded)."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    """The app served over real HTTP on an ephemeral loopback port, by the server `stackml up`
+    uses (service/httpserver.py)."""
+    server = ApiServer(app, "127.0.0.1", 0, access_log=None, name="test-api")
+    server.start()
+    yield f"http://127.0.0.1:{server.port}"
+    server.stop()
 
 
 @pytest.fixture

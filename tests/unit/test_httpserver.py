@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
-from service.httpserver import ApiServer
+from service.httpserver import STOP_GRACE, ApiServer
 from tests.envutil import free_port
 
 
@@ -23,6 +24,9 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator
     if path == "/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _stream()
+    if path == "/stuck":  # a followed log of a quiet job: nothing to write for a long time
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _stuck()
     if path == "/echo-token":
         body = repr(
             (environ.get("HTTP_X_AUTH_TOKEN"), environ.get("REMOTE_ADDR"), environ["SERVER_PORT"])
@@ -40,6 +44,15 @@ def _stream() -> Iterator[bytes]:
     yield b"first\n"
     RELEASE.wait(10)  # the client must have read the first part by now
     yield b"second\n"
+
+
+STUCK = threading.Event()
+
+
+def _stuck() -> Iterator[bytes]:
+    yield b"waiting\n"
+    STUCK.wait(60)
+    yield b"late\n"
 
 
 @pytest.fixture
@@ -121,3 +134,42 @@ def test_a_taken_port_is_an_oserror_and_stop_frees_the_port(tmp_path: Path) -> N
     assert time.monotonic() - started < 5
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+def test_stop_does_not_wait_for_a_request_that_would_outlive_it() -> None:
+    # `stackml up` stopped (Ctrl-C) while a client follows a quiet job's log: the stream is
+    # cut after the grace period, the stop returns, the port is free
+    STUCK.clear()
+    server = ApiServer(app, "127.0.0.1", 0, access_log=None, name="stuck")
+    server.start()
+    port = server.port
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/stuck")
+    r = conn.getresponse()
+    assert r.readline() == b"waiting\n"
+    idle = requests.Session()  # a kept-alive connection, idle when the stop comes
+    assert idle.post(f"http://127.0.0.1:{port}/echo", data=b"hi", timeout=10).content == b"hi"
+    started = time.monotonic()
+    server.stop()
+    took = time.monotonic() - started
+    assert took < STOP_GRACE + 2, took
+    with pytest.raises((http.client.IncompleteRead, OSError)):
+        r.read()  # the stream was cut, not finished
+    STUCK.set()  # the request's thread then fails its next write and ends
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+    conn.close()
+    idle.close()
+
+
+def test_stop_with_idle_keep_alive_connections_is_quick() -> None:
+    server = ApiServer(app, "127.0.0.1", 0, access_log=None, name="idle")
+    server.start()
+    sessions = [requests.Session() for _ in range(3)]
+    for s in sessions:
+        assert s.post(f"http://127.0.0.1:{server.port}/echo", data=b"x", timeout=10).ok
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 0.5
+    for s in sessions:
+        s.close()
