@@ -297,16 +297,27 @@ def burst(tmp: Path, workers: int) -> dict[str, Any]:
                 lost = len(set(ids) - set(jobs)) + len(failed)
                 for j in failed[:3]:
                     print(f"  {j['id']} ended {j['state']}: {j['failure']}", flush=True)
-                twice = sum(
-                    1
-                    for i in ids
-                    if i in jobs
-                    and jobs[i]["state"] == "SUCCEEDED"
-                    and (
-                        client.logs(i)[0].decode().count(f"run {i}") != 1
-                        or len([r for r in jobs[i]["resources"] if r["server_id"]]) != 1
-                    )
-                )
+                twice = 0
+                for i in ids:
+                    if i not in jobs or jobs[i]["state"] != "SUCCEEDED":
+                        continue
+                    runs = client.logs(i)[0].decode().count(f"run {i}")
+                    servers = [r for r in jobs[i]["resources"] if r["server_id"]]
+                    if runs == 1 and len(servers) == 1:
+                        continue
+                    twice += 1
+                    if twice <= 3:  # say why, with the job's own account of itself
+                        events = [
+                            f"{e['at'][11:23]} {e['kind']} {e['from']}->{e['to']}: "
+                            f"{e['message'] or ''}"[:160]
+                            for e in client.events(i)["events"]
+                        ]
+                        print(
+                            f"  {i}: 'run {i}' {runs} time(s) in its log, servers "
+                            f"{[(r['server_id'], r['state']) for r in servers]}; events:\n    "
+                            + "\n    ".join(events),
+                            flush=True,
+                        )
                 last = max(
                     datetime.fromisoformat(j["finished_at"].replace("Z", "+00:00")).timestamp()
                     for j in jobs.values()
