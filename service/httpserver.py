@@ -39,6 +39,9 @@ THREADS = 64
 KEEP_ALIVE_CONNECTIONS = 256  # idle keep-alive connections kept open, beyond: closed after use
 IDLE_TIMEOUT = 10  # seconds a connection may sit between requests or stall inside one
 STOP_GRACE = 3  # seconds stop() waits for running requests before it closes their sockets
+# the request line and headers together (cheroot's default is no limit; werkzeug's server took
+# at most 100 header lines of 64 KiB): beyond, 414 for the line, 413 for the headers
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class _Gateway(wsgi.Gateway_10):
@@ -122,6 +125,7 @@ class ApiServer:
         )  # fmt: skip
         self.server.gateway = _Gateway
         self.server.keep_alive_conn_limit = KEEP_ALIVE_CONNECTIONS
+        self.server.max_request_header_size = MAX_HEAD_BYTES  # the body: Flask's max_body_bytes
         # how often the selector loop looks up from its connections: stop() waits for it
         self.server.expiration_interval = 0.1
         self.server.requests = _Pool(self.server, min=THREADS, max=THREADS)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from service.httpserver import STOP_GRACE, ApiServer
+from service.httpserver import MAX_HEAD_BYTES, STOP_GRACE, ApiServer
 from tests.envutil import free_port
 
 
@@ -173,3 +173,18 @@ def test_stop_with_idle_keep_alive_connections_is_quick() -> None:
     assert time.monotonic() - started < 0.5
     for s in sessions:
         s.close()
+
+
+def test_an_oversized_request_head_is_refused_not_buffered(served: tuple[int, Path]) -> None:
+    port, _ = served
+    big = "x" * (MAX_HEAD_BYTES + 1)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET /echo HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n".encode())
+        assert sock.recv(64).startswith(b"HTTP/1.1 413 ")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET /{big} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        assert sock.recv(64).startswith(b"HTTP/1.1 414 ")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # still serving
+    conn.request("POST", "/echo", b"ok")
+    assert conn.getresponse().read() == b"ok"
+    conn.close()
