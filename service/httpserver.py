@@ -27,7 +27,7 @@ from typing import Any
 from cheroot import wsgi
 from cheroot.workers import threadpool
 
-from service.redact import redact
+from service.redact import append_line, redact
 
 log = logging.getLogger("stackml.access")
 
@@ -84,8 +84,6 @@ class AccessLog:
     """WSGI middleware: one line per request, `addr - - [date] "METHOD uri PROTO" status -`,
     redacted, appended to `path` (or logged on `stackml.access` when None)."""
 
-    _lock = threading.Lock()
-
     def __init__(self, app: WSGIApp, path: Path | None) -> None:
         self.app = app
         self.path = path
@@ -107,8 +105,7 @@ class AccessLog:
         if self.path is None:
             log.info("%s", line)
             return
-        with self._lock, open(self.path, "a", encoding="utf-8", errors="replace") as fh:
-            fh.write(line + "\n")
+        append_line(self.path, line)
 
 
 class ApiServer:

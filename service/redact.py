@@ -39,7 +39,6 @@ class AccessLogHandler(WSGIRequestHandler):
     `access_log` (appended, one line per request) when that is set."""
 
     access_log: ClassVar[Path | None] = None
-    _write_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def log(self, type: str, message: str, *args: Any) -> None:
         try:
@@ -52,9 +51,16 @@ class AccessLogHandler(WSGIRequestHandler):
             super().log(type, "%s", line)
             return
         address = self.address_string()
-        entry = f"{address} - - [{self.log_date_time_string()}] {_ANSI.sub('', line)}\n"
-        with self._write_lock, open(path, "a", encoding="utf-8", errors="replace") as fh:
-            fh.write(entry)
+        append_line(path, f"{address} - - [{self.log_date_time_string()}] {_ANSI.sub('', line)}")
 
 
-__all__ = ["MASK", "AccessLogHandler", "redact"]
+_append_lock = threading.Lock()
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one access-log line to `path` (one writer at a time in this process)."""
+    with _append_lock, open(path, "a", encoding="utf-8", errors="replace") as fh:
+        fh.write(line + "\n")
+
+
+__all__ = ["MASK", "AccessLogHandler", "append_line", "redact"]
