@@ -318,6 +318,12 @@ def burst(tmp: Path, workers: int) -> dict[str, Any]:
                             + "\n    ".join(events),
                             flush=True,
                         )
+                if twice or lost:  # keep the processes' logs for the post-mortem
+                    kept = Path(
+                        tempfile.mkdtemp(prefix=f"stackml-burst-logs-{workers}-", dir="/var/tmp")
+                    )
+                    shutil.copytree(logs, kept, dirs_exist_ok=True)
+                    print(f"  the platform's logs of this burst are kept in {kept}", flush=True)
                 last = max(
                     datetime.fromisoformat(j["finished_at"].replace("Z", "+00:00")).timestamp()
                     for j in jobs.values()

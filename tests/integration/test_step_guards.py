@@ -194,6 +194,35 @@ def test_a_hostile_metric_line_neither_crashes_poll_nor_loses_the_log(env: Env) 
     assert (queue.POLL, job_id) in [(t, j) for t, j, _ in env.enqueued]
 
 
+def test_a_trainer_that_exits_while_a_poll_looks_loses_no_line(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer prints its last line and exits (the runner writes its exit status) while a
+    poll is between its reads of the server: the line is stored before the job moves on."""
+    job_id, conn = start_job(env, JobState.RUNNING)
+    conn.put_bytes(b"first\n", f"{JOB_DIR}/log", 0o644)
+    read_log = poll._read_log
+    finished: list[bool] = []
+
+    def read_then_finish(c: ssh.SSHConnection, offset: int) -> bytes:
+        data = read_log(c, offset)
+        if not finished:  # right after this poll's log read: the last line, then the exit
+            finished.append(True)
+            conn.put_bytes(b"first\nlast\n", f"{JOB_DIR}/log", 0o644)
+            conn.put_bytes(b"0\n", f"{JOB_DIR}/exit_code", 0o644)
+        return data
+
+    monkeypatch.setattr(poll, "_read_log", read_then_finish)
+    for _ in range(2):  # the poll that raced, then the next one
+        if job_row(env, job_id).state == JobState.RUNNING:
+            poll.run(job_id)
+    assert finished
+    job = job_row(env, job_id)
+    with session_scope(env.url) as s:
+        data, _ = repo.read_log(s, job_id)
+    assert (job.state, data) == (JobState.EXPORTING, b"first\nlast\n")
+
+
 def test_the_deadline_holds_whatever_the_trainer_prints(env: Env) -> None:
     job_id, conn = start_job(env, JobState.RUNNING, ran_for=120, max_runtime_seconds=60)
     conn.put_bytes(HOSTILE_LOG * 3, f"{JOB_DIR}/log", 0o644)

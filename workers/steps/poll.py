@@ -45,8 +45,12 @@ def _poll(ctx: jobctx.StepContext) -> None:
 
     try:
         conn = ssh.connection(target, timeout=cfg.command_timeout)
-        data = _read_log(conn, offset - log_base)  # (this server's log starts at log_base)
+        # the exit status before the log: the runner writes it after the trainer exited, so
+        # once it is there the log is whole. Read the other way round, a trainer that printed
+        # its last lines and exited between the two reads had them never pulled (one job in
+        # ~2,000 of a burst of quick jobs: bench/bench_burst.py)
         exit_text = batch_servers.read_small(conn, f"{JOB_DIR}/exit_code")
+        data = _read_log(conn, offset - log_base)  # (this server's log starts at log_base)
         heartbeat = conn.stat(f"{JOB_DIR}/heartbeat")
     except ssh.SSHError as e:
         ssh.drop(target)
