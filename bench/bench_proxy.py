@@ -25,6 +25,9 @@ replica and the load while the proxied ones squeeze a third busy process onto th
 ratio measures the machine's size more than the proxy. BENCH_PROXY_PIN=0 runs unpinned.
 The CPU each request costs in the API process and in the replica (from /proc, all threads) is
 printed too: it does not depend on placement.
+BENCH_PROXY_PROFILE=<file> runs the API's app under cProfile (each serving thread's CPU clock)
+and writes the merged profile to <file> for pstats (`python -m pstats <file>`); the figures of
+such a run carry the profiler's cost.
 
 Prints the figures, then one JSON line with every figure.
 """
@@ -137,10 +140,49 @@ def serve_api(config: str) -> None:
         stop.wait()
         server.shutdown()
         return
-    api = ApiServer(app, "127.0.0.1", cfg["port"], access_log=None, name="bench-api")
+    wsgi: Any = app
+    profile = os.environ.get("BENCH_PROXY_PROFILE")
+    if profile:
+        wsgi, dump = _profiled(app)
+    api = ApiServer(wsgi, "127.0.0.1", cfg["port"], access_log=None, name="bench-api")
     api.start()
     stop.wait()
     api.stop()
+    if profile:
+        dump(profile)
+
+
+def _profiled(app: Any) -> tuple[Any, Any]:
+    """BENCH_PROXY_PROFILE=<file>: the app under cProfile on each serving thread's CPU clock
+    (one profiler a thread, enabled only inside the app: the server's own work is not in it),
+    the profiles merged into <file> (pstats) when the API stops."""
+    import cProfile
+    import pstats
+
+    local = threading.local()
+    every: list[cProfile.Profile] = []
+    lock = threading.Lock()
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+        prof = getattr(local, "prof", None)
+        if prof is None:
+            prof = local.prof = cProfile.Profile(time.thread_time)
+            with lock:
+                every.append(prof)
+        prof.enable()
+        try:
+            return list(app(environ, start_response))
+        finally:
+            prof.disable()
+
+    def dump(path: str) -> None:
+        with lock:
+            stats = pstats.Stats(every[0])
+            for p in every[1:]:
+                stats.add(p)
+        stats.dump_stats(path)
+
+    return wsgi, dump
 
 
 # -- load -------------------------------------------------------------------------------------
