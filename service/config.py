@@ -154,6 +154,10 @@ class Settings(BaseSettings):
     # how often the runner uploads new checkpoint files of a restartable job (restart_policy)
     checkpoint_sync_seconds: float = Field(default=10.0, gt=0, le=3600)
     stuck_after: float = 30
+    # a Celery worker lowers its CPU priority by this much when it starts (os.nice; its pool and
+    # what it runs, the sandboxes and their trainers, inherit it): where the API shares a host
+    # with workers, requests are answered first and steps take what is left. 0: unchanged
+    worker_nice: int = Field(default=10, ge=0, le=19)
     reconcile_interval: float = 5
     sandbox_isolation: Literal["auto", "root", "rootless", "none"] = "auto"
     # sandbox network: "isolated" = a network namespace per sandbox that reaches only the store

@@ -60,6 +60,17 @@ def _private_data_dir(**_: object) -> None:
 
 
 @worker_init.connect
+def _lower_priority(**_: object) -> None:
+    """Steps (and the sandboxes and trainers they start) yield the CPU to the API and the
+    database on a shared host: `worker_nice`, set once in the parent before the pool forks."""
+    import os
+
+    by = get_settings().worker_nice
+    if by:
+        os.nice(by)
+
+
+@worker_init.connect
 def _warm(**_: object) -> None:
     """What every pool process would do on its first step, done once in the parent before the
     pool forks: the runner's bytecode compiled, the configured backends' modules imported (no
