@@ -270,21 +270,32 @@ def events(s: Session, job_id: str) -> list[JobEvent]:
 def append_log(
     s: Session, job_id: str, offset: int, data: bytes, *, max_points: int | None = None
 ) -> int:
-    """Store log bytes pulled from `offset`; idempotent under redelivery (CAS on log_offset).
+    """Store log bytes pulled from `offset`; each byte once (compare-and-set on log_offset).
     Metric lines among them become points, at most `max_points` per job (None: no cap);
     whatever a metric line holds, the bytes are stored (metrics go in a savepoint).
 
-    Returns the job's log offset after the call."""
+    Two pulls of one job may overlap: a redelivered poll, or a poll re-driven beside a late
+    one. The log file only grows, so the bytes at an offset are the same in every pull: a call
+    that finds the offset already moved into its bytes stores the rest past it. (Storing
+    nothing there lost the bytes the other pull had not reached, when this pull was the one
+    that saw the trainer's exit and moved the job on.)
+
+    Returns the job's log offset after the call: at least `offset + len(data)`."""
     if not data:
         return offset
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.log_offset == offset)
-        .values(log_offset=offset + len(data), last_progress_at=utcnow())
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        cur = s.scalar(select(Job.log_offset).where(Job.id == job_id))
-        return int(cur or 0)
+    end = offset + len(data)
+    while True:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.log_offset == offset)
+            .values(log_offset=end, last_progress_at=utcnow())
+        )
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            break
+        cur = int(s.scalar(select(Job.log_offset).where(Job.id == job_id)) or 0)
+        if not offset < cur < end:
+            return cur  # all of it stored before (or the job is gone)
+        data, offset = data[cur - offset :], cur
     s.add(LogChunk(job_id=job_id, offset=offset, data=data))
     s.flush()
     try:
@@ -293,7 +304,7 @@ def append_log(
     except Exception as e:  # noqa: BLE001 - trainer output never costs the log its bytes
         log.warning("job %s: metrics at log offset %d not stored: %s", job_id, offset, e)
         add_event(s, job_id, "metrics", f"metric lines at log offset {offset} skipped: {e!s:.200}")
-    return offset + len(data)
+    return end
 
 
 def _replica_name(s: Session, job_id: str, replica: int) -> str:
@@ -434,18 +445,25 @@ def append_replica_log(
     max_points: int | None = None,
 ) -> bool:
     """Store bytes pulled from `file_offset` of the log file on replica `replica`'s server
-    (resource `resource_id`) at the end of that replica's log; idempotent under redelivery
-    (CAS on the resource's log_offset). Its metric lines become that replica's points (as
-    append_log's). False when another poll stored them first."""
+    (resource `resource_id`) at the end of that replica's log; each byte once (CAS on the
+    resource's log_offset; of a pull that overlaps one stored before, the rest past it, as
+    append_log does). Its metric lines become that replica's points (as append_log's). False
+    when another poll stored them all first."""
     if not data:
         return False
-    res = s.execute(
-        update(Resource)
-        .where(Resource.id == resource_id, Resource.log_offset == file_offset)
-        .values(log_offset=file_offset + len(data))
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        return False
+    upto = file_offset + len(data)
+    while True:
+        res = s.execute(
+            update(Resource)
+            .where(Resource.id == resource_id, Resource.log_offset == file_offset)
+            .values(log_offset=upto)
+        )
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            break
+        cur = int(s.scalar(select(Resource.log_offset).where(Resource.id == resource_id)) or 0)
+        if not file_offset < cur < upto:
+            return False
+        data, file_offset = data[cur - file_offset :], cur
     end = s.scalar(
         select(func.max(ReplicaLogChunk.offset + func.length(ReplicaLogChunk.data))).where(
             ReplicaLogChunk.job_id == job_id, ReplicaLogChunk.replica == replica

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from service.db import jobs as repo
 from service.db.migrate import upgrade
-from service.db.models import JobEvent, MetricRow
+from service.db.models import JobEvent, MetricRow, Resource
 from service.db.session import session_scope
 from service.domain.spec import JobSpec
 from service.domain.states import JobState, Phase
@@ -102,6 +102,39 @@ def test_append_log_is_idempotent_and_metrics_straddling_chunks_are_parsed(pg: s
             s.scalar(select(func.count()).select_from(MetricRow).where(MetricRow.job_id == job_id))
             == 1
         )
+
+
+def test_overlapping_pulls_store_each_byte_once(pg: str) -> None:
+    """Two polls of one job pulled from the same offset, one further than the other (a
+    re-driven poll beside a late one): whichever stores second stores the rest past the first,
+    so the job's log holds every byte once, and the metric lines past it become points."""
+    job_id = _new_job(pg)
+    line = b'{"stackml_metric": 1, "epoch": 2, "loss": 0.5}\n'
+    short, long = b"epoch 1\n", b"epoch 1\n" + line + b"done\n"
+    with session_scope(pg) as s:
+        assert repo.append_log(s, job_id, 0, short) == len(short)
+    with session_scope(pg) as s:
+        assert repo.append_log(s, job_id, 0, long) == len(long)
+    with session_scope(pg) as s:
+        assert repo.append_log(s, job_id, 0, short) == len(long)  # inside what is stored: no-op
+        assert repo.append_log(s, job_id, 0, long) == len(long)
+        assert repo.read_log(s, job_id, 0) == (long, len(long))
+        assert [p["value"] for p in repo.metrics(s, job_id)["loss"]] == [0.5]
+    # a replica's log (workers of a distributed job) the same way
+    with session_scope(pg) as s:
+        res = Resource(
+            job_id=job_id, project_id="p1", backend="sandbox", role="worker",
+            name=f"overlap-{job_id}", flavor="small", state="active",
+        )  # fmt: skip
+        s.add(res)
+        s.flush()
+        rid = res.id
+    with session_scope(pg) as s:
+        assert repo.append_replica_log(s, job_id, 1, rid, 0, short)
+    with session_scope(pg) as s:
+        assert repo.append_replica_log(s, job_id, 1, rid, 0, long)
+        assert not repo.append_replica_log(s, job_id, 1, rid, 0, long)
+        assert repo.read_log(s, job_id, 0, replica=1) == (long, len(long))
 
 
 def test_list_filters_and_paginates_within_a_project(pg: str) -> None:
