@@ -154,6 +154,9 @@ class Settings(BaseSettings):
     # how often the runner uploads new checkpoint files of a restartable job (restart_policy)
     checkpoint_sync_seconds: float = Field(default=10.0, gt=0, le=3600)
     stuck_after: float = 30
+    # after the chief exited 0, how long its job waits (RUNNING) for a side-car evaluator that
+    # was fed the final checkpoint to evaluate it and exit; 0: the job does not wait
+    evaluator_grace_seconds: float = Field(default=120, ge=0, le=3600)
     # a Celery worker lowers its CPU priority by this much when it starts (os.nice; its pool and
     # what it runs, the sandboxes and their trainers, inherit it): where the API shares a host
     # with workers, requests are answered first and steps take what is left. 0: unchanged

@@ -274,6 +274,8 @@ def test_one_ps_two_workers_train_under_pss_and_a_lost_worker_is_replaced_alone(
     finished = [e["message"] for e in _events(client, job["id"]) if e["kind"] == "poll"]
     for who in ("worker-2", "ps-0"):
         assert f"replica {who} served the cluster until the chief finished" in finished, finished
+    assert any("evaluator evaluates the final checkpoint" in m for m in finished), finished
+    assert any("evaluator exited 0" in m for m in finished), finished
     worker_log = client.logs(job["id"], replica="worker-1")[0].decode()
     assert "(ParameterServerStrategy, 2 workers, 1 parameter servers): serving the cluster" in (
         worker_log
@@ -284,6 +286,8 @@ def test_one_ps_two_workers_train_under_pss_and_a_lost_worker_is_replaced_alone(
     evaluated = client.metrics(job["id"], replica="evaluator")["metrics"]["eval_loss"]
     seen = [p["epoch"] for p in evaluated]
     assert len(seen) >= 2 and seen == sorted(set(seen)), _story(client, job)
+    # the job waited for the evaluation of the final checkpoint, the model it exported
+    assert seen[-1] == epochs, (seen, _story(client, job))
     assert evaluated[-1]["value"] < evaluated[0]["value"], evaluated
     evaluator_log = client.logs(job["id"], replica="evaluator")[0].decode()
     assert "trainer: side-car evaluator on 1000 rows" in evaluator_log, evaluator_log[-3000:]

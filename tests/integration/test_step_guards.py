@@ -41,7 +41,7 @@ from service.domain.states import JobState, ResourceState
 from tests.pgutil import recorded_statements, temp_database
 from workers import jobctx, pipeline, reconciler, ssh
 from workers.jobctx import JOB_DIR, RUNNER
-from workers.steps import export, poll, provision
+from workers.steps import export, poll, provision, sidecar
 from workers.steps.provision import PYTHON
 
 FLAVOR = Flavor(name="test.small", vcpus=1, ram_mb=512, pids=256)
@@ -221,6 +221,59 @@ def test_a_trainer_that_exits_while_a_poll_looks_loses_no_line(
     with session_scope(env.url) as s:
         data, _ = repo.read_log(s, job_id)
     assert (job.state, data) == (JobState.EXPORTING, b"first\nlast\n")
+
+
+def test_a_job_waits_a_bounded_time_for_its_evaluators_last_evaluation(env: Env) -> None:
+    """The chief exited 0: the job stays RUNNING while its side-car evaluator (fed the final
+    checkpoint) has not exited, for at most evaluator_grace_seconds; then one event, the
+    evaluator's row ended, and the job goes on. An evaluator that exited, or none, holds
+    nothing."""
+    spec = JobSpec.model_validate(
+        {
+            "name": "g",
+            "trainer": {"package_uri": "local://p/x.tar.gz", "module": "t"},
+            "resources": {"evaluator": True},
+        }
+    )
+    with session_scope(env.url) as s:
+        job_id = repo.create_job(s, "p", spec).id
+        row = Resource(
+            job_id=job_id, project_id="p", backend="sandbox", role="tf-evaluator",
+            name=f"stackml-{job_id}-evaluator-0", server_id="sb-x", flavor=FLAVOR.name,
+            state=ResourceState.ACTIVE.value, replica_state="fed-final",
+        )  # fmt: skip
+        s.add(row)
+        s.flush()
+        row_id = row.id
+    index = spec.shape().evaluator_index
+    assert index is not None
+    ctx: Any = type("Ctx", (), {"job_id": job_id, "spec": spec})()
+    running = sidecar_look(index, None)
+    env.settings = env.settings.model_copy(update={"evaluator_grace_seconds": 1.0})
+    assert sidecar.holds_the_end(ctx, running)  # the first poll that saw the chief's exit
+    assert sidecar.holds_the_end(ctx, running)  # within the grace
+    assert not sidecar.holds_the_end(ctx, sidecar_look(index, "0\n"))  # it exited
+    assert not sidecar.holds_the_end(ctx, None)  # none (or lost)
+    time.sleep(1.1)
+    assert not sidecar.holds_the_end(ctx, running)  # past the grace: the job goes on
+    assert not sidecar.holds_the_end(ctx, running)  # and never waits again
+    with session_scope(env.url) as s:
+        messages = [e.message for e in repo.events(s, job_id)]
+        assert s.get_one(Resource, row_id).replica_state == sidecar.ENDED
+    assert sum("evaluates the final checkpoint" in m for m in messages) == 1, messages
+    assert sum("did not exit within 1s of the chief" in m for m in messages) == 1, messages
+    env.settings = env.settings.model_copy(update={"evaluator_grace_seconds": 0.0})
+    with session_scope(env.url) as s:
+        s.get_one(Resource, row_id).replica_state = "fed-final"
+        for e in repo.events(s, job_id):
+            s.delete(e)
+    assert not sidecar.holds_the_end(ctx, running)  # a grace of 0: no wait at all
+
+
+def sidecar_look(index: int, exit_text: str | None) -> Any:
+    from workers.steps.batch_servers import Look
+
+    return Look(index, "sb-x", exit_text, time.time(), "evaluated" if exit_text else "")
 
 
 def test_the_deadline_holds_whatever_the_trainer_prints(env: Env) -> None:

@@ -115,6 +115,9 @@ def _poll(ctx: jobctx.StepContext) -> None:
                 f"the runner's exit status is not a number: {exit_text[:64]!r}",
             )
         elif code == 0:
+            if sidecar.holds_the_end(ctx, side):  # its evaluation of the final checkpoint
+                _again(job_id, min(cfg.poll_max, max(interval, cfg.poll_min) * 1.5), False)
+                return
             with db() as s:
                 for o in others:
                     last = o.tail.strip().splitlines()[-1:] or ["(no log)"]

@@ -12,17 +12,24 @@ prefix costs one listing and nothing more.
 It never decides the job: the poll leaves it out of the replicas whose exit, failure or
 silence ends the run. Its exit is one event (`replica_state` `ended` after it); a lost
 evaluator's server is one event too (batch_servers.look), and the job goes on without it; the
-teardown stops it with the job's other servers.
+teardown stops it with the job's other servers. One wait: when the chief exited 0, the poll
+that saw it fed the evaluator the final checkpoint (the chief's runner syncs it before writing
+its exit status), and the job stays RUNNING until the evaluator exits, at most
+`evaluator_grace_seconds` (`holds_the_end`): else the job's last evaluation, of the model it
+exports, would be lost with the evaluator's server.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC, datetime
+
+from sqlalchemy import select
 
 from service.backends.interfaces import Access
 from service.db import jobs as repo
-from service.db.models import Resource
+from service.db.models import JobEvent, Resource, utcnow
 from service.domain.errors import BackendError
 from workers import jobctx, ssh
 from workers.jobctx import JOB_DIR, db
@@ -30,6 +37,7 @@ from workers.steps import batch_servers, restart
 
 ENDED = "ended"
 FEED = f"{JOB_DIR}/checkpoints.feed"
+FINAL_WAIT = "evaluates the final checkpoint"  # the event that starts the wait (its clock)
 
 
 def index(ctx: jobctx.StepContext) -> int | None:
@@ -103,3 +111,50 @@ def tend(ctx: jobctx.StepContext, look: batch_servers.Look, timeout: float) -> N
         return
     with db() as s:
         s.get_one(Resource, live.id).replica_state = mark
+
+
+def holds_the_end(ctx: jobctx.StepContext, look: batch_servers.Look | None) -> bool:
+    """The chief exited 0: whether the job stays RUNNING for its evaluator, fed the final
+    checkpoint and not exited yet, within `evaluator_grace_seconds` of the first poll that saw
+    the chief's exit (its event is the clock: the database's time, not the server's). Past
+    the grace one event, the evaluator's row `ended`, and the job goes on without it."""
+    if look is None or look.exit_text is not None:
+        return False  # none, lost, or exited (tend recorded it; its log is pulled whole)
+    live = batch_servers.rows(ctx.job_id, ctx.spec.shape()).get(look.index)
+    if live is None or live.replica_state in (ENDED, batch_servers.REPLACING):
+        return False
+    grace = jobctx.settings().evaluator_grace_seconds
+    who = batch_servers.label(ctx.spec, look.index)
+    with db() as s:
+        since = s.scalar(
+            select(JobEvent.at).where(
+                JobEvent.job_id == ctx.job_id,
+                JobEvent.replica == look.index,
+                JobEvent.message.startswith(f"{who} {FINAL_WAIT}"),
+            )
+        )
+        if since is None and grace > 0:
+            repo.add_event(
+                s,
+                ctx.job_id,
+                "poll",
+                f"{who} {FINAL_WAIT}: the chief exited 0; the job waits for it up to {grace:g}s",
+                replica=look.index,
+            )
+            return True
+        if since is not None and (utcnow() - _aware(since)).total_seconds() < grace:
+            return True
+        s.get_one(Resource, live.id).replica_state = ENDED
+        repo.add_event(
+            s,
+            ctx.job_id,
+            "poll",
+            f"{who} did not exit within {grace:g}s of the chief: the job goes on without "
+            "its evaluation of the final checkpoint",
+            replica=look.index,
+        )
+    return False
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
