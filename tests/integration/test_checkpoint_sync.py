@@ -61,7 +61,7 @@ def recording(sync: runner._CheckpointSync) -> list[str]:
     order: list[str] = []
     put = sync.uploader.put
 
-    def recorded(key: str, path: str, offset: int, length: int) -> str:
+    def recorded(key: str, path: str | int, offset: int, length: int) -> str:
         order.append(key)
         return put(key, path, offset, length)
 
@@ -105,6 +105,46 @@ def test_sync_uploads_a_quiet_directory_once_and_changes_after(
     assert stored(store)["ckpt-2.data"] == b"two"
     # what was sent is remembered across a runner restart on the same server
     assert sync_of(store, job).run_pass(final=True) == 0
+    assert (job / "log").read_bytes() == b""
+
+
+def test_a_save_during_a_long_pass_never_leaves_an_index_naming_data_the_store_lacks(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    """The trainer saves its next checkpoint while a pass is still sending the last one's data
+    (a large upload outlasts the quiet): the new index, renamed into place as TensorFlow does,
+    is not sent by that pass; the store keeps the old index until the next pass has sent the
+    new data first."""
+    job = job_dir(tmp_path / "job")
+    ck = job / "checkpoints"
+    (ck / "ckpt-1.data").write_bytes(b"one" * 1000)
+    (ck / "checkpoint").write_bytes(b"model_checkpoint_path: ckpt-1\n")
+    for f in ("ckpt-1.data", "checkpoint"):
+        aged(ck / f, 5.0 if f != "checkpoint" else 4.0)  # the index written after its data
+    sync = sync_of(store, job)
+    order = recording(sync)
+    put = sync.uploader.put
+    saved: list[bool] = []
+
+    def save_meanwhile(key: str, path: str | int, offset: int, length: int) -> str:
+        etag = put(key, path, offset, length)
+        if key == "ckpt-1.data" and not saved:  # the next save, while this pass goes on
+            saved.append(True)
+            (ck / "ckpt-2.data").write_bytes(b"two" * 1000)
+            tmp = ck / "checkpoint.tmp"
+            tmp.write_bytes(b"model_checkpoint_path: ckpt-2\n")  # same size as the old one
+            os.replace(tmp, ck / "checkpoint")
+        return etag
+
+    sync.uploader.put = save_meanwhile  # type: ignore[method-assign]
+    assert sync.run_pass(final=False) is None  # stopped at the index that changed
+    assert saved and order == ["ckpt-1.data"]
+    assert "checkpoint" not in stored(store)  # no index naming ckpt-2, whose data is not there
+    for f in ("ckpt-2.data", "checkpoint"):
+        aged(ck / f, 3.0 if f != "checkpoint" else 2.0)
+    assert sync.run_pass(final=False) == 2
+    assert order == ["ckpt-1.data", "ckpt-2.data", "checkpoint"]
+    assert stored(store)["checkpoint"] == b"model_checkpoint_path: ckpt-2\n"
     assert (job / "log").read_bytes() == b""
 
 

@@ -506,7 +506,11 @@ def _supervise(job_dir: str) -> int:
         done = threading.Event()
         threading.Thread(target=_beat, args=(job_dir, done), daemon=True).start()
         try:
-            sync.run_pass(final=True)
+            # (a file that changes after the trainer's exit - a child it left behind - stops a
+            # pass; the next one sends the rest)
+            for _ in range(FINAL_SYNC_PASSES):
+                if sync.run_pass(final=True) is not None:
+                    break
         finally:
             done.set()
     return code
@@ -591,6 +595,9 @@ SYNCED = "checkpoints.synced"
 CHECKPOINT_QUIET = 1.0  # a pass uploads only a directory where nothing changed for this long
 
 
+FINAL_SYNC_PASSES = 3
+
+
 class _CheckpointSync:
     """Uploads new and changed files of checkpoints/ to the job's checkpoint prefix (its write
     grant in job.json), every `seconds` while the trainer runs and once after it exits.
@@ -598,8 +605,11 @@ class _CheckpointSync:
     A pass uploads only when nothing in the directory changed for CHECKPOINT_QUIET seconds (else
     it tries again after that long), so that what is in the store is one checkpoint, not the
     index of the next one beside half of its data; and it uploads the files oldest first, so
-    that a pass cut short leaves no index naming data that is not in the store. A failure is
-    one line in the log, never the trainer's end: the next pass tries again."""
+    that a pass cut short leaves no index naming data that is not in the store. A pass that
+    outlasts the quiet (large files) stops at the first file the trainer changed since the walk
+    (its next save began: the index it renames into place names data this pass does not send)
+    and sends the rest after the next quiet. A failure is one line in the log, never the
+    trainer's end: the next pass tries again."""
 
     def __init__(self, job_dir: str, cfg: dict) -> None:
         self.root = os.path.join(job_dir, "checkpoints")
@@ -660,16 +670,48 @@ class _CheckpointSync:
         # ms) have the same mtime: of those the larger go first, since the file that names
         # the others is the small one (`checkpoint` after ckpt-N.index after its data)
         files.sort(key=lambda f: (f[2].st_mtime_ns, -f[2].st_size, f[0]))
-        for rel, path, st in files:
-            sig = [st.st_size, st.st_mtime_ns]
-            if self.seen.get(rel) != sig:
-                self.uploader.put(rel, path, 0, st.st_size)
+        whole = True
+        try:
+            for rel, path, st in files:
+                sig = [st.st_size, st.st_mtime_ns]
+                if self.seen.get(rel) == sig:
+                    continue
+                # the file as the walk saw it, or none: a long pass can outlast the quiet, and
+                # the trainer's next save replaces the index (a rename) with one that names
+                # data this pass does not send. Sent from the descriptor checked against the
+                # walk, and the pass stops at the first file that changed since
+                if not self._put_unchanged(rel, path, st):
+                    whole = False
+                    break
                 self.seen[rel] = sig
                 sent += 1
-        if sent:
-            _write_atomic(self.state, json.dumps(self.seen))
+        finally:
+            if sent:
+                _write_atomic(self.state, json.dumps(self.seen))
+        if not whole:
+            return None  # the next checkpoint began: the rest after the next quiet
         self.last_error = ""
         return sent
+
+    def _put_unchanged(self, rel: str, path: str, st: os.stat_result) -> bool:
+        """Upload `path` if it is still the file the walk stat'ed (same inode, size and
+        mtime), from the descriptor that was checked; False when it changed or went."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # removed (an old checkpoint dropped) or replaced by a link
+            return False
+        try:
+            now = os.fstat(fd)
+            if (now.st_ino, now.st_size, now.st_mtime_ns) != (
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+            ):
+                return False
+            self.uploader.put(rel, fd, 0, st.st_size)
+        finally:
+            os.close(fd)
+        return True
 
 
 def _supervise_batch(job_dir: str, job: dict) -> int:
@@ -888,7 +930,9 @@ class _Uploader:
             for conn in self._all:
                 conn.close()
 
-    def put(self, key: str, path: str, offset: int, length: int) -> str:
+    def put(self, key: str, path: str | int, offset: int, length: int) -> str:
+        """PUT `length` bytes from `offset` of `path` (a file name, or an open descriptor,
+        which stays open) to `key`; returns the ETag."""
         import hashlib
         from urllib.parse import quote
 
@@ -901,7 +945,7 @@ class _Uploader:
             try:
                 conn.send_head("PUT", target, headers, length)
                 try:
-                    with open(path, "rb") as fh:
+                    with open(path, "rb", closefd=not isinstance(path, int)) as fh:
                         fh.seek(offset)
                         left = length
                         while left > 0:
