@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,25 @@ def test_a_program_that_cannot_start_is_127_and_a_sentence_in_the_log(tmp_path: 
     assert not (tmp_path / "pid").exists()
     with pytest.raises(ChildProcessError):  # the child that failed to exec was reaped
         os.waitpid(-1, os.WNOHANG)
+
+
+def test_what_a_trainer_leaves_running_is_stopped_before_its_exit_is_reported(
+    tmp_path: Path,
+) -> None:
+    """A child the trainer did not wait for would go on writing the log (and the model) after
+    the exit status says they are whole: it is stopped first, and the log says so."""
+    marker = tmp_path / "late"
+    # the child ignores nothing: SIGTERM ends it; one that ignores SIGTERM is SIGKILLed
+    code = _trainer(
+        tmp_path,
+        ["sh", "-c", f"(sleep 30; echo late > {marker}) & (trap '' TERM; sleep 30) & exit 0"],
+    )
+    assert code == 0
+    time.sleep(0.2)
+    assert not marker.exists()
+    assert not runner._group_alive(int((tmp_path / "pid").read_text()))  # none of it runs
+    assert (tmp_path / "log").read_text() == (
+        "stackml-runner: the trainer exited leaving processes running; they were stopped\n"
+    )
+    assert _trainer(tmp_path, ["sh", "-c", "exit 0"]) == 0  # nothing left: nothing said
+    assert (tmp_path / "log").read_text().count("stopped") == 1

@@ -775,12 +775,67 @@ def _run_supervised(
         return 127
     _write_atomic(os.path.join(job_dir, "pid"), f"{pid}\n")
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    # what it left running in its session (a child it did not wait for) would go on writing
+    # the log and the model after the exit status says they are whole: stopped first
+    left = _stop_group(pid)
     stop.set()
     if code < 0:
         log.write(f"stackml-runner: {kill_label} was killed by signal {-code}\n".encode())
         code = 128 - code
+    if left:
+        log.write(
+            f"stackml-runner: {kill_label} exited leaving processes running; they were "
+            "stopped\n".encode()
+        )
     log.close()
     return code
+
+
+LEFTOVER_GRACE = 2.0  # seconds a program's leftover processes get between SIGTERM and SIGKILL
+
+
+def _stop_group(pgid: int) -> bool:
+    """SIGTERM to what is left of process group `pgid` (the program's session), SIGKILL to
+    what remains after LEFTOVER_GRACE seconds; True when anything was left."""
+    if not _group_alive(pgid):
+        return False
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + LEFTOVER_GRACE
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if not _group_alive(pgid):
+            return True
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs. Zombies do not count: orphans are
+    reparented to a PID 1 that may never reap them, and kill(2) still finds those."""
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:  # no /proc: kill(2) says whether the group has members
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue  # ended meanwhile
+        fields = stat[stat.rfind(b")") + 2 :].split()  # state ppid pgrp ... (comm may hold ")")
+        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _spawn(argv: list[str], env: dict[str, str], cwd: str, out: int) -> int:
