@@ -1,5 +1,7 @@
 """Production entry points make the data dir private as `stackml up` does: gunicorn's
-`service.wsgi` and a celery worker or beat started directly (docs/operations.md)."""
+`service.wsgi` and a celery worker or beat started directly (docs/operations.md). And a worker
+lowers its CPU priority by `worker_nice` when it starts (before its pool forks), so that on a
+host it shares with the API requests are answered first; beat does not."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
+from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,11 +38,21 @@ print(oct(os.umask(0o022)))
 """
 
 
-def _run(code: str, data_dir: Path) -> str:
-    env = {
-        **os.environ,
+# the niceness before and after the signal
+NICENESS = """
+import json, os
+import celery.signals as sig, workers.celery_app
+before = os.nice(0)
+sig.{signal}.send(sender=None)
+print(json.dumps([before, os.nice(0)]))
+"""
+
+
+def _run(code: str, data_dir: Path, **settings: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "STACKML_WORKER_NICE"} | {
         "STACKML_DATA_DIR": str(data_dir),
         "STACKML_DATABASE_URL": f"sqlite:///{data_dir}/stackml.db",
+        **{f"STACKML_{k.upper()}": v for k, v in settings.items()},
     }
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -86,3 +101,24 @@ def test_celery_worker_and_beat_make_the_data_dir_private(tmp_path: Path, signal
     os.chmod(data_dir, 0o755)
     assert _run(SIGNAL.format(signal=signal), data_dir) == "0o77"
     assert _mode(data_dir) == 0o700
+
+
+@pytest.mark.parametrize(("nice", "by"), [(None, 10), ("3", 3), ("0", 0)])
+def test_a_worker_lowers_its_priority_by_worker_nice(
+    tmp_path: Path, nice: str | None, by: int
+) -> None:
+    settings = {} if nice is None else {"worker_nice": nice}
+    before, after = json.loads(_run(NICENESS.format(signal="worker_init"), tmp_path, **settings))
+    assert after == min(19, before + by)  # (the kernel caps niceness at 19)
+
+
+def test_beat_keeps_its_priority(tmp_path: Path) -> None:
+    out = _run(NICENESS.format(signal="beat_init"), tmp_path, worker_nice="10")
+    before, after = json.loads(out)
+    assert after == before
+
+
+@pytest.mark.parametrize("bad", [-1, 20])
+def test_worker_nice_out_of_range_is_refused(bad: int) -> None:
+    with pytest.raises(ValidationError, match="worker_nice"):
+        Settings(worker_nice=bad)
