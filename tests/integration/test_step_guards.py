@@ -41,7 +41,7 @@ from service.domain.states import JobState, ResourceState
 from tests.pgutil import recorded_statements, temp_database
 from workers import jobctx, pipeline, reconciler, ssh
 from workers.jobctx import JOB_DIR, RUNNER
-from workers.steps import export, poll, provision, sidecar
+from workers.steps import batch_servers, export, poll, provision, sidecar
 from workers.steps.provision import PYTHON
 
 FLAVOR = Flavor(name="test.small", vcpus=1, ram_mb=512, pids=256)
@@ -274,6 +274,59 @@ def sidecar_look(index: int, exit_text: str | None) -> Any:
     from workers.steps.batch_servers import Look
 
     return Look(index, "sb-x", exit_text, time.time(), "evaluated" if exit_text else "")
+
+
+# a runner whose `kill` stops the trainer as the real one does: its last words in the log,
+# then the exit status
+KILLING_RUNNER = f"""
+import sys
+with open("{JOB_DIR}/log", "ab") as log:
+    log.write(b"killed at the deadline\\n")
+with open("{JOB_DIR}/exit_code", "w") as out:
+    out.write("137\\n")
+print('{{"ok": true, "killed": true}}')
+"""
+
+
+def test_a_job_past_its_deadline_stores_the_rest_of_the_chiefs_log_first(env: Env) -> None:
+    """More than one pull's worth of log is waiting when the job runs out of time: the trainer
+    is stopped and every byte it printed is stored before the job fails."""
+    job_id, conn = start_job(env, JobState.RUNNING, ran_for=120, max_runtime_seconds=60)
+    body = b"x" * 100 + b"\n"
+    log = body * ((poll.MAX_PULL // len(body)) + 50)  # more than one pull
+    conn.put_bytes(log, f"{JOB_DIR}/log", 0o644)
+    conn.run(["ln", "-sfn", "/usr/bin/python3", PYTHON], timeout=10)
+    conn.put_bytes(KILLING_RUNNER.encode(), RUNNER, 0o644)
+    poll.run(job_id)
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_reason) == ("FAILED", "timeout")
+    with session_scope(env.url) as s:
+        data, _ = repo.read_log(s, job_id, 0, limit=4 << 20)
+    assert data == log + b"killed at the deadline\n"
+
+
+def test_a_lost_replica_with_the_chiefs_log_left_to_pull_stores_all_of_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chief exited with more than one pull's worth of log left, and another replica's
+    server is gone in the same poll: the rest of the chief's log is stored before the job
+    ends."""
+    job_id, conn = start_job(env, JobState.RUNNING, resources={"workers": 2})
+    body = b"y" * 100 + b"\n"
+    log = body * ((poll.MAX_PULL // len(body)) + 50)
+    conn.put_bytes(log, f"{JOB_DIR}/log", 0o644)
+    conn.put_bytes(b"0\n", f"{JOB_DIR}/exit_code", 0o644)
+
+    def lost(ctx: object, timeout: float) -> None:
+        raise batch_servers.WorkerLost("replica worker-1's server is gone", 1, "sb-gone")
+
+    monkeypatch.setattr(batch_servers, "look", lost)
+    poll.run(job_id)
+    job = job_row(env, job_id)
+    assert (job.state, job.failure_reason) == ("FAILED", "server_lost")
+    with session_scope(env.url) as s:
+        data, _ = repo.read_log(s, job_id, 0, limit=4 << 20)
+    assert data == log
 
 
 def test_the_deadline_holds_whatever_the_trainer_prints(env: Env) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from service import queue
@@ -66,8 +67,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
             if replace.alone(ctx, e.index) and replace.begin(ctx, e.index, e.server_id, str(e)):
                 _again(job_id, cfg.poll_min, False)  # the others train on meanwhile
                 return
-            if exit_text is None:
-                _drain_chief(job_id, conn, offset + len(data), log_base)
+            if exit_text is None or len(data) == MAX_PULL:  # running, or log left to pull
+                _drain_chief(job_id, conn, offset + len(data), log_base, exited=bool(exit_text))
             restart.fail_or_restart(ctx, FailureReason.SERVER_LOST, str(e))
             return
         except ssh.SSHError as e:
@@ -152,7 +153,15 @@ def _poll(ctx: jobctx.StepContext) -> None:
             )
         return
 
-    if _past_deadline(job_id, started_at, max_runtime):
+    if _past_deadline(
+        job_id,
+        started_at,
+        max_runtime,
+        # the trainer is stopped and the rest of its log stored before the job fails
+        drain=lambda: _drain_chief(
+            job_id, conn, offset + len(data), log_base, exited=exit_text is not None
+        ),
+    ):
         return
     now = time.time()
     stopped: list[tuple[str, float, batch_servers.Look | None]] = []
@@ -168,8 +177,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
             why = f"the runner's heartbeat{who} stopped {now - beat:.0f}s ago"
             if other is not None and _replaced(ctx, other, why):
                 continue
-            if who and exit_text is None:  # another replica's: the chief still runs
-                _drain_chief(job_id, conn, offset + len(data), log_base)
+            if who and (exit_text is None or more):  # another replica's: the chief's log
+                _drain_chief(job_id, conn, offset + len(data), log_base, exited=bool(exit_text))
             restart.fail_or_restart(ctx, FailureReason.SERVER_LOST, why)
             return
 
@@ -192,21 +201,26 @@ def _replaced(ctx: jobctx.StepContext, other: batch_servers.Look, why: str) -> b
     return replace.alone(ctx, other.index) and replace.begin(ctx, other.index, other.server_id, why)
 
 
-def _drain_chief(job_id: str, conn: ssh.SSHConnection, offset: int, log_base: int) -> None:
-    """Another replica ended the run (lost, or failed) while the chief's trainer still runs:
-    stop the trainer, read the rest of its log once the runner has written its exit status
-    (every line the trainer printed is then in the file), and store it at the job's log
-    `offset`. Without this, what it printed between the last pull and the deletion of its
-    server would be lost, while a checkpoint it synced meanwhile is kept: a restart would
-    resume past epochs whose lines the job never got. Best effort within the command
-    timeout: an SSH failure drains nothing more (as with any lost server)."""
+def _drain_chief(
+    job_id: str, conn: ssh.SSHConnection, offset: int, log_base: int, *, exited: bool = False
+) -> None:
+    """Another replica ended the run (lost, or failed), or the job ran out of time, while the
+    chief's trainer still runs: stop the trainer, read the rest of its log once the runner has
+    written its exit status (every line the trainer printed is then in the file), and store it
+    at the job's log `offset`. With `exited` (its exit status was read) only the rest of the
+    log: more than one pull's worth was left. Without this, what it printed between the last
+    pull and the deletion of its server would be lost, while a checkpoint it synced meanwhile
+    is kept: a restart would resume past epochs whose lines the job never got. Best effort
+    within the command timeout: an SSH failure drains nothing more (as with any lost
+    server)."""
     from workers.steps.provision import PYTHON
 
     cfg = jobctx.settings()
     deadline = time.monotonic() + cfg.command_timeout
     out = b""
     try:
-        conn.run(jobctx.runner_argv(PYTHON, "kill", JOB_DIR), timeout=cfg.command_timeout)
+        if not exited:
+            conn.run(jobctx.runner_argv(PYTHON, "kill", JOB_DIR), timeout=cfg.command_timeout)
         while batch_servers.read_small(conn, f"{JOB_DIR}/exit_code") is None:
             if time.monotonic() > deadline:
                 break
@@ -279,10 +293,18 @@ def _epoch(dt: datetime) -> float:
     return dt.timestamp()
 
 
-def _past_deadline(job_id: str, started_at: datetime | None, max_runtime: int) -> bool:
-    """Fail the job when it ran past max_runtime_seconds (checked whatever else went wrong)."""
+def _past_deadline(
+    job_id: str,
+    started_at: datetime | None,
+    max_runtime: int,
+    drain: Callable[[], None] | None = None,
+) -> bool:
+    """Fail the job when it ran past max_runtime_seconds (checked whatever else went wrong);
+    `drain` first, when the chief's server answers."""
     if started_at is None or time.time() - _epoch(started_at) <= max_runtime:
         return False
+    if drain is not None:
+        drain()
     jobctx.fail(
         job_id,
         Phase.TRAIN,
