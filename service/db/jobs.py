@@ -11,7 +11,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BindParameter, Select, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from service.backends.interfaces import Flavor
@@ -284,18 +295,11 @@ def append_log(
     if not data:
         return offset
     end = offset + len(data)
-    while True:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.log_offset == offset)
-            .values(log_offset=end, last_progress_at=utcnow())
-        )
-        if res.rowcount == 1:  # type: ignore[attr-defined]
-            break
-        cur = int(s.scalar(select(Job.log_offset).where(Job.id == job_id)) or 0)
-        if not offset < cur < end:
-            return cur  # all of it stored before (or the job is gone)
-        data, offset = data[cur - offset :], cur
+    offset, data = _claim(
+        s, Job.log_offset, Job.id == job_id, offset, data, last_progress_at=utcnow()
+    )
+    if not data:
+        return offset  # all of it stored before (or the job is gone)
     s.add(LogChunk(job_id=job_id, offset=offset, data=data))
     s.flush()
     try:
@@ -305,6 +309,32 @@ def append_log(
         log.warning("job %s: metrics at log offset %d not stored: %s", job_id, offset, e)
         add_event(s, job_id, "metrics", f"metric lines at log offset {offset} skipped: {e!s:.200}")
     return end
+
+
+def _claim(
+    s: Session,
+    column: Any,
+    row: ColumnElement[bool],
+    offset: int,
+    data: bytes,
+    **values: Any,
+) -> tuple[int, bytes]:
+    """Move `row`'s log offset `column` from `offset` past `data` (compare-and-set, `values`
+    set with it): the (offset, bytes) of `data` this call is to store. Where another pull moved
+    the offset into `data` first, the rest past it (a log file only grows: the bytes at an
+    offset are the same in every pull); none, at the row's offset, when it stored them all."""
+    end = offset + len(data)
+    table = column.class_
+    while True:
+        res = s.execute(
+            update(table).where(row, column == offset).values({column.key: end, **values})
+        )
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            return offset, data
+        cur = int(s.scalar(select(column).where(row)) or 0)
+        if not offset < cur < end:
+            return cur, b""
+        data, offset = data[cur - offset :], cur
 
 
 def _replica_name(s: Session, job_id: str, replica: int) -> str:
@@ -451,19 +481,9 @@ def append_replica_log(
     when another poll stored them all first."""
     if not data:
         return False
-    upto = file_offset + len(data)
-    while True:
-        res = s.execute(
-            update(Resource)
-            .where(Resource.id == resource_id, Resource.log_offset == file_offset)
-            .values(log_offset=upto)
-        )
-        if res.rowcount == 1:  # type: ignore[attr-defined]
-            break
-        cur = int(s.scalar(select(Resource.log_offset).where(Resource.id == resource_id)) or 0)
-        if not file_offset < cur < upto:
-            return False
-        data, file_offset = data[cur - file_offset :], cur
+    _, data = _claim(s, Resource.log_offset, Resource.id == resource_id, file_offset, data)
+    if not data:
+        return False  # another poll stored them all
     end = s.scalar(
         select(func.max(ReplicaLogChunk.offset + func.length(ReplicaLogChunk.data))).where(
             ReplicaLogChunk.job_id == job_id, ReplicaLogChunk.replica == replica

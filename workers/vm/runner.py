@@ -777,7 +777,7 @@ def _run_supervised(
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     # what it left running in its session (a child it did not wait for) would go on writing
     # the log and the model after the exit status says they are whole: stopped first
-    left = _stop_group(pid)
+    left = _terminate_group(pid, LEFTOVER_GRACE) is not None
     stop.set()
     if code < 0:
         log.write(f"stackml-runner: {kill_label} was killed by signal {-code}\n".encode())
@@ -794,24 +794,37 @@ def _run_supervised(
 LEFTOVER_GRACE = 2.0  # seconds a program's leftover processes get between SIGTERM and SIGKILL
 
 
-def _stop_group(pgid: int) -> bool:
-    """SIGTERM to what is left of process group `pgid` (the program's session), SIGKILL to
-    what remains after LEFTOVER_GRACE seconds; True when anything was left."""
-    if not _group_alive(pgid):
-        return False
+def _terminate_group(
+    pgid: int, grace: float, alive: Callable[[int], bool] | None = None
+) -> bool | None:
+    """SIGTERM process group `pgid`, SIGKILL what is still `alive` (default: running, zombies
+    aside) after `grace` seconds: None when nothing of it was, False when SIGTERM ended it,
+    True when it took SIGKILL."""
+    alive = alive or _group_alive
+    if not alive(pgid):
+        return None
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + LEFTOVER_GRACE
+        return None
+    deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
+        if not alive(pgid):
+            return False
         time.sleep(0.05)
-        if not _group_alive(pgid):
-            return True
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    return True
+
+
+def _group_exists(pgid: int) -> bool:
+    """Whether process group `pgid` has members, zombies not yet reaped included (kill(2))."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
     return True
 
 
@@ -821,11 +834,7 @@ def _group_alive(pgid: int) -> bool:
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:  # no /proc: kill(2) says whether the group has members
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        return _group_exists(pgid)
     for p in pids:
         try:
             with open(f"/proc/{p}/stat", "rb") as fh:
@@ -1314,24 +1323,11 @@ def _exited(job_dir: str) -> dict:
 def stop_serving(job_dir: str) -> dict:
     """SIGTERM the server's process group, SIGKILL it after STOP_GRACE seconds."""
     pgid = _read_pid(job_dir)
-    if pgid is None:
+    # (until its supervisor reaped it: then its exit status is written)
+    forced = None if pgid is None else _terminate_group(pgid, STOP_GRACE, _group_exists)
+    if forced is None:
         return {"ok": True, "stopped": False}
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return {"ok": True, "stopped": False}
-    deadline = time.monotonic() + STOP_GRACE
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return {"ok": True, "stopped": True, "forced": False}
-        time.sleep(0.05)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return {"ok": True, "stopped": True, "forced": True}
+    return {"ok": True, "stopped": True, "forced": forced}
 
 
 COMMANDS = {
