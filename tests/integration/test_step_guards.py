@@ -43,6 +43,7 @@ from workers import jobctx, pipeline, reconciler, ssh
 from workers.jobctx import JOB_DIR, RUNNER
 from workers.steps import batch_servers, export, poll, provision, sidecar
 from workers.steps.provision import PYTHON
+from workers.steps.sidecar import FINAL_WAIT
 
 FLAVOR = Flavor(name="test.small", vcpus=1, ram_mb=512, pids=256)
 BIG = "9" * 400
@@ -227,7 +228,7 @@ def test_a_job_waits_a_bounded_time_for_its_evaluators_last_evaluation(env: Env)
     """The chief exited 0: the job stays RUNNING while its side-car evaluator (fed the final
     checkpoint) has not exited, for at most evaluator_grace_seconds; then one event, the
     evaluator's row ended, and the job goes on. An evaluator that exited, or none, holds
-    nothing."""
+    nothing. After a restart the wait's clock starts again."""
     spec = JobSpec.model_validate(
         {
             "name": "g",
@@ -268,6 +269,18 @@ def test_a_job_waits_a_bounded_time_for_its_evaluators_last_evaluation(env: Env)
         for e in repo.events(s, job_id):
             s.delete(e)
     assert not sidecar.holds_the_end(ctx, running)  # a grace of 0: no wait at all
+    # a run after a restart waits on a clock of its own, not on the earlier run's
+    env.settings = env.settings.model_copy(update={"evaluator_grace_seconds": 1.0})
+    with session_scope(env.url) as s:
+        s.get_one(Resource, row_id).replica_state = "fed-final"  # (the grace of 0 ended it)
+    assert sidecar.holds_the_end(ctx, running)
+    time.sleep(1.1)
+    with session_scope(env.url) as s:
+        repo.add_event(s, job_id, "restart", "restart 1 of 1 (OnFailure): the server is lost")
+    assert sidecar.holds_the_end(ctx, running)
+    with session_scope(env.url) as s:
+        waits = [e.message for e in repo.events(s, job_id) if FINAL_WAIT in e.message]
+    assert len(waits) == 2, waits
 
 
 def sidecar_look(index: int, exit_text: str | None) -> Any:
@@ -317,7 +330,7 @@ def test_a_lost_replica_with_the_chiefs_log_left_to_pull_stores_all_of_it(
     conn.put_bytes(log, f"{JOB_DIR}/log", 0o644)
     conn.put_bytes(b"0\n", f"{JOB_DIR}/exit_code", 0o644)
 
-    def lost(ctx: object, timeout: float) -> None:
+    def lost(ctx: object, timeout: float, spare: bool = False) -> None:
         raise batch_servers.WorkerLost("replica worker-1's server is gone", 1, "sb-gone")
 
     monkeypatch.setattr(batch_servers, "look", lost)

@@ -396,11 +396,17 @@ def read_small(conn: ssh.SSHConnection, path: str) -> str | None:
         return None
 
 
-def look(ctx: jobctx.StepContext, timeout: float) -> list[Look]:
+def look(ctx: jobctx.StepContext, timeout: float, *, spare: bool = False) -> list[Look]:
     """Every other worker's state, over SSH, and the new bytes of its log, stored as that
     replica's log (GET /v1/jobs/{id}/logs?replica=worker-<k>). A worker whose server is no
     longer ACTIVE raises WorkerLost; an SSH failure to a server still ACTIVE propagates (the
-    poll's SSH policy)."""
+    poll's SSH policy).
+
+    Replicas that decide nothing are let go instead: the side-car evaluator always (lost: its
+    row DELETING and one event; not answering SSH: a look as of one still running, so a wait
+    for its last evaluation stays bounded by its grace), and with `spare` (the chief exited 0
+    under ParameterServerStrategy: training is over) every other replica too (lost: let go;
+    not answering: left out of this poll)."""
     out = []
     side = None if ctx.spec.batch else ctx.spec.shape().evaluator_index
     for w in targets(ctx.job_id, shape_of(ctx.spec)):
@@ -413,9 +419,18 @@ def look(ctx: jobctx.StepContext, timeout: float) -> list[Look]:
         except ssh.SSHError as e:
             ssh.drop(w.target)
             state = jobctx.compute(ctx.trust_id).get_server(w.server_id).state
-            if state is not ServerState.ACTIVE and w.index == side:
-                _lose_evaluator(ctx, w, f"its server {w.server_id} is {state.value} ({e})")
+            decides = w.index != side and not spare
+            if state is not ServerState.ACTIVE and not decides:
+                why = f"its server {w.server_id} is {state.value} ({e})"
+                _let_go(ctx, w, why if w.index == side else f"{why}, after the chief exited 0")
                 continue  # the job goes on without it
+            if not decides:
+                jobctx.log.warning(
+                    "job %s: %s not looked at: %s", ctx.job_id, label(ctx.spec, w.index), e
+                )
+                if w.index == side:
+                    out.append(Look(w.index, w.server_id, None, None, ""))
+                continue
             if state is not ServerState.ACTIVE:
                 raise WorkerLost(
                     f"the server {w.server_id} of {label(ctx.spec, w.index)} is "
@@ -430,9 +445,10 @@ def look(ctx: jobctx.StepContext, timeout: float) -> list[Look]:
     return out
 
 
-def _lose_evaluator(ctx: jobctx.StepContext, w: Worker, why: str) -> None:
-    """The side-car evaluator's server is gone: its row DELETING (no look goes there again;
-    the teardown deletes the server), one event; the job goes on without it."""
+def _let_go(ctx: jobctx.StepContext, w: Worker, why: str) -> None:
+    """The server of a replica that decides nothing (look()'s) is gone: its row DELETING (no
+    look goes there again; the teardown deletes the server), one event; the job goes on
+    without it."""
     with db() as s:
         row = s.get_one(Resource, w.resource_id)
         if row.state in (ResourceState.DELETING.value, ResourceState.DELETED.value):

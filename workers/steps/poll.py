@@ -58,10 +58,14 @@ def _poll(ctx: jobctx.StepContext) -> None:
         _ssh_failed(ctx, e, started_at, f"the server {ctx.server_id} is gone or has not")
         return
 
+    # under ParameterServerStrategy the chief's exit 0 ends training: the workers and
+    # parameter servers, which serve until the job ends, decide nothing more (one lost or
+    # failing while the job waits for its evaluator, or its log, neither restarts nor fails it)
+    trained = parameter_servers and exit_text is not None and _exit_code(exit_text) == 0
     others: list[batch_servers.Look] = []
     if batch_servers.count(ctx.spec) > 1:
         try:
-            others = batch_servers.look(ctx, cfg.command_timeout)
+            others = batch_servers.look(ctx, cfg.command_timeout, spare=trained)
         except batch_servers.WorkerLost as e:
             _store_log(job_id, offset, data, cfg.max_metric_points)
             if replace.alone(ctx, e.index) and replace.begin(ctx, e.index, e.server_id, str(e)):
@@ -83,6 +87,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
     failed = next(
         (o for o in others if o.exit_text is not None and _exit_code(o.exit_text) != 0), None
     )
+    if trained:
+        failed = None  # (its exit is one event when the job moves on)
     if failed is not None and _replaced(
         ctx,
         failed,

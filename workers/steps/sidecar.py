@@ -25,7 +25,7 @@ import hashlib
 import json
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from service.backends.interfaces import Access
 from service.db import jobs as repo
@@ -115,9 +115,10 @@ def tend(ctx: jobctx.StepContext, look: batch_servers.Look, timeout: float) -> N
 
 def holds_the_end(ctx: jobctx.StepContext, look: batch_servers.Look | None) -> bool:
     """The chief exited 0: whether the job stays RUNNING for its evaluator, fed the final
-    checkpoint and not exited yet, within `evaluator_grace_seconds` of the first poll that saw
-    the chief's exit (its event is the clock: the database's time, not the server's). Past
-    the grace one event, the evaluator's row `ended`, and the job goes on without it."""
+    checkpoint and not exited yet, within `evaluator_grace_seconds` of the first poll of this
+    run that saw the chief's exit (its event is the clock: the platform's time, not the
+    server's; a wait in a run before a restart counts for nothing). Past the grace one event,
+    the evaluator's row `ended`, and the job goes on without it."""
     if look is None or look.exit_text is not None:
         return False  # none, lost, or exited (tend recorded it; its log is pulled whole)
     live = batch_servers.rows(ctx.job_id, ctx.spec.shape()).get(look.index)
@@ -126,12 +127,20 @@ def holds_the_end(ctx: jobctx.StepContext, look: batch_servers.Look | None) -> b
     grace = jobctx.settings().evaluator_grace_seconds
     who = batch_servers.label(ctx.spec, look.index)
     with db() as s:
+        # this run's: an earlier run's wait (before a restart) does not start this one's clock
+        run_began = select(func.coalesce(func.max(JobEvent.id), 0)).where(
+            JobEvent.job_id == ctx.job_id, JobEvent.kind == "restart"
+        )
         since = s.scalar(
-            select(JobEvent.at).where(
+            select(JobEvent.at)
+            .where(
                 JobEvent.job_id == ctx.job_id,
                 JobEvent.replica == look.index,
                 JobEvent.message.startswith(f"{who} {FINAL_WAIT}"),
+                JobEvent.id > run_began.scalar_subquery(),
             )
+            .order_by(JobEvent.id.desc())
+            .limit(1)
         )
         if since is None and grace > 0:
             repo.add_event(
