@@ -367,14 +367,30 @@ def main() -> int:
         figures["cpu_ms_per_request"] = cpu_ms
         runs: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": []}
         for _ in range(2):
-            runs["direct"].append(Load(direct_port, direct, CLIENTS, SECONDS).run())
-            runs["proxy"].append(Load(api_port, proxied, CLIENTS, SECONDS).run())
+            for kind, port, path in (("direct", direct_port, direct), ("proxy", api_port, proxied)):
+                before = (
+                    _cpu_seconds(api.pid), _cpu_seconds(replica_proc.pid), _cpu_seconds(os.getpid())
+                )  # fmt: skip
+                got = Load(port, path, CLIENTS, SECONDS).run()
+                n = max(1, got["requests"])
+                got["cpu_ms"] = {
+                    who: round((_cpu_seconds(pid) - before[i]) * 1000 / n, 3)
+                    for i, (who, pid) in enumerate(
+                        (("api", api.pid), ("replica", replica_proc.pid), ("load", os.getpid()))
+                    )
+                }
+                runs[kind].append(got)
         for k, v in runs.items():
             figures[f"throughput_{k}"] = {
                 "rps": round(sum(x["rps"] for x in v) / len(v), 1),
                 "p50_ms": round(sum(x["p50_ms"] for x in v) / len(v), 3),
                 "p99_ms": round(sum(x["p99_ms"] for x in v) / len(v), 3),
                 "failed": sum(x["failed"] for x in v),
+                # CPU a request in each process: the replica's and the load's share one CPU
+                "cpu_ms": {
+                    who: round(sum(x["cpu_ms"][who] for x in v) / len(v), 3)
+                    for who in ("api", "replica", "load")
+                },
             }
         figures["throughput_ratio"] = round(
             figures["throughput_proxy"]["rps"] / figures["throughput_direct"]["rps"], 3
@@ -493,6 +509,12 @@ def _report(f: dict[str, Any]) -> None:
     )
     print(f"             proxy  {tp['rps']} req/s p50 {tp['p50_ms']} p99 {tp['p99_ms']} ms")
     print(f"             throughput ratio {f['throughput_ratio']} (target >= 0.9)")
+    print(
+        "             CPU a request (ms) direct: "
+        + ", ".join(f"{k} {v}" for k, v in td["cpu_ms"].items())
+        + "; proxied: "
+        + ", ".join(f"{k} {v}" for k, v in tp["cpu_ms"].items())
+    )
     sw = f["switch"]
     print(
         f"switch v1->v2 under load: {sw['requests']} requests, {sw['failed']} failed "

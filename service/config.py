@@ -109,6 +109,7 @@ class Settings(BaseSettings):
     predict_route_cache_seconds: float = Field(default=1.0, ge=0)
     predict_suspect_seconds: float = Field(default=5.0, ge=0)
     predict_pool_size: int = Field(default=32, ge=1)
+    predict_lane: bool = True  # predictions answered outside Flask (service/api/predict.py Lane)
     # Sampled request/response logging (service/serving_log.py): the in-memory buffer's bound
     # (bytes; past it records are dropped and counted), a batch is written every N records or
     # T seconds, bodies longer than this are cut, and shutdown flushes within this deadline.

@@ -242,7 +242,10 @@ def create_app(
     )
     errors.install(app)
     guard.install(app, settings)  # before auth: the edge checks run first
-    auth.install(app, authenticator)
+    from service.api import predict  # /v1/models/<name>:predict (the serving proxy)
+
+    app.wsgi_app = predict.Lane(app, app.wsgi_app)  # type: ignore[method-assign]
+    auth.install(app, authenticator)  # (its middleware around the lane: tokens checked first)
     ratelimit.install(app, settings)  # after auth: it counts per project
     for bp in (
         health.bp,
@@ -264,8 +267,6 @@ def create_app(
     from service.api import endpoints as endpoints_api  # /v1/models/<name>/endpoints
 
     app.register_blueprint(endpoints_api.bp)
-    from service.api import predict  # /v1/models/<name>:predict (the serving proxy)
-
     app.register_blueprint(predict.bp)
     from service.api import schedules as schedules_api  # /v1/schedules
 

@@ -134,10 +134,17 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "body"
 
 
+REQUEST_ID_ENV = "stackml.request_id"  # set by the prediction lane when Flask answers for it
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4()}"
+
+
 def request_id() -> str:
     rid = g.get("request_id")
     if rid is None:
-        rid = g.request_id = f"req-{uuid.uuid4()}"
+        rid = g.request_id = request.environ.get(REQUEST_ID_ENV) or new_request_id()
     return str(rid)
 
 

@@ -177,8 +177,22 @@ def install(app: Flask, settings: Settings) -> None:
 def _guard() -> None:
     if request.blueprint in EXEMPT_BLUEPRINTS:
         return  # signed store routes: the signature is the authorisation
-    policy: EdgePolicy = current_app.extensions[EXTENSION]
-    env = request.environ
+    view = current_app.view_functions.get(request.endpoint or "")
+    check(
+        current_app.extensions[EXTENSION],
+        request.environ,
+        request.method,
+        request.mimetype,
+        takes_forms=bool(getattr(view, _FORMS_ATTR, False)),
+    )
+
+
+def check(
+    policy: EdgePolicy, env: dict[str, Any], method: str, mimetype: str, *, takes_forms: bool
+) -> None:
+    """The edge checks of one request (its WSGI environ, method and media type; whether its
+    view takes multipart forms): raises the refusal. Flask's hook above, and the prediction
+    lane (service/api/predict.py `Lane`), which answers predictions outside Flask."""
     if policy.noauth and "REMOTE_ADDR" in env and not peer_is_loopback(env["REMOTE_ADDR"]):
         raise LoopbackOnly(
             "this API runs without authentication (auth=noauth) and answers local clients "
@@ -187,13 +201,11 @@ def _guard() -> None:
         )
     if policy.check_host:
         _check_host(policy, env)
-    if request.method in SAFE_METHODS:
+    if method in SAFE_METHODS:
         return
     _check_origin(policy, env)
-    mimetype = request.mimetype
     if mimetype in FORM_TYPES:
-        view = current_app.view_functions.get(request.endpoint or "")
-        if not (mimetype == "multipart/form-data" and getattr(view, _FORMS_ATTR, False)):
+        if not (mimetype == "multipart/form-data" and takes_forms):
             raise UnsupportedMediaType(
                 f"this route does not take {mimetype} bodies (a web form); send "
                 "Content-Type: application/json",
