@@ -1,9 +1,10 @@
 """The poll of a ParameterServerStrategy job once its chief exited 0, on a real SQLite
 database, with each server's files behind a fake SSH connection: training is over, so the
 workers and parameter servers decide nothing more. While the job waits for its side-car
-evaluator's last evaluation, a parameter server lost, a worker that exits 1 and a worker that
-does not answer SSH neither restart nor fail it; the job moves on to export when the
-evaluator exits. An evaluator that does not answer SSH never fails a job either."""
+evaluator's last evaluation (or for the rest of the chief's log), a parameter server lost or
+gone silent, a worker that exits 1 and a worker that does not answer SSH neither restart nor
+fail it; the job moves on to export when the evaluator exits. An evaluator that does not
+answer SSH never fails a job either."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class Server:
     files: dict[str, bytes] = field(default_factory=dict)
     state: ServerState = ServerState.ACTIVE
     answers: bool = True  # over SSH
+    beat: float | None = None  # the heartbeat's mtime (None: now)
 
 
 class Conn:
@@ -51,7 +53,9 @@ class Conn:
     def stat(self, path: str) -> Any:
         if path not in self.server.files:
             return None
-        return type("St", (), {"st_mtime": time.time(), "st_size": len(self.server.files[path])})
+        beat = self.server.beat if path.endswith("/heartbeat") else None
+        size = len(self.server.files[path])
+        return type("St", (), {"st_mtime": beat or time.time(), "st_size": size})
 
 
 class Cloud:
@@ -206,3 +210,21 @@ def test_an_evaluator_that_does_not_answer_ssh_never_fails_the_job(
     job = poll_once(db_url, ctx)
     assert job.state == JobState.RUNNING
     assert any("evaluates the final checkpoint" in m for m in messages(db_url, ctx.job_id))
+
+
+def test_a_replica_gone_silent_while_the_chiefs_last_log_is_pulled_changes_nothing(
+    cloud: Cloud, db_url: str
+) -> None:
+    """The chief exited 0 with more than one pull of log left: the poll comes back for it,
+    and a parameter server whose heartbeat stopped meanwhile neither restarts nor fails it."""
+    ctx = start(db_url)
+    cloud.exits(0, "0\n", "x" * (poll.MAX_PULL + 100))
+    cloud.servers[3].beat = time.time() - 3600  # the ps's runner stopped beating
+    job = poll_once(db_url, ctx)
+    assert (job.state, job.restarts) == (JobState.RUNNING, 0)
+    assert job.log_offset == poll.MAX_PULL  # one pull; the next poll takes the rest
+    cloud.exits(4, "0\n")
+    job = poll_once(db_url, ctx)
+    assert job.state == JobState.EXPORTING
+    with session_scope(db_url) as s:
+        assert not {e.kind for e in repo.events(s, ctx.job_id)} & {"restart", "replace"}

@@ -176,7 +176,7 @@ def _poll(ctx: jobctx.StepContext) -> None:
     stopped += [
         (f" of {batch_servers.label(ctx.spec, o.index)}", o.heartbeat, o)
         for o in others
-        if o.exit_text is None and o.heartbeat is not None
+        if o.exit_text is None and o.heartbeat is not None and not trained
     ]
     for who, beat, other in stopped:
         if now - beat > cfg.heartbeat_timeout:
