@@ -213,15 +213,21 @@ def test_an_evaluator_that_does_not_answer_ssh_never_fails_the_job(
 
 
 def test_a_replica_gone_silent_while_the_chiefs_last_log_is_pulled_changes_nothing(
-    cloud: Cloud, db_url: str
+    cloud: Cloud, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The chief exited 0 with more than one pull of log left: the poll comes back for it,
-    and a parameter server whose heartbeat stopped meanwhile neither restarts nor fails it."""
+    and a parameter server whose heartbeat stopped meanwhile neither restarts nor fails it,
+    nor is a worker lost meanwhile replaced."""
+    enqueued: list[str] = []
+    monkeypatch.setattr(
+        jobctx, "next_step", lambda task, job_id, countdown=0.0: enqueued.append(task)
+    )
     ctx = start(db_url)
     cloud.exits(0, "0\n", "x" * (poll.MAX_PULL + 100))
     cloud.servers[3].beat = time.time() - 3600  # the ps's runner stopped beating
+    cloud.servers[2].answers, cloud.servers[2].state = False, ServerState.DELETED  # worker-2
     job = poll_once(db_url, ctx)
-    assert (job.state, job.restarts) == (JobState.RUNNING, 0)
+    assert (job.state, job.restarts, enqueued) == (JobState.RUNNING, 0, [queue.POLL])
     assert job.log_offset == poll.MAX_PULL  # one pull; the next poll takes the rest
     cloud.exits(4, "0\n")
     job = poll_once(db_url, ctx)

@@ -188,8 +188,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
             restart.fail_or_restart(ctx, FailureReason.SERVER_LOST, why)
             return
 
-    if parameter_servers:
-        replace.resume(ctx)
+    if parameter_servers and not trained:
+        replace.resume(ctx)  # (once training is over, a replica let go is not replaced)
     interval = cfg.poll_min if data else min(cfg.poll_max, max(interval, cfg.poll_min) * 1.5)
     _again(job_id, interval, more)
 
