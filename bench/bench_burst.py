@@ -20,6 +20,8 @@
    time: the sandboxes' sshd, runner and trainer, the sandbox backend's tools); the jobs/s the
    control plane alone could carry on this machine's cores; and the worker pool's CPU per job
    by step (bench/taskcpu/sitecustomize.py, on the worker processes' PYTHONPATH).
+   BENCH_TASK_PROFILE=<task name>|all profiles those tasks in the pool processes and keeps
+   the profiles in /var/tmp/stackml-burst-profile-<n>-*/.
 
 Targets (issue #13): submit p50 <= 5 ms and p99 <= 20 ms, >= 10 jobs/s, 0 lost, 0 run twice (and no
 job's log without its line).
@@ -352,6 +354,11 @@ def burst(tmp: Path, workers: int) -> dict[str, Any]:
     seconds = last - first
     per_job = cpu.per_job(BURST, CONTROL_PLANE)
     steps = _task_cpu(task_cpu, BURST)
+    if os.environ.get("BENCH_TASK_PROFILE"):  # the pool processes' profiles outlive the run
+        kept = Path(tempfile.mkdtemp(prefix=f"stackml-burst-profile-{workers}-", dir="/var/tmp"))
+        for prof in task_cpu.glob("*.prof"):
+            shutil.copy(prof, kept)
+        print(f"task profiles ({os.environ['BENCH_TASK_PROFILE']}): {kept}/*.prof", flush=True)
     out = {
         "worker_processes": workers,
         "jobs": BURST,
