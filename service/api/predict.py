@@ -892,7 +892,6 @@ LANE_PATH = re.compile(
     rf"(?:/versions/(?P<version>[0-9]{{1,9}})|/labels/(?P<label>{_SEGMENT}))?"
     r":(?P<verb>predict|classify|regress)$"
 )
-RULE_OF = {"version": RULE_VERSION, "label": RULE_LABEL, None: RULE_DEFAULT}
 
 
 @functools.lru_cache(maxsize=64)
@@ -974,7 +973,7 @@ class Lane:
                 (REQUEST_ID_HEADER, rid),
             ],
         )
-        rule = RULE_OF["version" if version is not None else "label" if m["label"] else None]
+        rule = RULE_VERSION if version is not None else RULE_LABEL if m["label"] else RULE_DEFAULT
         observe(self.app, "POST", rule, upstream.status, started)
         return [data]
 

@@ -63,6 +63,7 @@ class Cloud:
 
     def __init__(self) -> None:
         self.servers = {k: Server() for k in range(5)}
+        self.enqueued: list[str] = []  # the tasks the poll enqueued
         for server in self.servers.values():
             server.files[f"{JOB_DIR}/heartbeat"] = b""
             server.files[f"{JOB_DIR}/log"] = b"training\n"
@@ -86,7 +87,9 @@ def cloud(settings: Settings, db_url: str, monkeypatch: pytest.MonkeyPatch) -> C
     c = Cloud()
     monkeypatch.setattr(jobctx, "settings", lambda: settings)
     monkeypatch.setattr(jobctx, "compute", lambda trust_id=None: c)
-    monkeypatch.setattr(jobctx, "next_step", lambda task, job_id, countdown=0.0: None)
+    monkeypatch.setattr(
+        jobctx, "next_step", lambda task, job_id, countdown=0.0: c.enqueued.append(task)
+    )
     monkeypatch.setattr(jobctx, "ssh_target", lambda job, r: Target(r.port))
     monkeypatch.setattr(ssh, "connection", c.connection)
     monkeypatch.setattr(ssh, "drop", lambda target: None)
@@ -196,16 +199,16 @@ def test_after_the_chief_exits_0_no_other_replica_restarts_or_fails_the_job(
 
 
 def test_an_evaluator_that_does_not_answer_ssh_never_fails_the_job(
-    cloud: Cloud, db_url: str, monkeypatch: pytest.MonkeyPatch
+    cloud: Cloud, db_url: str
 ) -> None:
     ctx = start(db_url)
     cloud.servers[4].answers = False  # its server ACTIVE: not lost, just not answering
-    enqueued: list[str] = []
-    monkeypatch.setattr(
-        jobctx, "next_step", lambda task, job_id, countdown=0.0: enqueued.append(task)
-    )
     job = poll_once(db_url, ctx)
-    assert (job.state, job.ssh_failing_since, enqueued) == (JobState.RUNNING, None, [queue.POLL])
+    assert (job.state, job.ssh_failing_since, cloud.enqueued) == (
+        JobState.RUNNING,
+        None,
+        [queue.POLL],
+    )
     cloud.exits(0, "0\n")  # the chief exits 0: the wait for it is bounded by the grace
     job = poll_once(db_url, ctx)
     assert job.state == JobState.RUNNING
@@ -213,21 +216,17 @@ def test_an_evaluator_that_does_not_answer_ssh_never_fails_the_job(
 
 
 def test_a_replica_gone_silent_while_the_chiefs_last_log_is_pulled_changes_nothing(
-    cloud: Cloud, db_url: str, monkeypatch: pytest.MonkeyPatch
+    cloud: Cloud, db_url: str
 ) -> None:
     """The chief exited 0 with more than one pull of log left: the poll comes back for it,
     and a parameter server whose heartbeat stopped meanwhile neither restarts nor fails it,
     nor is a worker lost meanwhile replaced."""
-    enqueued: list[str] = []
-    monkeypatch.setattr(
-        jobctx, "next_step", lambda task, job_id, countdown=0.0: enqueued.append(task)
-    )
     ctx = start(db_url)
     cloud.exits(0, "0\n", "x" * (poll.MAX_PULL + 100))
     cloud.servers[3].beat = time.time() - 3600  # the ps's runner stopped beating
     cloud.servers[2].answers, cloud.servers[2].state = False, ServerState.DELETED  # worker-2
     job = poll_once(db_url, ctx)
-    assert (job.state, job.restarts, enqueued) == (JobState.RUNNING, 0, [queue.POLL])
+    assert (job.state, job.restarts, cloud.enqueued) == (JobState.RUNNING, 0, [queue.POLL])
     assert job.log_offset == poll.MAX_PULL  # one pull; the next poll takes the rest
     cloud.exits(4, "0\n")
     job = poll_once(db_url, ctx)

@@ -84,11 +84,12 @@ def _poll(ctx: jobctx.StepContext) -> None:
     others, side = sidecar.split(ctx, others)  # the evaluator never decides the job
     if side is not None:
         sidecar.tend(ctx, side, cfg.command_timeout)
+    # the replicas whose exit, failure or silence ends the run (none once a PSS job trained:
+    # their exits are events when the job moves on)
+    deciding = [] if trained else others
     failed = next(
-        (o for o in others if o.exit_text is not None and _exit_code(o.exit_text) != 0), None
+        (o for o in deciding if o.exit_text is not None and _exit_code(o.exit_text) != 0), None
     )
-    if trained:
-        failed = None  # (its exit is one event when the job moves on)
     if failed is not None and _replaced(
         ctx,
         failed,
@@ -175,8 +176,8 @@ def _poll(ctx: jobctx.StepContext) -> None:
         stopped.append(("", heartbeat.st_mtime, None))
     stopped += [
         (f" of {batch_servers.label(ctx.spec, o.index)}", o.heartbeat, o)
-        for o in others
-        if o.exit_text is None and o.heartbeat is not None and not trained
+        for o in deciding
+        if o.exit_text is None and o.heartbeat is not None
     ]
     for who, beat, other in stopped:
         if now - beat > cfg.heartbeat_timeout:
